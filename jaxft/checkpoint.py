@@ -1,4 +1,5 @@
 """orbax checkpoints of (train state, data-iterator position, loop meta): async, last K + best."""
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -8,28 +9,36 @@ from orbax.checkpoint import checkpoint_managers as cm
 from jaxft.errors import JaxftError
 
 
-class Checkpointer:
-  """Keeps the last `keep` checkpoints plus the best one by validation `best_metric`."""
+@dataclasses.dataclass
+class _KeepSteps(cm.PreservationPolicy):
+  """Preserves the steps in `steps` (the loop's best step), whatever else is deleted."""
+  steps: set
 
-  def __init__(self, directory, keep: int, best_metric: str, mode: str):
+  def should_preserve(self, checkpoints, *, context):
+    return [c.step in self.steps for c in checkpoints]
+
+
+class Checkpointer:
+  """Keeps the last `keep` checkpoints plus `best_step`, which the training loop sets."""
+
+  def __init__(self, directory, keep: int):
     self.directory = Path(directory).absolute()
-    policy = cm.AnyPreservationPolicy([
-        cm.LatestN(n=keep),
-        cm.BestN(get_metric_fn=lambda m: m[best_metric], reverse=(mode == "min"), n=1,
-                 keep_checkpoints_without_metrics=False),
-    ])
+    self._best = _KeepSteps(set())
+    policy = cm.AnyPreservationPolicy([cm.LatestN(n=keep), self._best])
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self):
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_state: dict, meta: dict, metrics: dict | None = None):
+  def save(self, step: int, state, data_state: dict, meta: dict):
+    """Saves asynchronously; `meta["best_step"]` is preserved from now on."""
+    self._best.steps = {meta["best_step"]}
     if step in self.manager.all_steps():
       return
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
                               meta=ocp.args.JsonSave(meta))
-    self.manager.save(step, args=args, metrics=metrics)
+    self.manager.save(step, args=args)
 
   def restore(self, step: int, like_state):
     """(state, data_state, meta) of checkpoint `step`, restored onto the shapes, dtypes and

@@ -33,6 +33,10 @@ def main(argv=None) -> int:
     from jaxft.config import load_config
     overrides = tuple(args.args) + (("resume=false",) if getattr(args, "no_resume", False) else ())
     cfg = load_config(config_path, overrides)
+    import jax
+    from jaxft.assets import cache_dir
+    # Compiled steps persist across runs (and resumes): a second run skips XLA compilation.
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
     if args.command == "train":
       from jaxft.train import train
       train(cfg, console)

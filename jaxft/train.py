@@ -77,7 +77,7 @@ def train(cfg, console: Console | None = None) -> dict:
   state, tcfg = exp.state, cfg.train
   pad_id = exp.model.tokenizer.pad_token_id or 0
   mode = "min" if tcfg.best_metric == "loss" else "max"
-  ckpt = Checkpointer(ckpt_dir, tcfg.keep, tcfg.best_metric, mode)
+  ckpt = Checkpointer(ckpt_dir, tcfg.keep)
   meta = {"best_step": None, "best_value": None}
   data_state = None
   if (latest := ckpt.latest_step()) is not None:
@@ -135,9 +135,9 @@ def train(cfg, console: Console | None = None) -> dict:
           t_window, window_start = time.perf_counter(), step
         is_eval = step % tcfg.eval_every == 0 or step == exp.total_steps
         if is_eval or step % tcfg.checkpoint_every == 0:
-          val = run_eval(step) if is_eval else None
-          ckpt.save(step, state, batches.get_state(), meta,
-                    metrics={tcfg.best_metric: val[tcfg.best_metric]} if val else None)
+          if is_eval:
+            run_eval(step)
+          ckpt.save(step, state, batches.get_state(), meta)
           t_window, window_start = time.perf_counter(), step
   except KeyboardInterrupt:
     log("interrupted: waiting for checkpoints in flight; run the same command to resume")

@@ -6,15 +6,16 @@ model.safetensors / pytorch_model.bin, converted without torch) and the tokenize
 import ast
 import contextlib
 import dataclasses
+import json
 import logging
 import re
 from pathlib import Path
 from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
+
 from jaxft.errors import JaxftError
-
-TASKS = {"classification": "FlaxAutoModelForSequenceClassification", "embedding": "FlaxAutoModel"}
-
 
 @dataclasses.dataclass
 class Model:
@@ -71,8 +72,30 @@ def _fold(keys: list[str]) -> str:
                    for h, v in groups.items())
 
 
-def load(path: Path, task: str, num_labels: int | None = None, seed: int = 0, log=print) -> Model:
-  """Loads the checkpoint in `path` for `task`, with a freshly initialised head if it has none."""
+def checkpoint_pooling(path: Path) -> str:
+  """'mean' for sentence-transformers checkpoints trained with mean pooling, else 'head'."""
+  pooling = path / "1_Pooling" / "config.json"
+  if pooling.is_file() and json.loads(pooling.read_text()).get("pooling_mode_mean_tokens"):
+    return "mean"
+  return "head"
+
+
+def _from_pretrained(cls, path, has_flax, **kwargs):
+  try:
+    return cls.from_pretrained(path, from_pt=not has_flax, **kwargs)
+  except (OSError, ValueError, KeyError) as e:
+    raise JaxftError(f"could not load {path}: {str(e).splitlines()[0]}") from None
+
+
+def load(path: Path, task: str, num_labels: int | None = None, pooling: str = "auto", seed: int = 0,
+         log=print) -> Model:
+  """Loads the checkpoint in `path` for `task`.
+
+  classification + pooling 'head': transformers' *ForSequenceClassification class (its own head,
+  newly initialised if the checkpoint has none). pooling 'mean': the base model, masked mean over
+  tokens, dropout, a new Dense head at `classifier/` ('auto' picks 'mean' for sentence-transformers
+  checkpoints, which were trained to be mean-pooled).
+  """
   import transformers
   path = Path(path)
   if not (path / "config.json").is_file():
@@ -82,25 +105,53 @@ def load(path: Path, task: str, num_labels: int | None = None, seed: int = 0, lo
                                                 "model.safetensors.index.json"))
   if not (has_flax or has_pt):
     raise JaxftError(f"no weights in {path}: expected flax_model.msgpack or model.safetensors")
-  kwargs = {"num_labels": num_labels} if task == "classification" and num_labels else {}
-  auto_cls = getattr(transformers, TASKS[task])
+  if pooling == "auto":
+    pooling = checkpoint_pooling(path)
+  mean_head = task == "classification" and pooling == "mean"
   with _captured_transformers_warnings() as messages:
-    try:
-      model = auto_cls.from_pretrained(path, from_pt=not has_flax, seed=seed, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-      raise JaxftError(f"could not load {path}: {str(e).splitlines()[0]}") from None
+    if task == "classification" and not mean_head:
+      kwargs = {"num_labels": num_labels} if num_labels else {}
+      model = _from_pretrained(transformers.FlaxAutoModelForSequenceClassification, path, has_flax,
+                               seed=seed, **kwargs)
+    else:
+      try:  # a mean-pooled head does not use the pooler: leave it out where the class allows
+        model = _from_pretrained(transformers.FlaxAutoModel, path, has_flax, seed=seed,
+                                 add_pooling_layer=not mean_head)
+      except TypeError:
+        model = _from_pretrained(transformers.FlaxAutoModel, path, has_flax, seed=seed)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
   unused = _key_set(messages, r"were not used when initializing \w+: (\{.*?\})\n")
   new = _key_set(messages, r"newly initialized: (\{.*?\})\n")
-  log(f"loaded {type(model).__name__} from {path} ({'flax msgpack' if has_flax else 'pytorch weights'}); "
-      f"unused checkpoint keys: {_fold(unused) or 'none'}; newly initialised: {_fold(new) or 'none'}")
+  params = model.params
+  if mean_head:
+    prefix, cfg = model.base_model_prefix, model.config
+    kernel = cfg.initializer_range * jax.random.normal(jax.random.PRNGKey(seed), (cfg.hidden_size, num_labels))
+    params = {prefix: params, "classifier": {"kernel": kernel, "bias": jnp.zeros((num_labels,))}}
+    new += ["classifier/bias", "classifier/kernel"]
+  log(f"loaded {type(model).__name__} from {path} ({'flax msgpack' if has_flax else 'pytorch weights'}"
+      f"{', mean-pooled head' if mean_head else ''}); unused checkpoint keys: {_fold(unused) or 'none'}; "
+      f"newly initialised: {_fold(new) or 'none'}")
 
-  if task == "classification":
+  def encode(params, batch, train, rng):
+    return model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+                 params=params, dropout_rng=rng, train=train)
+
+  if mean_head:
+    rate = getattr(model.config, "classifier_dropout", None) or model.config.hidden_dropout_prob
+
     def apply(params, batch, train=False, rng=None):
-      return model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
-                   params=params, dropout_rng=rng, train=train).logits
+      rng_enc, rng_head = jax.random.split(rng) if rng is not None else (None, None)
+      h_BxLxD = encode(params[prefix], batch, train, rng_enc).last_hidden_state
+      m_BxLx1 = batch["attention_mask"][..., None].astype(h_BxLxD.dtype)
+      pooled_BxD = (h_BxLxD * m_BxLx1).sum(1) / jnp.maximum(m_BxLx1.sum(1), 1.0)
+      if train and rate > 0:
+        keep_BxD = jax.random.bernoulli(rng_head, 1.0 - rate, pooled_BxD.shape)
+        pooled_BxD = jnp.where(keep_BxD, pooled_BxD / (1.0 - rate), 0.0)
+      return pooled_BxD @ params["classifier"]["kernel"] + params["classifier"]["bias"]
+  elif task == "classification":
+    def apply(params, batch, train=False, rng=None):
+      return encode(params, batch, train, rng).logits
   else:
     def apply(params, batch, train=False, rng=None):
-      return model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
-                   params=params, dropout_rng=rng, train=train).last_hidden_state
-  return Model(name=str(path), params=model.params, apply=apply, tokenizer=tokenizer, config=model.config)
+      return encode(params, batch, train, rng).last_hidden_state
+  return Model(name=str(path), params=params, apply=apply, tokenizer=tokenizer, config=model.config)

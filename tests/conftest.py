@@ -1,0 +1,91 @@
+"""Tiny random BERT checkpoints in Hugging Face layout and a tiny text dataset, made offline."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+WORDS = ["good", "great", "fine", "love", "fun", "bad", "awful", "boring", "hate", "dull",
+         "the", "movie", "film", "plot", "was", "and", "a", "very", "not", "story"]
+POSITIVE, NEGATIVE = WORDS[:5], WORDS[5:10]
+
+
+def bert_config(**kw):
+  from transformers import BertConfig
+  return BertConfig(vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                    intermediate_size=64, max_position_embeddings=64, **kw)
+
+
+def write_tokenizer(path: Path):
+  from transformers import BertTokenizerFast
+  (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+  BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+
+
+def flax_to_pt_names(params) -> dict:
+  """Flax BERT params -> PyTorch state-dict names and layouts (kernels transposed)."""
+  from flax import traverse_util
+  out = {}
+  for keys, x in traverse_util.flatten_dict(params).items():
+    x = np.asarray(x)
+    *head, leaf = keys
+    if leaf == "kernel":
+      leaf, x = "weight", x.T
+    elif leaf in ("embedding", "scale"):
+      leaf = "weight"
+    out[".".join([*head, leaf])] = np.ascontiguousarray(x)
+  return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+  """{'flax': dir with flax_model.msgpack, 'pt': dir with PyTorch-named model.safetensors}: the same
+  random *base* BertModel weights (no classification head)."""
+  from safetensors.numpy import save_file
+  from transformers import FlaxBertModel
+  root = tmp_path_factory.mktemp("tiny_bert")
+  model = FlaxBertModel(bert_config(), seed=0)
+  flax_dir, pt_dir = root / "flax", root / "pt"
+  model.save_pretrained(flax_dir)
+  write_tokenizer(flax_dir)
+  pt_dir.mkdir()
+  model.config.save_pretrained(pt_dir)
+  pt = flax_to_pt_names(model.params)  # a PyTorch BertModel state dict, as all-MiniLM ships
+  pt["embeddings.position_ids"] = np.arange(64, dtype=np.int64)[None]  # a buffer, as in real files
+  save_file(pt, str(pt_dir / "model.safetensors"), metadata={"format": "pt"})
+  write_tokenizer(pt_dir)
+  return {"flax": flax_dir, "pt": pt_dir, "params": model.params}
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+  """A learnable sentiment task: train / validation / test JSONL files."""
+  root = tmp_path_factory.mktemp("tiny_data")
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 256), ("validation", 64), ("test", 64)):
+    rows = []
+    for _ in range(n):
+      label = int(rng.integers(2))
+      words = list(rng.choice(WORDS[10:], size=rng.integers(1, 8)))
+      words.insert(int(rng.integers(len(words) + 1)), str(rng.choice(POSITIVE if label else NEGATIVE)))
+      rows.append({"text": " ".join(words), "label": "pos" if label else "neg"})
+    (root / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  return root
+
+
+def tiny_overrides(tiny_bert, tiny_data, run_dir, fmt="pt"):
+  """Overrides for a fast run on the tiny checkpoint and data."""
+  return (f"model.name={tiny_bert[fmt]}", "data.name=files", f"data.train={tiny_data / 'train.jsonl'}",
+          f"data.validation={tiny_data / 'validation.jsonl'}", f"data.test={tiny_data / 'test.jsonl'}",
+          "data.max_length=32", "data.buckets=[16,32]", "train.batch_size=16", "train.eval_batch_size=32",
+          f"run_dir={run_dir}", "train.log_every=2", "optim.lr=3e-3", "model.pooling=mean")
+
+
+@pytest.fixture
+def tiny_cfg(tiny_bert, tiny_data, tmp_path):
+  """A function: extra overrides -> Config for the tiny model and data in a fresh run dir."""
+  from jaxft.config import load_config
+  return lambda *extra: load_config(None, tiny_overrides(tiny_bert, tiny_data, tmp_path / "run") + extra)
