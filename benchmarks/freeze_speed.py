@@ -16,10 +16,10 @@ from jaxft.data import pipeline
 from jaxft.step import make_train_step
 from jaxft.train import build
 
-VARIANTS = {
-    "full fine-tune": (),
-    "freeze_bottom_layers=4": ("freeze_bottom_layers=4",),
-    "embeddings + bottom 4 frozen": ("freeze_embeddings=true", "freeze_bottom_layers=4"),
+VARIANTS = {  # overrides of the default experiment (which freezes the word embeddings)
+    "full fine-tune": ("freeze_embeddings=false",),
+    "default (embeddings frozen)": (),
+    "freeze_bottom_layers=4 (+ embeddings)": ("freeze_bottom_layers=4",),
     "head only": ("train_only=[classifier/.*]",),
 }
 

@@ -35,14 +35,14 @@ class DataConfig:
   label_names: Optional[list[str]] = None  # None: sorted distinct labels of the train file
   split: list[float] = dataclasses.field(default_factory=lambda: [0.8, 0.1, 0.1])
   split_seed: int = 0
-  max_length: int = 128
-  buckets: list[int] = dataclasses.field(default_factory=lambda: [32, 48, 64, 128])
+  max_length: int = 64
+  buckets: list[int] = dataclasses.field(default_factory=lambda: [16, 24, 32, 40, 48, 64])
 
 
 @dataclasses.dataclass
 class OptimConfig:
   name: str = "adamw"
-  lr: float = 1e-4
+  lr: float = 2e-4
   weight_decay: float = 0.01
   b1: float = 0.9
   b2: float = 0.999
@@ -56,10 +56,10 @@ class OptimConfig:
 class TrainConfig:
   batch_size: int = 32
   eval_batch_size: int = 128
-  epochs: float = 2.0
+  epochs: float = 1.0
   log_every: int = 10
-  eval_every: int = 200
-  checkpoint_every: int = 200
+  eval_every: int = 100
+  checkpoint_every: int = 100
   keep: int = 2  # last K checkpoints, plus the best by best_metric
   best_metric: str = "accuracy"  # accuracy | macro_f1 | loss (validation)
   dropout: bool = True
@@ -77,7 +77,7 @@ class Config:
   # Freezing: ordered regexes over '/'-joined param paths (full match), plus shorthands.
   freeze: list[str] = dataclasses.field(default_factory=list)
   train_only: list[str] = dataclasses.field(default_factory=list)
-  freeze_embeddings: bool = False
+  freeze_embeddings: bool = True  # the default experiment freezes them: see configs/default.yaml
   freeze_bottom_layers: int = 0
 
 

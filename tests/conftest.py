@@ -81,7 +81,8 @@ def tiny_overrides(tiny_bert, tiny_data, run_dir, fmt="pt"):
   return (f"model.name={tiny_bert[fmt]}", "data.name=files", f"data.train={tiny_data / 'train.jsonl'}",
           f"data.validation={tiny_data / 'validation.jsonl'}", f"data.test={tiny_data / 'test.jsonl'}",
           "data.max_length=32", "data.buckets=[16,32]", "train.batch_size=16", "train.eval_batch_size=32",
-          f"run_dir={run_dir}", "train.log_every=2", "optim.lr=3e-3", "model.pooling=mean")
+          f"run_dir={run_dir}", "train.log_every=2", "optim.lr=3e-3", "model.pooling=mean",
+          "freeze_embeddings=false", "train.eval_every=100", "train.checkpoint_every=100")
 
 
 @pytest.fixture

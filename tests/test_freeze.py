@@ -20,7 +20,7 @@ def run_steps(exp, n):
 
 
 def test_frozen_unchanged_trainable_move_no_state(tiny_cfg):
-  exp = build(tiny_cfg("freeze_embeddings=true", "freeze_bottom_layers=2", "freeze=[bert/pooler/.*]"), print)
+  exp = build(tiny_cfg("freeze_embeddings=true", "freeze_bottom_layers=2", "freeze=[bert/encoder/layer/3/output/.*]"), print)
   before, after, state = run_steps(exp, 3)
   labels = rules.flat(exp.labels)
   frozen = [p for p, l in labels.items() if l == "frozen"]

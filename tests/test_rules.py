@@ -30,13 +30,13 @@ def test_rule_matching_nothing_is_an_error_naming_it():
     (("freeze=[.*/bias]",), {p for p in rules.paths(TREE) if p.endswith("/bias")}),
 ])
 def test_freeze_shorthands(overrides, frozen):
-  labels = rules.flat(rules.freeze_labels(load_config(None, overrides), TREE))
+  labels = rules.flat(rules.freeze_labels(load_config(None, ("freeze_embeddings=false",) + overrides), TREE))
   assert {p for p, l in labels.items() if l == "frozen"} == frozen
 
 
 def test_freeze_more_layers_than_model_has():
   with pytest.raises(JaxftError, match="freeze_bottom_layers=5 but the model has 4 layers"):
-    rules.freeze_labels(load_config(None, ("freeze_bottom_layers=5",)), TREE)
+    rules.freeze_labels(load_config(None, ("freeze_embeddings=false", "freeze_bottom_layers=5")), TREE)
 
 
 def test_no_weight_decay_on_biases_and_norms():
