@@ -47,7 +47,7 @@ def main():
   args = p.parse_args()
   print(f"device {jax.devices()[0].device_kind}, batch {args.batch}, length {args.length}, "
         f"median of {args.steps} steps")
-  print(f"| variant | ms/step | examples/s | XLA GFLOP/step | vs full |\n|---|---|---|---|---|")
+  print("| variant | ms/step | examples/s | XLA GFLOP/step | vs full |\n|---|---|---|---|---|")
   base = None
   for name, overrides in VARIANTS.items():
     ms, flops = time_variant(overrides, args.batch, args.length, args.steps)

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -18,7 +17,6 @@ from jaxft import metrics as metrics_lib
 from jaxft import optim, rules
 from jaxft.checkpoint import Checkpointer
 from jaxft.data import pipeline, text
-from jaxft.errors import JaxftError
 from jaxft.models import load_model
 from jaxft.step import TrainState, init_state, make_eval_step, make_train_step
 

@@ -1,10 +1,11 @@
 """End-to-end runs on the tiny checkpoint: outputs, exact resume, and refusing a bad resume."""
 import json
+import os
 import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 
@@ -30,10 +31,10 @@ def test_train_learns_and_writes_run_dir(tiny_cfg, capsys):
   rows = [json.loads(l) for l in open(f"{run}/metrics.jsonl")]
   assert {r["split"] for r in rows} == {"train", "validation", "test"}
   assert all(np.isfinite(r["loss"]) and r["examples_per_s"] > 0 for r in rows if r["split"] == "train")
-  assert (shutil.os.path.isdir(f"{run}/tensorboard") and shutil.os.listdir(f"{run}/tensorboard"))
+  assert os.listdir(f"{run}/tensorboard")
   assert "freeze_bottom_layers: 0" in open(f"{run}/config.yaml").read()
   # last 2 checkpoints (keep=2) plus the best by validation accuracy
-  steps = sorted(int(p.name) for p in (shutil.os.scandir(f"{run}/checkpoints")) if p.name.isdigit())
+  steps = sorted(int(p.name) for p in Path(run, "checkpoints").iterdir() if p.name.isdigit())
   assert steps[-2:] == [40, 48] and 2 <= len(steps) <= 3
 
 
@@ -42,8 +43,8 @@ def test_resume_is_bitwise_exact(tiny_cfg):
   cfg = tiny_cfg("train.epochs=2", "train.eval_every=100", "train.checkpoint_every=16", "train.keep=5")
   train(cfg)  # 32 steps, checkpoints at 16 and 32
   like = build(cfg, print).state
-  uninterrupted = final_params(cfg.run_dir and __import__("pathlib").Path(cfg.run_dir), like)
-  ckpt_dir = __import__("pathlib").Path(cfg.run_dir) / "checkpoints"
+  ckpt_dir = Path(cfg.run_dir) / "checkpoints"
+  uninterrupted = final_params(ckpt_dir.parent, like)
   assert sorted(p.name for p in ckpt_dir.iterdir() if p.name.isdigit()) == ["16", "32"]
   shutil.rmtree(ckpt_dir / "32")  # as if killed right after step 16's checkpoint
   train(cfg)
@@ -56,7 +57,7 @@ def test_resume_is_bitwise_exact(tiny_cfg):
 def test_unrestorable_checkpoint_stops_instead_of_restarting(tiny_cfg):
   cfg = tiny_cfg("train.epochs=0.5", "train.eval_every=100")
   train(cfg)
-  ckpt_dir = __import__("pathlib").Path(cfg.run_dir) / "checkpoints"
+  ckpt_dir = Path(cfg.run_dir) / "checkpoints"
   before = sorted(p.name for p in ckpt_dir.iterdir())
   # Same run dir, but a 3-class head no longer matches the saved 2-class one.
   three = ("train.epochs=0.5", "train.eval_every=100", "data.label_names=[neg, pos, neutral]")

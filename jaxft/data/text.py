@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import tarfile
-from pathlib import Path
 
 import numpy as np
 
