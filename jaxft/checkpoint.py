@@ -40,10 +40,11 @@ class Checkpointer:
                               meta=ocp.args.JsonSave(meta))
     self.manager.save(step, args=args)
 
-  def restore(self, step: int, like_state):
+  def restore(self, step: int, target):
     """(state, data_state, meta) of checkpoint `step`, restored onto the shapes, dtypes and
-    shardings of `like_state`."""
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
+    shardings of `target` (arrays or jax.ShapeDtypeStructs): any mesh, any device count."""
+    target = jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else
+                          ocp.utils.to_shape_dtype_struct(x), target)
     args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
                               meta=ocp.args.JsonRestore())
     try:

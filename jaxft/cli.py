@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     from jaxft.assets import cache_dir
     # Compiled steps persist across runs (and resumes): a second run skips XLA compilation.
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    from jaxft import parallel
+    parallel.initialize(cfg.parallel)
     if args.command == "train":
       from jaxft.train import train
       train(cfg, console)

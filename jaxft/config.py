@@ -66,6 +66,30 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class MeshConfig:
+  data: int = -1  # -1: all devices left over by the other axes
+  fsdp: int = 1
+  tensor: int = 1
+
+
+@dataclasses.dataclass
+class ParallelConfig:
+  backend: str = "jit"  # jit (NamedSharding on a mesh: DP / FSDP / TP) | pmap (DP only)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  # Multi-host: set all three, or none (auto-detected on TPU pods / SLURM / JAX_COORDINATOR_ADDRESS).
+  coordinator: Optional[str] = None  # host:port of process 0
+  num_processes: Optional[int] = None
+  process_id: Optional[int] = None
+
+
+@dataclasses.dataclass
+class ShardingConfig:
+  # Ordered [regex, partition spec] over param paths, e.g. [".*/query/kernel", [null, tensor]];
+  # they go before the built-in rules for BERT / GPT-2 / Llama / ViT. FSDP is applied on top.
+  rules: list[list] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
 class Config:
   run_dir: str = "runs/default"
   seed: int = 0
@@ -74,6 +98,8 @@ class Config:
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+  sharding: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)
   # Freezing: ordered regexes over '/'-joined param paths (full match), plus shorthands.
   freeze: list[str] = dataclasses.field(default_factory=list)
   train_only: list[str] = dataclasses.field(default_factory=list)
@@ -93,12 +119,14 @@ def _coerce(value: Any, tp, key: str) -> Any:
     if value is None or value == "null" or value == "None":
       return None
     return _coerce(value, args[0], key)
-  if origin is list:
-    (item_tp,) = typing.get_args(tp)
+  if origin is list or tp is list:
+    (item_tp,) = typing.get_args(tp) or (None,)
     if isinstance(value, str):
       value = yaml.safe_load(value)
     if not isinstance(value, (list, tuple)):
       raise JaxftError(f"config key '{key}' expects a list of {_type_name(item_tp)}, got {value!r}")
+    if item_tp is None:
+      return list(value)
     return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
   if tp is bool:
     if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
@@ -218,6 +246,17 @@ def validate(cfg: Config) -> None:
     check(getattr(cfg.train, key) > 0, f"config key 'train.{key}' must be > 0")
   check(cfg.train.epochs > 0, "config key 'train.epochs' must be > 0")
   check(cfg.freeze_bottom_layers >= 0, "config key 'freeze_bottom_layers' must be >= 0")
+  check(cfg.parallel.backend in ("jit", "pmap"),
+        f"config key 'parallel.backend' must be jit or pmap, got {cfg.parallel.backend!r}")
+  mesh = cfg.parallel.mesh
+  check(cfg.parallel.backend == "jit" or (mesh.fsdp == 1 and mesh.tensor == 1),
+        "parallel.backend=pmap is data-parallel only: FSDP / TP (parallel.mesh.fsdp / tensor > 1) "
+        "need parallel.backend=jit")
+  for i, rule in enumerate(cfg.sharding.rules):
+    check(isinstance(rule, list) and len(rule) == 2 and isinstance(rule[0], str)
+          and isinstance(rule[1], list) and all(a in (None, "data", "fsdp", "tensor") for a in rule[1]),
+          f"config key 'sharding.rules[{i}]' must be [regex, [axis or null, ...]] with axes data, fsdp, "
+          f"tensor; got {rule!r}")
 
 
 def to_dict(cfg: Config) -> dict:

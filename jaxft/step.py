@@ -37,12 +37,18 @@ def classification_loss(logits_BxC, labels_B, weights_B):
   return loss, nll_B
 
 
-def make_train_step(apply: Callable, tx: optax.GradientTransformation, labels, dropout: bool = True):
-  """(state, batch) -> (state, metrics). `labels` is the 'train' / 'frozen' tree."""
+def make_train_step(apply: Callable, tx: optax.GradientTransformation, labels, dropout: bool = True,
+                    axis_name: str | None = None):
+  """(state, batch) -> (state, metrics). `labels` is the 'train' / 'frozen' tree.
+
+  axis_name: under pmap, the device axis to average gradients and metrics over.
+  """
 
   def train_step(state: TrainState, batch):
     trainable, frozen = rules.split(state.params, labels, "train")
     rng = jax.random.fold_in(state.rng, state.step)
+    if axis_name:  # each device drops out its own units
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
 
     def loss_fn(trainable):
       logits = apply(rules.merge(trainable, frozen), batch, train=dropout, rng=rng)
@@ -50,6 +56,8 @@ def make_train_step(apply: Callable, tx: optax.GradientTransformation, labels, d
       return loss, logits
 
     (loss, logits_BxC), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    if axis_name:
+      grads = jax.lax.pmean(grads, axis_name)
     zeros = {p: jnp.zeros_like(x) for p, x in frozen.items()}  # consumed only by set_to_zero
     updates, opt_state = tx.update(rules.merge(grads, zeros), state.opt_state, state.params)
     updates, _ = rules.split(updates, labels, "train")
@@ -59,6 +67,8 @@ def make_train_step(apply: Callable, tx: optax.GradientTransformation, labels, d
         "accuracy": jnp.mean((jnp.argmax(logits_BxC, -1) == batch["labels"]).astype(jnp.float32)),
         "grad_norm": optax.global_norm(grads),
     }
+    if axis_name:
+      metrics = jax.lax.pmean(metrics, axis_name)
     new_state = state.replace(step=state.step + 1, params=rules.merge(new_trainable, frozen),
                               opt_state=opt_state)
     return new_state, metrics
@@ -66,7 +76,7 @@ def make_train_step(apply: Callable, tx: optax.GradientTransformation, labels, d
   return train_step
 
 
-def make_eval_step(apply: Callable, num_classes: int):
+def make_eval_step(apply: Callable, num_classes: int, axis_name: str | None = None):
   """(params, batch) -> summed loss, example count and a confusion matrix [true, pred]."""
 
   def eval_step(params, batch):
@@ -76,7 +86,8 @@ def make_eval_step(apply: Callable, num_classes: int):
     pred_B = jnp.argmax(logits_BxC, -1)
     onehot_true_BxC = jax.nn.one_hot(batch["labels"], num_classes) * w_B[:, None]
     onehot_pred_BxC = jax.nn.one_hot(pred_B, num_classes)
-    return {"loss_sum": jnp.sum(nll_B * w_B), "count": jnp.sum(w_B),
+    sums = {"loss_sum": jnp.sum(nll_B * w_B), "count": jnp.sum(w_B),
             "confusion": onehot_true_BxC.T @ onehot_pred_BxC}
+    return jax.lax.psum(sums, axis_name) if axis_name else sums
 
   return eval_step

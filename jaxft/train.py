@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from jaxft import config as config_lib
 from jaxft import metrics as metrics_lib
-from jaxft import optim, rules
+from jaxft import optim, parallel, rules
 from jaxft.checkpoint import Checkpointer
 from jaxft.data import pipeline, text
 from jaxft.models import load_model
@@ -45,12 +45,13 @@ def build(cfg, log=print) -> Experiment:
   return Experiment(cfg, model, label_names, splits, labels, tx, lr, total_steps, state)
 
 
-def evaluate(eval_step, params, data, cfg, pad_id) -> dict:
-  sums = None
+def evaluate(par, eval_step, params, data, cfg, pad_id) -> dict:
+  """Metrics over a whole split; each host feeds its rows of every (padded) eval batch."""
+  rows, sums = parallel.process_rows(cfg.train.eval_batch_size), None
   for batch in pipeline.eval_batches(data, cfg.train.eval_batch_size, cfg.data.buckets, pad_id):
-    out = eval_step(params, batch)
+    out = eval_step(params, par.put_batch({k: v[rows] for k, v in batch.items()}))
     sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
-  sums = jax.device_get(sums)
+  sums = par.metrics(sums)
   return metrics_lib.from_confusion(sums["confusion"], sums["loss_sum"], sums["count"])
 
 
@@ -72,36 +73,47 @@ def train(cfg, console: Console | None = None) -> dict:
   run_dir.mkdir(parents=True, exist_ok=True)
 
   exp = build(cfg, log)
-  state, tcfg = exp.state, cfg.train
+  tcfg = exp.cfg.train
+  par = parallel.Parallel(cfg, parallel.make_mesh(cfg.parallel.mesh))
+  log(parallel.describe(par.mesh) + f", backend {cfg.parallel.backend}")
   pad_id = exp.model.tokenizer.pad_token_id or 0
   mode = "min" if tcfg.best_metric == "loss" else "max"
   ckpt = Checkpointer(ckpt_dir, tcfg.keep)
+  target = par.abstract_state(exp.state)  # what checkpoints restore onto: this mesh's shardings
+
+  def restore(step):
+    state, data_state, meta = ckpt.restore(step, target)
+    return (par.put_state(state) if par.pmap else state), data_state, meta
+
   meta = {"best_step": None, "best_value": None}
   data_state = None
   if (latest := ckpt.latest_step()) is not None:
-    state, data_state, meta = ckpt.restore(latest, state)
+    state, data_state, meta = restore(latest)
     log(f"resuming from {ckpt_dir}/{latest} (best so far: step {meta['best_step']}, "
         f"validation {tcfg.best_metric} {meta['best_value']})")
+  else:
+    state = par.put_state(exp.state)
+  exp.state = None  # the devices hold the state now
   if is_main:
     (run_dir / "config.yaml").write_text(config_lib.dump(cfg))
 
-  train_step = jax.jit(make_train_step(exp.model.apply, exp.tx, exp.labels, tcfg.dropout), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(exp.model.apply, len(exp.label_names)))
+  axis = "batch" if par.pmap else None
+  train_step = par.compile_train(make_train_step(exp.model.apply, exp.tx, exp.labels, tcfg.dropout, axis),
+                                 target)
+  eval_step = par.compile_eval(make_eval_step(exp.model.apply, len(exp.label_names), axis), target)
   dataset = pipeline.train_dataset(exp.splits["train"], tcfg.batch_size, exp.total_steps, cfg.seed,
-                                   cfg.data.buckets, pad_id)
+                                   cfg.data.buckets, pad_id, rows=parallel.process_rows(tcfg.batch_size))
   batches = iter(dataset)
   if data_state is not None:
     batches.set_state(data_state)
-  # CPU collectives deadlock when multi-device steps are dispatched back to back (DESIGN.md).
-  block_each_step = jax.default_backend() == "cpu" and jax.device_count() > 1
   writer = metrics_lib.MetricWriter(run_dir, enabled=is_main)
-  n_train = rules.count(rules.split(state.params, exp.labels, "train")[0])
+  n_train = rules.count(rules.split(target.params, exp.labels, "train")[0])
   log(f"{exp.total_steps} steps of {tcfg.batch_size} ({len(exp.splits['train'].labels)} train examples, "
-      f"{tcfg.epochs:g} epochs); trainable params {n_train:,} of {rules.count(state.params):,}")
+      f"{tcfg.epochs:g} epochs); trainable params {n_train:,} of {rules.count(target.params):,}")
 
   def run_eval(step):
     nonlocal meta
-    val = evaluate(eval_step, state.params, exp.splits["validation"], cfg, pad_id)
+    val = evaluate(par, eval_step, state.params, exp.splits["validation"], cfg, pad_id)
     writer.write(step, "validation", val)
     if _better(val[tcfg.best_metric], meta["best_value"], mode):
       meta = {"best_step": step, "best_value": val[tcfg.best_metric]}
@@ -109,7 +121,7 @@ def train(cfg, console: Console | None = None) -> dict:
         f"macro_f1 {val['macro_f1']:.4f}")
     return val
 
-  start = int(state.step)
+  start = int(par.host_view(state).step)
   progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
                       disable=not is_main)
@@ -118,11 +130,11 @@ def train(cfg, console: Console | None = None) -> dict:
       task = progress.add_task("train", total=exp.total_steps, completed=start, info="")
       t_window, window_start = time.perf_counter(), start
       for step in range(start + 1, exp.total_steps + 1):
-        state, m = train_step(state, next(batches))
-        if block_each_step:
+        state, m = train_step(state, par.put_batch(next(batches)))
+        if par.block_each_step:
           jax.block_until_ready(state)
         if step % tcfg.log_every == 0 or step == exp.total_steps:
-          m = jax.device_get(m)
+          m = par.metrics(m)
           dt = time.perf_counter() - t_window
           m["examples_per_s"] = (step - window_start) * tcfg.batch_size / dt
           m["step_ms"] = 1000 * dt / (step - window_start)
@@ -135,7 +147,7 @@ def train(cfg, console: Console | None = None) -> dict:
         if is_eval or step % tcfg.checkpoint_every == 0:
           if is_eval:
             run_eval(step)
-          ckpt.save(step, state, batches.get_state(), meta)
+          ckpt.save(step, par.host_view(state), batches.get_state(), meta)
           t_window, window_start = time.perf_counter(), step
   except KeyboardInterrupt:
     log("interrupted: waiting for checkpoints in flight; run the same command to resume")
@@ -145,11 +157,10 @@ def train(cfg, console: Console | None = None) -> dict:
 
   if meta["best_step"] is None:  # resumed a finished run whose validation was never recorded
     run_eval(exp.total_steps)
-    ckpt.save(exp.total_steps, state, batches.get_state(), meta)
-  best_params = state.params
-  if meta["best_step"] != int(state.step):
-    best_params = ckpt.restore(meta["best_step"], state)[0].params
-  test = evaluate(eval_step, best_params, exp.splits["test"], cfg, pad_id)
+    ckpt.save(exp.total_steps, par.host_view(state), batches.get_state(), meta)
+  if meta["best_step"] != exp.total_steps:
+    state = restore(meta["best_step"])[0]
+  test = evaluate(par, eval_step, state.params, exp.splits["test"], cfg, pad_id)
   writer.write(meta["best_step"], "test", test)
   writer.close()
   ckpt.close()

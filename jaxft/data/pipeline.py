@@ -59,10 +59,12 @@ def collate(data: Encoded, idx, buckets, pad_id: int, batch_size: int | None = N
 
 
 class TrainBatches:
-  """grain random-access source: item i is the i-th training batch of the run."""
+  """grain random-access source: item i is (this host's `rows` of) the i-th global training batch.
+  The bucket is chosen from the whole global batch, so every host pads to the same length."""
 
-  def __init__(self, data: Encoded, batch_size: int, num_steps: int, seed: int, buckets, pad_id: int):
-    self.data, self.batch_size, self.num_steps = data, batch_size, num_steps
+  def __init__(self, data: Encoded, batch_size: int, num_steps: int, seed: int, buckets, pad_id: int,
+               rows: slice = slice(None)):
+    self.data, self.batch_size, self.num_steps, self.rows = data, batch_size, num_steps, rows
     self.seed, self.buckets, self.pad_id = seed, buckets, pad_id
     self.steps_per_epoch = len(data.labels) // batch_size
     if self.steps_per_epoch == 0:
@@ -86,12 +88,13 @@ class TrainBatches:
 
   def __getitem__(self, i: int):
     epoch, pos = divmod(int(i), self.steps_per_epoch)
-    return collate(self.data, self.epoch_plan(epoch)[pos], self.buckets, self.pad_id)
+    batch = collate(self.data, self.epoch_plan(epoch)[pos], self.buckets, self.pad_id)
+    return {k: v[self.rows] for k, v in batch.items()}  # this host's rows of the global batch
 
 
-def train_dataset(data: Encoded, batch_size, num_steps, seed, buckets, pad_id):
+def train_dataset(data: Encoded, batch_size, num_steps, seed, buckets, pad_id, rows=slice(None)):
   """A grain dataset of training batches, prefetched by a background thread."""
-  source = TrainBatches(data, batch_size, num_steps, seed, buckets, pad_id)
+  source = TrainBatches(data, batch_size, num_steps, seed, buckets, pad_id, rows)
   return grain.MapDataset.source(source).to_iter_dataset(
       grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
 

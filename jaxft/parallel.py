@@ -1,0 +1,195 @@
+"""Devices, hosts and shardings: mesh, sharding rules, multi-host init, and the two backends.
+
+  jit:  jax.jit with in/out NamedShardings on a (data, fsdp, tensor) mesh. Params and optimizer
+        state follow the sharding rules (TP) plus FSDP on the largest divisible dim; the batch is
+        split over (data, fsdp).
+  pmap: the same step under jax.pmap with gradients pmean-ed over devices; data-parallel only.
+
+`train.batch_size` is always the global batch; each host feeds its rows of it.
+"""
+import os
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxft import rules as rules_lib
+from jaxft.errors import JaxftError
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Megatron-style tensor parallelism for the families we load (kernels are [in, out] unless noted):
+# column-parallel in-projections, row-parallel out-projections, vocab-sharded embeddings.
+BUILTIN_RULES = [
+    # BERT / RoBERTa / ViT
+    (r".*/attention/(self|attention)/(query|key|value)/kernel", (None, "tensor")),
+    (r".*/attention/(self|attention)/(query|key|value)/bias", ("tensor",)),
+    (r".*/attention/output/dense/kernel", ("tensor", None)),
+    (r".*/intermediate/dense/kernel", (None, "tensor")),
+    (r".*/intermediate/dense/bias", ("tensor",)),
+    (r".*/layer/\d+/output/dense/kernel", ("tensor", None)),
+    (r".*/word_embeddings/embedding", ("tensor", None)),
+    # Llama family
+    (r".*/self_attn/(q_proj|k_proj|v_proj)/kernel", (None, "tensor")),
+    (r".*/self_attn/o_proj/kernel", ("tensor", None)),
+    (r".*/mlp/(gate_proj|up_proj)/kernel", (None, "tensor")),
+    (r".*/mlp/down_proj/kernel", ("tensor", None)),
+    (r".*/embed_tokens/embedding", ("tensor", None)),
+    (r"lm_head/kernel", (None, "tensor")),
+    # GPT-2 (FlaxConv1D kernels are [out, in])
+    (r".*/attn/c_attn/kernel", ("tensor", None)),
+    (r".*/attn/c_attn/bias", ("tensor",)),
+    (r".*/attn/c_proj/kernel", (None, "tensor")),
+    (r".*/mlp/c_fc/kernel", ("tensor", None)),
+    (r".*/mlp/c_fc/bias", ("tensor",)),
+    (r".*/mlp/c_proj/kernel", (None, "tensor")),
+    (r".*/wte/embedding", ("tensor", None)),
+]
+
+_AUTO_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS",
+             "TPU_WORKER_HOSTNAMES")
+
+
+def initialize(pcfg) -> None:
+  """jax.distributed.initialize from the config, or auto-detected (TPU pods, SLURM, env vars)."""
+  explicit = (pcfg.coordinator, pcfg.num_processes, pcfg.process_id)
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      raise JaxftError("set all of parallel.coordinator, parallel.num_processes and parallel.process_id")
+    jax.distributed.initialize(pcfg.coordinator, pcfg.num_processes, pcfg.process_id)
+  elif any(k in os.environ for k in _AUTO_ENV) or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    jax.distributed.initialize()
+
+
+def make_mesh(mcfg) -> jax.sharding.Mesh:
+  n = jax.device_count()
+  sizes = {"data": mcfg.data, "fsdp": mcfg.fsdp, "tensor": mcfg.tensor}
+  free = [a for a, s in sizes.items() if s == -1]
+  known = int(np.prod([s for s in sizes.values() if s != -1]))
+  if len(free) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
+    raise JaxftError(f"parallel.mesh {sizes}: sizes must be >= 1, and at most one may be -1")
+  if free:
+    sizes[free[0]] = n // known
+  if int(np.prod(list(sizes.values()))) != n:
+    raise JaxftError(f"parallel.mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices; "
+                     f"there are {n}")
+  return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+
+
+def _fit(spec, shape, mesh, path) -> P:
+  """Pads `spec` to the param's rank, drops axes that do not divide their dim, then adds FSDP
+  on the largest remaining dim that the fsdp axis divides."""
+  if len(spec) > len(shape):
+    raise JaxftError(f"sharding spec {list(spec)} has more dims than param {path} {tuple(shape)}")
+  spec = list(spec) + [None] * (len(shape) - len(spec))
+  spec = [a if a is None or shape[i] % mesh.shape[a] == 0 else None for i, a in enumerate(spec)]
+  if mesh.shape["fsdp"] > 1 and "fsdp" not in spec:
+    free = [i for i, a in enumerate(spec) if a is None and shape[i] % mesh.shape["fsdp"] == 0]
+    if free:
+      spec[max(free, key=lambda i: shape[i])] = "fsdp"
+  return P(*spec)
+
+
+def param_specs(params, user_rules, mesh):
+  """PartitionSpec per param: user rules first (each must match something), then built-ins."""
+  user = [(r, tuple(spec)) for r, spec in user_rules]
+  rules_lib.apply_rules(params, user, what="sharding rule")  # raises on a rule that matches nothing
+  raw = rules_lib.flat(rules_lib.apply_rules(params, user + BUILTIN_RULES, default=(), strict=False))
+  shapes = rules_lib.flat(params)
+  return rules_lib.merge({p: _fit(raw[p], shapes[p].shape, mesh, p) for p in shapes})
+
+
+def state_specs(state, pspecs):
+  """Specs for the whole train state: optimizer moments follow their param, the rest replicates."""
+  flat_specs = rules_lib.flat(pspecs)
+
+  def spec_of(keypath, leaf):
+    keys = [str(k.key) for k in keypath if isinstance(k, jax.tree_util.DictKey)]
+    for start in range(len(keys)):
+      path = "/".join(keys[start:])
+      if path in flat_specs and len(flat_specs[path]) <= leaf.ndim:
+        return flat_specs[path]
+    return P()
+
+  opt = jax.tree_util.tree_map_with_path(spec_of, state.opt_state)
+  return state.replace(step=P(), params=pspecs, opt_state=opt, rng=P())
+
+
+class Parallel:
+  """Holds the mesh and turns the pure steps into compiled, sharded (or pmapped) ones."""
+
+  def __init__(self, cfg, mesh):
+    self.cfg, self.mesh = cfg, mesh
+    self.pmap = cfg.parallel.backend == "pmap"
+    self.batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
+    n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    for key in ("batch_size", "eval_batch_size"):
+      if getattr(cfg.train, key) % n_shards:
+        raise JaxftError(f"train.{key}={getattr(cfg.train, key)} is not divisible by the {n_shards} "
+                         f"data shards of the mesh {dict(mesh.shape)}")
+    # CPU collectives deadlock when multi-device steps are dispatched back to back (DESIGN.md).
+    self.block_each_step = jax.default_backend() == "cpu" and jax.device_count() > 1
+
+  def shardings(self, state):
+    """NamedSharding tree for the train state (jit backend)."""
+    specs = state_specs(state, param_specs(state.params, self.cfg.sharding.rules, self.mesh))
+    return jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs,
+                        is_leaf=lambda x: isinstance(x, P))
+
+  def put_state(self, host_state):
+    """Places a (host or single-device) state on the devices: sharded, or replicated for pmap."""
+    if self.pmap:  # a leading device axis; pmap scatters it on the first step
+      n = jax.local_device_count()
+      return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), host_state)
+    return jax.device_put(host_state, self.shardings(host_state))
+
+  def abstract_state(self, state):
+    """ShapeDtypeStructs carrying the target shardings: what checkpoints restore onto."""
+    if self.pmap:
+      return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    shardings = self.shardings(state)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+  def host_view(self, state):
+    """The state as checkpoints hold it: one logical copy (pmap keeps a replica per device)."""
+    return jax.tree.map(lambda x: x[0], state) if self.pmap else state
+
+  def put_batch(self, local_batch):
+    """This host's rows of a global batch -> device arrays."""
+    if self.pmap:
+      n = jax.local_device_count()
+      return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), local_batch)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x),
+                        local_batch)
+
+  def compile_train(self, train_step, state):
+    if self.pmap:
+      return jax.pmap(train_step, axis_name="batch", donate_argnums=0)
+    shardings = self.shardings(state)
+    return jax.jit(train_step, in_shardings=(shardings, self.batch_sharding),
+                   out_shardings=(shardings, NamedSharding(self.mesh, P())), donate_argnums=0)
+
+  def compile_eval(self, eval_step, state):
+    if self.pmap:
+      return jax.pmap(eval_step, axis_name="batch")
+    return jax.jit(eval_step, in_shardings=(self.shardings(state).params, self.batch_sharding),
+                   out_shardings=NamedSharding(self.mesh, P()))
+
+  def metrics(self, m):
+    """Device metrics -> host numpy (pmap: the first replica; they are pmean-ed / psum-ed)."""
+    m = jax.device_get(m)
+    return jax.tree.map(lambda x: x[0], m) if self.pmap else m
+
+
+def process_rows(batch_size: int) -> slice:
+  """The rows of each global batch that this host feeds."""
+  per = batch_size // jax.process_count()
+  return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+
+def describe(mesh) -> str:
+  return (f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
+          f"{jax.process_count()} process(es)")
+

@@ -1,0 +1,34 @@
+"""Subprocess driver: train the tiny model under several parallel configs; print losses as JSON.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/multidevice_run.py DIR NAME=OVERRIDES...
+
+DIR holds tiny_bert/ and tiny_data/ (written by the test); each NAME=a,b,c runs `train` with those
+overrides and reports the per-step train losses from its metrics.jsonl.
+"""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import tiny_overrides  # noqa: E402
+from jaxft.config import load_config  # noqa: E402
+from jaxft.train import train  # noqa: E402
+
+
+def main():
+  root = Path(sys.argv[1])
+  tiny_bert = {"pt": root / "tiny_bert" / "pt"}
+  out = {}
+  for arg in sys.argv[2:]:
+    name, overrides = arg.split("=", 1)
+    run_dir = root / "runs" / name
+    cfg = load_config(None, tiny_overrides(tiny_bert, root / "tiny_data", run_dir) + tuple(
+        o for o in overrides.split(",") if o))
+    train(cfg)
+    rows = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
+    out[name] = [r["loss"] for r in rows if r["split"] == "train"]
+  print("RESULT " + json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+  main()
