@@ -6,11 +6,15 @@ DIR holds tiny_bert/ and tiny_data/ (written by the test); each NAME=a,b,c runs 
 overrides and reports the per-step train losses from its metrics.jsonl.
 """
 import json
+import os
 import sys
 from pathlib import Path
 
+import jax
+
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_overrides  # noqa: E402
+from jaxft import parallel  # noqa: E402
 from jaxft.config import load_config  # noqa: E402
 from jaxft.train import train  # noqa: E402
 
@@ -24,10 +28,16 @@ def main():
     run_dir = root / "runs" / name
     cfg = load_config(None, tiny_overrides(tiny_bert, root / "tiny_data", run_dir) + tuple(
         o for o in overrides.split(",") if o))
+    if cfg.parallel.coordinator:  # one of several local processes (jax.distributed on 127.0.0.1)
+      jax.config.update("jax_num_cpu_devices", int(os.environ["JAXFT_TEST_CPU_DEVICES"]))
+      parallel.initialize(cfg.parallel)
     train(cfg)
+    if jax.process_index() != 0:
+      continue
     rows = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
     out[name] = [r["loss"] for r in rows if r["split"] == "train"]
-  print("RESULT " + json.dumps(out), flush=True)
+  if jax.process_index() == 0:
+    print("RESULT " + json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":

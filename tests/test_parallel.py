@@ -14,19 +14,37 @@ HERE = Path(__file__).parent
 COMMON = "train.epochs=0.625,train.log_every=1,freeze_embeddings=true,freeze_bottom_layers=1"
 
 
-def run_devices(n, root, runs: dict, timeout=600) -> dict:
-  """Runs tests/multidevice_run.py with n fake CPU devices; SIGKILLs it if it hangs."""
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
-  args = [f"{k}={COMMON},{v}" for k, v in runs.items()]
-  proc = subprocess.Popen([sys.executable, str(HERE / "multidevice_run.py"), str(root), *args], env=env,
+def start(n, root, runs: dict, common=COMMON, env=None):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", **(env or {}))
+  args = [f"{k}={common},{v}" for k, v in runs.items()]
+  return subprocess.Popen([sys.executable, str(HERE / "multidevice_run.py"), str(root), *args], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(procs, timeout=600) -> dict:
+  """Waits for the driver processes; SIGKILLs all of them if any hangs. Returns process 0's result."""
+  outs = []
   try:
-    out, _ = proc.communicate(timeout=timeout)
+    for p in procs:
+      outs.append(p.communicate(timeout=timeout)[0])
   except subprocess.TimeoutExpired:
-    proc.kill()
-    pytest.fail(f"{n}-device run hung and was killed")
-  assert proc.returncode == 0, out[-3000:]
-  return json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
+    for p in procs:
+      p.kill()  # SIGKILL: a hung jax.distributed process ignores SIGTERM
+    pytest.fail("a multi-device run hung and was killed")
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  return json.loads(next(l for l in outs[0].splitlines() if l.startswith("RESULT "))[7:])
+
+
+def run_devices(n, root, runs: dict, common=COMMON) -> dict:
+  """Runs tests/multidevice_run.py with n fake CPU devices."""
+  return finish([start(n, root, runs, common)])
+
+
+def assert_close(losses, ref, name):
+  rel = np.max(np.abs(np.array(losses) - np.array(ref)) / np.abs(np.array(ref)))
+  print(f"{name}: max rel diff {rel:.2e}")
+  assert len(losses) == len(ref) and rel <= 1e-5, (name, rel, losses, ref)
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +68,46 @@ def test_every_strategy_matches_one_device(workdir):
       "pmap": "parallel.backend=pmap,train.dropout=false",
   })
   for name, losses in eight.items():
-    ref = np.array(one["ref_nodrop" if name == "pmap" else "ref"])
-    rel = np.max(np.abs(np.array(losses) - ref) / np.abs(ref))
-    print(f"{name}: max rel diff {rel:.2e}")
-    assert rel <= 1e-5, (name, rel, losses, ref.tolist())
+    assert_close(losses, one["ref_nodrop" if name == "pmap" else "ref"], name)
+
+
+RESUME = "train.epochs=1.25,train.log_every=1,train.checkpoint_every=10,train.keep=5,freeze_bottom_layers=1"
+
+
+def restart_copy(root, src, dst):
+  """A copy of run `src` as if killed right after its step-10 checkpoint."""
+  shutil.copytree(root / "runs" / src, root / "runs" / dst)
+  shutil.rmtree(root / "runs" / dst / "checkpoints" / "20")
+  (root / "runs" / dst / "metrics.jsonl").unlink()
+
+
+def test_fsdp_checkpoint_resumes_on_other_meshes(workdir):
+  """Saved under 8-device FSDP; resumed on 1 device and on 4-device DP: the same loss curve."""
+  ref = run_devices(8, workdir, {"fsdp8": "parallel.mesh.data=1,parallel.mesh.fsdp=8"}, RESUME)["fsdp8"]
+  assert len(ref) == 20
+  restart_copy(workdir, "fsdp8", "on1")
+  restart_copy(workdir, "fsdp8", "on4")
+  assert_close(run_devices(1, workdir, {"on1": ""}, RESUME)["on1"], ref[10:], "resumed on 1 device")
+  assert_close(run_devices(4, workdir, {"on4": "parallel.mesh.data=4"}, RESUME)["on4"], ref[10:],
+               "resumed on 4-device DP")
+
+
+def test_two_processes_fsdp_then_single_process_resume(workdir):
+  """jax.distributed with 2 local processes x 2 CPU devices, FSDP over 4; resumed by 1 process."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = [start(1, workdir, {"hosts2": f"parallel.mesh.data=1,parallel.mesh.fsdp=4,"
+                                        f"parallel.coordinator=127.0.0.1:{port},parallel.num_processes=2,"
+                                        f"parallel.process_id={i}"}, RESUME,
+                 env={"JAXFT_TEST_CPU_DEVICES": "2"}) for i in range(2)]
+  ref = finish(procs)["hosts2"]
+  assert len(ref) == 20
+  restart_copy(workdir, "hosts2", "hosts2_on1")
+  resumed = run_devices(1, workdir, {"hosts2_on1": ""}, RESUME)["hosts2_on1"]
+  assert_close(resumed[:1], ref[10:11], "next loss after a 2-process checkpoint")
+  assert_close(resumed, ref[10:], "whole resumed curve")
 
 
 def test_param_specs_follow_rules_and_fsdp(monkeypatch):
