@@ -17,6 +17,7 @@ def _parse(argv):
       p.add_argument("--no-resume", action="store_true", help="start over, discarding old checkpoints")
     if name == "inspect":
       p.add_argument("--depth", type=int, default=None, help="fold paths to this many keys")
+      p.add_argument("--params", action="store_true", help="also list every param with its PartitionSpec")
   args = parser.parse_args(argv)
   config_path = None
   if args.args and "=" not in args.args[0]:
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     else:
       from jaxft.inspect import report
       from jaxft.train import build
-      report(build(cfg, console.print), depth=args.depth)
+      report(build(cfg, console.print), parallel.make_mesh(cfg.parallel.mesh), args.depth, args.params)
   except JaxftError as e:
     console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
     return 2

@@ -1,9 +1,10 @@
-"""`jaxft inspect`: the param tree folded by subtree, with freeze status, counts and bytes."""
+"""`jaxft inspect`: the param tree folded by subtree, with freeze status, counts, sharding and bytes."""
 import jax
+from jax.sharding import PartitionSpec as P
 from rich.console import Console
 from rich.table import Table
 
-from jaxft import rules
+from jaxft import parallel, rules
 
 
 def fold_key(path: str, depth: int | None) -> str:
@@ -15,53 +16,63 @@ def fold_key(path: str, depth: int | None) -> str:
   return "/".join(parts[:depth])
 
 
-def opt_bytes_per_param(opt_state, param_paths) -> tuple[dict, int]:
-  """Optimizer-state bytes attributed to each param path, plus bytes not tied to any param."""
-  per, other = {p: 0 for p in param_paths}, 0
-  for keypath, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
-    keys = [str(k.key) for k in keypath if isinstance(k, jax.tree_util.DictKey)]
-    nbytes = leaf.size * leaf.dtype.itemsize
-    for start in range(len(keys)):
-      cand = "/".join(keys[start:])
-      if cand in per:
-        per[cand] += nbytes
-        break
+def leaf_stats(exp, mesh) -> tuple[dict, int]:
+  """Per param path: size, label, spec, bytes and per-device bytes of the param and of its
+  optimizer state; plus optimizer bytes tied to no param (step counters)."""
+  state, mb = exp.state, lambda x: x.size * x.dtype.itemsize
+  pspecs = parallel.param_specs(state.params, exp.cfg.sharding.rules, mesh)
+  specs, labels = rules.flat(pspecs), rules.flat(exp.labels)
+  stats = {p: {"params": x.size, "label": labels[p], "spec": specs[p], "shape": x.shape, "bytes": mb(x),
+               "device_bytes": mb(x) // parallel.shards(specs[p], mesh), "opt_bytes": 0, "opt_device_bytes": 0}
+           for p, x in rules.flat(state.params).items()}
+  opt_specs = jax.tree.leaves(parallel.state_specs(state, pspecs).opt_state, is_leaf=lambda x: isinstance(x, P))
+  other = 0
+  for (keypath, leaf), spec in zip(jax.tree_util.tree_flatten_with_path(state.opt_state)[0], opt_specs):
+    if (path := rules.owner(keypath, stats)) is None:
+      other += mb(leaf)
     else:
-      other += nbytes
-  return per, other
+      stats[path]["opt_bytes"] += mb(leaf)
+      stats[path]["opt_device_bytes"] += mb(leaf) // parallel.shards(spec, mesh)
+  return stats, other
 
 
-def report(exp, depth: int | None = None, console: Console | None = None) -> dict:
-  """Prints the table; returns the per-subtree rows (for tests)."""
+def report(exp, mesh, depth: int | None = None, per_param: bool = False, console: Console | None = None):
+  """Prints the folded table (and with per_param, one row per param); returns the folded rows."""
   console = console or Console()
-  if console.width < 120 and not console.is_terminal:  # do not squeeze paths in logs and pipes
-    console = Console(width=120)
-  params = exp.state.params
-  flat, labels = rules.flat(params), rules.flat(exp.labels)
-  opt_per, opt_other = opt_bytes_per_param(exp.state.opt_state, flat)
+  if console.width < 140 and not console.is_terminal:  # do not squeeze paths in logs and pipes
+    console = Console(width=140)
+  stats, opt_other = leaf_stats(exp, mesh)
+  keys = ("params", "bytes", "opt_bytes", "device_bytes", "opt_device_bytes")
   rows: dict[str, dict] = {}
-  for path, x in flat.items():
-    row = rows.setdefault(fold_key(path, depth), {"params": 0, "labels": set(), "bytes": 0, "opt_bytes": 0})
-    row["params"] += x.size
-    row["labels"].add(labels[path])
-    row["bytes"] += x.size * x.dtype.itemsize
-    row["opt_bytes"] += opt_per[path]
+  for path, st in stats.items():
+    row = rows.setdefault(fold_key(path, depth), {**{k: 0 for k in keys}, "labels": set()})
+    row["labels"].add(st["label"])
+    for k in keys:
+      row[k] += st[k]
 
-  table = Table(title=f"{exp.model.name}", show_footer=True)
   status = lambda ls: "mixed" if len(ls) > 1 else ("trainable" if "train" in ls else "frozen")
-  mb = lambda b: f"{b / 2**20:,.2f}"
-  tot = {k: sum(r[k] for r in rows.values()) for k in ("params", "bytes", "opt_bytes")}
-  n_train = sum(x.size for path, x in flat.items() if labels[path] == "train")
-  table.add_column("subtree", footer="total")
-  table.add_column("params", justify="right", footer=f"{tot['params']:,}")
-  table.add_column("status", footer=f"{n_train:,} trainable")
-  table.add_column("param MiB", justify="right", footer=mb(tot["bytes"]))
-  table.add_column("opt-state MiB", justify="right", footer=mb(tot["opt_bytes"] + opt_other))
+  mib = lambda b: f"{b / 2**20:,.2f}"
+  tot = {k: sum(r[k] for r in rows.values()) for k in keys}
+  n_train = sum(st["params"] for st in stats.values() if st["label"] == "train")
+  table = Table(title=f"{exp.model.name}", show_footer=True)
+  for name, footer, right in (
+      ("subtree", "total", False), ("params", f"{tot['params']:,}", True),
+      ("status", f"{n_train:,} trainable", False), ("param MiB", mib(tot["bytes"]), True),
+      ("opt-state MiB", mib(tot["opt_bytes"] + opt_other), True),
+      ("per device MiB (param + opt)", mib(tot["device_bytes"] + tot["opt_device_bytes"] + opt_other), True)):
+    table.add_column(name, footer=footer, justify="right" if right else "left")
   for key, r in rows.items():
     st = status(r["labels"])
     table.add_row(key, f"{r['params']:,}", f"[{'green' if st == 'trainable' else 'cyan'}]{st}",
-                  mb(r["bytes"]), mb(r["opt_bytes"]))
+                  mib(r["bytes"]), mib(r["opt_bytes"]), mib(r["device_bytes"] + r["opt_device_bytes"]))
   console.print(table)
-  console.print(f"{exp.total_steps} train steps; optimizer {exp.cfg.optim.name}, "
-                f"{opt_other} bytes of optimizer scalars")
+  if per_param:
+    t = Table(title="params: shape, sharding and per-device bytes")
+    for name in ("param", "shape", "status", "PartitionSpec", "per device KiB (param + opt)"):
+      t.add_column(name)
+    for path, st in stats.items():
+      t.add_row(path, str(st["shape"]), "trainable" if st["label"] == "train" else "frozen", str(st["spec"]),
+                f"{(st['device_bytes'] + st['opt_device_bytes']) / 1024:,.1f}")
+    console.print(t)
+  console.print(f"{parallel.describe(mesh)}; {exp.total_steps} train steps; optimizer {exp.cfg.optim.name}")
   return rows

@@ -106,12 +106,8 @@ def state_specs(state, pspecs):
   flat_specs = rules_lib.flat(pspecs)
 
   def spec_of(keypath, leaf):
-    keys = [str(k.key) for k in keypath if isinstance(k, jax.tree_util.DictKey)]
-    for start in range(len(keys)):
-      path = "/".join(keys[start:])
-      if path in flat_specs and len(flat_specs[path]) <= leaf.ndim:
-        return flat_specs[path]
-    return P()
+    path = rules_lib.owner(keypath, flat_specs)
+    return flat_specs[path] if path and len(flat_specs[path]) <= leaf.ndim else P()
 
   opt = jax.tree_util.tree_map_with_path(spec_of, state.opt_state)
   return state.replace(step=P(), params=pspecs, opt_state=opt, rng=P())
@@ -187,6 +183,12 @@ def process_rows(batch_size: int) -> slice:
   """The rows of each global batch that this host feeds."""
   per = batch_size // jax.process_count()
   return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+
+def shards(spec, mesh) -> int:
+  """Into how many pieces a PartitionSpec cuts an array on `mesh`."""
+  axes = [a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)]
+  return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
 
 
 def describe(mesh) -> str:

@@ -96,5 +96,14 @@ def merge(*flat_dicts):
   return traverse_util.unflatten_dict(out, sep="/")
 
 
+def owner(keypath, param_paths) -> str | None:
+  """The param path an optimizer-state leaf belongs to (its dict keys end with it), or None."""
+  keys = [str(k.key) for k in keypath if isinstance(k, jax.tree_util.DictKey)]
+  for start in range(len(keys)):
+    if (path := "/".join(keys[start:])) in param_paths:
+      return path
+  return None
+
+
 def count(tree) -> int:
   return sum(x.size for x in jax.tree.leaves(tree))

@@ -22,7 +22,7 @@ def test_missing_config_file():
 
 def test_inspect_shows_subtrees_status_and_bytes(tiny_bert, tiny_data, tmp_path):
   r = jaxft("inspect", *tiny_overrides(tiny_bert, tiny_data, tmp_path), "freeze_bottom_layers=2",
-            "freeze_embeddings=true")
+            "freeze_embeddings=true", "--params")
   assert r.returncode == 0, r.stderr
   lines = {l.split("│")[1].strip(): l for l in r.stdout.splitlines() if l.count("│") > 4}
   assert "frozen" in lines["bert/embeddings"] and "frozen" in lines["bert/encoder/layer/1"]
@@ -32,3 +32,7 @@ def test_inspect_shows_subtrees_status_and_bytes(tiny_bert, tiny_data, tmp_path)
   assert cols("bert/embeddings")[4] == "0.00"
   param_mib, opt_mib = float(cols("bert/encoder/layer/2")[3]), float(cols("bert/encoder/layer/2")[4])
   assert param_mib > 0 and abs(opt_mib - 2 * param_mib) <= 0.015
+  # --params: one row per param with its PartitionSpec; the mesh is named
+  query = lines["bert/encoder/layer/2/attention/self/query/kernel"]
+  assert "(32, 32)" in query and "P(None, 'tensor')" in query
+  assert "mesh {'data': 1, 'fsdp': 1, 'tensor': 1} over 1 cpu devices" in r.stdout
