@@ -62,7 +62,7 @@ def main():
     print("RESULT " + json.dumps(worker(args.steps, json.loads(args.worker))), flush=True)
     return
   common = (f"train.batch_size={args.batch}", f"data.max_length={args.length}", f"data.buckets=[{args.length}]")
-  print(f"| strategy | devices | ms/step | examples/s |\n|---|---|---|---|")
+  print("| strategy | devices | ms/step | examples/s |\n|---|---|---|---|")
   for n in map(int, args.devices.split(",")):
     for name, overrides in STRATEGIES.items():
       if n == 1 and name != "dp (jit)":
