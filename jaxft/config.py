@@ -41,12 +41,16 @@ class DataConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
-  name: str = "adamw"
-  lr: float = 2e-4
+  name: str = "adamw"  # adamw | adam | sgd | lars | lamb | adafactor | lion
+  lr: float = 2e-4  # peak LR at base_batch_size (see scale_lr)
+  scale_lr: str = "none"  # none | linear | sqrt: scale lr by (train.batch_size / base_batch_size)
+  base_batch_size: int = 32
   weight_decay: float = 0.01
   b1: float = 0.9
   b2: float = 0.999
   eps: float = 1e-8
+  momentum: float = 0.9  # sgd, lars
+  nesterov: bool = False
   schedule: str = "linear"  # linear | cosine | constant (after warmup)
   warmup_ratio: float = 0.1
   clip_norm: float = 1.0  # global-norm clipping; 0 disables
@@ -54,7 +58,8 @@ class OptimConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-  batch_size: int = 32
+  batch_size: int = 32  # global batch per optimizer step
+  micro_batch_size: Optional[int] = None  # gradient accumulation: batch_size / micro_batch_size scans
   eval_batch_size: int = 128
   epochs: float = 1.0
   log_every: int = 10
@@ -231,8 +236,14 @@ def validate(cfg: Config) -> None:
         f"config key 'model.pooling' must be auto, head or mean, got {cfg.model.pooling!r}")
   check(cfg.optim.schedule in ("linear", "cosine", "constant"),
         f"config key 'optim.schedule' must be linear, cosine or constant, got {cfg.optim.schedule!r}")
-  check(cfg.optim.name in ("adamw", "adam", "sgd"),
-        f"config key 'optim.name' must be adamw, adam or sgd, got {cfg.optim.name!r}")
+  optimizers = ("adamw", "adam", "sgd", "lars", "lamb", "adafactor", "lion")
+  check(cfg.optim.name in optimizers,
+        f"config key 'optim.name' must be one of {', '.join(optimizers)}, got {cfg.optim.name!r}")
+  check(cfg.optim.scale_lr in ("none", "linear", "sqrt"),
+        f"config key 'optim.scale_lr' must be none, linear or sqrt, got {cfg.optim.scale_lr!r}")
+  micro = cfg.train.micro_batch_size
+  check(micro is None or (micro > 0 and cfg.train.batch_size % micro == 0),
+        f"config key 'train.micro_batch_size' ({micro}) must divide train.batch_size ({cfg.train.batch_size})")
   check(cfg.train.best_metric in ("accuracy", "macro_f1", "loss"),
         f"config key 'train.best_metric' must be accuracy, macro_f1 or loss, "
         f"got {cfg.train.best_metric!r}")

@@ -121,7 +121,9 @@ class Parallel:
     self.pmap = cfg.parallel.backend == "pmap"
     self.batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
     n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    for key in ("batch_size", "eval_batch_size"):
+    for key in ("batch_size", "eval_batch_size", "micro_batch_size"):
+      if getattr(cfg.train, key) is None:
+        continue
       if getattr(cfg.train, key) % n_shards:
         raise JaxftError(f"train.{key}={getattr(cfg.train, key)} is not divisible by the {n_shards} "
                          f"data shards of the mesh {dict(mesh.shape)}")

@@ -38,11 +38,21 @@ def classification_loss(logits_BxC, labels_B, weights_B):
 
 
 def make_train_step(apply: Callable, tx: optax.GradientTransformation, labels, dropout: bool = True,
-                    axis_name: str | None = None):
+                    axis_name: str | None = None, micro_steps: int = 1):
   """(state, batch) -> (state, metrics). `labels` is the 'train' / 'frozen' tree.
 
   axis_name: under pmap, the device axis to average gradients and metrics over.
+  micro_steps: gradient accumulation; the batch is cut into this many micro-batches, scanned with
+    jax.lax.scan inside the one compiled step, summing into a single gradient buffer.
   """
+
+  def grads_of(trainable, frozen, batch, rng):
+    def loss_fn(trainable):
+      logits_BxC = apply(rules.merge(trainable, frozen), batch, train=dropout, rng=rng)
+      loss, _ = classification_loss(logits_BxC, batch["labels"], batch["weights"])
+      return loss, jnp.mean((jnp.argmax(logits_BxC, -1) == batch["labels"]).astype(jnp.float32))
+    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    return grads, loss, accuracy
 
   def train_step(state: TrainState, batch):
     trainable, frozen = rules.split(state.params, labels, "train")
@@ -50,23 +60,29 @@ def make_train_step(apply: Callable, tx: optax.GradientTransformation, labels, d
     if axis_name:  # each device drops out its own units
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
 
-    def loss_fn(trainable):
-      logits = apply(rules.merge(trainable, frozen), batch, train=dropout, rng=rng)
-      loss, _ = classification_loss(logits, batch["labels"], batch["weights"])
-      return loss, logits
+    if micro_steps == 1:
+      grads, loss, accuracy = grads_of(trainable, frozen, batch, rng)
+    else:
+      # Micro-batch i takes rows i, i+k, i+2k, ...: every data shard contributes to every micro-batch.
+      k = micro_steps
+      micro = jax.tree.map(lambda x: x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1), batch)
 
-    (loss, logits_BxC), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+      def body(carry, xs):
+        i, mb = xs
+        g, l, a = grads_of(trainable, frozen, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (g, l, a)), None
+
+      init = (jax.tree.map(jnp.zeros_like, trainable), jnp.zeros(()), jnp.zeros(()))
+      (grads, loss, accuracy), _ = jax.lax.scan(body, init, (jnp.arange(k), micro))
+      grads, loss, accuracy = jax.tree.map(lambda x: x / k, (grads, loss, accuracy))
+
     if axis_name:
       grads = jax.lax.pmean(grads, axis_name)
     zeros = {p: jnp.zeros_like(x) for p, x in frozen.items()}  # consumed only by set_to_zero
     updates, opt_state = tx.update(rules.merge(grads, zeros), state.opt_state, state.params)
     updates, _ = rules.split(updates, labels, "train")
     new_trainable = optax.apply_updates(trainable, updates)
-    metrics = {
-        "loss": loss,
-        "accuracy": jnp.mean((jnp.argmax(logits_BxC, -1) == batch["labels"]).astype(jnp.float32)),
-        "grad_norm": optax.global_norm(grads),
-    }
+    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads)}
     if axis_name:
       metrics = jax.lax.pmean(metrics, axis_name)
     new_state = state.replace(step=state.step + 1, params=rules.merge(new_trainable, frozen),

@@ -40,7 +40,7 @@ def build(cfg, log=print) -> Experiment:
   splits = {k: pipeline.encode(model.tokenizer, t, y, cfg.data.max_length) for k, (t, y) in raw.items()}
   labels = rules.freeze_labels(cfg, model.params)
   total_steps = pipeline.steps_for(len(splits["train"].labels), cfg.train.batch_size, cfg.train.epochs)
-  tx, lr = optim.make_optimizer(cfg.optim, model.params, labels, total_steps)
+  tx, lr = optim.make_optimizer(cfg.optim, model.params, labels, total_steps, cfg.train.batch_size)
   state = init_state(model.params, tx, cfg.seed)
   return Experiment(cfg, model, label_names, splits, labels, tx, lr, total_steps, state)
 
@@ -98,8 +98,9 @@ def train(cfg, console: Console | None = None) -> dict:
     (run_dir / "config.yaml").write_text(config_lib.dump(cfg))
 
   axis = "batch" if par.pmap else None
-  train_step = par.compile_train(make_train_step(exp.model.apply, exp.tx, exp.labels, tcfg.dropout, axis),
-                                 target)
+  micro_steps = tcfg.batch_size // (tcfg.micro_batch_size or tcfg.batch_size)
+  train_step = par.compile_train(make_train_step(exp.model.apply, exp.tx, exp.labels, tcfg.dropout, axis,
+                                                 micro_steps), target)
   eval_step = par.compile_eval(make_eval_step(exp.model.apply, len(exp.label_names), axis), target)
   dataset = pipeline.train_dataset(exp.splits["train"], tcfg.batch_size, exp.total_steps, cfg.seed,
                                    cfg.data.buckets, pad_id, rows=parallel.process_rows(tcfg.batch_size))

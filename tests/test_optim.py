@@ -1,0 +1,55 @@
+"""Optimizers by name, LR scaling, and gradient accumulation equivalence."""
+import jax
+import numpy as np
+import pytest
+
+from jaxft import optim, rules
+from jaxft.config import load_config
+from jaxft.data import pipeline
+from jaxft.step import make_train_step
+from jaxft.train import build
+
+LR = {"adamw": 3e-3, "adam": 3e-3, "lamb": 3e-2, "adafactor": 3e-2, "lion": 3e-4, "sgd": 0.1, "lars": 0.3}
+
+
+def losses(exp, batches, micro_steps=1):
+  step = jax.jit(make_train_step(exp.model.apply, exp.tx, exp.labels, dropout=False, micro_steps=micro_steps))
+  state, out = exp.state, []
+  for b in batches:
+    state, m = step(state, b)
+    out.append(float(m["loss"]))
+  return out, state
+
+
+@pytest.mark.parametrize("name", sorted(LR))
+def test_each_optimizer_reduces_loss(tiny_cfg, name):
+  exp = build(tiny_cfg(f"optim.name={name}", f"optim.lr={LR[name]}", "optim.warmup_ratio=0",
+                       "optim.schedule=constant"), print)
+  batch = pipeline.TrainBatches(exp.splits["train"], 16, 1, 0, [32], 0)[0]
+  out, _ = losses(exp, [batch] * 8)
+  assert np.all(np.isfinite(out)) and min(out) < 0.95 * out[0] and out[-1] < 0.97 * out[0], (name, out)
+
+
+def test_lr_scaling_rules():
+  cfg = load_config(None, ("optim.lr=1e-3", "optim.base_batch_size=256"))
+  for rule, expected in (("none", 1e-3), ("linear", 4e-3), ("sqrt", 2e-3)):
+    cfg.optim.scale_lr = rule
+    assert optim.scaled_lr(cfg.optim, 1024) == pytest.approx(expected)
+
+
+def test_accumulation_4x8_equals_batch_32(tiny_cfg):
+  exp = build(tiny_cfg("train.batch_size=32"), print)
+  batches = [pipeline.TrainBatches(exp.splits["train"], 32, 3, 0, [32], 0)[i] for i in range(3)]
+  full, s_full = losses(exp, batches)
+  accum, s_accum = losses(build(tiny_cfg("train.batch_size=32", "train.micro_batch_size=8"), print),
+                          batches, micro_steps=4)
+  np.testing.assert_allclose(accum, full, rtol=1e-5)
+  for path, x in rules.flat(jax.device_get(s_full.params)).items():
+    np.testing.assert_allclose(rules.flat(jax.device_get(s_accum.params))[path], x, rtol=1e-4, atol=1e-6,
+                               err_msg=path)
+
+
+def test_micro_batch_must_divide_batch():
+  from jaxft.errors import JaxftError
+  with pytest.raises(JaxftError, match=r"'train.micro_batch_size' \(12\) must divide train.batch_size \(32\)"):
+    load_config(None, ("train.micro_batch_size=12",))
