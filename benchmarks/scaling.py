@@ -36,7 +36,7 @@ def worker(n_steps, overrides):
   target = par.abstract_state(exp.state)
   step = par.compile_train(make_train_step(exp.model.apply, exp.tx, exp.labels, True,
                                            "batch" if par.pmap else None), target)
-  state = par.put_state(exp.state)
+  state = par.put_state(exp.state, target)
   src = pipeline.TrainBatches(exp.splits["train"], cfg.train.batch_size, n_steps + 1, 0, [cfg.data.max_length], 0)
   times = []
   for i in range(n_steps + 1):

@@ -136,12 +136,13 @@ class Parallel:
     return jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs,
                         is_leaf=lambda x: isinstance(x, P))
 
-  def put_state(self, host_state):
-    """Places a (host or single-device) state on the devices: sharded, or replicated for pmap."""
+  def put_state(self, host_state, target):
+    """Places a (host or single-device) state on the devices: sharded like `target` (from
+    abstract_state), or replicated for pmap."""
     if self.pmap:  # a leading device axis; pmap scatters it on the first step
       n = jax.local_device_count()
       return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), host_state)
-    return jax.device_put(host_state, self.shardings(host_state))
+    return jax.device_put(host_state, _shardings_of(target))
 
   def abstract_state(self, state):
     """ShapeDtypeStructs carrying the target shardings: what checkpoints restore onto."""
@@ -162,23 +163,28 @@ class Parallel:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x),
                         local_batch)
 
-  def compile_train(self, train_step, state):
+  def compile_train(self, train_step, target):
     if self.pmap:
       return jax.pmap(train_step, axis_name="batch", donate_argnums=0)
-    shardings = self.shardings(state)
+    shardings = _shardings_of(target)
     return jax.jit(train_step, in_shardings=(shardings, self.batch_sharding),
                    out_shardings=(shardings, NamedSharding(self.mesh, P())), donate_argnums=0)
 
-  def compile_eval(self, eval_step, state):
+  def compile_eval(self, eval_step, target):
     if self.pmap:
       return jax.pmap(eval_step, axis_name="batch")
-    return jax.jit(eval_step, in_shardings=(self.shardings(state).params, self.batch_sharding),
+    return jax.jit(eval_step, in_shardings=(_shardings_of(target).params, self.batch_sharding),
                    out_shardings=NamedSharding(self.mesh, P()))
 
   def metrics(self, m):
     """Device metrics -> host numpy (pmap: the first replica; they are pmean-ed / psum-ed)."""
     m = jax.device_get(m)
     return jax.tree.map(lambda x: x[0], m) if self.pmap else m
+
+
+def _shardings_of(target):
+  """The sharding tree that abstract_state computed once, read back off its ShapeDtypeStructs."""
+  return jax.tree.map(lambda x: x.sharding, target)
 
 
 def process_rows(batch_size: int) -> slice:

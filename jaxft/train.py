@@ -83,7 +83,7 @@ def train(cfg, console: Console | None = None) -> dict:
 
   def restore(step):
     state, data_state, meta = ckpt.restore(step, target)
-    return (par.put_state(state) if par.pmap else state), data_state, meta
+    return (par.put_state(state, target) if par.pmap else state), data_state, meta
 
   meta = {"best_step": None, "best_value": None}
   data_state = None
@@ -92,7 +92,7 @@ def train(cfg, console: Console | None = None) -> dict:
     log(f"resuming from {ckpt_dir}/{latest} (best so far: step {meta['best_step']}, "
         f"validation {tcfg.best_metric} {meta['best_value']})")
   else:
-    state = par.put_state(exp.state)
+    state = par.put_state(exp.state, target)
   exp.state = None  # the devices hold the state now
   if is_main:
     (run_dir / "config.yaml").write_text(config_lib.dump(cfg))

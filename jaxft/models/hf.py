@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from jaxft.errors import JaxftError
 
+
 @dataclasses.dataclass
 class Model:
   """A loaded model: `apply(params, batch, train, rng)` returns logits (classification) or the
