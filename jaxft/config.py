@@ -54,6 +54,9 @@ class OptimConfig:
   schedule: str = "linear"  # linear | cosine | constant (after warmup)
   warmup_ratio: float = 0.1
   clip_norm: float = 1.0  # global-norm clipping; 0 disables
+  # Param groups: ordered [{match: regex, lr_mult: x, weight_decay: y}], first match wins.
+  groups: list[dict] = dataclasses.field(default_factory=list)
+  layer_decay: Optional[float] = None  # LR x decay^(L - i) for layer i; embeddings lowest, head 1
 
 
 @dataclasses.dataclass
@@ -133,7 +136,12 @@ def _coerce(value: Any, tp, key: str) -> Any:
     if item_tp is None:
       return list(value)
     return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-  if tp is bool:
+  if tp is dict:
+    if isinstance(value, str):
+      value = yaml.safe_load(value)
+    if isinstance(value, dict):
+      return dict(value)
+  elif tp is bool:
     if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
       return value.lower() in ("true", "yes", "1")
     if isinstance(value, bool):
@@ -241,6 +249,13 @@ def validate(cfg: Config) -> None:
         f"config key 'optim.name' must be one of {', '.join(optimizers)}, got {cfg.optim.name!r}")
   check(cfg.optim.scale_lr in ("none", "linear", "sqrt"),
         f"config key 'optim.scale_lr' must be none, linear or sqrt, got {cfg.optim.scale_lr!r}")
+  for i, g in enumerate(cfg.optim.groups):
+    check(isinstance(g.get("match"), str) and set(g) <= {"match", "lr_mult", "weight_decay"}
+          and all(isinstance(g.get(k, 0.0), (int, float)) for k in ("lr_mult", "weight_decay")),
+          f"config key 'optim.groups[{i}]' must be {{match: regex, lr_mult: number, weight_decay: number}}, "
+          f"got {g!r}")
+  check(cfg.optim.layer_decay is None or 0 < cfg.optim.layer_decay <= 1,
+        f"config key 'optim.layer_decay' must be in (0, 1], got {cfg.optim.layer_decay}")
   micro = cfg.train.micro_batch_size
   check(micro is None or (micro > 0 and cfg.train.batch_size % micro == 0),
         f"config key 'train.micro_batch_size' ({micro}) must divide train.batch_size ({cfg.train.batch_size})")

@@ -1,4 +1,12 @@
-"""Optimizer: LR schedule + clipping + optimizer, wrapped in optax.multi_transform over labels."""
+"""Optimizer: clipping, then optax.multi_transform of one optimizer per param group over a label tree.
+
+Every trainable leaf gets a group from path rules: an LR multiplier (optim.groups' lr_mult times the
+layer-wise decay) and a weight decay (optim.groups' weight_decay, else none on biases and norm
+scales, else optim.weight_decay). Leaves with equal (lr multiplier, weight decay) share one optax
+optimizer; frozen leaves get optax.set_to_zero() and hold no state.
+"""
+import re
+
 import optax
 
 from jaxft import rules
@@ -25,25 +33,63 @@ def scaled_lr(ocfg, batch_size: int) -> float:
   return ocfg.lr * {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[ocfg.scale_lr]
 
 
-def base_optimizer(ocfg, lr, decay_mask) -> optax.GradientTransformation:
-  wd = ocfg.weight_decay
+def layer_depth(path: str, n_layers: int) -> int:
+  """0 for embeddings, i + 1 for layer i, n_layers + 1 for everything else (head, pooler)."""
+  if re.fullmatch(rules.EMBED_RE, path):
+    return 0
+  if (m := rules.LAYER_RE.search(path)):
+    return int(m.group(1)) + 1
+  return n_layers + 1
+
+
+def lr_multipliers(ocfg, params):
+  """Per-leaf LR multiplier: the first matching group's lr_mult, times layer_decay ** (L + 1 - depth)
+  (embeddings decay^(L+1), layer i decay^(L-i), head 1; BEiT / ELECTRA layer-wise decay)."""
+  group = rules.flat(rules.apply_rules(params, [(g["match"], g.get("lr_mult", 1.0)) for g in ocfg.groups],
+                                       default=1.0, what="optim.groups match"))
+  if not ocfg.layer_decay:
+    return rules.merge(group)
+  n = rules.num_layers(params)
+  return rules.merge({p: m * ocfg.layer_decay ** (n + 1 - layer_depth(p, n)) for p, m in group.items()})
+
+
+def weight_decays(ocfg, params):
+  """Per-leaf weight decay: groups that set weight_decay first, then none on biases / norm scales."""
+  user = [(g["match"], g["weight_decay"]) for g in ocfg.groups if "weight_decay" in g]
+  no_decay = [(r, 0.0) for r, _ in rules.NO_DECAY_RULES]
+  return rules.apply_rules(params, user + no_decay, default=ocfg.weight_decay, strict=False)
+
+
+def base_optimizer(ocfg, lr, wd: float, trust_mask) -> optax.GradientTransformation:
   return {
-      "adamw": lambda: optax.adamw(lr, ocfg.b1, ocfg.b2, ocfg.eps, weight_decay=wd, mask=decay_mask),
+      "adamw": lambda: optax.adamw(lr, ocfg.b1, ocfg.b2, ocfg.eps, weight_decay=wd),
       "adam": lambda: optax.adam(lr, ocfg.b1, ocfg.b2, ocfg.eps),
-      "sgd": lambda: optax.chain(optax.add_decayed_weights(wd, decay_mask),
+      "sgd": lambda: optax.chain(optax.add_decayed_weights(wd),
                                  optax.sgd(lr, momentum=ocfg.momentum or None, nesterov=ocfg.nesterov)),
-      "lars": lambda: optax.lars(lr, weight_decay=wd, weight_decay_mask=decay_mask,
-                                 trust_ratio_mask=decay_mask, momentum=ocfg.momentum, nesterov=ocfg.nesterov),
-      "lamb": lambda: optax.lamb(lr, ocfg.b1, ocfg.b2, ocfg.eps, weight_decay=wd, mask=decay_mask),
-      "adafactor": lambda: optax.adafactor(lr, weight_decay_rate=wd or None, weight_decay_mask=decay_mask),
-      "lion": lambda: optax.lion(lr, ocfg.b1, ocfg.b2, weight_decay=wd, mask=decay_mask),
+      "lars": lambda: optax.lars(lr, weight_decay=wd, trust_ratio_mask=trust_mask, momentum=ocfg.momentum,
+                                 nesterov=ocfg.nesterov),
+      "lamb": lambda: optax.lamb(lr, ocfg.b1, ocfg.b2, ocfg.eps, weight_decay=wd),
+      "adafactor": lambda: optax.adafactor(lr, weight_decay_rate=wd or None),
+      "lion": lambda: optax.lion(lr, ocfg.b1, ocfg.b2, weight_decay=wd),
   }[ocfg.name]()
 
 
-def make_optimizer(ocfg, params, labels, total_steps: int, batch_size: int):
-  """Returns (tx, lr_schedule); frozen leaves get optax.set_to_zero() and hold no state."""
+def group_labels(ocfg, params, freeze_labels):
+  """The optimizer's label tree: 'frozen', or 'lr{mult}_wd{decay}' per trainable leaf."""
+  mult, wd = rules.flat(lr_multipliers(ocfg, params)), rules.flat(weight_decays(ocfg, params))
+  frozen = rules.flat(freeze_labels)
+  return rules.merge({p: "frozen" if frozen[p] == "frozen" else f"lr{mult[p]:.6g}_wd{wd[p]:.6g}"
+                      for p in frozen})
+
+
+def make_optimizer(ocfg, params, freeze_labels, total_steps: int, batch_size: int):
+  """Returns (tx, lr_schedule), lr_schedule being the peak schedule that multipliers scale."""
   lr = schedule(ocfg, total_steps, scaled_lr(ocfg, batch_size))
-  opt = base_optimizer(ocfg, lr, rules.weight_decay_mask(params))
-  chain = [optax.clip_by_global_norm(ocfg.clip_norm)] if ocfg.clip_norm > 0 else []
-  tx = optax.chain(*chain, opt)
-  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels), lr
+  labels = group_labels(ocfg, params, freeze_labels)
+  trust_mask = rules.weight_decay_mask(params)  # LARS: no trust ratio on biases / norm scales
+  txs = {"frozen": optax.set_to_zero()}
+  for label in set(rules.flat(labels).values()) - {"frozen"}:
+    mult, wd = (float(x) for x in re.fullmatch(r"lr(.+)_wd(.+)", label).groups())
+    txs[label] = base_optimizer(ocfg, lambda s, m=mult: m * lr(s), wd, trust_mask)
+  clip = [optax.clip_by_global_norm(ocfg.clip_norm)] if ocfg.clip_norm > 0 else []
+  return optax.chain(*clip, optax.multi_transform(txs, labels)), lr

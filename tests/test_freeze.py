@@ -35,7 +35,7 @@ def test_frozen_unchanged_trainable_move_no_state(tiny_cfg):
     if leaf.ndim > 0:
       moment_paths.add("/".join(keys[1:]))
   assert moment_paths == {p for p, l in labels.items() if l == "train"}
-  assert isinstance(state.opt_state.inner_states["frozen"], optax.MaskedState)
+  assert isinstance(state.opt_state[-1].inner_states["frozen"], optax.MaskedState)
 
 
 def test_frozen_step_compiles_to_fewer_flops(tiny_cfg):

@@ -53,3 +53,41 @@ def test_micro_batch_must_divide_batch():
   from jaxft.errors import JaxftError
   with pytest.raises(JaxftError, match=r"'train.micro_batch_size' \(12\) must divide train.batch_size \(32\)"):
     load_config(None, ("train.micro_batch_size=12",))
+
+
+def six_layer_tree():
+  import jax.numpy as jnp
+  leaf = jnp.ones((2, 2))
+  layer = {"attention": {"self": {"query": {"kernel": leaf, "bias": leaf[0]}}}}
+  return {"bert": {"embeddings": {"word_embeddings": {"embedding": leaf}},
+                   "encoder": {"layer": {str(i): layer for i in range(6)}}},
+          "classifier": {"kernel": leaf, "bias": leaf[0]}}
+
+
+def test_layer_decay_multipliers_for_six_layers():
+  cfg = load_config(None, ("optim.layer_decay=0.75", "optim.groups=[{match: classifier/kernel, lr_mult: 10}]"))
+  mult = rules.flat(optim.lr_multipliers(cfg.optim, six_layer_tree()))
+  assert mult["bert/embeddings/word_embeddings/embedding"] == pytest.approx(0.75 ** 7)
+  for i in range(6):
+    assert mult[f"bert/encoder/layer/{i}/attention/self/query/kernel"] == pytest.approx(0.75 ** (6 - i))
+  assert mult["classifier/bias"] == 1.0 and mult["classifier/kernel"] == 10.0
+
+
+def test_groups_scale_each_leafs_update():
+  """Plain SGD at lr 1: every leaf moves by -multiplier * grad, and weight decay follows its group."""
+  import jax.numpy as jnp
+  cfg = load_config(None, ("optim.name=sgd", "optim.lr=1", "optim.momentum=0", "optim.clip_norm=0",
+                           "optim.schedule=constant", "optim.warmup_ratio=0", "optim.layer_decay=0.5",
+                           "optim.weight_decay=0.1", "optim.groups=[{match: 'bert/embeddings/.*', weight_decay: 0}]"))
+  params = six_layer_tree()
+  freeze = rules.apply_rules(params, [(r"bert/encoder/layer/0/.*", "frozen")], default="train")
+  tx, _ = optim.make_optimizer(cfg.optim, params, freeze, 10, 32)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  up, mult = rules.flat(updates), rules.flat(optim.lr_multipliers(cfg.optim, params))
+  wd = rules.flat(optim.weight_decays(cfg.optim, params))
+  assert wd["bert/embeddings/word_embeddings/embedding"] == 0 and wd["classifier/bias"] == 0
+  assert wd["classifier/kernel"] == 0.1
+  for p, u in up.items():
+    expected = 0.0 if p.startswith("bert/encoder/layer/0/") else -mult[p] * (1 + wd[p])
+    np.testing.assert_allclose(u, expected, rtol=1e-6, err_msg=p)
