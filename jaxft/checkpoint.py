@@ -40,6 +40,10 @@ class Checkpointer:
                               meta=ocp.args.JsonSave(meta))
     self.manager.save(step, args=args)
 
+  def meta(self, step: int) -> dict:
+    """The loop meta of checkpoint `step` alone (best step, phase), without reading any arrays."""
+    return self._restore(step, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
   def restore(self, step: int, target):
     """(state, data_state, meta) of checkpoint `step`, restored onto the shapes, dtypes and
     shardings of `target` (arrays or jax.ShapeDtypeStructs): any mesh, any device count."""
@@ -47,14 +51,17 @@ class Checkpointer:
                           ocp.utils.to_shape_dtype_struct(x), target)
     args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
                               meta=ocp.args.JsonRestore())
+    out = self._restore(step, args)
+    return out["state"], out["data"], out["meta"]
+
+  def _restore(self, step, args):
     try:
-      out = self.manager.restore(step, args=args)
+      return self.manager.restore(step, args=args)
     except Exception as e:  # any failure must stop the run, never fall back to step 0
       first = (str(e).strip().splitlines() or [type(e).__name__])[0]
       raise JaxftError(f"checkpoint {self.directory}/{step} exists but cannot be restored "
                        f"({type(e).__name__}: {first[:300]}); fix the config to match it, or start over "
                        f"with --no-resume or a new run_dir") from None
-    return out["state"], out["data"], out["meta"]
 
   def wait(self):
     self.manager.wait_until_finished()

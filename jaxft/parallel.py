@@ -97,6 +97,10 @@ def param_specs(params, user_rules, mesh):
   user = [(r, tuple(spec)) for r, spec in user_rules]
   rules_lib.apply_rules(params, user, what="sharding rule")  # raises on a rule that matches nothing
   raw = rules_lib.flat(rules_lib.apply_rules(params, user + BUILTIN_RULES, default=(), strict=False))
+  for path in raw:  # LoRA adapters follow their kernel: lora_a [in, r] its rows, lora_b [r, out] its columns
+    if path.endswith(("/lora_a", "/lora_b")):
+      kernel = tuple(raw[path[:-len("lora_a")] + "kernel"]) + (None, None)
+      raw[path] = (kernel[0], None) if path.endswith("/lora_a") else (None, kernel[1])
   shapes = rules_lib.flat(params)
   return rules_lib.merge({p: _fit(raw[p], shapes[p].shape, mesh, p) for p in shapes})
 

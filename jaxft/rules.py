@@ -15,6 +15,8 @@ from jaxft.errors import JaxftError
 Rules = Sequence[tuple[str, Any]]
 LAYER_RE = re.compile(r"(?:^|/)(?:layer|layers|h|block|blocks)/(\d+)/")
 EMBED_RE = r"(.*/)?embeddings/.*"
+HEAD_RE = r"(classifier|score)/.*"  # the task head that jaxft / transformers add
+ADAPTER_RE = r".*/lora_[ab]"
 NO_DECAY_RULES = [(r"(.*/)?bias", False), (r".*(LayerNorm|layer_norm|ln_\w+|norm\w*)/(scale|weight)", False)]
 
 
@@ -55,7 +57,8 @@ def num_layers(tree) -> int:
 
 
 def freeze_rules(cfg, params) -> list[tuple[str, str]]:
-  """Compiles `freeze`, `train_only`, `freeze_embeddings`, `freeze_bottom_layers` to label rules."""
+  """Compiles `freeze`, `train_only`, `freeze_embeddings`, `freeze_bottom_layers` to label rules.
+  With LoRA only the adapters and the head train (plus anything in `train_only`)."""
   rules = [(r, "frozen") for r in cfg.freeze]
   if cfg.freeze_embeddings:
     rules.append((EMBED_RE, "frozen"))
@@ -65,8 +68,9 @@ def freeze_rules(cfg, params) -> list[tuple[str, str]]:
       raise JaxftError(f"freeze_bottom_layers={cfg.freeze_bottom_layers} but the model has {n} layers")
     layers = "|".join(str(i) for i in range(cfg.freeze_bottom_layers))
     rules.append((rf"(.*/)?(layer|layers|h|block|blocks)/({layers})/.*", "frozen"))
-  if cfg.train_only:
-    rules += [(r, "train") for r in cfg.train_only] + [(".*", "frozen")]
+  train_only = list(cfg.train_only) + ([ADAPTER_RE, HEAD_RE] if cfg.lora.targets else [])
+  if train_only:
+    rules += [(r, "train") for r in train_only] + [(".*", "frozen")]
   return rules
 
 

@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from jaxft import config as config_lib
 from jaxft import metrics as metrics_lib
-from jaxft import optim, parallel, rules
+from jaxft import lora, optim, parallel, rules
 from jaxft.checkpoint import Checkpointer
 from jaxft.data import pipeline, text
 from jaxft.models import load_model
@@ -37,6 +38,12 @@ class Experiment:
 def build(cfg, log=print) -> Experiment:
   raw, label_names = text.load_splits(cfg.data)
   model = load_model(cfg, num_labels=len(label_names), log=log)
+  params = jax.tree.map(lambda x: x.astype(cfg.precision.params) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        model.params)
+  if cfg.lora.targets:
+    params = lora.add_adapters(params, cfg.lora, cfg.seed)
+    model = dataclasses.replace(model, apply=lora.wrap(model.apply, cfg.lora))
+  model = dataclasses.replace(model, params=params)
   splits = {k: pipeline.encode(model.tokenizer, t, y, cfg.data.max_length) for k, (t, y) in raw.items()}
   labels = rules.freeze_labels(cfg, model.params)
   total_steps = pipeline.steps_for(len(splits["train"].labels), cfg.train.batch_size, cfg.train.epochs)

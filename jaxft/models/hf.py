@@ -12,10 +12,13 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+import flax
 import jax
 import jax.numpy as jnp
 
 from jaxft.errors import JaxftError
+
+HEAD_FILE = "classifier.msgpack"  # the mean-pooled head, beside an exported encoder
 
 
 @dataclasses.dataclass
@@ -27,6 +30,7 @@ class Model:
   apply: Callable
   tokenizer: Any
   config: Any
+  save: Callable  # save(params, out_dir): a checkpoint dir that `load` (and transformers) read back
 
 
 class _Capture(logging.Handler):
@@ -88,8 +92,19 @@ def _from_pretrained(cls, path, has_flax, **kwargs):
     raise JaxftError(f"could not load {path}: {str(e).splitlines()[0]}") from None
 
 
+def _configure(model, compute_dtype: str, remat: str):
+  """Computation dtype and per-block rematerialisation, set on the transformers Flax module."""
+  fields = {f.name for f in dataclasses.fields(model.module)}
+  changes = {"dtype": jnp.dtype(compute_dtype)}
+  if remat == "block":
+    if "gradient_checkpointing" not in fields:
+      raise JaxftError(f"model.remat=block: {type(model).__name__} has no gradient checkpointing")
+    changes["gradient_checkpointing"] = True
+  model._module = model.module.clone(**changes)
+
+
 def load(path: Path, task: str, num_labels: int | None = None, pooling: str = "auto", seed: int = 0,
-         log=print) -> Model:
+         log=print, compute_dtype: str = "float32", remat: str = "none") -> Model:
   """Loads the checkpoint in `path` for `task`.
 
   classification + pooling 'head': transformers' *ForSequenceClassification class (its own head,
@@ -121,14 +136,23 @@ def load(path: Path, task: str, num_labels: int | None = None, pooling: str = "a
       except TypeError:
         model = _from_pretrained(transformers.FlaxAutoModel, path, has_flax, seed=seed)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+  _configure(model, compute_dtype, remat)
   unused = _key_set(messages, r"were not used when initializing \w+: (\{.*?\})\n")
   new = _key_set(messages, r"newly initialized: (\{.*?\})\n")
   params = model.params
+  prefix = model.base_model_prefix
   if mean_head:
-    prefix, cfg = model.base_model_prefix, model.config
-    kernel = cfg.initializer_range * jax.random.normal(jax.random.PRNGKey(seed), (cfg.hidden_size, num_labels))
-    params = {prefix: params, "classifier": {"kernel": kernel, "bias": jnp.zeros((num_labels,))}}
-    new += ["classifier/bias", "classifier/kernel"]
+    cfg = model.config
+    if (path / HEAD_FILE).is_file():  # written by `jaxft export`
+      head = flax.serialization.msgpack_restore((path / HEAD_FILE).read_bytes())
+    else:
+      kernel = cfg.initializer_range * jax.random.normal(jax.random.PRNGKey(seed), (cfg.hidden_size, num_labels))
+      head = {"kernel": kernel, "bias": jnp.zeros((num_labels,))}
+      new += ["classifier/bias", "classifier/kernel"]
+    if head["kernel"].shape != (cfg.hidden_size, num_labels):
+      raise JaxftError(f"{path / HEAD_FILE}: head kernel {head['kernel'].shape} does not fit "
+                       f"{num_labels} labels of hidden size {cfg.hidden_size}")
+    params = {prefix: params, "classifier": head}
   log(f"loaded {type(model).__name__} from {path} ({'flax msgpack' if has_flax else 'pytorch weights'}"
       f"{', mean-pooled head' if mean_head else ''}); unused checkpoint keys: {_fold(unused) or 'none'}; "
       f"newly initialised: {_fold(new) or 'none'}")
@@ -142,17 +166,28 @@ def load(path: Path, task: str, num_labels: int | None = None, pooling: str = "a
 
     def apply(params, batch, train=False, rng=None):
       rng_enc, rng_head = jax.random.split(rng) if rng is not None else (None, None)
-      h_BxLxD = encode(params[prefix], batch, train, rng_enc).last_hidden_state
+      h_BxLxD = encode(params[prefix], batch, train, rng_enc).last_hidden_state.astype(jnp.float32)
       m_BxLx1 = batch["attention_mask"][..., None].astype(h_BxLxD.dtype)
       pooled_BxD = (h_BxLxD * m_BxLx1).sum(1) / jnp.maximum(m_BxLx1.sum(1), 1.0)
       if train and rate > 0:
         keep_BxD = jax.random.bernoulli(rng_head, 1.0 - rate, pooled_BxD.shape)
         pooled_BxD = jnp.where(keep_BxD, pooled_BxD / (1.0 - rate), 0.0)
-      return pooled_BxD @ params["classifier"]["kernel"] + params["classifier"]["bias"]
+      head = params["classifier"]
+      return pooled_BxD @ head["kernel"].astype(jnp.float32) + head["bias"].astype(jnp.float32)
   elif task == "classification":
     def apply(params, batch, train=False, rng=None):
       return encode(params, batch, train, rng).logits
   else:
     def apply(params, batch, train=False, rng=None):
       return encode(params, batch, train, rng).last_hidden_state
-  return Model(name=str(path), params=params, apply=apply, tokenizer=tokenizer, config=model.config)
+
+  def save(params, out_dir):
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, params=params[prefix] if mean_head else params)
+    tokenizer.save_pretrained(out_dir)
+    if mean_head:
+      (out_dir / HEAD_FILE).write_bytes(flax.serialization.msgpack_serialize(jax.device_get(params["classifier"])))
+      (out_dir / "1_Pooling").mkdir(exist_ok=True)
+      (out_dir / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+
+  return Model(name=str(path), params=params, apply=apply, tokenizer=tokenizer, config=model.config, save=save)

@@ -1,0 +1,87 @@
+"""LoRA (Hu et al. 2021): low-rank adapters beside the targeted Dense kernels; the base stays frozen.
+
+Adapters live in the params tree next to their kernel (`.../query/lora_a` [in, r], `lora_b` [r, out]),
+so freezing, sharding and checkpoints treat them like any param. The model runs unchanged; a flax
+method interceptor adds `dropout(x) @ lora_a @ lora_b * alpha / rank` to each targeted Dense call.
+lora_b starts at zero, so the adapted model starts equal to the base one.
+"""
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxft import rules
+from jaxft.errors import JaxftError
+
+def is_adapter(path: str) -> bool:
+  return re.fullmatch(rules.ADAPTER_RE, path) is not None
+
+
+def add_adapters(params, lcfg, seed: int):
+  """params plus lora_a / lora_b beside every kernel that `lcfg.targets` match."""
+  targets = rules.flat(rules.apply_rules(params, [(t, True) for t in lcfg.targets], default=False,
+                                         what="lora target"))
+  flat, key = rules.flat(params), jax.random.PRNGKey(seed + 1)
+  for i, path in enumerate(p for p, hit in targets.items() if hit):
+    kernel = flat[path]
+    if not path.endswith("/kernel") or kernel.ndim != 2:
+      raise JaxftError(f"lora target {path} {tuple(kernel.shape)} is not a 2-D Dense kernel")
+    d_in, d_out = kernel.shape
+    module = path[: -len("/kernel")]
+    bound = d_in ** -0.5  # PEFT's kaiming-uniform(a=sqrt(5)) bound
+    flat[f"{module}/lora_a"] = jax.random.uniform(jax.random.fold_in(key, i), (d_in, lcfg.rank), kernel.dtype,
+                                                  -bound, bound)
+    flat[f"{module}/lora_b"] = jnp.zeros((lcfg.rank, d_out), kernel.dtype)
+  return rules.merge(flat)
+
+
+def wrap(apply, lcfg):
+  """apply(params, batch, train, rng) of the adapted model, for params holding adapters."""
+  scale = lcfg.alpha / lcfg.rank
+
+  def lora_apply(params, batch, train=False, rng=None):
+    flat = rules.flat(params)
+    base = rules.merge({p: x for p, x in flat.items() if not is_adapter(p)})
+    modules = sorted({p.rsplit("/", 1)[0] for p in flat if is_adapter(p)})
+    used = set()
+
+    def adapter_of(module_path: tuple) -> str | None:  # module paths lack the params' root prefix
+      name = "/".join(module_path)
+      return next((m for m in modules if m == name or m.endswith("/" + name)), None)
+
+    def interceptor(next_fun, args, kwargs, context):
+      y = next_fun(*args, **kwargs)
+      if not (isinstance(context.module, nn.Dense) and context.method_name == "__call__"):
+        return y
+      if (m := adapter_of(context.module.path)) is None:
+        return y
+      used.add(m)
+      x = args[0]
+      if train and lcfg.dropout > 0:
+        key = jax.random.fold_in(jax.random.fold_in(rng, 0x10A), modules.index(m))
+        keep = jax.random.bernoulli(key, 1 - lcfg.dropout, x.shape)
+        x = jnp.where(keep, x / (1 - lcfg.dropout), 0)
+      a, b = flat[f"{m}/lora_a"].astype(x.dtype), flat[f"{m}/lora_b"].astype(x.dtype)
+      return y + ((x @ a) @ b * scale).astype(y.dtype)
+
+    with nn.intercept_methods(interceptor):
+      out = apply(base, batch, train, rng)
+    if (missing := set(modules) - used):
+      raise JaxftError(f"lora target {sorted(missing)[0]} is not called as a flax Dense layer")
+    return out
+
+  return lora_apply
+
+
+def merge(params, lcfg):
+  """The base params with every adapter folded in: kernel + lora_a @ lora_b * alpha / rank."""
+  flat = rules.flat(params)
+  out = {p: x for p, x in flat.items() if not is_adapter(p)}
+  for p in flat:
+    if p.endswith("/lora_a"):
+      module = p[: -len("/lora_a")]
+      kernel = out[f"{module}/kernel"]
+      delta = flat[p].astype(jnp.float32) @ flat[f"{module}/lora_b"].astype(jnp.float32)
+      out[f"{module}/kernel"] = (kernel.astype(jnp.float32) + delta * lcfg.alpha / lcfg.rank).astype(kernel.dtype)
+  return rules.merge(out)
