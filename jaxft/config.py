@@ -72,6 +72,7 @@ class TrainConfig:
   keep: int = 2  # last K checkpoints, plus the best by best_metric
   best_metric: str = "accuracy"  # accuracy | macro_f1 | loss (validation)
   dropout: bool = True
+  cache_features: bool = False  # head-only training: run the frozen backbone once per example
 
 
 @dataclasses.dataclass
@@ -130,6 +131,53 @@ class Config:
   train_only: list[str] = dataclasses.field(default_factory=list)
   freeze_embeddings: bool = True  # the default experiment freezes them: see configs/default.yaml
   freeze_bottom_layers: int = 0
+  # Phases: run one after another on one data stream, each a dict of an end (steps | epochs |
+  # until: {metric: val_loss | val_accuracy | val_macro_f1, patience: evals, max_epochs}) and
+  # overrides of PHASE_KEYS. Or a preset: lp_ft | gradual_unfreeze.
+  phases: list[dict] = dataclasses.field(default_factory=list)
+  phases_preset: Optional[str] = None
+
+
+PHASE_KEYS = ("freeze", "train_only", "freeze_embeddings", "freeze_bottom_layers", "optim",
+              "train.eval_every", "train.cache_features", "train.dropout")
+UNTIL_METRICS = ("val_loss", "val_accuracy", "val_macro_f1")
+
+
+def phase_config(cfg, i: int, spec: dict):
+  """(the config phase i runs with, its end {steps | epochs | until}); errors name phases[i]."""
+  import copy
+  pcfg = copy.deepcopy(cfg)
+  pcfg.phases, pcfg.phases_preset = [], None
+  flat = {}
+  for key, value in spec.items():
+    if key == "train" and isinstance(value, dict):
+      flat.update({f"train.{k}": v for k, v in value.items()})
+    else:
+      flat[key] = value
+  end = {k: flat.pop(k) for k in ("steps", "epochs", "until") if k in flat}
+  flat.pop("name", None)
+  where = f"phases[{i}]"
+  for key, value in flat.items():
+    if key not in PHASE_KEYS:
+      raise JaxftError(f"config key '{where}.{key}' cannot change between phases; "
+                       f"a phase sets name, steps | epochs | until, and {', '.join(PHASE_KEYS)}")
+    try:
+      _set(pcfg, key, value)
+    except JaxftError as e:
+      raise JaxftError(f"{where}: {e}") from None
+  if len(end) != 1:
+    raise JaxftError(f"config key '{where}' needs exactly one end: steps, epochs or until; got {sorted(end)}")
+  until = end.get("until")
+  if until is not None and not (isinstance(until, dict) and until.get("metric") in UNTIL_METRICS
+                                and set(until) <= {"metric", "patience", "max_epochs"}
+                                and isinstance(until.get("patience", 1), int) and until.get("patience", 1) > 0):
+    raise JaxftError(f"config key '{where}.until' must be {{metric: {' | '.join(UNTIL_METRICS)}, "
+                     f"patience: evals > 0, max_epochs: number}}, got {until!r}")
+  for key in ("steps", "epochs"):
+    if key in end and not (isinstance(end[key], (int, float)) and end[key] > 0):
+      raise JaxftError(f"config key '{where}.{key}' must be > 0, got {end[key]!r}")
+  validate(pcfg)
+  return pcfg, end
 
 
 def _type_name(tp) -> str:
@@ -307,6 +355,14 @@ def validate(cfg: Config) -> None:
           and isinstance(rule[1], list) and all(a in (None, "data", "fsdp", "tensor") for a in rule[1]),
           f"config key 'sharding.rules[{i}]' must be [regex, [axis or null, ...]] with axes data, fsdp, "
           f"tensor; got {rule!r}")
+
+
+  check(cfg.phases_preset in (None, "lp_ft", "gradual_unfreeze"),
+        f"config key 'phases_preset' must be lp_ft or gradual_unfreeze, got {cfg.phases_preset!r}")
+  check(not (cfg.phases and cfg.phases_preset), "set either phases or phases_preset, not both")
+  for i, spec in enumerate(cfg.phases):
+    check(isinstance(spec, dict), f"config key 'phases[{i}]' must be a mapping, got {spec!r}")
+    phase_config(cfg, i, spec)
 
 
 def to_dict(cfg: Config) -> dict:

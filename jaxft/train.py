@@ -1,6 +1,7 @@
 """The training loop: data -> jitted step -> metrics / eval -> orbax checkpoints -> test.
 
-`build` assembles everything a run needs (also used by `jaxft inspect`); `train` runs it.
+`build` assembles everything a run needs (also used by `jaxft inspect`); `train` runs it, phase by
+phase (see phases.py; a run without `phases` is one phase).
 """
 import dataclasses
 import shutil
@@ -10,12 +11,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from jaxft import config as config_lib
+from jaxft import lora, parallel, phases as phases_lib, rules
 from jaxft import metrics as metrics_lib
-from jaxft import lora, optim, parallel, rules
 from jaxft.checkpoint import Checkpointer
 from jaxft.data import pipeline, text
 from jaxft.models import load_model
@@ -28,11 +30,13 @@ class Experiment:
   model: Any
   label_names: list[str]
   splits: dict  # split -> pipeline.Encoded
-  labels: Any  # 'train' / 'frozen' per param
-  tx: Any
-  lr: Any
-  total_steps: int
-  state: TrainState
+  phases: list  # phases_lib.Phase
+  state: TrainState  # initial, for phase 0
+
+  labels = property(lambda self: self.phases[0].labels)  # the first phase's, for single-phase runs
+  tx = property(lambda self: self.phases[0].tx)
+  lr = property(lambda self: self.phases[0].lr)
+  total_steps = property(lambda self: sum(p.max_steps for p in self.phases))
 
 
 def build(cfg, log=print) -> Experiment:
@@ -45,21 +49,33 @@ def build(cfg, log=print) -> Experiment:
     model = dataclasses.replace(model, apply=lora.wrap(model.apply, cfg.lora))
   model = dataclasses.replace(model, params=params)
   splits = {k: pipeline.encode(model.tokenizer, t, y, cfg.data.max_length) for k, (t, y) in raw.items()}
-  labels = rules.freeze_labels(cfg, model.params)
-  total_steps = pipeline.steps_for(len(splits["train"].labels), cfg.train.batch_size, cfg.train.epochs)
-  tx, lr = optim.make_optimizer(cfg.optim, model.params, labels, total_steps, cfg.train.batch_size)
-  state = init_state(model.params, tx, cfg.seed)
-  return Experiment(cfg, model, label_names, splits, labels, tx, lr, total_steps, state)
+  phases = phases_lib.build(cfg, params, len(splits["train"].labels), model.features is not None)
+  for phase in phases:
+    phases_lib.check_cacheable(phase, model)
+  state = init_state(params, phases[0].tx, cfg.seed)
+  return Experiment(cfg, model, label_names, splits, phases, state)
 
 
-def evaluate(par, eval_step, params, data, cfg, pad_id) -> dict:
+def evaluate(par, eval_step, params, data, cfg, pad_id, transform=lambda b: b) -> dict:
   """Metrics over a whole split; each host feeds its rows of every (padded) eval batch."""
   rows, sums = parallel.process_rows(cfg.train.eval_batch_size), None
   for batch in pipeline.eval_batches(data, cfg.train.eval_batch_size, cfg.data.buckets, pad_id):
-    out = eval_step(params, par.put_batch({k: v[rows] for k, v in batch.items()}))
+    out = eval_step(params, par.put_batch({k: v[rows] for k, v in transform(batch).items()}))
     sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
   sums = par.metrics(sums)
   return metrics_lib.from_confusion(sums["confusion"], sums["loss_sum"], sums["count"])
+
+
+def feature_table(par, features, params, data, cfg, pad_id) -> np.ndarray:
+  """[N, D] backbone features of every example of a split, computed once (eval mode)."""
+  rows, table = parallel.process_rows(cfg.train.eval_batch_size), None
+  for batch in pipeline.eval_batches(data, cfg.train.eval_batch_size, cfg.data.buckets, pad_id):
+    out = np.asarray(features(params, par.put_batch({k: v[rows] for k, v in batch.items()})))
+    out = out.reshape(-1, out.shape[-1])  # pmap: [devices, rows, D]
+    index = batch["index"][rows] if par.pmap else batch["index"]
+    table = np.zeros((len(data.labels), out.shape[-1]), np.float32) if table is None else table
+    table[index[index >= 0]] = out[index >= 0]
+  return table
 
 
 def _better(value, best, mode):
@@ -86,77 +102,56 @@ def train(cfg, console: Console | None = None) -> dict:
   pad_id = exp.model.tokenizer.pad_token_id or 0
   mode = "min" if tcfg.best_metric == "loss" else "max"
   ckpt = Checkpointer(ckpt_dir, tcfg.keep)
-  target = par.abstract_state(exp.state)  # what checkpoints restore onto: this mesh's shardings
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), exp.state.params)
+  # What checkpoints of phase k restore onto: its optimizer's state, on this mesh's shardings.
+  targets = [par.abstract_state(jax.eval_shape(lambda p, tx=ph.tx: init_state(p, tx, cfg.seed), shapes))
+             for ph in exp.phases]
+
+  meta = {"best_step": None, "best_value": None, "phase": 0, "phase_start": 0, "plateau": None}
 
   def restore(step):
-    state, data_state, meta = ckpt.restore(step, target)
-    return (par.put_state(state, target) if par.pmap else state), data_state, meta
+    k = ckpt.meta(step).get("phase", 0)
+    state, data_state, saved = ckpt.restore(step, targets[k])
+    return (par.put_state(state, targets[k]) if par.pmap else state), data_state, {**meta, **saved}
 
-  meta = {"best_step": None, "best_value": None}
   data_state = None
   if (latest := ckpt.latest_step()) is not None:
     state, data_state, meta = restore(latest)
-    log(f"resuming from {ckpt_dir}/{latest} (best so far: step {meta['best_step']}, "
-        f"validation {tcfg.best_metric} {meta['best_value']})")
+    log(f"resuming from {ckpt_dir}/{latest} in phase {exp.phases[meta['phase']].name} (best so far: step "
+        f"{meta['best_step']}, validation {tcfg.best_metric} {meta['best_value']})")
   else:
-    state = par.put_state(exp.state, target)
+    state = par.put_state(exp.state, targets[0])
   exp.state = None  # the devices hold the state now
   if is_main:
     (run_dir / "config.yaml").write_text(config_lib.dump(cfg))
 
   axis = "batch" if par.pmap else None
   micro_steps = tcfg.batch_size // (tcfg.micro_batch_size or tcfg.batch_size)
-  train_step = par.compile_train(make_train_step(exp.model.apply, exp.tx, exp.labels, tcfg.dropout, axis,
-                                                 micro_steps), target)
-  eval_step = par.compile_eval(make_eval_step(exp.model.apply, len(exp.label_names), axis), target)
+  eval_step = par.compile_eval(make_eval_step(exp.model.apply, len(exp.label_names), axis), targets[0])
   dataset = pipeline.train_dataset(exp.splits["train"], tcfg.batch_size, exp.total_steps, cfg.seed,
                                    cfg.data.buckets, pad_id, rows=parallel.process_rows(tcfg.batch_size))
   batches = iter(dataset)
   if data_state is not None:
     batches.set_state(data_state)
   writer = metrics_lib.MetricWriter(run_dir, enabled=is_main)
-  n_train = rules.count(rules.split(target.params, exp.labels, "train")[0])
-  log(f"{exp.total_steps} steps of {tcfg.batch_size} ({len(exp.splits['train'].labels)} train examples, "
-      f"{tcfg.epochs:g} epochs); trainable params {n_train:,} of {rules.count(target.params):,}")
+  log(f"{len(exp.phases)} phase(s), at most {exp.total_steps} steps of {tcfg.batch_size} "
+      f"({len(exp.splits['train'].labels)} train examples)")
 
-  def run_eval(step):
-    nonlocal meta
-    val = evaluate(par, eval_step, state.params, exp.splits["validation"], cfg, pad_id)
-    writer.write(step, "validation", val)
-    if _better(val[tcfg.best_metric], meta["best_value"], mode):
-      meta = {"best_step": step, "best_value": val[tcfg.best_metric]}
-    log(f"step {step}: validation loss {val['loss']:.4f}  accuracy {val['accuracy']:.4f}  "
-        f"macro_f1 {val['macro_f1']:.4f}")
-    return val
-
-  start = int(par.host_view(state).step)
+  step = int(par.host_view(state).step)
   progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
                       disable=not is_main)
   try:
     with progress:
-      task = progress.add_task("train", total=exp.total_steps, completed=start, info="")
-      t_window, window_start = time.perf_counter(), start
-      for step in range(start + 1, exp.total_steps + 1):
-        state, m = train_step(state, par.put_batch(next(batches)))
-        if par.block_each_step:
-          jax.block_until_ready(state)
-        if step % tcfg.log_every == 0 or step == exp.total_steps:
-          m = par.metrics(m)
-          dt = time.perf_counter() - t_window
-          m["examples_per_s"] = (step - window_start) * tcfg.batch_size / dt
-          m["step_ms"] = 1000 * dt / (step - window_start)
-          m["lr"] = float(exp.lr(step - 1))
-          writer.write(step, "train", m)
-          progress.update(task, completed=step, info=f"loss {m['loss']:.4f}  "
-                          f"{m['examples_per_s']:.1f} ex/s")
-          t_window, window_start = time.perf_counter(), step
-        is_eval = step % tcfg.eval_every == 0 or step == exp.total_steps
-        if is_eval or step % tcfg.checkpoint_every == 0:
-          if is_eval:
-            run_eval(step)
-          ckpt.save(step, par.host_view(state), batches.get_state(), meta)
-          t_window, window_start = time.perf_counter(), step
+      task = progress.add_task("train", total=exp.total_steps, completed=step, info="")
+      for k in range(meta["phase"], len(exp.phases)):
+        phase = exp.phases[k]
+        if k != meta["phase"]:  # a new phase: new optimizer, per-param state carried over
+          state = par.put_state(phases_lib.carry_over(par.host_view(state), phase.tx), targets[k])
+          meta.update(phase=k, phase_start=step, plateau=None)
+        state, meta, step = _run_phase(exp, phase, par, state, meta, step, batches, eval_step, ckpt, writer,
+                                       progress, task, log, pad_id, axis, micro_steps, mode, targets[k])
+        progress.update(task, total=step + sum(p.max_steps for p in exp.phases[k + 1:]))
   except KeyboardInterrupt:
     log("interrupted: waiting for checkpoints in flight; run the same command to resume")
     ckpt.wait()
@@ -164,9 +159,11 @@ def train(cfg, console: Console | None = None) -> dict:
   ckpt.wait()
 
   if meta["best_step"] is None:  # resumed a finished run whose validation was never recorded
-    run_eval(exp.total_steps)
-    ckpt.save(exp.total_steps, par.host_view(state), batches.get_state(), meta)
-  if meta["best_step"] != exp.total_steps:
+    val = evaluate(par, eval_step, state.params, exp.splits["validation"], cfg, pad_id)
+    meta.update(best_step=step, best_value=val[tcfg.best_metric])
+    ckpt.save(step, par.host_view(state), batches.get_state(), meta)
+    ckpt.wait()
+  if meta["best_step"] != step:
     state = restore(meta["best_step"])[0]
   test = evaluate(par, eval_step, state.params, exp.splits["test"], cfg, pad_id)
   writer.write(meta["best_step"], "test", test)
@@ -177,3 +174,74 @@ def train(cfg, console: Console | None = None) -> dict:
   if is_main:
     print(f"test accuracy {test['accuracy']:.3f}  macro_f1 {test['macro_f1']:.3f}", flush=True)
   return test
+
+
+def _run_phase(exp, phase, par, state, meta, step, batches, eval_step, ckpt, writer, progress, task, log, pad_id,
+               axis, micro_steps, mode, target):
+  """Steps through one phase until its end; returns (state, meta, step)."""
+  cfg, pcfg = exp.cfg, phase.cfg
+  tcfg = pcfg.train
+  apply, run_eval_step, cached = exp.model.apply, eval_step, {}
+  if tcfg.cache_features:  # the frozen backbone runs once per example; the step trains the head alone
+    features = par.compile_eval(exp.model.features, target)
+    t0 = time.perf_counter()
+    cached = {s: feature_table(par, features, state.params, exp.splits[s], cfg, pad_id)
+              for s in ("train", "validation")}
+    log(f"phase {phase.name}: cached {cached['train'].shape[1]}-dim features of the train and validation "
+        f"splits in {time.perf_counter() - t0:.1f} s")
+
+    def apply(params, batch, train=False, rng=None):
+      return exp.model.head(params, batch["features"], train, rng)
+
+    run_eval_step = par.compile_eval(make_eval_step(apply, len(exp.label_names), axis), target)
+
+  def with_features(split):
+    if not cached:
+      return lambda b: b
+    return lambda b: {"features": cached[split][np.maximum(b["index"], 0)], "labels": b["labels"],
+                      "weights": b["weights"]}
+  transform = with_features("train")
+
+  train_step = par.compile_train(make_train_step(apply, phase.tx, phase.labels, tcfg.dropout, axis, micro_steps),
+                                 target)
+  n_train = rules.count(rules.split(target.params, phase.labels, "train")[0])
+  end = (f"until validation {phase.until['metric'][4:]} stops improving for {phase.until['patience']} evals, "
+         f"at most {phase.max_steps} steps") if phase.until else f"{phase.max_steps} steps"
+  log(f"phase {phase.name}: {end}; trainable params {n_train:,} of {rules.count(target.params):,}")
+
+  def run_eval(step):
+    val = evaluate(par, run_eval_step, state.params, exp.splits["validation"], cfg, pad_id,
+                   with_features("validation"))
+    writer.write(step, "validation", val)
+    if _better(val[cfg.train.best_metric], meta["best_value"], mode):
+      meta.update(best_step=step, best_value=val[cfg.train.best_metric])
+    phases_lib.update_plateau(phase, meta, val)
+    log(f"step {step} ({phase.name}): validation loss {val['loss']:.4f}  accuracy {val['accuracy']:.4f}  "
+        f"macro_f1 {val['macro_f1']:.4f}")
+
+  t_window, window_start = time.perf_counter(), step
+  while not phases_lib.ended(phase, meta, step):
+    step += 1
+    state, m = train_step(state, par.put_batch(transform(next(batches))))
+    if par.block_each_step:
+      jax.block_until_ready(state)
+    in_phase = step - meta["phase_start"]
+    last = in_phase == phase.max_steps
+    if step % tcfg.log_every == 0 or last:
+      m = par.metrics(m)
+      dt = time.perf_counter() - t_window
+      m["examples_per_s"] = (step - window_start) * tcfg.batch_size / dt
+      m["step_ms"] = 1000 * dt / (step - window_start)
+      m["lr"] = float(phase.lr(in_phase - 1))
+      m["phase"] = meta["phase"]
+      writer.write(step, "train", m)
+      progress.update(task, completed=step, info=f"{phase.name} loss {m['loss']:.4f}  "
+                      f"{m['examples_per_s']:.1f} ex/s")
+      t_window, window_start = time.perf_counter(), step
+    is_eval = in_phase % tcfg.eval_every == 0 or last
+    if is_eval or step % tcfg.checkpoint_every == 0:
+      if is_eval:
+        run_eval(step)
+      ckpt.save(step, par.host_view(state), batches.get_state(), meta)
+      t_window, window_start = time.perf_counter(), step
+  return state, meta, step

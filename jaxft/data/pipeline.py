@@ -41,7 +41,8 @@ def bucket(length: int, buckets) -> int:
 
 
 def collate(data: Encoded, idx, buckets, pad_id: int, batch_size: int | None = None):
-  """Pads examples `idx` to one bucket length; rows past len(idx) (up to batch_size) get weight 0."""
+  """Pads examples `idx` to one bucket length; rows past len(idx) (up to batch_size) get weight 0
+  and index -1."""
   batch_size = batch_size or len(idx)
   L = bucket(max(len(data.ids[i]) for i in idx), buckets)
   ids_BxL = np.full((batch_size, L), pad_id, np.int32)
@@ -54,8 +55,10 @@ def collate(data: Encoded, idx, buckets, pad_id: int, batch_size: int | None = N
   labels_B[:len(idx)] = data.labels[idx]
   weights_B = np.zeros((batch_size,), np.float32)
   weights_B[:len(idx)] = 1.0
+  index_B = np.full((batch_size,), -1, np.int32)  # example positions (cached-feature lookups)
+  index_B[:len(idx)] = idx
   return {"input_ids": ids_BxL, "attention_mask": mask_BxL, "token_type_ids": np.zeros_like(ids_BxL),
-          "labels": labels_B, "weights": weights_B}
+          "labels": labels_B, "weights": weights_B, "index": index_B}
 
 
 class TrainBatches:

@@ -31,6 +31,10 @@ class Model:
   tokenizer: Any
   config: Any
   save: Callable  # save(params, out_dir): a checkpoint dir that `load` (and transformers) read back
+  # Mean-pooled heads split into a frozen-backbone part and the head (for train.cache_features):
+  # apply(params, batch) == head(params, features(params, batch)) in eval mode.
+  features: Callable | None = None  # (params, batch) -> pooled_BxD
+  head: Callable | None = None  # (params, pooled_BxD, train, rng) -> logits_BxC
 
 
 class _Capture(logging.Handler):
@@ -161,19 +165,28 @@ def load(path: Path, task: str, num_labels: int | None = None, pooling: str = "a
     return model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
                  params=params, dropout_rng=rng, train=train)
 
+  features = head = None
   if mean_head:
     rate = getattr(model.config, "classifier_dropout", None) or model.config.hidden_dropout_prob
 
+    def pool(params, batch, train, rng):
+      h_BxLxD = encode(params[prefix], batch, train, rng).last_hidden_state.astype(jnp.float32)
+      m_BxLx1 = batch["attention_mask"][..., None].astype(h_BxLxD.dtype)
+      return (h_BxLxD * m_BxLx1).sum(1) / jnp.maximum(m_BxLx1.sum(1), 1.0)
+
+    def features(params, batch):
+      return pool(params, batch, False, None)
+
+    def head(params, pooled_BxD, train=False, rng=None):
+      if train and rate > 0:
+        keep_BxD = jax.random.bernoulli(rng, 1.0 - rate, pooled_BxD.shape)
+        pooled_BxD = jnp.where(keep_BxD, pooled_BxD / (1.0 - rate), 0.0)
+      w = params["classifier"]
+      return pooled_BxD @ w["kernel"].astype(jnp.float32) + w["bias"].astype(jnp.float32)
+
     def apply(params, batch, train=False, rng=None):
       rng_enc, rng_head = jax.random.split(rng) if rng is not None else (None, None)
-      h_BxLxD = encode(params[prefix], batch, train, rng_enc).last_hidden_state.astype(jnp.float32)
-      m_BxLx1 = batch["attention_mask"][..., None].astype(h_BxLxD.dtype)
-      pooled_BxD = (h_BxLxD * m_BxLx1).sum(1) / jnp.maximum(m_BxLx1.sum(1), 1.0)
-      if train and rate > 0:
-        keep_BxD = jax.random.bernoulli(rng_head, 1.0 - rate, pooled_BxD.shape)
-        pooled_BxD = jnp.where(keep_BxD, pooled_BxD / (1.0 - rate), 0.0)
-      head = params["classifier"]
-      return pooled_BxD @ head["kernel"].astype(jnp.float32) + head["bias"].astype(jnp.float32)
+      return head(params, pool(params, batch, train, rng_enc), train, rng_head)
   elif task == "classification":
     def apply(params, batch, train=False, rng=None):
       return encode(params, batch, train, rng).logits
@@ -190,4 +203,5 @@ def load(path: Path, task: str, num_labels: int | None = None, pooling: str = "a
       (out_dir / "1_Pooling").mkdir(exist_ok=True)
       (out_dir / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
 
-  return Model(name=str(path), params=params, apply=apply, tokenizer=tokenizer, config=model.config, save=save)
+  return Model(name=str(path), params=params, apply=apply, tokenizer=tokenizer, config=model.config, save=save,
+               features=features, head=head)
