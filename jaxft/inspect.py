@@ -75,4 +75,8 @@ def report(exp, mesh, depth: int | None = None, per_param: bool = False, console
                 f"{(st['device_bytes'] + st['opt_device_bytes']) / 1024:,.1f}")
     console.print(t)
   console.print(f"{parallel.describe(mesh)}; {exp.total_steps} train steps; optimizer {exp.cfg.optim.name}")
+  if len(exp.phases) > 1:  # the table shows the first phase
+    console.print("phases: " + ", ".join(
+        f"{p.name} (<= {p.max_steps} steps, {rules.count(rules.split(exp.state.params, p.labels, 'train')[0]):,} "
+        f"trainable, {p.cfg.optim.name} lr {p.cfg.optim.lr:g})" for p in exp.phases))
   return rows
