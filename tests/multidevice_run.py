@@ -19,6 +19,19 @@ from jaxft.config import load_config  # noqa: E402
 from jaxft.train import train  # noqa: E402
 
 
+def split_overrides(text: str) -> tuple:
+  """'a=1,b=[x, y],c={k: v}' -> ('a=1', 'b=[x, y]', 'c={k: v}'): commas inside brackets stay."""
+  out, depth, cur = [], 0, ""
+  for ch in text:
+    depth += (ch in "[{") - (ch in "]}")
+    if ch == "," and depth == 0:
+      out.append(cur)
+      cur = ""
+    else:
+      cur += ch
+  return tuple(o for o in out + [cur] if o)
+
+
 def main():
   root = Path(sys.argv[1])
   tiny_bert = {"pt": root / "tiny_bert" / "pt"}
@@ -26,8 +39,7 @@ def main():
   for arg in sys.argv[2:]:
     name, overrides = arg.split("=", 1)
     run_dir = root / "runs" / name
-    cfg = load_config(None, tiny_overrides(tiny_bert, root / "tiny_data", run_dir) + tuple(
-        o for o in overrides.split(",") if o))
+    cfg = load_config(None, tiny_overrides(tiny_bert, root / "tiny_data", run_dir) + split_overrides(overrides))
     if cfg.parallel.coordinator:  # one of several local processes (jax.distributed on 127.0.0.1)
       jax.config.update("jax_num_cpu_devices", int(os.environ["JAXFT_TEST_CPU_DEVICES"]))
       parallel.initialize(cfg.parallel)

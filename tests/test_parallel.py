@@ -55,8 +55,12 @@ def workdir(tiny_bert, tiny_data, tmp_path_factory):
   return root
 
 
+LORA = "lora.targets=[.*/attention/self/(query|value)/kernel]"
+PHASES = "phases=[{name: head, train_only: [classifier/.*], steps: 3}, {name: top, freeze_bottom_layers: 2, steps: 7}]"
+
+
 def test_every_strategy_matches_one_device(workdir):
-  one = run_devices(1, workdir, {"ref": "", "ref_nodrop": "train.dropout=false"})
+  one = run_devices(1, workdir, {"ref": "", "ref_nodrop": "train.dropout=false", "lora": LORA, "phases": PHASES})
   assert len(one["ref"]) == 10
   eight = run_devices(8, workdir, {
       "dp": "parallel.mesh.data=8",
@@ -66,9 +70,13 @@ def test_every_strategy_matches_one_device(workdir):
       "fsdp_tp": "parallel.mesh.data=1,parallel.mesh.fsdp=4,parallel.mesh.tensor=2",
       # pmap drops out different units per device, so it is compared without dropout
       "pmap": "parallel.backend=pmap,train.dropout=false",
+      # adapters sharded like their kernels; a phase switch re-shards the new optimizer state
+      "lora_dp_tp": f"parallel.mesh.data=4,parallel.mesh.tensor=2,{LORA}",
+      "phases_fsdp_tp": f"parallel.mesh.data=1,parallel.mesh.fsdp=4,parallel.mesh.tensor=2,{PHASES}",
   })
+  ref = {"pmap": "ref_nodrop", "lora_dp_tp": "lora", "phases_fsdp_tp": "phases"}
   for name, losses in eight.items():
-    assert_close(losses, one["ref_nodrop" if name == "pmap" else "ref"], name)
+    assert_close(losses, one[ref.get(name, "ref")], name)
 
 
 RESUME = "train.epochs=1.25,train.log_every=1,train.checkpoint_every=10,train.keep=5,freeze_bottom_layers=1"
