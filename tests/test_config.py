@@ -31,6 +31,12 @@ def test_overrides_are_typed():
     ("freeze=3", "config key 'freeze' expects a list of str, got 3"),
     ("optim.schedule=exp", "config key 'optim.schedule' must be linear, cosine or constant"),
     ("train.epochs", "override 'train.epochs' is not of the form key=value"),
+    ("optim.groups=[{match: x, lr: 2}]", "config key 'optim.groups[0]' must be {match: regex, lr_mult: number"),
+    ("optim.layer_decay=1.5", "config key 'optim.layer_decay' must be in (0, 1], got 1.5"),
+    ("precision.compute=fp8", "config key 'precision.compute' must be float32 or bfloat16, got 'fp8'"),
+    ("lora.rank=0", "config keys 'lora.rank' and 'lora.alpha' must be > 0"),
+    ("phases_preset=lpft", "config key 'phases_preset' must be lp_ft or gradual_unfreeze, got 'lpft'"),
+    ("phases=[{until: {metric: loss}}]", "config key 'phases[0].until' must be {metric: val_loss"),
 ])
 def test_bad_overrides_name_the_key(override, message):
   with pytest.raises(JaxftError) as e:
