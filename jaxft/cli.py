@@ -1,4 +1,4 @@
-"""Command line: `jaxft train|inspect|export [CONFIG] [key=value ...]`."""
+"""Command line: `jaxft train|inspect|export|bench [CONFIG] [key=value ...]`."""
 import argparse
 import os
 import sys
@@ -11,7 +11,8 @@ def _parse(argv):
   sub = parser.add_subparsers(dest="command", required=True)
   for name, help_ in (("train", "fine-tune (resumes from the run dir's checkpoints)"),
                       ("inspect", "print the param tree: freeze status, counts, bytes"),
-                      ("export", "write the best checkpoint as a model dir (LoRA merged)")):
+                      ("export", "write the best checkpoint as a model dir (LoRA merged)"),
+                      ("bench", "time the config's train step: step time, throughput, FLOPs, MFU")):
     p = sub.add_parser(name, help=help_)
     p.add_argument("args", nargs="*", help="an optional CONFIG.yaml first, then key=value overrides")
     if name == "train":
@@ -22,6 +23,12 @@ def _parse(argv):
     if name == "export":
       p.add_argument("--out", required=True, help="a new directory for the exported model")
       p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the best)")
+    if name == "bench":
+      p.add_argument("--steps", type=int, default=20, help="timed steps, after --warmup")
+      p.add_argument("--warmup", type=int, default=3)
+      p.add_argument("--length", type=int, default=None, help="tokens per example (default data.max_length)")
+      p.add_argument("--data", choices=("synthetic", "real"), default="synthetic")
+      p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
   args = parser.parse_args(argv)
   config_path = None
   if args.args and "=" not in args.args[0]:
@@ -47,6 +54,14 @@ def main(argv=None) -> int:
     if args.command == "train":
       from jaxft.train import train
       train(cfg, console)
+    elif args.command == "bench":
+      from jaxft import bench
+      r = bench.bench(cfg, args.steps, args.warmup, args.length, args.data, config_path or "default",
+                      log=(lambda *a, **k: None) if args.json else console.print)
+      if args.json:
+        print(bench.to_json(r), flush=True)
+      else:
+        Console().print(bench.table(r))
     elif args.command == "export":
       from jaxft.export import export
       export(cfg, args.out, args.step, console.print)

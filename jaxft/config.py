@@ -38,6 +38,7 @@ class DataConfig:
   split_seed: int = 0
   max_length: int = 64
   buckets: list[int] = dataclasses.field(default_factory=lambda: [16, 24, 32, 40, 48, 64])
+  sort_window: int = 64  # train batches per length-sorting window; 1: no sorting (iid batches)
 
 
 @dataclasses.dataclass
@@ -340,6 +341,7 @@ def validate(cfg: Config) -> None:
         and cfg.data.buckets[-1] >= cfg.data.max_length,
         f"config key 'data.buckets' must be ascending and end at >= data.max_length "
         f"({cfg.data.max_length}), got {cfg.data.buckets}")
+  check(cfg.data.sort_window >= 1, "config key 'data.sort_window' must be >= 1")
   for key in ("batch_size", "eval_batch_size", "log_every", "eval_every", "checkpoint_every", "keep"):
     check(getattr(cfg.train, key) > 0, f"config key 'train.{key}' must be > 0")
   check(cfg.train.epochs > 0, "config key 'train.epochs' must be > 0")

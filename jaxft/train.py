@@ -78,6 +78,11 @@ def feature_table(par, features, params, data, cfg, pad_id) -> np.ndarray:
   return table
 
 
+def _compiles(step_fn) -> int:
+  """How many executables a jitted step holds (its compile count); 0 where unknown (pmap)."""
+  return step_fn._cache_size() if hasattr(step_fn, "_cache_size") else 0
+
+
 def _better(value, best, mode):
   return best is None or (value > best if mode == "max" else value < best)
 
@@ -129,7 +134,8 @@ def train(cfg, console: Console | None = None) -> dict:
   micro_steps = tcfg.batch_size // (tcfg.micro_batch_size or tcfg.batch_size)
   eval_step = par.compile_eval(make_eval_step(exp.model.apply, len(exp.label_names), axis), targets[0])
   dataset = pipeline.train_dataset(exp.splits["train"], tcfg.batch_size, exp.total_steps, cfg.seed,
-                                   cfg.data.buckets, pad_id, rows=parallel.process_rows(tcfg.batch_size))
+                                   cfg.data.buckets, pad_id, parallel.process_rows(tcfg.batch_size),
+                                   cfg.data.sort_window)
   batches = iter(dataset)
   if data_state is not None:
     batches.set_state(data_state)
@@ -141,16 +147,64 @@ def train(cfg, console: Console | None = None) -> dict:
   progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
                       disable=not is_main)
+
+  def run_phase(k, state, step):
+    """Steps through phase k until its end; returns (state, step)."""
+    phase, ptcfg = exp.phases[k], exp.phases[k].cfg.train
+    train_step, eval_step_k, transform = _phase_steps(exp, phase, par, state, targets[k], eval_step, axis,
+                                                      micro_steps, pad_id, log)
+    n_train = rules.count(rules.split(targets[k].params, phase.labels, "train")[0])
+    end = (f"until validation {phase.until['metric'][4:]} stops improving for {phase.until['patience']} "
+           f"evals, at most {phase.max_steps} steps") if phase.until else f"{phase.max_steps} steps"
+    log(f"phase {phase.name}: {end}; trainable params {n_train:,} of {rules.count(targets[k].params):,}")
+    t_window, window_start, shapes = time.perf_counter(), step, set()
+    while not phases_lib.ended(phase, meta, step):
+      step += 1
+      batch = transform("train")(next(batches))
+      shapes.add(tuple(sorted((key, x.shape) for key, x in batch.items())))
+      state, m = train_step(state, par.put_batch(batch))
+      if par.block_each_step:
+        jax.block_until_ready(state)
+      in_phase = step - meta["phase_start"]
+      last = in_phase == phase.max_steps
+      if step % ptcfg.log_every == 0 or last:
+        m = par.metrics(m)
+        dt = time.perf_counter() - t_window
+        m["examples_per_s"] = (step - window_start) * tcfg.batch_size / dt
+        m["step_ms"] = 1000 * dt / (step - window_start)
+        m["lr"] = float(phase.lr(in_phase - 1))
+        m["phase"], m["compiles"] = k, _compiles(train_step)
+        writer.write(step, "train", m)
+        progress.update(task, completed=step, info=f"{phase.name} loss {m['loss']:.4f}  "
+                        f"{m['examples_per_s']:.1f} ex/s")
+        t_window, window_start = time.perf_counter(), step
+      is_eval = in_phase % ptcfg.eval_every == 0 or last
+      if is_eval or step % tcfg.checkpoint_every == 0:
+        if is_eval:
+          val = evaluate(par, eval_step_k, state.params, exp.splits["validation"], cfg, pad_id,
+                         transform("validation"))
+          writer.write(step, "validation", val)
+          if _better(val[tcfg.best_metric], meta["best_value"], mode):
+            meta.update(best_step=step, best_value=val[tcfg.best_metric])
+          phases_lib.update_plateau(phase, meta, val)
+          log(f"step {step} ({phase.name}): validation loss {val['loss']:.4f}  accuracy {val['accuracy']:.4f}"
+              f"  macro_f1 {val['macro_f1']:.4f}")
+        ckpt.save(step, par.host_view(state), batches.get_state(), meta)
+        t_window, window_start = time.perf_counter(), step
+    # Recompile guard: one compile per batch shape (bucket) and phase, never more.
+    if (compiles := _compiles(train_step)) > len(shapes):
+      log(f"[bold red]warning:[/] phase {phase.name} compiled its step {compiles} times for {len(shapes)} "
+          f"batch shapes: something in the step's inputs changes between steps")
+    return state, step
+
   try:
     with progress:
       task = progress.add_task("train", total=exp.total_steps, completed=step, info="")
       for k in range(meta["phase"], len(exp.phases)):
-        phase = exp.phases[k]
         if k != meta["phase"]:  # a new phase: new optimizer, per-param state carried over
-          state = par.put_state(phases_lib.carry_over(par.host_view(state), phase.tx), targets[k])
+          state = par.put_state(phases_lib.carry_over(par.host_view(state), exp.phases[k].tx), targets[k])
           meta.update(phase=k, phase_start=step, plateau=None)
-        state, meta, step = _run_phase(exp, phase, par, state, meta, step, batches, eval_step, ckpt, writer,
-                                       progress, task, log, pad_id, axis, micro_steps, mode, targets[k])
+        state, step = run_phase(k, state, step)
         progress.update(task, total=step + sum(p.max_steps for p in exp.phases[k + 1:]))
   except KeyboardInterrupt:
     log("interrupted: waiting for checkpoints in flight; run the same command to resume")
@@ -176,13 +230,11 @@ def train(cfg, console: Console | None = None) -> dict:
   return test
 
 
-def _run_phase(exp, phase, par, state, meta, step, batches, eval_step, ckpt, writer, progress, task, log, pad_id,
-               axis, micro_steps, mode, target):
-  """Steps through one phase until its end; returns (state, meta, step)."""
-  cfg, pcfg = exp.cfg, phase.cfg
-  tcfg = pcfg.train
-  apply, run_eval_step, cached = exp.model.apply, eval_step, {}
-  if tcfg.cache_features:  # the frozen backbone runs once per example; the step trains the head alone
+def _phase_steps(exp, phase, par, state, target, eval_step, axis, micro_steps, pad_id, log):
+  """(compiled train step, compiled eval step, batch transform per split) for one phase. With
+  train.cache_features the frozen backbone runs once per example here, and the steps see only the head."""
+  cfg, apply, cached = exp.cfg, exp.model.apply, {}
+  if phase.cfg.train.cache_features:
     features = par.compile_eval(exp.model.features, target)
     t0 = time.perf_counter()
     cached = {s: feature_table(par, features, state.params, exp.splits[s], cfg, pad_id)
@@ -193,55 +245,14 @@ def _run_phase(exp, phase, par, state, meta, step, batches, eval_step, ckpt, wri
     def apply(params, batch, train=False, rng=None):
       return exp.model.head(params, batch["features"], train, rng)
 
-    run_eval_step = par.compile_eval(make_eval_step(apply, len(exp.label_names), axis), target)
+    eval_step = par.compile_eval(make_eval_step(apply, len(exp.label_names), axis), target)
 
-  def with_features(split):
+  def transform(split):
     if not cached:
       return lambda b: b
     return lambda b: {"features": cached[split][np.maximum(b["index"], 0)], "labels": b["labels"],
                       "weights": b["weights"]}
-  transform = with_features("train")
 
-  train_step = par.compile_train(make_train_step(apply, phase.tx, phase.labels, tcfg.dropout, axis, micro_steps),
-                                 target)
-  n_train = rules.count(rules.split(target.params, phase.labels, "train")[0])
-  end = (f"until validation {phase.until['metric'][4:]} stops improving for {phase.until['patience']} evals, "
-         f"at most {phase.max_steps} steps") if phase.until else f"{phase.max_steps} steps"
-  log(f"phase {phase.name}: {end}; trainable params {n_train:,} of {rules.count(target.params):,}")
-
-  def run_eval(step):
-    val = evaluate(par, run_eval_step, state.params, exp.splits["validation"], cfg, pad_id,
-                   with_features("validation"))
-    writer.write(step, "validation", val)
-    if _better(val[cfg.train.best_metric], meta["best_value"], mode):
-      meta.update(best_step=step, best_value=val[cfg.train.best_metric])
-    phases_lib.update_plateau(phase, meta, val)
-    log(f"step {step} ({phase.name}): validation loss {val['loss']:.4f}  accuracy {val['accuracy']:.4f}  "
-        f"macro_f1 {val['macro_f1']:.4f}")
-
-  t_window, window_start = time.perf_counter(), step
-  while not phases_lib.ended(phase, meta, step):
-    step += 1
-    state, m = train_step(state, par.put_batch(transform(next(batches))))
-    if par.block_each_step:
-      jax.block_until_ready(state)
-    in_phase = step - meta["phase_start"]
-    last = in_phase == phase.max_steps
-    if step % tcfg.log_every == 0 or last:
-      m = par.metrics(m)
-      dt = time.perf_counter() - t_window
-      m["examples_per_s"] = (step - window_start) * tcfg.batch_size / dt
-      m["step_ms"] = 1000 * dt / (step - window_start)
-      m["lr"] = float(phase.lr(in_phase - 1))
-      m["phase"] = meta["phase"]
-      writer.write(step, "train", m)
-      progress.update(task, completed=step, info=f"{phase.name} loss {m['loss']:.4f}  "
-                      f"{m['examples_per_s']:.1f} ex/s")
-      t_window, window_start = time.perf_counter(), step
-    is_eval = in_phase % tcfg.eval_every == 0 or last
-    if is_eval or step % tcfg.checkpoint_every == 0:
-      if is_eval:
-        run_eval(step)
-      ckpt.save(step, par.host_view(state), batches.get_state(), meta)
-      t_window, window_start = time.perf_counter(), step
-  return state, meta, step
+  train_step = par.compile_train(make_train_step(apply, phase.tx, phase.labels, phase.cfg.train.dropout, axis,
+                                                 micro_steps), target)
+  return train_step, eval_step, transform

@@ -1,7 +1,7 @@
 """Tokenised examples -> padded, length-bucketed batches, served by grain.
 
-Train batches: each epoch is a seeded permutation; within windows of 64 batches examples are
-sorted by length (so most batches fit a short bucket), then the batch order is shuffled. Batch i
+Train batches: each epoch is a seeded permutation; within windows of `sort_window` (64) batches
+examples are sorted by length (so most batches fit a short bucket), then the batch order is shuffled. Batch i
 of the run is a pure function of (seed, i), so the grain iterator state is just a position and
 resuming gives exactly the batches an uninterrupted run would have seen.
 """
@@ -13,8 +13,6 @@ import grain
 import numpy as np
 
 from jaxft.errors import JaxftError
-
-WINDOW_BATCHES = 64
 
 
 @dataclasses.dataclass
@@ -66,8 +64,9 @@ class TrainBatches:
   The bucket is chosen from the whole global batch, so every host pads to the same length."""
 
   def __init__(self, data: Encoded, batch_size: int, num_steps: int, seed: int, buckets, pad_id: int,
-               rows: slice = slice(None)):
+               rows: slice = slice(None), sort_window: int = 64):
     self.data, self.batch_size, self.num_steps, self.rows = data, batch_size, num_steps, rows
+    self.sort_window = sort_window
     self.seed, self.buckets, self.pad_id = seed, buckets, pad_id
     self.steps_per_epoch = len(data.labels) // batch_size
     if self.steps_per_epoch == 0:
@@ -82,8 +81,8 @@ class TrainBatches:
     rng = np.random.default_rng([self.seed, epoch])
     perm = rng.permutation(len(self.data.labels))[: self.steps_per_epoch * self.batch_size]
     lengths = self.data.lengths[perm]
-    window = WINDOW_BATCHES * self.batch_size
-    for s in range(0, len(perm), window):
+    window = self.sort_window * self.batch_size
+    for s in range(0, len(perm), window):  # a window of 1 batch leaves batches iid
       order = np.argsort(lengths[s:s + window], kind="stable")
       perm[s:s + window] = perm[s:s + window][order]
     batches = perm.reshape(self.steps_per_epoch, self.batch_size)
@@ -95,9 +94,9 @@ class TrainBatches:
     return {k: v[self.rows] for k, v in batch.items()}  # this host's rows of the global batch
 
 
-def train_dataset(data: Encoded, batch_size, num_steps, seed, buckets, pad_id, rows=slice(None)):
+def train_dataset(data: Encoded, batch_size, num_steps, seed, buckets, pad_id, rows=slice(None), sort_window=64):
   """A grain dataset of training batches, prefetched by a background thread."""
-  source = TrainBatches(data, batch_size, num_steps, seed, buckets, pad_id, rows)
+  source = TrainBatches(data, batch_size, num_steps, seed, buckets, pad_id, rows, sort_window)
   return grain.MapDataset.source(source).to_iter_dataset(
       grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
 

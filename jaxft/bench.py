@@ -1,0 +1,205 @@
+"""`jaxft bench`: the real train step of a config, timed: compile time, step-time percentiles,
+throughput, FLOPs (XLA's count and the analytic 6N*tokens + attention), MFU and memory.
+
+Every step is blocked before the next starts, so each time is one step's device time plus dispatch;
+the host's batch preparation (source + device transfer) is timed separately.
+"""
+import dataclasses
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxft import parallel, rules
+from jaxft.data import pipeline
+from jaxft.step import make_train_step
+from jaxft.train import build
+
+# Dense peak FLOP/s by device kind and dtype (vendor specs; no sparsity).
+SPEC_PEAKS = {
+    "H100": {"bfloat16": 989e12, "float32": 67e12},  # SXM; fp32 without TF32
+    "H200": {"bfloat16": 989e12, "float32": 67e12},
+    "A100": {"bfloat16": 312e12, "float32": 19.5e12},
+    "L4": {"bfloat16": 121e12, "float32": 30e12},
+    "TPU v4": {"bfloat16": 275e12, "float32": 275e12 / 4},
+    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12 / 4},
+    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12 / 4},
+    "TPU v6 lite": {"bfloat16": 918e12, "float32": 918e12 / 4},
+}
+
+
+def spec_peak(device_kind: str, dtype: str) -> float | None:
+  for name, peaks in SPEC_PEAKS.items():
+    if name.lower() in device_kind.lower():
+      return peaks[dtype]
+  return None
+
+
+def matmul_peak(dtype: str, n: int | None = None, reps: int = 10) -> float:
+  """FLOP/s of a large square jnp.dot on the default device, measured now (median of reps)."""
+  n = n or (2048 if jax.default_backend() == "cpu" else 8192)
+  a = jnp.ones((n, n), dtype)
+  dot = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(dot(a))
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(dot(a))
+    times.append(time.perf_counter() - t)
+  return 2 * n ** 3 / float(np.median(times))
+
+
+def analytic_flops(params, model_config, batch: int, length: int) -> float:
+  """6 * (matmul params) * tokens + attention (QK^T and AV, forward and backward: 12 * L * B * S^2 * D)."""
+  n_matmul = sum(x.size for p, x in rules.flat(params).items() if x.ndim == 2 and "embedding" not in p)
+  layers = getattr(model_config, "num_hidden_layers", 0)
+  hidden = getattr(model_config, "hidden_size", 0)
+  return 6 * n_matmul * batch * length + 12 * layers * batch * length ** 2 * hidden
+
+
+def synthetic_batch(batch: int, length: int, vocab: int, num_labels: int, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(1000 if vocab > 2000 else 5, vocab, (batch, length), dtype=np.int32)
+  return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids),
+          "labels": rng.integers(0, num_labels, (batch,), dtype=np.int32),
+          "weights": np.ones((batch,), np.float32), "index": np.arange(batch, dtype=np.int32)}
+
+
+@dataclasses.dataclass
+class Result:
+  config: str
+  device: str
+  devices: int
+  dtype: str
+  batch_size: int
+  length: int
+  data: str
+  trainable_params: int
+  params: int
+  compile_s: float
+  step_ms_median: float
+  step_ms_p10: float
+  step_ms_p90: float
+  host_ms_median: float
+  examples_per_s: float
+  tokens_per_s: float
+  xla_flops_per_step: float
+  analytic_flops_per_step: float
+  achieved_flops_per_s: float
+  peak_flops_per_s: float
+  peak_source: str
+  mfu: float
+  memory_bytes: int | None
+  memory_source: str
+
+
+def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data: str = "synthetic",
+          name: str = "default", log=print) -> Result:
+  """Times phase 0's train step of `cfg` on fixed-shape batches of `length` tokens."""
+  length = length or cfg.data.max_length
+  cfg.data.max_length, cfg.data.buckets = length, [length]
+  exp = build(cfg, log)
+  tcfg, phase = cfg.train, exp.phases[0]
+  par = parallel.Parallel(cfg, parallel.make_mesh(cfg.parallel.mesh))
+  target = par.abstract_state(exp.state)
+  state = par.put_state(exp.state, target)
+  micro_steps = tcfg.batch_size // (tcfg.micro_batch_size or tcfg.batch_size)
+  step = par.compile_train(make_train_step(exp.model.apply, phase.tx, phase.labels, tcfg.dropout,
+                                           "batch" if par.pmap else None, micro_steps), target)
+  rows = parallel.process_rows(tcfg.batch_size)
+  if data == "synthetic":
+    vocab = exp.model.config.vocab_size
+    host = [{k: v[rows] for k, v in synthetic_batch(tcfg.batch_size, length, vocab, len(exp.label_names),
+                                                      i).items()} for i in range(4)]
+    source = lambda i: host[i % len(host)]  # noqa: E731
+  else:
+    real = pipeline.TrainBatches(exp.splits["train"], tcfg.batch_size, warmup + steps, cfg.seed, [length],
+                                 exp.model.tokenizer.pad_token_id or 0, rows)
+    source = real.__getitem__
+
+  t0 = time.perf_counter()
+  if par.pmap:  # pmap compiles on its first call
+    compiled, first = step, par.put_batch(source(0))
+  else:
+    first = par.put_batch(source(0))
+    compiled = step.lower(state, first).compile()
+  compile_s = time.perf_counter() - t0
+  xla_flops = 0.0
+  memory, memory_source = None, "not reported"
+  if not par.pmap:
+    xla_flops = float((compiled.cost_analysis() or {}).get("flops", 0.0))
+    mem = compiled.memory_analysis()
+    if mem is not None:
+      memory = int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                   - mem.alias_size_in_bytes)
+      memory_source = "compiled step (arguments + outputs + temporaries)"
+
+  step_times, host_times = [], []
+  batch = first
+  for i in range(warmup + steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    step_times.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    batch = par.put_batch(source(i + 1))
+    jax.block_until_ready(batch)
+    host_times.append(time.perf_counter() - t)
+  if par.pmap:
+    compile_s += step_times[0]  # pmap compiled inside its first step
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    memory, memory_source = int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+
+  timed = np.array(step_times[warmup:])
+  median = float(np.median(timed))
+  dtype = cfg.precision.compute
+  kind = jax.devices()[0].device_kind
+  peak, peak_source = spec_peak(kind, dtype), "spec sheet"
+  if peak is None or jax.default_backend() == "cpu":
+    peak, peak_source = matmul_peak(dtype), "jnp.dot measured in this run"
+  params = rules.flat(target.params)
+  n_train = rules.count(rules.split(target.params, phase.labels, "train")[0])
+  flops = xla_flops or analytic_flops(params, exp.model.config, tcfg.batch_size, length)
+  return Result(
+      config=name, device=kind, devices=jax.device_count(), dtype=dtype, batch_size=tcfg.batch_size,
+      length=length, data=data, trainable_params=n_train, params=rules.count(target.params),
+      compile_s=compile_s, step_ms_median=1000 * median,
+      step_ms_p10=1000 * float(np.percentile(timed, 10)), step_ms_p90=1000 * float(np.percentile(timed, 90)),
+      host_ms_median=1000 * float(np.median(host_times[warmup:])),
+      examples_per_s=tcfg.batch_size / median, tokens_per_s=tcfg.batch_size * length / median,
+      xla_flops_per_step=xla_flops,
+      analytic_flops_per_step=analytic_flops(params, exp.model.config, tcfg.batch_size, length),
+      achieved_flops_per_s=flops / median, peak_flops_per_s=peak, peak_source=peak_source,
+      mfu=flops / median / peak, memory_bytes=memory, memory_source=memory_source)
+
+
+def table(r: Result):
+  from rich.table import Table
+  t = Table(title=f"jaxft bench: {r.config} on {r.devices} x {r.device}, {r.dtype}, batch {r.batch_size} x "
+                  f"{r.length} tokens ({r.data} data)")
+  t.add_column("metric")
+  t.add_column("value", justify="right")
+  rows = [
+      ("trainable / all params", f"{r.trainable_params:,} / {r.params:,}"),
+      ("compile", f"{r.compile_s:.1f} s"),
+      ("step time median (p10 - p90)", f"{r.step_ms_median:.1f} ms ({r.step_ms_p10:.1f} - {r.step_ms_p90:.1f})"),
+      ("host input per step", f"{r.host_ms_median:.1f} ms"),
+      ("examples/s", f"{r.examples_per_s:,.1f}"),
+      ("tokens/s", f"{r.tokens_per_s:,.0f}"),
+      ("FLOPs/step: XLA cost analysis", f"{r.xla_flops_per_step / 1e9:,.1f} G"),
+      ("FLOPs/step: 6N*tokens + attention", f"{r.analytic_flops_per_step / 1e9:,.1f} G"),
+      ("achieved FLOP/s", f"{r.achieved_flops_per_s / 1e9:,.1f} G"),
+      (f"peak FLOP/s ({r.peak_source})", f"{r.peak_flops_per_s / 1e9:,.1f} G"),
+      ("MFU", f"{100 * r.mfu:.1f}%"),
+      (f"memory ({r.memory_source})", "n/a" if r.memory_bytes is None else f"{r.memory_bytes / 2**20:,.1f} MiB"),
+  ]
+  for k, v in rows:
+    t.add_row(k, v)
+  return t
+
+
+def to_json(r: Result) -> str:
+  return json.dumps(dataclasses.asdict(r))

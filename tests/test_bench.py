@@ -1,0 +1,43 @@
+"""jaxft bench reports sane numbers, its FLOP estimate agrees with XLA's, and a training run compiles
+its step once per batch shape."""
+import json
+import math
+from pathlib import Path
+
+from jaxft import bench
+from jaxft.cli import main
+from jaxft.config import dump
+from jaxft.train import train
+
+
+def test_bench_json_has_positive_finite_numbers(tiny_cfg, tmp_path, capsys):
+  (tmp_path / "cfg.yaml").write_text(dump(tiny_cfg()))
+  assert main(["bench", str(tmp_path / "cfg.yaml"), "--steps", "5", "--warmup", "1", "--json"]) == 0
+  r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert set(r) == {f.name for f in bench.dataclasses.fields(bench.Result)}
+  for key in ("compile_s", "step_ms_median", "step_ms_p10", "step_ms_p90", "host_ms_median", "examples_per_s",
+              "tokens_per_s", "xla_flops_per_step", "analytic_flops_per_step", "achieved_flops_per_s",
+              "peak_flops_per_s", "mfu"):
+    assert math.isfinite(r[key]) and r[key] > 0, key
+  assert r["step_ms_p10"] <= r["step_ms_median"] <= r["step_ms_p90"]
+  assert r["length"] == 32 and r["batch_size"] == 16 and r["peak_source"].startswith("jnp.dot")
+  assert 0 < r["mfu"] < 1
+
+
+def test_analytic_flops_agree_with_xla(tiny_cfg):
+  r = bench.bench(tiny_cfg(), steps=2, warmup=1, length=32)
+  assert 0.5 < r.analytic_flops_per_step / r.xla_flops_per_step < 2, (r.analytic_flops_per_step,
+                                                                       r.xla_flops_per_step)
+
+
+def test_training_compiles_once_per_bucket(tiny_cfg):
+  cfg = tiny_cfg("train.epochs=2", "train.log_every=1", "data.buckets=[8,16,32]")
+  train(cfg)
+  rows = [json.loads(line) for line in open(Path(cfg.run_dir) / "metrics.jsonl")]
+  compiles = [r["compiles"] for r in rows if r["split"] == "train"]
+  from jaxft.data import pipeline
+  from jaxft.train import build
+  exp = build(cfg, print)
+  src = pipeline.TrainBatches(exp.splits["train"], 16, exp.total_steps, cfg.seed, [8, 16, 32], 0)
+  buckets = {src[i]["input_ids"].shape[1] for i in range(exp.total_steps)}
+  assert len(buckets) >= 2 and compiles[-1] == len(buckets), (compiles, buckets)
