@@ -130,7 +130,7 @@ def main():
            f"({jax.device_count()} device), jax {jax.__version__}; jnp.dot peak {peak / 1e9:,.0f} GFLOP/s ({dtype})",
            f"MiniLM seq-cls, batch {args.batch}, length {args.length}, {dtype}, AdamW, dropout on; "
            f"median of {args.reps} x {args.steps} alternating steps",
-           "", "| contestant | ms/step (median) | p10 - p90 | examples/s | jaxft-full / it |", "|---|---|---|---|---|"]
+           "", "| contestant | ms/step (median) | p10 - p90 | examples/s | its time / jaxft-full time |", "|---|---|---|---|---|"]
   for name, t in times.items():
     t = np.array(t)
     lines.append(f"| {name} | {1000 * np.median(t):,.0f} | {1000 * np.percentile(t, 10):,.0f} - "
