@@ -3,6 +3,7 @@
 The dataclass defaults ARE the embedded default experiment (configs/default.yaml spells them out).
 Every value is checked against its field's type; an unknown key names the nearest valid one.
 """
+import copy
 import dataclasses
 import difflib
 import types
@@ -146,7 +147,6 @@ UNTIL_METRICS = ("val_loss", "val_accuracy", "val_macro_f1")
 
 def phase_config(cfg, i: int, spec: dict):
   """(the config phase i runs with, its end {steps | epochs | until}); errors name phases[i]."""
-  import copy
   pcfg = copy.deepcopy(cfg)
   pcfg.phases, pcfg.phases_preset = [], None
   flat = {}

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jaxft import rules
 from jaxft.errors import JaxftError
 
+
 def is_adapter(path: str) -> bool:
   return re.fullmatch(rules.ADAPTER_RE, path) is not None
 

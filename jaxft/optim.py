@@ -75,21 +75,26 @@ def base_optimizer(ocfg, lr, wd: float, trust_mask) -> optax.GradientTransformat
 
 
 def group_labels(ocfg, params, freeze_labels):
-  """The optimizer's label tree: 'frozen', or 'lr{mult}_wd{decay}' per trainable leaf."""
+  """(the optimizer's label tree: 'frozen', or 'lr{mult}_wd{decay}' per trainable leaf,
+  {label: (lr multiplier, weight decay)} of the trainable labels)."""
   mult, wd = rules.flat(lr_multipliers(ocfg, params)), rules.flat(weight_decays(ocfg, params))
-  frozen = rules.flat(freeze_labels)
-  return rules.merge({p: "frozen" if frozen[p] == "frozen" else f"lr{mult[p]:.6g}_wd{wd[p]:.6g}"
-                      for p in frozen})
+  labels, groups = {}, {}
+  for p, status in rules.flat(freeze_labels).items():
+    if status == "frozen":
+      labels[p] = "frozen"
+    else:
+      labels[p] = f"lr{mult[p]:.6g}_wd{wd[p]:.6g}"
+      groups[labels[p]] = (mult[p], wd[p])
+  return rules.merge(labels), groups
 
 
 def make_optimizer(ocfg, params, freeze_labels, total_steps: int, batch_size: int):
   """Returns (tx, lr_schedule), lr_schedule being the peak schedule that multipliers scale."""
   lr = schedule(ocfg, total_steps, scaled_lr(ocfg, batch_size))
-  labels = group_labels(ocfg, params, freeze_labels)
+  labels, groups = group_labels(ocfg, params, freeze_labels)
   trust_mask = rules.weight_decay_mask(params)  # LARS: no trust ratio on biases / norm scales
   txs = {"frozen": optax.set_to_zero()}
-  for label in set(rules.flat(labels).values()) - {"frozen"}:
-    mult, wd = (float(x) for x in re.fullmatch(r"lr(.+)_wd(.+)", label).groups())
+  for label, (mult, wd) in groups.items():
     txs[label] = base_optimizer(ocfg, lambda s, m=mult: m * lr(s), wd, trust_mask)
   clip = [optax.clip_by_global_norm(ocfg.clip_norm)] if ocfg.clip_norm > 0 else []
   return optax.chain(*clip, optax.multi_transform(txs, labels)), lr

@@ -46,7 +46,7 @@ def build(cfg, params, n_train: int, can_cache: bool) -> list[Phase]:
   for i, spec in enumerate(specs):
     pcfg, end = phase_config(cfg, i, spec)
     until = end.get("until")
-    epochs = (until or {}).get("max_epochs", cfg.train.epochs) if until else end.get("epochs")
+    epochs = until.get("max_epochs", cfg.train.epochs) if until else end.get("epochs")
     steps = end.get("steps") or pipeline.steps_for(n_train, cfg.train.batch_size, epochs)
     labels = rules.freeze_labels(pcfg, params)
     tx, lr = optim.make_optimizer(pcfg.optim, params, labels, steps, cfg.train.batch_size)

@@ -56,11 +56,18 @@ def build(cfg, log=print) -> Experiment:
   return Experiment(cfg, model, label_names, splits, phases, state)
 
 
-def evaluate(par, eval_step, params, data, cfg, pad_id, transform=lambda b: b) -> dict:
-  """Metrics over a whole split; each host feeds its rows of every (padded) eval batch."""
-  rows, sums = parallel.process_rows(cfg.train.eval_batch_size), None
+def _split_batches(par, data, cfg, pad_id, transform=lambda b: b):
+  """(host batch, device batch) over a whole split, in (padded) eval batches; each host feeds its rows."""
+  rows = parallel.process_rows(cfg.train.eval_batch_size)
   for batch in pipeline.eval_batches(data, cfg.train.eval_batch_size, cfg.data.buckets, pad_id):
-    out = eval_step(params, par.put_batch({k: v[rows] for k, v in transform(batch).items()}))
+    yield batch, par.put_batch({k: v[rows] for k, v in transform(batch).items()})
+
+
+def evaluate(par, eval_step, params, data, cfg, pad_id, transform=lambda b: b) -> dict:
+  """Metrics over a whole split."""
+  sums = None
+  for _, batch in _split_batches(par, data, cfg, pad_id, transform):
+    out = eval_step(params, batch)
     sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
   sums = par.metrics(sums)
   return metrics_lib.from_confusion(sums["confusion"], sums["loss_sum"], sums["count"])
@@ -69,8 +76,8 @@ def evaluate(par, eval_step, params, data, cfg, pad_id, transform=lambda b: b) -
 def feature_table(par, features, params, data, cfg, pad_id) -> np.ndarray:
   """[N, D] backbone features of every example of a split, computed once (eval mode)."""
   rows, table = parallel.process_rows(cfg.train.eval_batch_size), None
-  for batch in pipeline.eval_batches(data, cfg.train.eval_batch_size, cfg.data.buckets, pad_id):
-    out = np.asarray(features(params, par.put_batch({k: v[rows] for k, v in batch.items()})))
+  for batch, device_batch in _split_batches(par, data, cfg, pad_id):
+    out = np.asarray(features(params, device_batch))
     out = out.reshape(-1, out.shape[-1])  # pmap: [devices, rows, D]
     index = batch["index"][rows] if par.pmap else batch["index"]
     table = np.zeros((len(data.labels), out.shape[-1]), np.float32) if table is None else table
