@@ -24,6 +24,7 @@ class ModelConfig:
   task: str = "classification"  # classification | embedding
   pooling: str = "auto"  # classification head: head (the model class's own) | mean | auto
   remat: str = "none"  # none | block: recompute each transformer block in the backward pass
+  impl: str = "auto"  # jaxft (own encoder, BERT family) | transformers (its Flax class) | auto: jaxft where it can
 
 
 @dataclasses.dataclass
@@ -308,6 +309,8 @@ def validate(cfg: Config) -> None:
         f"config key 'model.task' must be classification or embedding, got {cfg.model.task!r}")
   check(cfg.model.pooling in ("auto", "head", "mean"),
         f"config key 'model.pooling' must be auto, head or mean, got {cfg.model.pooling!r}")
+  check(cfg.model.impl in ("auto", "jaxft", "transformers"),
+        f"config key 'model.impl' must be auto, jaxft or transformers, got {cfg.model.impl!r}")
   check(cfg.model.remat in ("none", "block"),
         f"config key 'model.remat' must be none or block, got {cfg.model.remat!r}")
   for key in ("compute", "params"):

@@ -1,7 +1,8 @@
-"""Hugging Face checkpoints through transformers' Flax classes (transformers 4.x).
+"""Hugging Face checkpoints, loaded and saved by transformers' Flax classes (transformers 4.x).
 
 A checkpoint directory holds config.json, the weights (flax_model.msgpack, or PyTorch-style
-model.safetensors / pytorch_model.bin, converted without torch) and the tokenizer files.
+model.safetensors / pytorch_model.bin, converted without torch) and the tokenizer files. BERT-family
+models compute with jaxft's own encoder (models/bert.py, same params); others with transformers' module.
 """
 import ast
 import contextlib
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxft.errors import JaxftError
+from jaxft.models import bert
 
 HEAD_FILE = "classifier.msgpack"  # the mean-pooled head, beside an exported encoder
 
@@ -96,8 +98,9 @@ def _from_pretrained(cls, path, has_flax, **kwargs):
     raise JaxftError(f"could not load {path}: {str(e).splitlines()[0]}") from None
 
 
-def _configure(model, compute_dtype: str, remat: str):
-  """Computation dtype and per-block rematerialisation, set on the transformers Flax module."""
+def _transformers_encode(model, compute_dtype: str, remat: str):
+  """encode(params, batch, train, rng) -> (last hidden states, logits or None) through transformers'
+  module, with the computation dtype and per-block rematerialisation set on it."""
   fields = {f.name for f in dataclasses.fields(model.module)}
   changes = {"dtype": jnp.dtype(compute_dtype)}
   if remat == "block":
@@ -106,15 +109,38 @@ def _configure(model, compute_dtype: str, remat: str):
     changes["gradient_checkpointing"] = True
   model._module = model.module.clone(**changes)
 
+  def encode(params, batch, train, rng):
+    out = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), params=params,
+                dropout_rng=rng, train=train)
+    return getattr(out, "last_hidden_state", None), getattr(out, "logits", None)
+  return encode
+
+
+def _jaxft_encode(model, params, compute_dtype: str, remat: str, classifier: bool):
+  """The same contract through jaxft's BERT encoder, on transformers' param tree."""
+  kwargs = dict(dtype=jnp.dtype(compute_dtype), remat=remat == "block")
+  if classifier:
+    module = bert.BertForSequenceClassification(model.config, **kwargs)
+  else:
+    module = bert.BertModel(model.config, add_pooling_layer="pooler" in params, **kwargs)
+
+  def encode(params, batch, train, rng):
+    out = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                       batch.get("token_type_ids"), train, rngs={"dropout": rng} if train else {})
+    return (None, out) if classifier else (out[0], None)
+  return encode
+
 
 def load(path: Path, task: str, num_labels: int | None = None, pooling: str = "auto", seed: int = 0,
-         log=print, compute_dtype: str = "float32", remat: str = "none") -> Model:
+         log=print, compute_dtype: str = "float32", remat: str = "none", impl: str = "auto") -> Model:
   """Loads the checkpoint in `path` for `task`.
 
   classification + pooling 'head': transformers' *ForSequenceClassification class (its own head,
   newly initialised if the checkpoint has none). pooling 'mean': the base model, masked mean over
   tokens, dropout, a new Dense head at `classifier/` ('auto' picks 'mean' for sentence-transformers
   checkpoints, which were trained to be mean-pooled).
+  impl: 'jaxft' computes with jaxft's BERT encoder, 'transformers' with the class's own module,
+  'auto' with jaxft's wherever it supports the config.
   """
   import transformers
   path = Path(path)
@@ -140,7 +166,14 @@ def load(path: Path, task: str, num_labels: int | None = None, pooling: str = "a
       except TypeError:
         model = _from_pretrained(transformers.FlaxAutoModel, path, has_flax, seed=seed)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-  _configure(model, compute_dtype, remat)
+  native = impl != "transformers" and bert.supports(model.config)
+  if impl == "jaxft" and not native:
+    raise JaxftError(f"model.impl=jaxft: no jaxft encoder for {model.config.model_type!r} models "
+                     f"({type(model).__name__}); use model.impl=transformers")
+  if native:
+    encode = _jaxft_encode(model, model.params, compute_dtype, remat, task == "classification" and not mean_head)
+  else:
+    encode = _transformers_encode(model, compute_dtype, remat)
   unused = _key_set(messages, r"were not used when initializing \w+: (\{.*?\})\n")
   new = _key_set(messages, r"newly initialized: (\{.*?\})\n")
   params = model.params
@@ -157,20 +190,17 @@ def load(path: Path, task: str, num_labels: int | None = None, pooling: str = "a
       raise JaxftError(f"{path / HEAD_FILE}: head kernel {head['kernel'].shape} does not fit "
                        f"{num_labels} labels of hidden size {cfg.hidden_size}")
     params = {prefix: params, "classifier": head}
-  log(f"loaded {type(model).__name__} from {path} ({'flax msgpack' if has_flax else 'pytorch weights'}"
+  log(f"loaded {type(model).__name__} from {path} ({'flax msgpack' if has_flax else 'pytorch weights'}, "
+      f"{'jaxft encoder' if native else 'transformers module'}"
       f"{', mean-pooled head' if mean_head else ''}); unused checkpoint keys: {_fold(unused) or 'none'}; "
       f"newly initialised: {_fold(new) or 'none'}")
-
-  def encode(params, batch, train, rng):
-    return model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
-                 params=params, dropout_rng=rng, train=train)
 
   features = head = None
   if mean_head:
     rate = getattr(model.config, "classifier_dropout", None) or model.config.hidden_dropout_prob
 
     def pool(params, batch, train, rng):
-      h_BxLxD = encode(params[prefix], batch, train, rng).last_hidden_state.astype(jnp.float32)
+      h_BxLxD = encode(params[prefix], batch, train, rng)[0].astype(jnp.float32)
       m_BxLx1 = batch["attention_mask"][..., None].astype(h_BxLxD.dtype)
       return (h_BxLxD * m_BxLx1).sum(1) / jnp.maximum(m_BxLx1.sum(1), 1.0)
 
@@ -189,10 +219,10 @@ def load(path: Path, task: str, num_labels: int | None = None, pooling: str = "a
       return head(params, pool(params, batch, train, rng_enc), train, rng_head)
   elif task == "classification":
     def apply(params, batch, train=False, rng=None):
-      return encode(params, batch, train, rng).logits
+      return encode(params, batch, train, rng)[1]
   else:
     def apply(params, batch, train=False, rng=None):
-      return encode(params, batch, train, rng).last_hidden_state
+      return encode(params, batch, train, rng)[0]
 
   def save(params, out_dir):
     out_dir = Path(out_dir)

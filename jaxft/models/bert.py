@@ -1,0 +1,186 @@
+"""jaxft's BERT encoder: transformers' FlaxBert param tree, with a faster attention layout.
+
+Module and param names equal transformers' FlaxBertModule / FlaxBertForSequenceClassificationModule
+(`encoder/layer/3/attention/self/query/kernel`, ...), so the same checkpoints load, save and take
+LoRA adapters, and eval-mode outputs match transformers (tests/test_bert.py). What differs is speed:
+queries, keys and values go to head-major [B, H, L, Dh] before the two attention matmuls, which XLA
+runs as plain batched matmuls (about 2x faster on CPU than transformers' [B, L, H, Dh] einsums;
+benchmarks/NOTES.md). Attention dropout is one [L, L] mask shared by batch and heads, as in
+transformers' Flax BERT.
+"""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS = {"gelu": functools.partial(nn.gelu, approximate=False),
+               "gelu_new": functools.partial(nn.gelu, approximate=True),
+               "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),
+               "relu": nn.relu, "silu": nn.silu, "swish": nn.silu}
+
+
+def supports(config) -> bool:
+  """True for configs this encoder computes exactly like transformers does."""
+  return (config.model_type == "bert" and config.hidden_act in ACTIVATIONS
+          and getattr(config, "position_embedding_type", "absolute") == "absolute"
+          and not getattr(config, "is_decoder", False) and not getattr(config, "add_cross_attention", False))
+
+
+def _dense(config, features, dtype, name):
+  return nn.Dense(features, dtype=dtype, name=name,
+                  kernel_init=jax.nn.initializers.normal(config.initializer_range))
+
+
+def _layer_norm(config, dtype, name):
+  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, name=name)
+
+
+class Embeddings(nn.Module):
+  config: object
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, ids_BxL, types_BxL, train: bool):
+    c = self.config
+    init = jax.nn.initializers.normal(c.initializer_range)
+    embed = lambda n, name: nn.Embed(n, c.hidden_size, embedding_init=init, dtype=self.dtype, name=name)  # noqa: E731
+    x_BxLxD = (embed(c.vocab_size, "word_embeddings")(ids_BxL)
+               + embed(c.type_vocab_size, "token_type_embeddings")(types_BxL)
+               + embed(c.max_position_embeddings, "position_embeddings")(jnp.arange(ids_BxL.shape[1])))
+    x_BxLxD = _layer_norm(c, self.dtype, "LayerNorm")(x_BxLxD)
+    return nn.Dropout(c.hidden_dropout_prob)(x_BxLxD, deterministic=not train)
+
+
+class SelfAttention(nn.Module):
+  config: object
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x_BxLxD, bias_Bx1x1xL, train: bool):
+    c = self.config
+    H = c.num_attention_heads
+    Dh = c.hidden_size // H
+
+    def heads(name):  # [B, L, D] -> [B, H, L, Dh]
+      y = _dense(c, c.hidden_size, self.dtype, name)(x_BxLxD)
+      return y.reshape(y.shape[:2] + (H, Dh)).transpose(0, 2, 1, 3)
+
+    q_BxHxLxK = heads("query") / jnp.sqrt(Dh).astype(self.dtype)
+    k_BxHxLxK, v_BxHxLxK = heads("key"), heads("value")
+    s_BxHxLxL = jnp.einsum("bhqd,bhkd->bhqk", q_BxHxLxK, k_BxHxLxK) + bias_Bx1x1xL.astype(self.dtype)
+    p_BxHxLxL = jax.nn.softmax(s_BxHxLxL).astype(self.dtype)
+    rate = c.attention_probs_dropout_prob
+    if train and rate > 0:
+      keep_LxL = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, p_BxHxLxL.shape[-2:])
+      p_BxHxLxL = p_BxHxLxL * (keep_LxL.astype(self.dtype) / jnp.asarray(1.0 - rate, self.dtype))
+    o_BxHxLxK = jnp.einsum("bhqk,bhkd->bhqd", p_BxHxLxL, v_BxHxLxK)
+    return o_BxHxLxK.transpose(0, 2, 1, 3).reshape(x_BxLxD.shape)
+
+
+class Residual(nn.Module):
+  """dense -> dropout -> LayerNorm(+ residual): transformers' BertSelfOutput and BertOutput."""
+  config: object
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x, residual_BxLxD, train: bool):
+    c = self.config
+    y_BxLxD = _dense(c, c.hidden_size, self.dtype, "dense")(x)
+    y_BxLxD = nn.Dropout(c.hidden_dropout_prob)(y_BxLxD, deterministic=not train)
+    return _layer_norm(c, self.dtype, "LayerNorm")(y_BxLxD + residual_BxLxD)
+
+
+class Attention(nn.Module):
+  config: object
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x_BxLxD, bias_Bx1x1xL, train: bool):
+    a_BxLxD = SelfAttention(self.config, self.dtype, name="self")(x_BxLxD, bias_Bx1x1xL, train)
+    return Residual(self.config, self.dtype, name="output")(a_BxLxD, x_BxLxD, train)
+
+
+class Intermediate(nn.Module):
+  config: object
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    c = self.config
+    return ACTIVATIONS[c.hidden_act](_dense(c, c.intermediate_size, self.dtype, "dense")(x_BxLxD))
+
+
+class Layer(nn.Module):
+  config: object
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x_BxLxD, bias_Bx1x1xL, train: bool):
+    a_BxLxD = Attention(self.config, self.dtype, name="attention")(x_BxLxD, bias_Bx1x1xL, train)
+    h_BxLxF = Intermediate(self.config, self.dtype, name="intermediate")(a_BxLxD)
+    return Residual(self.config, self.dtype, name="output")(h_BxLxF, a_BxLxD, train)
+
+
+class Layers(nn.Module):
+  config: object
+  dtype: jnp.dtype
+  remat: bool
+
+  @nn.compact
+  def __call__(self, x_BxLxD, bias_Bx1x1xL, train: bool):
+    block = nn.remat(Layer, static_argnums=(3,)) if self.remat else Layer
+    for i in range(self.config.num_hidden_layers):
+      x_BxLxD = block(self.config, self.dtype, name=str(i))(x_BxLxD, bias_Bx1x1xL, train)
+    return x_BxLxD
+
+
+class Encoder(nn.Module):
+  config: object
+  dtype: jnp.dtype
+  remat: bool
+
+  @nn.compact
+  def __call__(self, x_BxLxD, bias_Bx1x1xL, train: bool):
+    return Layers(self.config, self.dtype, self.remat, name="layer")(x_BxLxD, bias_Bx1x1xL, train)
+
+
+class Pooler(nn.Module):
+  config: object
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, h_BxLxD):
+    return jnp.tanh(_dense(self.config, self.config.hidden_size, self.dtype, "dense")(h_BxLxD[:, 0]))
+
+
+class BertModel(nn.Module):
+  """(last hidden states [B, L, D], pooled [B, D] or None): transformers' FlaxBertModule."""
+  config: object
+  dtype: jnp.dtype = jnp.float32
+  remat: bool = False
+  add_pooling_layer: bool = True
+
+  @nn.compact
+  def __call__(self, ids_BxL, mask_BxL, types_BxL=None, train: bool = False):
+    c = self.config
+    types_BxL = jnp.zeros_like(ids_BxL) if types_BxL is None else types_BxL
+    x_BxLxD = Embeddings(c, self.dtype, name="embeddings")(ids_BxL, types_BxL, train)
+    bias_Bx1x1xL = jnp.where(mask_BxL > 0, 0.0, jnp.finfo(self.dtype).min)[:, None, None, :]
+    h_BxLxD = Encoder(c, self.dtype, self.remat, name="encoder")(x_BxLxD, bias_Bx1x1xL, train)
+    return h_BxLxD, Pooler(c, self.dtype, name="pooler")(h_BxLxD) if self.add_pooling_layer else None
+
+
+class BertForSequenceClassification(nn.Module):
+  """Logits [B, C] from the pooled CLS token: transformers' FlaxBertForSequenceClassificationModule."""
+  config: object
+  dtype: jnp.dtype = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, ids_BxL, mask_BxL, types_BxL=None, train: bool = False):
+    c = self.config
+    _, pooled_BxD = BertModel(c, self.dtype, self.remat, name="bert")(ids_BxL, mask_BxL, types_BxL, train)
+    rate = c.classifier_dropout if c.classifier_dropout is not None else c.hidden_dropout_prob
+    pooled_BxD = nn.Dropout(rate)(pooled_BxD, deterministic=not train)
+    return _dense(c, c.num_labels, self.dtype, "classifier")(pooled_BxD)

@@ -1,0 +1,61 @@
+"""jaxft's BERT encoder computes what transformers' Flax BERT computes, on the same params."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import bert_config
+from jaxft.errors import JaxftError
+from jaxft.models.hf import load
+
+
+def batch(seed=0, B=3, L=12, vocab=25):
+  rng = np.random.default_rng(seed)
+  mask = np.ones((B, L), np.int32)
+  mask[1, 7:] = 0
+  mask[2, 3:] = 0
+  return {"input_ids": rng.integers(5, vocab, (B, L), dtype=np.int32), "attention_mask": mask,
+          "token_type_ids": (np.arange(L) >= L // 2).astype(np.int32)[None].repeat(B, 0)}
+
+
+def both(path, **kw):
+  quiet = dict(log=lambda *_: None, **kw)
+  return load(path, impl="jaxft", **quiet), load(path, impl="transformers", **quiet)
+
+
+@pytest.mark.parametrize("task,pooling", [("classification", "head"), ("classification", "mean"),
+                                          ("embedding", "auto")])
+def test_eval_outputs_equal_transformers(tiny_bert, task, pooling):
+  mine, ref = both(tiny_bert["pt"], task=task, num_labels=3, pooling=pooling)
+  b = batch()
+  got, want = mine.apply(mine.params, b), ref.apply(ref.params, b)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_equal_transformers(tiny_bert):
+  mine, ref = both(tiny_bert["pt"], task="classification", num_labels=2, pooling="head")
+  b = batch(1)
+  loss = lambda m: lambda p: jnp.sum(m.apply(p, b) ** 2)  # noqa: E731
+  g_mine, g_ref = jax.grad(loss(mine))(mine.params), jax.grad(loss(ref))(ref.params)
+  for a, r in zip(jax.tree.leaves(g_mine), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, r, atol=1e-6, rtol=1e-4)
+
+
+def test_dropout_is_on_in_train_mode_only(tiny_bert):
+  mine = load(tiny_bert["pt"], "classification", 2, "head", log=lambda *_: None, impl="jaxft")
+  b, key = batch(2), jax.random.PRNGKey(0)
+  train = [mine.apply(mine.params, b, True, jax.random.fold_in(key, i)) for i in range(2)]
+  assert not np.allclose(train[0], train[1])
+  np.testing.assert_array_equal(mine.apply(mine.params, b, True, jax.random.fold_in(key, 0)), train[0])
+  assert not np.allclose(train[0], mine.apply(mine.params, b))
+
+
+def test_unsupported_model_errors(tmp_path):
+  from conftest import write_tokenizer
+  from transformers import FlaxBertModel
+  path = tmp_path / "rel"
+  FlaxBertModel(bert_config(position_embedding_type="relative_key"), seed=0).save_pretrained(path)
+  write_tokenizer(path)
+  with pytest.raises(JaxftError, match="model.impl=jaxft: no jaxft encoder"):
+    load(path, "classification", 2, "head", log=lambda *_: None, impl="jaxft")
