@@ -1,18 +1,24 @@
-"""Train-step speed of jaxft and its peers on the same model, batch, length and optimizer.
+"""Train-step speed of jaxft and its peers on the same model, examples and optimizer.
 
-  python benchmarks/peers.py [--batch 32] [--length 128] [--steps 6] [--reps 2] [--write]
+  python benchmarks/peers.py [--data synthetic|real] [--batch 32] [--length 128] [--steps 6] [--reps 2] [--write]
 
 Contestants (all: MiniLM sequence classification with the checkpoint's CLS-pooler head, AdamW,
 dropout on; fp32 on CPU, bf16 compute on GPU):
-  hf-flax        the Hugging Face Flax example recipe: FlaxBertForSequenceClassification,
-                 jax.jit(value_and_grad) + optax.adamw, donated TrainState
-  torch-eager    transformers BertForSequenceClassification + torch.optim.AdamW (needs torch:
-  torch-compile  pip install -e '.[bench-torch]'; skipped with a line otherwise)
-  jaxft-full     jaxft's train step, nothing frozen
-  jaxft-frozen4  jaxft's train step, embeddings and the bottom 4 layers frozen
-Repetitions alternate between contestants (A B C A B C ...), each timing `--steps` blocked steps
-after one warm-up step; medians over all repetitions are reported, with ratios to jaxft-full.
---write replaces the peers section of benchmarks/RESULTS.md.
+  hf-flax         the Hugging Face Flax example recipe: FlaxBertForSequenceClassification,
+                  jax.jit(value_and_grad) + optax.adamw, donated TrainState
+  torch-eager     transformers BertForSequenceClassification + torch.optim.AdamW (needs torch:
+  torch-compile   pip install -e '.[bench-torch]'; skipped with a line otherwise)
+  jaxft-full      jaxft's train step and encoder, nothing frozen
+  jaxft-hfmodule  jaxft's train step on transformers' Flax module (model.impl=transformers)
+  jaxft-frozen4   jaxft's train step, embeddings and the bottom 4 layers frozen
+--data synthetic: every contestant gets the same [batch, length] batch, no padding.
+--data real: the first `--steps` batches of the default dataset's training epoch, as jaxft's loader
+  draws them (length-sorted windows, then shuffled batches), the same examples for everyone, each engine
+  padding them its own way: the HF and PyTorch example scripts pad to --length (their
+  max_seq_length), jaxft to its length buckets (up to --length); every shape is compiled before timing.
+Repetitions alternate between contestants (A B C A B C ...), each timing `--steps` blocked steps; the
+table has medians (synthetic) or means (real: the shapes differ) over all repetitions, with ratios to
+jaxft-full. --write replaces the matching peers section of benchmarks/RESULTS.md.
 """
 import argparse
 import platform
@@ -24,6 +30,7 @@ import numpy as np
 import optax
 
 from jaxft import assets, bench
+from jaxft.data import pipeline
 from jaxft.config import DEFAULT_MODEL, load_config
 from jaxft.step import make_train_step
 from jaxft.train import build
@@ -31,7 +38,7 @@ from jaxft.train import build
 LR = 2e-5
 
 
-def hf_flax(model_dir, batch, dtype):
+def hf_flax(model_dir, dtype):
   """The HF Flax text-classification example's step (run_flax_glue.py), on one device."""
   import jax.numpy as jnp
   import transformers
@@ -54,45 +61,69 @@ def hf_flax(model_dir, batch, dtype):
   step = jax.jit(train_step, donate_argnums=(0,))
   carry = [state, jax.random.PRNGKey(0)]
 
-  def run():
+  def run(batch):
     carry[0], loss, carry[1] = step(carry[0], batch, carry[1])
     jax.block_until_ready(loss)
   return run
 
 
-def jaxft_step(batch, dtype, *overrides):
-  cfg = load_config(None, ("model.pooling=head", f"precision.compute={dtype}", "optim.lr=2e-5",
-                           "optim.warmup_ratio=0", "optim.schedule=constant", "freeze_embeddings=false",
-                           f"train.batch_size={len(batch['labels'])}") + overrides)
-  exp = build(cfg, log=lambda *_: None)
+def jaxft_config(batch_size, length, dtype, *overrides):
+  buckets = sorted({b for b in (16, 24, 32, 40, 48, 64, 96, 128) if b < length} | {length})
+  return load_config(None, ("model.pooling=head", f"precision.compute={dtype}", "optim.lr=2e-5",
+                            "optim.warmup_ratio=0", "optim.schedule=constant", "freeze_embeddings=false",
+                            f"train.batch_size={batch_size}", f"data.max_length={length}",
+                            f"data.buckets={buckets}") + overrides)
+
+
+def jaxft_step(exp):
   step = jax.jit(make_train_step(exp.model.apply, exp.tx, exp.labels), donate_argnums=0)
   carry = [exp.state]
 
-  def run():
+  def run(batch):
     carry[0], m = step(carry[0], batch)
     jax.block_until_ready(m)
   return run
 
 
-def torch_step(model_dir, batch, compiled):
+def torch_step(model_dir, compiled):
   import torch
   import transformers
   model = transformers.BertForSequenceClassification.from_pretrained(model_dir, num_labels=2)
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
   fwd = torch.compile(model) if compiled else model
-  tb = {k: torch.from_numpy(np.asarray(batch[k], np.int64)) for k in ("input_ids", "attention_mask",
-                                                                       "token_type_ids", "labels")}
 
-  def run():
+  def run(batch):
     opt.zero_grad(set_to_none=True)
-    fwd(**tb).loss.backward()
+    fwd(**{k: torch.from_numpy(np.asarray(batch[k], np.int64)) for k in TORCH_KEYS}).loss.backward()
     opt.step()
   return run
 
 
+TORCH_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+
+
+def batches(args, exp):
+  """{'padded': [batch] * steps at --length for the HF / PyTorch recipes, 'bucketed': the same examples
+  in jaxft's length buckets}, and a line saying what they are."""
+  keys = TORCH_KEYS + ("weights",)
+  if args.data == "synthetic":
+    b = {k: v for k, v in bench.synthetic_batch(args.batch, args.length, 30522, 2).items() if k in keys}
+    return {"padded": [b] * args.steps, "bucketed": [b] * args.steps}, f"length {args.length} (synthetic, no padding)"
+  cfg, pad = exp.cfg, exp.model.tokenizer.pad_token_id or 0
+  out = {}
+  for name, buckets in (("padded", [args.length]), ("bucketed", cfg.data.buckets)):
+    source = pipeline.TrainBatches(exp.splits["train"], args.batch, args.steps, cfg.seed, buckets, pad,
+                                   sort_window=cfg.data.sort_window)
+    out[name] = [{k: v for k, v in source[i].items() if k in keys} for i in range(args.steps)]
+  lengths = [b["input_ids"].shape[1] for b in out["bucketed"]]
+  return out, (f"{args.steps} real training batches ({cfg.data.name}); jaxft's buckets: "
+               f"{', '.join(map(str, lengths))} (mean {np.mean(lengths):.0f}); HF and PyTorch pad to {args.length}")
+
+
 def main():
   p = argparse.ArgumentParser()
+  p.add_argument("--data", choices=("synthetic", "real"), default="synthetic")
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--length", type=int, default=128)
   p.add_argument("--steps", type=int, default=6)
@@ -102,46 +133,52 @@ def main():
   gpu = jax.default_backend() != "cpu"
   dtype = "bfloat16" if gpu else "float32"
   model_dir = assets.resolve(DEFAULT_MODEL)
-  batch = {k: v for k, v in bench.synthetic_batch(args.batch, args.length, 30522, 2).items()
-           if k in ("input_ids", "attention_mask", "token_type_ids", "labels", "weights")}
+  quiet = lambda *_: None  # noqa: E731
+  full = build(jaxft_config(args.batch, args.length, dtype), log=quiet)
+  data, what = batches(args, full)
 
-  runners, skipped = {"hf-flax": hf_flax(model_dir, batch, dtype)}, []
+  runners, skipped = {"hf-flax": (hf_flax(model_dir, dtype), "padded")}, []
   try:
     import torch  # noqa: F401
-    runners["torch-eager"] = torch_step(model_dir, batch, compiled=False)
-    runners["torch-compile"] = torch_step(model_dir, batch, compiled=True)
+    runners["torch-eager"] = (torch_step(model_dir, compiled=False), "padded")
+    runners["torch-compile"] = (torch_step(model_dir, compiled=True), "padded")
   except ImportError:
     skipped.append("torch-eager, torch-compile: skipped, torch is not installed (pip install -e '.[bench-torch]')")
-  runners["jaxft-full"] = jaxft_step(batch, dtype)
-  runners["jaxft-frozen4"] = jaxft_step(batch, dtype, "freeze_embeddings=true", "freeze_bottom_layers=4")
+  runners["jaxft-full"] = (jaxft_step(full), "bucketed")
+  for name, overrides in (("jaxft-hfmodule", ["model.impl=transformers"]),
+                          ("jaxft-frozen4", ["freeze_embeddings=true", "freeze_bottom_layers=4"])):
+    runners[name] = (jaxft_step(build(jaxft_config(args.batch, args.length, dtype, *overrides), log=quiet)), "bucketed")
 
   times = {name: [] for name in runners}
-  for name, run in runners.items():
-    run()  # compile / warm up
+  for name, (run, kind) in runners.items():
+    for shape in {b["input_ids"].shape: b for b in data[kind]}.values():
+      run(shape)  # compile every shape, warm up
   for _ in range(args.reps):
-    for name, run in runners.items():
-      for _ in range(args.steps):
+    for name, (run, kind) in runners.items():
+      for b in data[kind]:
         t = time.perf_counter()
-        run()
+        run(b)
         times[name].append(time.perf_counter() - t)
   peak = bench.matmul_peak(dtype) if not gpu else bench.spec_peak(jax.devices()[0].device_kind, dtype)
-  ref = np.median(times["jaxft-full"])
+  average, avg_name = (np.median, "median") if args.data == "synthetic" else (np.mean, "mean")
+  ref = average(times["jaxft-full"])
+  versions = f"jax {jax.__version__}" + (f", torch {torch.__version__}" if not skipped else "")
   lines = [f"Machine: {platform.processor() or platform.machine()}, {jax.devices()[0].device_kind} "
-           f"({jax.device_count()} device), jax {jax.__version__}; jnp.dot peak {peak / 1e9:,.0f} GFLOP/s ({dtype})",
-           f"MiniLM seq-cls, batch {args.batch}, length {args.length}, {dtype}, AdamW, dropout on; "
-           f"median of {args.reps} x {args.steps} alternating steps",
-           "", "| contestant | ms/step (median) | p10 - p90 | examples/s | its time / jaxft-full time |", "|---|---|---|---|---|"]
+           f"({jax.device_count()} device), {versions}; jnp.dot peak {peak / 1e9:,.0f} GFLOP/s ({dtype})",
+           f"MiniLM seq-cls, batch {args.batch}, {what}; {dtype}, AdamW, dropout on; "
+           f"{avg_name} of {args.reps} x {args.steps} alternating steps",
+           "", f"| contestant | ms/step ({avg_name}) | p10 - p90 | examples/s | jaxft-full speedup over it |",
+           "|---|---|---|---|---|"]
   for name, t in times.items():
     t = np.array(t)
-    lines.append(f"| {name} | {1000 * np.median(t):,.0f} | {1000 * np.percentile(t, 10):,.0f} - "
-                 f"{1000 * np.percentile(t, 90):,.0f} | {args.batch / np.median(t):.1f} | "
-                 f"{np.median(t) / ref:.2f}x |")
+    lines.append(f"| {name} | {1000 * average(t):,.0f} | {1000 * np.percentile(t, 10):,.0f} - "
+                 f"{1000 * np.percentile(t, 90):,.0f} | {args.batch / average(t):.1f} | {average(t) / ref:.2f}x |")
   lines += [""] + skipped
   text = "\n".join(lines)
   print(text)
   if args.write:
-    write_section(Path(__file__).parent / "RESULTS.md", "## Peers: `python benchmarks/peers.py`",
-                  f"({time.strftime('%Y-%m-%d')})\n\n{text}\n")
+    write_section(Path(__file__).parent / "RESULTS.md", f"## Peers, {args.data} batches: `python benchmarks/peers.py "
+                  f"--data {args.data}`", f"({time.strftime('%Y-%m-%d')})\n\n{text}\n")
 
 
 def write_section(path: Path, head: str, body: str) -> None:
