@@ -155,6 +155,7 @@ def main():
       run(shape)  # compile every shape, warm up
   for _ in range(args.reps):
     for name, (run, kind) in runners.items():
+      time.sleep(1)  # let the previous contestant's worker threads (PyTorch's OpenMP pool) go idle
       for b in data[kind]:
         t = time.perf_counter()
         run(b)
