@@ -1,0 +1,71 @@
+"""Where a config's train step spends its time: a jax.profiler trace of the compiled step, summed by op.
+
+  python benchmarks/profile_step.py [CONFIG] [overrides ...] [--batch 32] [--length 128] [--steps 2]
+
+Each thunk in the trace is matched to its instruction in the optimised HLO and grouped as `dot OUT_SHAPE`
+(matmuls) or `elementwise OUT_SHAPE` (everything else), so the table reads like the profile in
+benchmarks/NOTES.md. On a noisy machine compare variants with peers.py, not with two runs of this.
+"""
+import argparse
+import collections
+import glob
+import gzip
+import json
+import re
+import tempfile
+
+import jax
+
+from jaxft import bench
+from jaxft.config import load_config
+from jaxft.step import make_train_step
+from jaxft.train import build
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("config", nargs="?")
+  p.add_argument("overrides", nargs="*")
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--length", type=int, default=128)
+  p.add_argument("--steps", type=int, default=2)
+  args = p.parse_args()
+  if args.config and "=" in args.config:
+    args.overrides, args.config = [args.config] + args.overrides, None
+  cfg = load_config(args.config, tuple(args.overrides) + (f"train.batch_size={args.batch}",))
+  exp = build(cfg, log=lambda *_: None)
+  batch = bench.synthetic_batch(args.batch, args.length, exp.model.config.vocab_size, len(exp.label_names))
+  step = jax.jit(make_train_step(exp.model.apply, exp.tx, exp.labels), donate_argnums=0)
+  hlo = step.lower(exp.state, batch).compile().as_text()
+  state = exp.state
+  for _ in range(2):  # compile, warm up
+    state, m = step(state, batch)
+  jax.block_until_ready(m)
+
+  trace_dir = tempfile.mkdtemp()
+  jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+  for _ in range(args.steps):
+    state, m = step(state, batch)
+    jax.block_until_ready(m)
+  jax.profiler.stop_trace()
+  events = json.load(gzip.open(glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)[0]))
+  events = events["traceEvents"] if isinstance(events, dict) else events
+
+  entry = hlo[hlo.index("ENTRY"):]
+  kind = {}  # instruction name -> group
+  for line in entry.splitlines():
+    if (found := re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\w+\[[\d,]*\])", line)):
+      name, shape = found.groups()
+      is_dot = name.startswith(("ynn_fusion", "xnn_fusion", "dot")) or "custom-call" in line
+      kind[name] = f"{'dot' if is_dot else 'elementwise'} {shape}"
+  total = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e["name"] in kind:
+      total[kind[e["name"]]] += e.get("dur", 0) / 1e3 / args.steps
+  print(f"{cfg.model.name}: batch {args.batch} x {args.length}; {sum(total.values()):,.0f} ms per step in ops")
+  for group, ms in total.most_common(25):
+    print(f"{ms:8.1f} ms  {group}")
+
+
+if __name__ == "__main__":
+  main()
