@@ -116,13 +116,13 @@ def _transformers_encode(model, compute_dtype: str, remat: str):
   return encode
 
 
-def _jaxft_encode(model, params, compute_dtype: str, remat: str, classifier: bool):
+def _jaxft_encode(model, compute_dtype: str, remat: str, classifier: bool):
   """The same contract through jaxft's BERT encoder, on transformers' param tree."""
   kwargs = dict(dtype=jnp.dtype(compute_dtype), remat=remat == "block")
   if classifier:
     module = bert.BertForSequenceClassification(model.config, **kwargs)
   else:
-    module = bert.BertModel(model.config, add_pooling_layer="pooler" in params, **kwargs)
+    module = bert.BertModel(model.config, add_pooling_layer="pooler" in model.params, **kwargs)
 
   def encode(params, batch, train, rng):
     out = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
@@ -171,7 +171,7 @@ def load(path: Path, task: str, num_labels: int | None = None, pooling: str = "a
     raise JaxftError(f"model.impl=jaxft: no jaxft encoder for {model.config.model_type!r} models "
                      f"({type(model).__name__}); use model.impl=transformers")
   if native:
-    encode = _jaxft_encode(model, model.params, compute_dtype, remat, task == "classification" and not mean_head)
+    encode = _jaxft_encode(model, compute_dtype, remat, task == "classification" and not mean_head)
   else:
     encode = _transformers_encode(model, compute_dtype, remat)
   unused = _key_set(messages, r"were not used when initializing \w+: (\{.*?\})\n")
