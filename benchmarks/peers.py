@@ -69,7 +69,7 @@ def hf_flax(model_dir, dtype):
 
 def jaxft_config(batch_size, length, dtype, *overrides):
   buckets = sorted({b for b in (16, 24, 32, 40, 48, 64, 96, 128) if b < length} | {length})
-  return load_config(None, ("model.pooling=head", f"precision.compute={dtype}", "optim.lr=2e-5",
+  return load_config(None, ("model.pooling=head", f"precision.compute={dtype}", f"optim.lr={LR}",
                             "optim.warmup_ratio=0", "optim.schedule=constant", "freeze_embeddings=false",
                             f"train.batch_size={batch_size}", f"data.max_length={length}",
                             f"data.buckets={buckets}") + overrides)
@@ -108,7 +108,8 @@ def batches(args, exp):
   in jaxft's length buckets}, and a line saying what they are."""
   keys = TORCH_KEYS + ("weights",)
   if args.data == "synthetic":
-    b = {k: v for k, v in bench.synthetic_batch(args.batch, args.length, 30522, 2).items() if k in keys}
+    b = bench.synthetic_batch(args.batch, args.length, exp.model.config.vocab_size, len(exp.label_names))
+    b = {k: v for k, v in b.items() if k in keys}
     return {"padded": [b] * args.steps, "bucketed": [b] * args.steps}, f"length {args.length} (synthetic, no padding)"
   cfg, pad = exp.cfg, exp.model.tokenizer.pad_token_id or 0
   out = {}
@@ -191,6 +192,7 @@ def write_section(path: Path, head: str, body: str) -> None:
     return
   end = doc.find("\n## ", start + len(head))
   path.write_text(doc[:start] + f"{head} {body}" + (doc[end:] if end >= 0 else ""))
+
 
 if __name__ == "__main__":
   main()
