@@ -106,7 +106,7 @@ def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data
   target = par.abstract_state(exp.state)
   state = par.put_state(exp.state, target)
   micro_steps = tcfg.batch_size // (tcfg.micro_batch_size or tcfg.batch_size)
-  step = par.compile_train(make_train_step(exp.model.apply, phase.tx, phase.labels, tcfg.dropout,
+  step = par.compile_train(make_train_step(exp.model.apply, phase.tx, phase.labels, phase.cfg.train.dropout,
                                            "batch" if par.pmap else None, micro_steps), target)
   rows = parallel.process_rows(tcfg.batch_size)
   if data == "synthetic":
