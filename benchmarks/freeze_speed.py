@@ -13,9 +13,8 @@ import jax
 import numpy as np
 
 from jaxft.config import load_config
-from jaxft.data import pipeline
-from jaxft.step import make_train_step
-from jaxft.train import build
+from jaxft.data import batching
+from jaxft.experiment import build
 
 VARIANTS = {  # overrides of the default experiment (which freezes the word embeddings)
     "full fine-tune": ("freeze_embeddings=false",),
@@ -28,21 +27,18 @@ VARIANTS = {  # overrides of the default experiment (which freezes the word embe
 
 def time_variant(overrides, batch_size, length, steps):
   exp = build(load_config(None, overrides + (f"train.batch_size={batch_size}",)), log=lambda *_: None)
-  src = pipeline.TrainBatches(exp.splits["train"], batch_size, steps + 1, 0, [length], 0)
+  src = batching.TrainBatches(exp.splits["train"], exp.task.collate, batch_size, steps + 1, 0, [length])
   batches = [src[i] for i in range(steps + 1)]
-  apply, note = exp.model.apply, ""
-  if exp.cfg.train.cache_features:  # the backbone runs once per example, before training
-    features, feats, times = jax.jit(exp.model.features), [], []
+  cached, note = exp.cfg.train.cache_features, ""
+  if cached:  # the backbone runs once per example, before training
+    features, feats, times = jax.jit(exp.features), [], []
     for b in batches:
       t = time.perf_counter()
-      feats.append(jax.block_until_ready(features(exp.state.params, b)))
+      feats.append(jax.block_until_ready(features(exp.state.params, exp.state.model_state, b)))
       times.append(time.perf_counter() - t)
     note = f"the one-time feature pass costs {1000 * np.median(times[1:]):.0f} ms per batch (eval-mode forward)"
     batches = [{"features": f, "labels": b["labels"], "weights": b["weights"]} for f, b in zip(feats, batches)]
-
-    def apply(params, batch, train=False, rng=None):
-      return exp.model.head(params, batch["features"], train, rng)
-  step = jax.jit(make_train_step(apply, exp.tx, exp.labels), donate_argnums=0)
+  step = jax.jit(exp.train_step(0, cached=cached), donate_argnums=0)
   flops = step.lower(exp.state, batches[0]).compile().cost_analysis()["flops"]
   state, times = exp.state, []
   for batch in batches:

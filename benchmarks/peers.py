@@ -30,10 +30,9 @@ import numpy as np
 import optax
 
 from jaxft import assets, bench
-from jaxft.data import pipeline
+from jaxft.data import batching
 from jaxft.config import DEFAULT_MODEL, load_config
-from jaxft.step import make_train_step
-from jaxft.train import build
+from jaxft.experiment import build
 
 LR = 2e-5
 
@@ -69,14 +68,14 @@ def hf_flax(model_dir, dtype):
 
 def jaxft_config(batch_size, length, dtype, *overrides):
   buckets = sorted({b for b in (16, 24, 32, 40, 48, 64, 96, 128) if b < length} | {length})
-  return load_config(None, ("model.pooling=head", f"precision.compute={dtype}", f"optim.lr={LR}",
+  return load_config(None, ("model.pooling=cls", f"precision.compute={dtype}", f"optim.lr={LR}",
                             "optim.warmup_ratio=0", "optim.schedule=constant", "freeze_embeddings=false",
                             f"train.batch_size={batch_size}", f"data.max_length={length}",
                             f"data.buckets={buckets}") + overrides)
 
 
 def jaxft_step(exp):
-  step = jax.jit(make_train_step(exp.model.apply, exp.tx, exp.labels), donate_argnums=0)
+  step = jax.jit(exp.train_step(), donate_argnums=0)
   carry = [exp.state]
 
   def run(batch):
@@ -108,13 +107,12 @@ def batches(args, exp):
   in jaxft's length buckets}, and a line saying what they are."""
   keys = TORCH_KEYS + ("weights",)
   if args.data == "synthetic":
-    b = bench.synthetic_batch(args.batch, args.length, exp.model.config.vocab_size, len(exp.label_names))
+    b = bench.synthetic_batch(exp, args.batch, args.length)
     b = {k: v for k, v in b.items() if k in keys}
     return {"padded": [b] * args.steps, "bucketed": [b] * args.steps}, f"length {args.length} (synthetic, no padding)"
-  cfg, pad = exp.cfg, exp.model.tokenizer.pad_token_id or 0
-  out = {}
-  for name, buckets in (("padded", [args.length]), ("bucketed", cfg.data.buckets)):
-    source = pipeline.TrainBatches(exp.splits["train"], args.batch, args.steps, cfg.seed, buckets, pad,
+  cfg, out = exp.cfg, {}
+  for name, buckets in (("padded", [args.length]), ("bucketed", exp.buckets)):
+    source = batching.TrainBatches(exp.splits["train"], exp.task.collate, args.batch, args.steps, cfg.seed, buckets,
                                    sort_window=cfg.data.sort_window)
     out[name] = [{k: v for k, v in source[i].items() if k in keys} for i in range(args.steps)]
   lengths = [b["input_ids"].shape[1] for b in out["bucketed"]]

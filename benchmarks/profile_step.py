@@ -18,8 +18,7 @@ import jax
 
 from jaxft import bench
 from jaxft.config import load_config
-from jaxft.step import make_train_step
-from jaxft.train import build
+from jaxft.experiment import build
 
 
 def main():
@@ -34,9 +33,9 @@ def main():
     args.overrides, args.config = [args.config] + args.overrides, None
   cfg = load_config(args.config, tuple(args.overrides) + (f"train.batch_size={args.batch}",))
   exp = build(cfg, log=lambda *_: None)
-  batch = bench.synthetic_batch(args.batch, args.length, exp.model.config.vocab_size, len(exp.label_names))
+  batch = bench.synthetic_batch(exp, args.batch, args.length)
   # One executable both runs and gives the HLO, so the trace's thunk names are its instructions.
-  step = jax.jit(make_train_step(exp.model.apply, exp.tx, exp.labels), donate_argnums=0
+  step = jax.jit(exp.train_step(), donate_argnums=0
                  ).lower(exp.state, batch).compile()
   hlo = step.as_text()
   state = exp.state

@@ -27,20 +27,18 @@ def worker(n_steps, overrides):
   import numpy as np
   from jaxft import parallel
   from jaxft.config import load_config
-  from jaxft.data import pipeline
-  from jaxft.step import make_train_step
-  from jaxft.train import build
+  from jaxft import bench
+  from jaxft.experiment import build
   cfg = load_config(None, tuple(overrides))
   exp = build(cfg, log=lambda *_: None)
-  par = parallel.Parallel(cfg, parallel.make_mesh(cfg.parallel.mesh))
+  par = parallel.Parallel(cfg, parallel.make_mesh(cfg.parallel.mesh), exp.conventions.tensor_parallel)
   target = par.abstract_state(exp.state)
-  step = par.compile_train(make_train_step(exp.model.apply, exp.tx, exp.labels, True,
-                                           "batch" if par.pmap else None), target)
+  step = par.compile_train(exp.train_step(0, "batch" if par.pmap else None), target)
   state = par.put_state(exp.state, target)
-  src = pipeline.TrainBatches(exp.splits["train"], cfg.train.batch_size, n_steps + 1, 0, [cfg.data.max_length], 0)
+  src = bench.real_batches(exp, cfg.train.batch_size, cfg.data.max_length, n_steps + 1)
   times = []
   for i in range(n_steps + 1):
-    batch = par.put_batch(src[i])
+    batch = par.put_batch(src(i))
     t = time.perf_counter()
     state, m = step(state, batch)
     jax.block_until_ready(m)

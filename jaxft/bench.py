@@ -13,9 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft import parallel, rules
-from jaxft.data import pipeline
-from jaxft.step import make_train_step
-from jaxft.train import build
+from jaxft.data import batching
+from jaxft.experiment import build
 
 # Dense peak FLOP/s by device kind and dtype (vendor specs; no sparsity).
 SPEC_PEAKS = {
@@ -59,12 +58,22 @@ def analytic_flops(params, model_config, batch: int, length: int) -> float:
   return 6 * n_matmul * batch * length + 12 * layers * batch * length ** 2 * hidden
 
 
-def synthetic_batch(batch: int, length: int, vocab: int, num_labels: int, seed: int = 0) -> dict:
+def synthetic_batch(exp, batch: int, length: int, seed: int = 0) -> dict:
+  """A [batch, length] batch with every position a random token: the task's fields (labels, weights)
+  from real training examples, the token ids replaced and nothing padded."""
   rng = np.random.default_rng(seed)
-  ids = rng.integers(1000 if vocab > 2000 else 5, vocab, (batch, length), dtype=np.int32)
-  return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids),
-          "labels": rng.integers(0, num_labels, (batch,), dtype=np.int32),
-          "weights": np.ones((batch,), np.float32), "index": np.arange(batch, dtype=np.int32)}
+  ex = exp.splits["train"]
+  out = batching.collate(ex, rng.choice(len(ex), batch, replace=len(ex) < batch), [length], exp.task.collate)
+  vocab = exp.backbone.processor.vocab_size
+  out["input_ids"] = rng.integers(1000 if vocab > 2000 else 5, vocab, (batch, length), dtype=np.int32)
+  out["attention_mask"] = np.ones((batch, length), np.int32)
+  return out
+
+
+def real_batches(exp, batch: int, length: int, steps: int, rows=slice(None)):
+  """Real training batches, all padded to `length`: (i -> batch i)."""
+  return batching.TrainBatches(exp.splits["train"], exp.task.collate, batch, steps, exp.cfg.seed, [length],
+                               rows).__getitem__
 
 
 @dataclasses.dataclass
@@ -102,22 +111,16 @@ def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data
   cfg.data.max_length, cfg.data.buckets = length, [length]
   exp = build(cfg, log)
   tcfg, phase = cfg.train, exp.phases[0]
-  par = parallel.Parallel(cfg, parallel.make_mesh(cfg.parallel.mesh))
+  par = parallel.Parallel(cfg, parallel.make_mesh(cfg.parallel.mesh), exp.conventions.tensor_parallel)
   target = par.abstract_state(exp.state)
   state = par.put_state(exp.state, target)
-  micro_steps = tcfg.batch_size // (tcfg.micro_batch_size or tcfg.batch_size)
-  step = par.compile_train(make_train_step(exp.model.apply, phase.tx, phase.labels, phase.cfg.train.dropout,
-                                           "batch" if par.pmap else None, micro_steps), target)
+  step = par.compile_train(exp.train_step(0, "batch" if par.pmap else None), target)
   rows = parallel.process_rows(tcfg.batch_size)
   if data == "synthetic":
-    vocab = exp.model.config.vocab_size
-    host = [{k: v[rows] for k, v in synthetic_batch(tcfg.batch_size, length, vocab, len(exp.label_names),
-                                                      i).items()} for i in range(4)]
+    host = [{k: v[rows] for k, v in synthetic_batch(exp, tcfg.batch_size, length, i).items()} for i in range(4)]
     source = lambda i: host[i % len(host)]  # noqa: E731
   else:
-    real = pipeline.TrainBatches(exp.splits["train"], tcfg.batch_size, warmup + steps, cfg.seed, [length],
-                                 exp.model.tokenizer.pad_token_id or 0, rows)
-    source = real.__getitem__
+    source = real_batches(exp, tcfg.batch_size, length, warmup + steps, rows)
 
   t0 = time.perf_counter()
   if par.pmap:  # pmap compiles on its first call
@@ -162,7 +165,7 @@ def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data
     peak, peak_source = matmul_peak(dtype), "jnp.dot measured in this run"
   params = rules.flat(target.params)
   n_train = rules.count(rules.split(target.params, phase.labels, "train")[0])
-  flops = xla_flops or analytic_flops(params, exp.model.config, tcfg.batch_size, length)
+  flops = xla_flops or analytic_flops(params, exp.backbone.config, tcfg.batch_size, length)
   return Result(
       config=name, device=kind, devices=jax.device_count(), dtype=dtype, batch_size=tcfg.batch_size,
       length=length, data=data, trainable_params=n_train, params=rules.count(target.params),
@@ -171,7 +174,7 @@ def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data
       host_ms_median=1000 * float(np.median(host_times[warmup:])),
       examples_per_s=tcfg.batch_size / median, tokens_per_s=tcfg.batch_size * length / median,
       xla_flops_per_step=xla_flops,
-      analytic_flops_per_step=analytic_flops(params, exp.model.config, tcfg.batch_size, length),
+      analytic_flops_per_step=analytic_flops(params, exp.backbone.config, tcfg.batch_size, length),
       achieved_flops_per_s=flops / median, peak_flops_per_s=peak, peak_source=peak_source,
       mfu=flops / median / peak, memory_bytes=memory, memory_source=memory_source)
 

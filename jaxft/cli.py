@@ -1,4 +1,4 @@
-"""Command line: `jaxft train|inspect|export|bench [CONFIG] [key=value ...]`."""
+"""Command line: `jaxft train|eval|inspect|export|bench [CONFIG] [key=value ...]`."""
 import argparse
 import os
 import sys
@@ -10,6 +10,8 @@ def _parse(argv):
   parser = argparse.ArgumentParser(prog="jaxft", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
   for name, help_ in (("train", "fine-tune (resumes from the run dir's checkpoints)"),
+                      ("eval", "the task's metrics for a checkpoint of the run (default: the best), or for the "
+                               "model as loaded when the run has none"),
                       ("inspect", "print the param tree: freeze status, counts, bytes"),
                       ("export", "write the best checkpoint as a model dir (LoRA merged)"),
                       ("bench", "time the config's train step: step time, throughput, FLOPs, MFU")):
@@ -20,6 +22,10 @@ def _parse(argv):
     if name == "inspect":
       p.add_argument("--depth", type=int, default=None, help="fold paths to this many keys")
       p.add_argument("--params", action="store_true", help="also list every param with its PartitionSpec")
+    if name == "eval":
+      p.add_argument("--split", choices=("train", "validation", "test"), default="test")
+      p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the best)")
+      p.add_argument("--json", action="store_true", help="print one JSON line of metrics")
     if name == "export":
       p.add_argument("--out", required=True, help="a new directory for the exported model")
       p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the best)")
@@ -54,6 +60,15 @@ def main(argv=None) -> int:
     if args.command == "train":
       from jaxft.train import train
       train(cfg, console)
+    elif args.command == "eval":
+      import json
+
+      from jaxft.evaluate import evaluate_run
+      metrics = evaluate_run(cfg, args.split, args.step, console.print)
+      if args.json:
+        print(json.dumps({"split": args.split, **metrics}), flush=True)
+      else:
+        print(f"{args.split} " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
     elif args.command == "bench":
       from jaxft import bench
       r = bench.bench(cfg, args.steps, args.warmup, args.length, args.data, config_path or "default",
@@ -67,7 +82,7 @@ def main(argv=None) -> int:
       export(cfg, args.out, args.step, console.print)
     else:
       from jaxft.inspect import report
-      from jaxft.train import build
+      from jaxft.experiment import build
       report(build(cfg, console.print), parallel.make_mesh(cfg.parallel.mesh), args.depth, args.params)
   except JaxftError as e:
     console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)

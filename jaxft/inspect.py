@@ -20,7 +20,7 @@ def leaf_stats(exp, mesh) -> tuple[dict, int]:
   """Per param path: size, label, spec, bytes and per-device bytes of the param and of its
   optimizer state; plus optimizer bytes tied to no param (step counters)."""
   state, mb = exp.state, lambda x: x.size * x.dtype.itemsize
-  pspecs = parallel.param_specs(state.params, exp.cfg.sharding.rules, mesh)
+  pspecs = parallel.param_specs(state.params, exp.cfg.sharding.rules, exp.conventions.tensor_parallel, mesh)
   specs, labels = rules.flat(pspecs), rules.flat(exp.labels)
   stats = {p: {"params": x.size, "label": labels[p], "spec": specs[p], "shape": x.shape, "bytes": mb(x),
                "device_bytes": mb(x) // parallel.shards(specs[p], mesh), "opt_bytes": 0, "opt_device_bytes": 0}
@@ -54,7 +54,7 @@ def report(exp, mesh, depth: int | None = None, per_param: bool = False, console
   mib = lambda b: f"{b / 2**20:,.2f}"
   tot = {k: sum(r[k] for r in rows.values()) for k in keys}
   n_train = sum(st["params"] for st in stats.values() if st["label"] == "train")
-  table = Table(title=f"{exp.model.name}", show_footer=True)
+  table = Table(title=f"{exp.backbone.name} + {exp.cfg.model.task} head", show_footer=True)
   for name, footer, right in (
       ("subtree", "total", False), ("params", f"{tot['params']:,}", True),
       ("status", f"{n_train:,} trainable", False), ("param MiB", mib(tot["bytes"]), True),

@@ -19,12 +19,19 @@ def is_adapter(path: str) -> bool:
   return re.fullmatch(rules.ADAPTER_RE, path) is not None
 
 
-def add_adapters(params, lcfg, seed: int):
-  """params plus lora_a / lora_b beside every kernel that `lcfg.targets` match."""
-  targets = rules.flat(rules.apply_rules(params, [(t, True) for t in lcfg.targets], default=False,
-                                         what="lora target"))
+def targets(lcfg, conv) -> list[str]:
+  """lora.targets, after the model family's preset `lora.preset` (qv | attention | all)."""
+  if lcfg.preset and lcfg.preset not in conv.lora:
+    raise JaxftError(f"lora.preset={lcfg.preset}: this model family has the presets {', '.join(conv.lora) or 'none'}")
+  return list(conv.lora[lcfg.preset] if lcfg.preset else ()) + list(lcfg.targets)
+
+
+def add_adapters(params, target_rules: list[str], lcfg, seed: int):
+  """params plus lora_a / lora_b beside every kernel that `target_rules` match."""
+  hits = rules.flat(rules.apply_rules(params, [(t, True) for t in target_rules], default=False,
+                                      what="lora target"))
   flat, key = rules.flat(params), jax.random.PRNGKey(seed + 1)
-  for i, path in enumerate(p for p, hit in targets.items() if hit):
+  for i, path in enumerate(p for p, hit in hits.items() if hit):
     kernel = flat[path]
     if not path.endswith("/kernel") or kernel.ndim != 2:
       raise JaxftError(f"lora target {path} {tuple(kernel.shape)} is not a 2-D Dense kernel")
@@ -41,7 +48,7 @@ def wrap(apply, lcfg):
   """apply(params, batch, train, rng) of the adapted model, for params holding adapters."""
   scale = lcfg.alpha / lcfg.rank
 
-  def lora_apply(params, batch, train=False, rng=None):
+  def lora_apply(params, batch, train=False, rng=None, *rest):
     flat = rules.flat(params)
     base = rules.merge({p: x for p, x in flat.items() if not is_adapter(p)})
     modules = sorted({p.rsplit("/", 1)[0] for p in flat if is_adapter(p)})
@@ -67,7 +74,7 @@ def wrap(apply, lcfg):
       return y + ((x @ a) @ b * scale).astype(y.dtype)
 
     with nn.intercept_methods(interceptor):
-      out = apply(base, batch, train, rng)
+      out = apply(base, batch, train, rng, *rest)
     if (missing := set(modules) - used):
       raise JaxftError(f"lora target {sorted(missing)[0]} is not called as a flax Dense layer")
     return out

@@ -1,22 +1,7 @@
-"""Classification metrics and the run's metric sinks (metrics.jsonl + TensorBoard events)."""
+"""The run's metric sinks: metrics.jsonl and TensorBoard events."""
 import json
 import time
 from pathlib import Path
-
-import numpy as np
-
-
-def from_confusion(confusion: np.ndarray, loss_sum: float, count: float) -> dict:
-  """loss, accuracy and macro-F1 from a [true, pred] confusion matrix of counts."""
-  c = np.asarray(confusion, np.float64)
-  tp = np.diag(c)
-  precision = np.divide(tp, c.sum(0), out=np.zeros_like(tp), where=c.sum(0) > 0)
-  recall = np.divide(tp, c.sum(1), out=np.zeros_like(tp), where=c.sum(1) > 0)
-  f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp),
-                 where=(precision + recall) > 0)
-  present = c.sum(1) > 0  # classes absent from the split do not count in the macro average
-  return {"loss": float(loss_sum / max(count, 1.0)), "accuracy": float(tp.sum() / max(c.sum(), 1.0)),
-          "macro_f1": float(f1[present].mean()) if present.any() else 0.0}
 
 
 class MetricWriter:

@@ -33,30 +33,30 @@ def scaled_lr(ocfg, batch_size: int) -> float:
   return ocfg.lr * {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[ocfg.scale_lr]
 
 
-def layer_depth(path: str, n_layers: int) -> int:
+def layer_depth(path: str, n_layers: int, conv) -> int:
   """0 for embeddings, i + 1 for layer i, n_layers + 1 for everything else (head, pooler)."""
-  if re.fullmatch(rules.EMBED_RE, path):
+  if conv.embeddings and re.fullmatch(conv.embeddings, path):
     return 0
-  if (m := rules.LAYER_RE.search(path)):
-    return int(m.group(1)) + 1
+  if (i := rules.layer_index(path, conv)) is not None:
+    return i + 1
   return n_layers + 1
 
 
-def lr_multipliers(ocfg, params):
+def lr_multipliers(ocfg, params, conv):
   """Per-leaf LR multiplier: the first matching group's lr_mult, times layer_decay ** (L + 1 - depth)
   (embeddings decay^(L+1), layer i decay^(L-i), head 1; BEiT / ELECTRA layer-wise decay)."""
   group = rules.flat(rules.apply_rules(params, [(g["match"], g.get("lr_mult", 1.0)) for g in ocfg.groups],
                                        default=1.0, what="optim.groups match"))
   if not ocfg.layer_decay:
     return rules.merge(group)
-  n = rules.num_layers(params)
-  return rules.merge({p: m * ocfg.layer_decay ** (n + 1 - layer_depth(p, n)) for p, m in group.items()})
+  n = rules.num_layers(params, conv)
+  return rules.merge({p: m * ocfg.layer_decay ** (n + 1 - layer_depth(p, n, conv)) for p, m in group.items()})
 
 
-def weight_decays(ocfg, params):
+def weight_decays(ocfg, params, conv):
   """Per-leaf weight decay: groups that set weight_decay first, then none on biases / norm scales."""
   user = [(g["match"], g["weight_decay"]) for g in ocfg.groups if "weight_decay" in g]
-  no_decay = [(r, 0.0) for r, _ in rules.NO_DECAY_RULES]
+  no_decay = [(r, 0.0) for r in conv.no_decay]
   return rules.apply_rules(params, user + no_decay, default=ocfg.weight_decay, strict=False)
 
 
@@ -74,10 +74,10 @@ def base_optimizer(ocfg, lr, wd: float, trust_mask) -> optax.GradientTransformat
   }[ocfg.name]()
 
 
-def group_labels(ocfg, params, freeze_labels):
+def group_labels(ocfg, params, freeze_labels, conv):
   """(the optimizer's label tree: 'frozen', or 'lr{mult}_wd{decay}' per trainable leaf,
   {label: (lr multiplier, weight decay)} of the trainable labels)."""
-  mult, wd = rules.flat(lr_multipliers(ocfg, params)), rules.flat(weight_decays(ocfg, params))
+  mult, wd = rules.flat(lr_multipliers(ocfg, params, conv)), rules.flat(weight_decays(ocfg, params, conv))
   labels, groups = {}, {}
   for p, status in rules.flat(freeze_labels).items():
     if status == "frozen":
@@ -88,11 +88,12 @@ def group_labels(ocfg, params, freeze_labels):
   return rules.merge(labels), groups
 
 
-def make_optimizer(ocfg, params, freeze_labels, total_steps: int, batch_size: int):
-  """Returns (tx, lr_schedule), lr_schedule being the peak schedule that multipliers scale."""
+def make_optimizer(ocfg, params, freeze_labels, total_steps: int, batch_size: int, conv):
+  """Returns (tx, lr_schedule), lr_schedule being the peak schedule that multipliers scale.
+  `conv`: the model family's Conventions (embeddings, layers, no-decay params)."""
   lr = schedule(ocfg, total_steps, scaled_lr(ocfg, batch_size))
-  labels, groups = group_labels(ocfg, params, freeze_labels)
-  trust_mask = rules.weight_decay_mask(params)  # LARS: no trust ratio on biases / norm scales
+  labels, groups = group_labels(ocfg, params, freeze_labels, conv)
+  trust_mask = rules.weight_decay_mask(params, conv)  # LARS: no trust ratio on biases / norm scales
   txs = {"frozen": optax.set_to_zero()}
   for label, (mult, wd) in groups.items():
     txs[label] = base_optimizer(ocfg, lambda s, m=mult: m * lr(s), wd, trust_mask)

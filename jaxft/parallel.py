@@ -19,34 +19,6 @@ from jaxft.errors import JaxftError
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# Megatron-style tensor parallelism for the families we load (kernels are [in, out] unless noted):
-# column-parallel in-projections, row-parallel out-projections, vocab-sharded embeddings.
-BUILTIN_RULES = [
-    # BERT / RoBERTa / ViT
-    (r".*/attention/(self|attention)/(query|key|value)/kernel", (None, "tensor")),
-    (r".*/attention/(self|attention)/(query|key|value)/bias", ("tensor",)),
-    (r".*/attention/output/dense/kernel", ("tensor", None)),
-    (r".*/intermediate/dense/kernel", (None, "tensor")),
-    (r".*/intermediate/dense/bias", ("tensor",)),
-    (r".*/layer/\d+/output/dense/kernel", ("tensor", None)),
-    (r".*/word_embeddings/embedding", ("tensor", None)),
-    # Llama family
-    (r".*/self_attn/(q_proj|k_proj|v_proj)/kernel", (None, "tensor")),
-    (r".*/self_attn/o_proj/kernel", ("tensor", None)),
-    (r".*/mlp/(gate_proj|up_proj)/kernel", (None, "tensor")),
-    (r".*/mlp/down_proj/kernel", ("tensor", None)),
-    (r".*/embed_tokens/embedding", ("tensor", None)),
-    (r"lm_head/kernel", (None, "tensor")),
-    # GPT-2 (FlaxConv1D kernels are [out, in])
-    (r".*/attn/c_attn/kernel", ("tensor", None)),
-    (r".*/attn/c_attn/bias", ("tensor",)),
-    (r".*/attn/c_proj/kernel", (None, "tensor")),
-    (r".*/mlp/c_fc/kernel", ("tensor", None)),
-    (r".*/mlp/c_fc/bias", ("tensor",)),
-    (r".*/mlp/c_proj/kernel", (None, "tensor")),
-    (r".*/wte/embedding", ("tensor", None)),
-]
-
 _AUTO_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS",
              "TPU_WORKER_HOSTNAMES")
 
@@ -92,11 +64,12 @@ def _fit(spec, shape, mesh, path) -> P:
   return P(*spec)
 
 
-def param_specs(params, user_rules, mesh):
-  """PartitionSpec per param: user rules first (each must match something), then built-ins."""
+def param_specs(params, user_rules, family_rules, mesh):
+  """PartitionSpec per param: user rules first (each must match something), then the model family's
+  tensor-parallel rules (models/*.py Conventions), then FSDP on top."""
   user = [(r, tuple(spec)) for r, spec in user_rules]
   rules_lib.apply_rules(params, user, what="sharding rule")  # raises on a rule that matches nothing
-  raw = rules_lib.flat(rules_lib.apply_rules(params, user + BUILTIN_RULES, default=(), strict=False))
+  raw = rules_lib.flat(rules_lib.apply_rules(params, user + list(family_rules), default=(), strict=False))
   for path in raw:  # LoRA adapters follow their kernel: lora_a [in, r] its rows, lora_b [r, out] its columns
     if path.endswith(("/lora_a", "/lora_b")):
       kernel = tuple(raw[path[:-len("lora_a")] + "kernel"]) + (None, None)
@@ -114,14 +87,16 @@ def state_specs(state, pspecs):
     return flat_specs[path] if path and len(flat_specs[path]) <= leaf.ndim else P()
 
   opt = jax.tree_util.tree_map_with_path(spec_of, state.opt_state)
-  return state.replace(step=P(), params=pspecs, opt_state=opt, rng=P())
+  return state.replace(step=P(), params=pspecs, opt_state=opt, rng=P(),
+                       model_state=jax.tree.map(lambda _: P(), state.model_state))
 
 
 class Parallel:
   """Holds the mesh and turns the pure steps into compiled, sharded (or pmapped) ones."""
 
-  def __init__(self, cfg, mesh):
-    self.cfg, self.mesh = cfg, mesh
+  def __init__(self, cfg, mesh, family_rules=()):
+    """family_rules: the model family's tensor-parallel rules, after the config's sharding.rules."""
+    self.cfg, self.mesh, self.family_rules = cfg, mesh, family_rules
     self.pmap = cfg.parallel.backend == "pmap"
     self.batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
     n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -136,7 +111,7 @@ class Parallel:
 
   def shardings(self, state):
     """NamedSharding tree for the train state (jit backend)."""
-    specs = state_specs(state, param_specs(state.params, self.cfg.sharding.rules, self.mesh))
+    specs = state_specs(state, param_specs(state.params, self.cfg.sharding.rules, self.family_rules, self.mesh))
     return jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs,
                         is_leaf=lambda x: isinstance(x, P))
 
@@ -175,9 +150,11 @@ class Parallel:
                    out_shardings=(shardings, NamedSharding(self.mesh, P())), donate_argnums=0)
 
   def compile_eval(self, eval_step, target):
+    """eval_step(params, model_state, batch); every output replicated (on every host)."""
     if self.pmap:
       return jax.pmap(eval_step, axis_name="batch")
-    return jax.jit(eval_step, in_shardings=(_shardings_of(target).params, self.batch_sharding),
+    shardings = _shardings_of(target)
+    return jax.jit(eval_step, in_shardings=(shardings.params, shardings.model_state, self.batch_sharding),
                    out_shardings=NamedSharding(self.mesh, P()))
 
   def metrics(self, m):

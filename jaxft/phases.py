@@ -3,7 +3,7 @@
 A run is a list of phases over one data stream and one step counter (no `phases`: one phase of
 train.epochs). At a phase switch the new optimizer is initialised, and every per-param optimizer
 leaf (e.g. Adam's mu / nu) of a param trainable in both phases carries over; step counts restart
-with the new schedule. Checkpoints record the phase, its start step and the plateau counter.
+with the new schedule. Checkpoints record the phase, its start step and the plateau counter (RunRecord).
 """
 import dataclasses
 import re
@@ -12,8 +12,9 @@ from typing import Any
 import jax
 
 from jaxft import optim, rules
+from jaxft.checkpoint import RunRecord
 from jaxft.config import phase_config
-from jaxft.data import pipeline
+from jaxft.data import batching
 from jaxft.errors import JaxftError
 
 
@@ -28,47 +29,53 @@ class Phase:
   until: dict | None  # {metric, patience}: end early when validation stops improving
 
 
-def preset(name: str, cfg, params, can_cache: bool) -> list[dict]:
+def preset(name: str, cfg, params, task, conv) -> list[dict]:
   if name == "lp_ft":  # Kumar et al. 2022: linear probe to convergence, then fine-tune gently
-    return [{"name": "linear_probe", "train_only": [rules.HEAD_RE],
+    return [{"name": "linear_probe", "train_only": [task.head_regex],
              "optim": {"lr": 1e-3, "schedule": "constant", "warmup_ratio": 0.0, "weight_decay": 0.0},
-             "train": {"cache_features": can_cache},
+             "train": {"cache_features": task.cacheable},
              "until": {"metric": "val_loss", "patience": 2, "max_epochs": 10}},
             {"name": "fine_tune", "optim": {"lr": cfg.optim.lr / 2}, "epochs": cfg.train.epochs}]
-  n = rules.num_layers(params)  # gradual_unfreeze (ULMFiT): one more layer from the top each epoch
+  n = rules.num_layers(params, conv)  # gradual_unfreeze (ULMFiT): one more layer from the top each epoch
   return [{"name": f"top_{i}_layers", "freeze_bottom_layers": n - i, "epochs": 1} for i in range(n + 1)]
 
 
-def build(cfg, params, n_train: int, can_cache: bool) -> list[Phase]:
-  specs = cfg.phases or (preset(cfg.phases_preset, cfg, params, can_cache) if cfg.phases_preset else
+def build(cfg, params, n_train: int, task, conv) -> list[Phase]:
+  """The run's phases for a task (its head regex, metrics) and a model family's conventions `conv`."""
+  specs = cfg.phases or (preset(cfg.phases_preset, cfg, params, task, conv) if cfg.phases_preset else
                          [{"name": "train", "epochs": cfg.train.epochs}])
   phases = []
   for i, spec in enumerate(specs):
     pcfg, end = phase_config(cfg, i, spec)
     until = end.get("until")
+    if until and until["metric"][len("val_"):] not in task.metrics:
+      raise JaxftError(f"config key 'phases[{i}].until.metric' is {until['metric']}; this task reports "
+                       f"{', '.join('val_' + m for m in task.metrics)}")
     epochs = until.get("max_epochs", cfg.train.epochs) if until else end.get("epochs")
-    steps = end.get("steps") or pipeline.steps_for(n_train, cfg.train.batch_size, epochs)
-    labels = rules.freeze_labels(pcfg, params)
-    tx, lr = optim.make_optimizer(pcfg.optim, params, labels, steps, cfg.train.batch_size)
+    steps = end.get("steps") or batching.steps_for(n_train, cfg.train.batch_size, epochs)
+    labels = rules.freeze_labels(pcfg, params, conv, task.head_regex)
+    tx, lr = optim.make_optimizer(pcfg.optim, params, labels, steps, cfg.train.batch_size, conv)
     phases.append(Phase(spec.get("name", f"phase_{i}"), pcfg, labels, tx, lr, int(steps),
                         {"patience": 1, **until} if until else None))
   return phases
 
 
-def ended(phase: Phase, meta: dict, step: int) -> bool:
-  if step - meta["phase_start"] >= phase.max_steps:
+def ended(phase: Phase, record: RunRecord, step: int) -> bool:
+  if step - record.phase_start >= phase.max_steps:
     return True
-  return bool(phase.until and meta["plateau"] and meta["plateau"]["bad"] >= phase.until["patience"])
+  return bool(phase.until and record.plateau_best is not None and record.plateau_bad >= phase.until["patience"])
 
 
-def update_plateau(phase: Phase, meta: dict, val: dict) -> None:
+def update_plateau(phase: Phase, record: RunRecord, val: dict, lower_is_better) -> None:
   """Counts evaluations without improvement of the phase's `until` metric."""
   if not phase.until:
     return
   key = phase.until["metric"][len("val_"):]
-  value, p = val[key], meta["plateau"]
-  better = p is None or (value < p["best"] if key == "loss" else value > p["best"])
-  meta["plateau"] = {"best": value, "bad": 0} if better else {"best": p["best"], "bad": p["bad"] + 1}
+  value, best = val[key], record.plateau_best
+  if best is None or (value < best if key in lower_is_better else value > best):
+    record.plateau_best, record.plateau_bad = value, 0
+  else:
+    record.plateau_bad += 1
 
 
 def carry_over(state, tx):
@@ -91,14 +98,13 @@ def carry_over(state, tx):
   return state.replace(opt_state=opt_state)
 
 
-def check_cacheable(phase: Phase, model) -> None:
-  """train.cache_features needs a model with a separable head and nothing else trainable."""
+def check_cacheable(phase: Phase, task) -> None:
+  """train.cache_features needs a task whose head reads cacheable features, and nothing else trainable."""
   if not phase.cfg.train.cache_features:
     return
-  if model.features is None:
-    raise JaxftError(f"phase '{phase.name}': train.cache_features needs a mean-pooled head "
-                     f"(model.pooling=mean); {model.name} uses its own head")
-  other = [p for p, l in rules.flat(phase.labels).items() if l == "train" and not re.fullmatch(rules.HEAD_RE, p)]
+  if not task.cacheable:
+    raise JaxftError(f"phase '{phase.name}': train.cache_features is not supported by {phase.cfg.model.task}")
+  other = [p for p, l in rules.flat(phase.labels).items() if l == "train" and not re.fullmatch(task.head_regex, p)]
   if other:
     raise JaxftError(f"phase '{phase.name}': train.cache_features trains the head only, but {other[0]} "
-                     f"is trainable too (freeze it, e.g. train_only=[{rules.HEAD_RE}])")
+                     f"is trainable too (freeze it, e.g. train_only=[{task.head_regex}])")

@@ -1,8 +1,9 @@
 """Ordered (regex, value) rules over '/'-joined param paths: the one per-parameter mechanism.
 
-Freezing, weight-decay masks (and later LR groups, LoRA targets, sharding) are all rule lists:
-the first rule whose regex fully matches a path gives that param its value, and a rule that
-matches no path at all is an error (it is almost always a typo).
+Freezing, weight-decay masks, LR groups, LoRA targets and sharding are all rule lists: the first
+rule whose regex fully matches a path gives that param its value, and a rule that matches no path
+at all is an error (it is almost always a typo). Family regexes (embeddings, layers) come from the
+model provider's Conventions (jaxft/models/), the head's from the task.
 """
 import re
 from typing import Any, Sequence
@@ -13,11 +14,7 @@ from flax import traverse_util
 from jaxft.errors import JaxftError
 
 Rules = Sequence[tuple[str, Any]]
-LAYER_RE = re.compile(r"(?:^|/)(?:layer|layers|h|block|blocks)/(\d+)/")
-EMBED_RE = r"(.*/)?embeddings/.*"
-HEAD_RE = r"(classifier|score)/.*"  # the task head that jaxft / transformers add
 ADAPTER_RE = r".*/lora_[ab]"
-NO_DECAY_RULES = [(r"(.*/)?bias", False), (r".*(LayerNorm|layer_norm|ln_\w+|norm\w*)/(scale|weight)", False)]
 
 
 def flat(tree) -> dict:
@@ -51,37 +48,50 @@ def apply_rules(tree, rules: Rules, default: Any = None, what: str = "rule", str
   return traverse_util.unflatten_dict(out, sep="/")
 
 
-def num_layers(tree) -> int:
-  idx = [int(m.group(1)) for p in paths(tree) if (m := LAYER_RE.search(p))]
+def layer_index(path: str, conv) -> int | None:
+  """The transformer block a param belongs to, by the family's `layers` convention."""
+  m = re.match(conv.layers + r"(\d+)/", path)
+  return int(m.group(1)) if m else None
+
+
+def num_layers(tree, conv) -> int:
+  idx = [i for p in paths(tree) if (i := layer_index(p, conv)) is not None]
   return max(idx) + 1 if idx else 0
 
 
-def freeze_rules(cfg, params) -> list[tuple[str, str]]:
-  """Compiles `freeze`, `train_only`, `freeze_embeddings`, `freeze_bottom_layers` to label rules.
-  With LoRA only the adapters and the head train (plus anything in `train_only`)."""
+def freeze_rules(cfg, params, conv, head_re: str) -> list[tuple[str, str]]:
+  """Compiles `freeze`, `train_only`, `freeze_embeddings`, `freeze_bottom_layers` to label rules, with
+  the family's conventions `conv`. With LoRA only the adapters and the head (`head_re`) train (plus
+  anything in `train_only`)."""
   rules = [(r, "frozen") for r in cfg.freeze]
-  if cfg.freeze_embeddings:
-    rules.append((EMBED_RE, "frozen"))
+  if cfg.freeze_embeddings and conv.embeddings is None:
+    raise JaxftError("freeze_embeddings=true, but this model family has no embedding table (leave it unset)")
+  if cfg.freeze_embeddings or (cfg.freeze_embeddings is None and conv.embeddings is not None):
+    rules.append((conv.embeddings, "frozen"))
   if cfg.freeze_bottom_layers:
-    n = num_layers(params)
+    n = num_layers(params, conv)
     if cfg.freeze_bottom_layers > n:
       raise JaxftError(f"freeze_bottom_layers={cfg.freeze_bottom_layers} but the model has {n} layers")
     layers = "|".join(str(i) for i in range(cfg.freeze_bottom_layers))
-    rules.append((rf"(.*/)?(layer|layers|h|block|blocks)/({layers})/.*", "frozen"))
-  train_only = list(cfg.train_only) + ([ADAPTER_RE, HEAD_RE] if cfg.lora.targets else [])
+    rules.append((rf"{conv.layers}({layers})/.*", "frozen"))
+  train_only = list(cfg.train_only) + ([ADAPTER_RE, head_re] if lora_enabled(cfg.lora) else [])
   if train_only:
     rules += [(r, "train") for r in train_only] + [(".*", "frozen")]
   return rules
 
 
-def freeze_labels(cfg, params):
+def lora_enabled(lcfg) -> bool:
+  return bool(lcfg.targets or lcfg.preset)
+
+
+def freeze_labels(cfg, params, conv, head_re: str):
   """The label tree ('train' / 'frozen' per leaf) that optax.multi_transform consumes."""
-  return apply_rules(params, freeze_rules(cfg, params), default="train", what="freeze rule")
+  return apply_rules(params, freeze_rules(cfg, params, conv, head_re), default="train", what="freeze rule")
 
 
-def weight_decay_mask(params):
+def weight_decay_mask(params, conv):
   """True where weight decay applies: not on biases and normalisation scales."""
-  return apply_rules(params, NO_DECAY_RULES, default=True, strict=False)
+  return apply_rules(params, [(r, False) for r in conv.no_decay], default=True, strict=False)
 
 
 def split(tree, labels, label: str):

@@ -1,4 +1,5 @@
-"""The train and eval steps: pure functions of (state, batch), jit-compiled with donated state.
+"""The train and eval steps: pure functions of (state, batch), jit-compiled with donated state. The
+model's apply and the loss come from the experiment (backbone + task head, the task's loss).
 
 Freezing happens here in two ways that together make it both exact and fast:
   * the gradient is taken only w.r.t. the trainable leaves (frozen ones enter as constants, so XLA
@@ -6,6 +7,7 @@ Freezing happens here in two ways that together make it both exact and fast:
   * the optimizer is optax.multi_transform over the label tree (frozen -> set_to_zero, no state),
     and frozen leaves are passed through untouched, so they stay bitwise identical.
 """
+import dataclasses
 from typing import Any, Callable
 
 import flax
@@ -22,37 +24,33 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array  # base key; the dropout key of step s is fold_in(rng, s)
+  model_state: Any = dataclasses.field(default_factory=dict)  # mutable model state (BatchNorm statistics)
 
 
-def init_state(params, tx, seed: int) -> TrainState:
+def init_state(params, tx, seed: int, model_state=None) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=jax.random.PRNGKey(seed))
+                    rng=jax.random.PRNGKey(seed), model_state=model_state or {})
 
 
-def classification_loss(logits_BxC, labels_B, weights_B):
-  """Weighted mean cross-entropy, plus per-example correctness for metrics."""
-  logp_BxC = jax.nn.log_softmax(logits_BxC.astype(jnp.float32))
-  nll_B = -jnp.take_along_axis(logp_BxC, labels_B[:, None], axis=-1)[:, 0]
-  loss = jnp.sum(nll_B * weights_B) / jnp.maximum(jnp.sum(weights_B), 1.0)
-  return loss, nll_B
-
-
-def make_train_step(apply: Callable, tx: optax.GradientTransformation, labels, dropout: bool = True,
-                    axis_name: str | None = None, micro_steps: int = 1):
+def make_train_step(apply: Callable, loss: Callable, tx: optax.GradientTransformation, labels,
+                    dropout: bool = True, axis_name: str | None = None, micro_steps: int = 1):
   """(state, batch) -> (state, metrics). `labels` is the 'train' / 'frozen' tree.
+
+  apply(params, batch, train, rng, model_state) -> (outputs, model_state);
+  loss(outputs, batch) -> (scalar loss, {name: scalar} metrics).
 
   axis_name: under pmap, the device axis to average gradients and metrics over.
   micro_steps: gradient accumulation; the batch is cut into this many micro-batches, scanned with
     jax.lax.scan inside the one compiled step, summing into a single gradient buffer.
   """
 
-  def grads_of(trainable, frozen, batch, rng):
+  def grads_of(trainable, frozen, model_state, batch, rng):
     def loss_fn(trainable):
-      logits_BxC = apply(rules.merge(trainable, frozen), batch, train=dropout, rng=rng)
-      loss, _ = classification_loss(logits_BxC, batch["labels"], batch["weights"])
-      return loss, jnp.mean((jnp.argmax(logits_BxC, -1) == batch["labels"]).astype(jnp.float32))
-    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-    return grads, loss, accuracy
+      outputs, new_model_state = apply(rules.merge(trainable, frozen), batch, dropout, rng, model_state)
+      value, aux = loss(outputs, batch)
+      return value, (aux, new_model_state)
+    (value, (aux, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    return grads, value, aux, model_state
 
   def train_step(state: TrainState, batch):
     trainable, frozen = rules.split(state.params, labels, "train")
@@ -61,49 +59,50 @@ def make_train_step(apply: Callable, tx: optax.GradientTransformation, labels, d
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
 
     if micro_steps == 1:
-      grads, loss, accuracy = grads_of(trainable, frozen, batch, rng)
+      grads, value, aux, model_state = grads_of(trainable, frozen, state.model_state, batch, rng)
     else:
       # Micro-batch i takes rows i, i+k, i+2k, ...: every data shard contributes to every micro-batch.
       k = micro_steps
       micro = jax.tree.map(lambda x: x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1), batch)
 
       def body(carry, xs):
-        i, mb = xs
-        g, l, a = grads_of(trainable, frozen, mb, jax.random.fold_in(rng, i))
-        return jax.tree.map(jnp.add, carry, (g, l, a)), None
+        (sums, model_state), (i, mb) = carry, xs
+        g, l, a, model_state = grads_of(trainable, frozen, model_state, mb, jax.random.fold_in(rng, i))
+        return (jax.tree.map(jnp.add, sums, (g, l, a)), model_state), None
 
-      init = (jax.tree.map(jnp.zeros_like, trainable), jnp.zeros(()), jnp.zeros(()))
-      (grads, loss, accuracy), _ = jax.lax.scan(body, init, (jnp.arange(k), micro))
-      grads, loss, accuracy = jax.tree.map(lambda x: x / k, (grads, loss, accuracy))
+      shapes = jax.eval_shape(lambda: grads_of(trainable, frozen, state.model_state,
+                                               jax.tree.map(lambda x: x[0], micro), rng)[:3])
+      init = (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), state.model_state)
+      ((grads, value, aux), model_state), _ = jax.lax.scan(body, init, (jnp.arange(k), micro))
+      grads, value, aux = jax.tree.map(lambda x: x / k, (grads, value, aux))
 
     if axis_name:
       grads = jax.lax.pmean(grads, axis_name)
+      model_state = jax.lax.pmean(model_state, axis_name)  # BatchNorm statistics agree across devices
     zeros = {p: jnp.zeros_like(x) for p, x in frozen.items()}  # consumed only by set_to_zero
     updates, opt_state = tx.update(rules.merge(grads, zeros), state.opt_state, state.params)
     updates, _ = rules.split(updates, labels, "train")
     new_trainable = optax.apply_updates(trainable, updates)
-    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": value, **aux, "grad_norm": optax.global_norm(grads)}
     if axis_name:
       metrics = jax.lax.pmean(metrics, axis_name)
     new_state = state.replace(step=state.step + 1, params=rules.merge(new_trainable, frozen),
-                              opt_state=opt_state)
+                              opt_state=opt_state, model_state=model_state)
     return new_state, metrics
 
   return train_step
 
 
-def make_eval_step(apply: Callable, num_classes: int, axis_name: str | None = None):
-  """(params, batch) -> summed loss, example count and a confusion matrix [true, pred]."""
+def make_eval_step(apply: Callable, task, axis_name: str | None = None):
+  """(params, model_state, batch) -> (the task's summed eval arrays, its per-row outputs): under pmap
+  the sums are psum-ed and the rows all-gathered over devices."""
 
-  def eval_step(params, batch):
-    logits_BxC = apply(params, batch, train=False)
-    w_B = batch["weights"]
-    _, nll_B = classification_loss(logits_BxC, batch["labels"], w_B)
-    pred_B = jnp.argmax(logits_BxC, -1)
-    onehot_true_BxC = jax.nn.one_hot(batch["labels"], num_classes) * w_B[:, None]
-    onehot_pred_BxC = jax.nn.one_hot(pred_B, num_classes)
-    sums = {"loss_sum": jnp.sum(nll_B * w_B), "count": jnp.sum(w_B),
-            "confusion": onehot_true_BxC.T @ onehot_pred_BxC}
-    return jax.lax.psum(sums, axis_name) if axis_name else sums
+  def eval_step(params, model_state, batch):
+    outputs, _ = apply(params, batch, False, None, model_state)
+    sums, rows = task.eval_sums(outputs, batch), task.eval_rows(outputs, batch)
+    if axis_name:
+      sums = jax.lax.psum(sums, axis_name)
+      rows = jax.lax.all_gather(rows, axis_name, tiled=True)
+    return sums, rows
 
   return eval_step

@@ -35,9 +35,9 @@ def test_training_compiles_once_per_bucket(tiny_cfg):
   train(cfg)
   rows = [json.loads(line) for line in open(Path(cfg.run_dir) / "metrics.jsonl")]
   compiles = [r["compiles"] for r in rows if r["split"] == "train"]
-  from jaxft.data import pipeline
-  from jaxft.train import build
+  from jaxft.data import batching
+  from jaxft.experiment import build
   exp = build(cfg, print)
-  src = pipeline.TrainBatches(exp.splits["train"], 16, exp.total_steps, cfg.seed, [8, 16, 32], 0)
+  src = batching.TrainBatches(exp.splits["train"], exp.task.collate, 16, exp.total_steps, cfg.seed, [8, 16, 32])
   buckets = {src[i]["input_ids"].shape[1] for i in range(exp.total_steps)}
   assert len(buckets) >= 2 and compiles[-1] == len(buckets), (compiles, buckets)

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from conftest import bert_config
+from jaxft import models
+from jaxft.config import load_config
 from jaxft.errors import JaxftError
-from jaxft.models.hf import load
 
 
 def batch(seed=0, B=3, L=12, vocab=25):
@@ -18,37 +19,40 @@ def batch(seed=0, B=3, L=12, vocab=25):
           "token_type_ids": (np.arange(L) >= L // 2).astype(np.int32)[None].repeat(B, 0)}
 
 
-def both(path, **kw):
-  quiet = dict(log=lambda *_: None, **kw)
-  return load(path, impl="jaxft", **quiet), load(path, impl="transformers", **quiet)
+def load(path, impl, pooler=True):
+  cfg = load_config(None, (f"model.name={path}", f"model.impl={impl}"))
+  return models.load(cfg.model, seed=0, pooler=pooler, log=lambda *_: None)
 
 
-@pytest.mark.parametrize("task,pooling", [("classification", "head"), ("classification", "mean"),
-                                          ("embedding", "auto")])
-def test_eval_outputs_equal_transformers(tiny_bert, task, pooling):
-  mine, ref = both(tiny_bert["pt"], task=task, num_labels=3, pooling=pooling)
+def both(path):
+  return load(path, "jaxft"), load(path, "transformers")
+
+
+@pytest.mark.parametrize("output", ["hidden", "pooled"])
+def test_eval_outputs_equal_transformers(tiny_bert, output):
+  mine, ref = both(tiny_bert["pt"])
   b = batch()
-  got, want = mine.apply(mine.params, b), ref.apply(ref.params, b)
+  got, want = mine.apply(mine.params, b)[0][output], ref.apply(ref.params, b)[0][output]
   assert got.shape == want.shape
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_gradients_equal_transformers(tiny_bert):
-  mine, ref = both(tiny_bert["pt"], task="classification", num_labels=2, pooling="head")
+  mine, ref = both(tiny_bert["pt"])
   b = batch(1)
-  loss = lambda m: lambda p: jnp.sum(m.apply(p, b) ** 2)  # noqa: E731
+  loss = lambda m: lambda p: jnp.sum(m.apply(p, b)[0]["pooled"] ** 2)  # noqa: E731
   g_mine, g_ref = jax.grad(loss(mine))(mine.params), jax.grad(loss(ref))(ref.params)
   for a, r in zip(jax.tree.leaves(g_mine), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(a, r, atol=1e-6, rtol=1e-4)
 
 
 def test_dropout_is_on_in_train_mode_only(tiny_bert):
-  mine = load(tiny_bert["pt"], "classification", 2, "head", log=lambda *_: None, impl="jaxft")
+  mine = load(tiny_bert["pt"], "jaxft")
   b, key = batch(2), jax.random.PRNGKey(0)
-  train = [mine.apply(mine.params, b, True, jax.random.fold_in(key, i)) for i in range(2)]
+  train = [mine.apply(mine.params, b, True, jax.random.fold_in(key, i))[0]["hidden"] for i in range(2)]
   assert not np.allclose(train[0], train[1])
-  np.testing.assert_array_equal(mine.apply(mine.params, b, True, jax.random.fold_in(key, 0)), train[0])
-  assert not np.allclose(train[0], mine.apply(mine.params, b))
+  np.testing.assert_array_equal(mine.apply(mine.params, b, True, jax.random.fold_in(key, 0))[0]["hidden"], train[0])
+  assert not np.allclose(train[0], mine.apply(mine.params, b)[0]["hidden"])
 
 
 def test_unsupported_model_errors(tmp_path):
@@ -57,5 +61,6 @@ def test_unsupported_model_errors(tmp_path):
   path = tmp_path / "rel"
   FlaxBertModel(bert_config(position_embedding_type="relative_key"), seed=0).save_pretrained(path)
   write_tokenizer(path)
-  with pytest.raises(JaxftError, match="model.impl=jaxft: no jaxft encoder"):
-    load(path, "classification", 2, "head", log=lambda *_: None, impl="jaxft")
+  with pytest.raises(JaxftError, match="model.impl=jaxft: no jaxft implementation of 'bert' models"):
+    load(path, "jaxft")
+  assert load(path, "transformers").key == "bert"  # transformers' module computes it

@@ -36,7 +36,8 @@ def test_overrides_are_typed():
     ("precision.compute=fp8", "config key 'precision.compute' must be float32 or bfloat16, got 'fp8'"),
     ("lora.rank=0", "config keys 'lora.rank' and 'lora.alpha' must be > 0"),
     ("phases_preset=lpft", "config key 'phases_preset' must be lp_ft or gradual_unfreeze, got 'lpft'"),
-    ("phases=[{until: {metric: loss}}]", "config key 'phases[0].until' must be {metric: val_loss"),
+    ("phases=[{until: {metric: loss}}]", "config key 'phases[0].until' must be {metric: val_<metric>"),
+    ("model.task=ner", "config key 'model.task' must be one of sequence_classification"),
 ])
 def test_bad_overrides_name_the_key(override, message):
   with pytest.raises(JaxftError) as e:

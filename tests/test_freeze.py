@@ -4,14 +4,13 @@ import numpy as np
 import optax
 
 from jaxft import rules
-from jaxft.data import pipeline
-from jaxft.step import make_train_step
-from jaxft.train import build
+from jaxft.data import batching
+from jaxft.experiment import build
 
 
 def run_steps(exp, n):
-  step = jax.jit(make_train_step(exp.model.apply, exp.tx, exp.labels), donate_argnums=0)
-  source = pipeline.TrainBatches(exp.splits["train"], exp.cfg.train.batch_size, n, 0, exp.cfg.data.buckets, 0)
+  step = jax.jit(exp.train_step(), donate_argnums=0)
+  source = batching.TrainBatches(exp.splits["train"], exp.task.collate, exp.cfg.train.batch_size, n, 0, exp.buckets)
   state = exp.state
   before = jax.device_get(state.params)
   for i in range(n):
@@ -42,8 +41,8 @@ def test_frozen_step_compiles_to_fewer_flops(tiny_cfg):
   """Guards the speed of freezing: frozen gradients must not be computed."""
   def flops(*overrides):
     exp = build(tiny_cfg(*overrides), print)
-    batch = pipeline.TrainBatches(exp.splits["train"], 16, 1, 0, [32], 0)[0]
-    step = jax.jit(make_train_step(exp.model.apply, exp.tx, exp.labels))
+    batch = batching.TrainBatches(exp.splits["train"], exp.task.collate, 16, 1, 0, [32])[0]
+    step = jax.jit(exp.train_step())
     return step.lower(exp.state, batch).compile().cost_analysis()["flops"]
   full, bottom, head = flops(), flops("freeze_embeddings=true", "freeze_bottom_layers=3"), \
       flops("train_only=[classifier/.*]")

@@ -6,10 +6,10 @@ import pytest
 
 from jaxft import lora, parallel, rules
 from jaxft.cli import main
-from jaxft.data import pipeline
+from jaxft.data import batching
 from jaxft.errors import JaxftError
 from jaxft.step import make_train_step
-from jaxft.train import build
+from jaxft.experiment import build
 
 LORA = ("lora.targets=[.*/attention/self/(query|value)/kernel]", "lora.rank=4", "lora.alpha=8")
 
@@ -24,8 +24,8 @@ def test_only_adapters_and_head_train(tiny_cfg):
   assert flat["bert/encoder/layer/0/attention/self/query/lora_a"].shape == (32, 4)
   assert flat["bert/encoder/layer/0/attention/self/query/lora_b"].shape == (4, 32)
 
-  step = jax.jit(make_train_step(exp.model.apply, exp.tx, exp.labels), donate_argnums=0)
-  batches = pipeline.TrainBatches(exp.splits["train"], 16, 3, 0, [32], 0)
+  step = jax.jit(make_train_step(exp.apply, exp.task.loss, exp.tx, exp.labels), donate_argnums=0)
+  batches = batching.TrainBatches(exp.splits["train"], exp.task.collate, 16, 3, 0, [32])
   state = exp.state
   for i in range(3):
     state, m = step(state, batches[i])
@@ -44,11 +44,11 @@ def test_merge_reproduces_adapted_logits(tiny_cfg):
   params = jax.tree_util.tree_map_with_path(
       lambda k, x: 0.1 * jax.random.normal(jax.random.PRNGKey(len(k)), x.shape) if "lora_b" in str(k) else x,
       exp.state.params)
-  batch = next(iter(pipeline.eval_batches(exp.splits["test"], 32, [32], 0)))
-  adapted = exp.model.apply(params, batch, train=False)
+  batch = next(iter(batching.eval_batches(exp.splits["test"], exp.task.collate, 32, [32])))
+  adapted = exp.apply(params, batch)[0]
   base = rules.merge({p: x for p, x in rules.flat(params).items() if "/lora_" not in p})
-  base_logits = build(tiny_cfg(), print).model.apply(base, batch, train=False)
-  merged = build(tiny_cfg(), print).model.apply(lora.merge(params, exp.cfg.lora), batch, train=False)
+  base_logits = build(tiny_cfg(), print).apply(base, batch)[0]
+  merged = build(tiny_cfg(), print).apply(lora.merge(params, exp.cfg.lora), batch)[0]
   assert np.abs(adapted - base_logits).max() > 1e-3  # the adapters matter ...
   np.testing.assert_allclose(merged, adapted, atol=1e-5)  # ... and merging keeps them exactly
 
@@ -56,7 +56,7 @@ def test_merge_reproduces_adapted_logits(tiny_cfg):
 def test_adapters_follow_kernel_sharding(tiny_cfg):
   exp = build(tiny_cfg(*LORA), print)
   mesh = jax.make_mesh((1, 1, 1), parallel.AXES)
-  specs = rules.flat(parallel.param_specs(exp.state.params, [], mesh))
+  specs = rules.flat(parallel.param_specs(exp.state.params, [], exp.conventions.tensor_parallel, mesh))
   q = "bert/encoder/layer/0/attention/self/query"
   assert tuple(specs[f"{q}/kernel"]) == (None, "tensor")
   assert tuple(specs[f"{q}/lora_a"]) == (None, None) and tuple(specs[f"{q}/lora_b"]) == (None, "tensor")
@@ -75,13 +75,13 @@ def test_train_then_export_loads_back(tiny_cfg, tmp_path):
   trained = build(cfg, print)
   from jaxft.checkpoint import Checkpointer
   ckpt = Checkpointer(tmp_path / "run" / "checkpoints", 2)
-  step = ckpt.meta(ckpt.latest_step())["best_step"]
+  step = ckpt.record(ckpt.latest_step()).best_step
   state = ckpt.restore(step, trained.state)[0]
   ckpt.close()
   reloaded = build(tiny_cfg(f"model.name={out}"), print)
-  batch = next(iter(pipeline.eval_batches(trained.splits["test"], 32, [32], 0)))
-  np.testing.assert_allclose(reloaded.model.apply(reloaded.state.params, batch),
-                             trained.model.apply(state.params, batch), atol=1e-5)
+  batch = next(iter(batching.eval_batches(trained.splits["test"], trained.task.collate, 32, [32])))
+  np.testing.assert_allclose(reloaded.apply(reloaded.state.params, batch)[0],
+                             trained.apply(state.params, batch)[0], atol=1e-5)
 
 
 def test_bad_target_is_an_error(tiny_cfg):

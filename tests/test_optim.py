@@ -5,15 +5,16 @@ import pytest
 
 from jaxft import optim, rules
 from jaxft.config import load_config
-from jaxft.data import pipeline
+from jaxft.data import batching
 from jaxft.step import make_train_step
-from jaxft.train import build
+from jaxft.experiment import build
+from jaxft.models.bert import CONVENTIONS as CONV
 
 LR = {"adamw": 3e-3, "adam": 3e-3, "lamb": 3e-2, "adafactor": 3e-2, "lion": 3e-4, "sgd": 0.1, "lars": 0.3}
 
 
 def losses(exp, batches, micro_steps=1):
-  step = jax.jit(make_train_step(exp.model.apply, exp.tx, exp.labels, dropout=False, micro_steps=micro_steps))
+  step = jax.jit(make_train_step(exp.apply, exp.task.loss, exp.tx, exp.labels, dropout=False, micro_steps=micro_steps))
   state, out = exp.state, []
   for b in batches:
     state, m = step(state, b)
@@ -25,7 +26,7 @@ def losses(exp, batches, micro_steps=1):
 def test_each_optimizer_reduces_loss(tiny_cfg, name):
   exp = build(tiny_cfg(f"optim.name={name}", f"optim.lr={LR[name]}", "optim.warmup_ratio=0",
                        "optim.schedule=constant"), print)
-  batch = pipeline.TrainBatches(exp.splits["train"], 16, 1, 0, [32], 0)[0]
+  batch = batching.TrainBatches(exp.splits["train"], exp.task.collate, 16, 1, 0, [32])[0]
   out, _ = losses(exp, [batch] * 8)
   assert np.all(np.isfinite(out)) and min(out) < 0.95 * out[0] and out[-1] < 0.97 * out[0], (name, out)
 
@@ -39,7 +40,7 @@ def test_lr_scaling_rules():
 
 def test_accumulation_4x8_equals_batch_32(tiny_cfg):
   exp = build(tiny_cfg("train.batch_size=32"), print)
-  batches = [pipeline.TrainBatches(exp.splits["train"], 32, 3, 0, [32], 0)[i] for i in range(3)]
+  batches = [batching.TrainBatches(exp.splits["train"], exp.task.collate, 32, 3, 0, [32])[i] for i in range(3)]
   full, s_full = losses(exp, batches)
   accum, s_accum = losses(build(tiny_cfg("train.batch_size=32", "train.micro_batch_size=8"), print),
                           batches, micro_steps=4)
@@ -66,7 +67,7 @@ def six_layer_tree():
 
 def test_layer_decay_multipliers_for_six_layers():
   cfg = load_config(None, ("optim.layer_decay=0.75", "optim.groups=[{match: classifier/kernel, lr_mult: 10}]"))
-  mult = rules.flat(optim.lr_multipliers(cfg.optim, six_layer_tree()))
+  mult = rules.flat(optim.lr_multipliers(cfg.optim, six_layer_tree(), CONV))
   assert mult["bert/embeddings/word_embeddings/embedding"] == pytest.approx(0.75 ** 7)
   for i in range(6):
     assert mult[f"bert/encoder/layer/{i}/attention/self/query/kernel"] == pytest.approx(0.75 ** (6 - i))
@@ -81,11 +82,11 @@ def test_groups_scale_each_leafs_update():
                            "optim.weight_decay=0.1", "optim.groups=[{match: 'bert/embeddings/.*', weight_decay: 0}]"))
   params = six_layer_tree()
   freeze = rules.apply_rules(params, [(r"bert/encoder/layer/0/.*", "frozen")], default="train")
-  tx, _ = optim.make_optimizer(cfg.optim, params, freeze, 10, 32)
+  tx, _ = optim.make_optimizer(cfg.optim, params, freeze, 10, 32, CONV)
   grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)
-  up, mult = rules.flat(updates), rules.flat(optim.lr_multipliers(cfg.optim, params))
-  wd = rules.flat(optim.weight_decays(cfg.optim, params))
+  up, mult = rules.flat(updates), rules.flat(optim.lr_multipliers(cfg.optim, params, CONV))
+  wd = rules.flat(optim.weight_decays(cfg.optim, params, CONV))
   assert wd["bert/embeddings/word_embeddings/embedding"] == 0 and wd["classifier/bias"] == 0
   assert wd["classifier/kernel"] == 0.1
   for p, u in up.items():

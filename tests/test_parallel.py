@@ -126,14 +126,16 @@ def test_param_specs_follow_rules_and_fsdp(monkeypatch):
   params = {"bert": {"encoder": {"layer": {"0": {
       "attention": {"self": {"query": {"kernel": jnp.zeros((8, 8))}}, "output": {"dense": {"kernel": jnp.zeros((8, 8))}}},
       "intermediate": {"dense": {"kernel": jnp.zeros((8, 16))}}}}}}, "classifier": {"kernel": jnp.zeros((8, 2))}}
-  specs = parallel.rules_lib.flat(parallel.param_specs(params, [["classifier/.*", [None, "tensor"]]], mesh))
+  from jaxft.models import bert
+  specs = parallel.rules_lib.flat(parallel.param_specs(params, [["classifier/.*", [None, "tensor"]]],
+                                                       bert.CONVENTIONS.tensor_parallel, mesh))
   layer = "bert/encoder/layer/0/"
   assert specs[layer + "attention/self/query/kernel"] == P(None, "tensor")
   assert specs[layer + "attention/output/dense/kernel"] == P("tensor", None)
   assert specs[layer + "intermediate/dense/kernel"] == P(None, "tensor")
   assert specs["classifier/kernel"] == P(None, "tensor")
   with pytest.raises(parallel.JaxftError, match="sharding rule 'nope/.*' matches no parameter path"):
-    parallel.param_specs(params, [["nope/.*", ["tensor"]]], mesh)
+    parallel.param_specs(params, [["nope/.*", ["tensor"]]], (), mesh)
 
 
 def test_fit_adds_fsdp_on_largest_divisible_dim():
@@ -152,6 +154,7 @@ def test_builtin_rules_cover_gpt2_llama_vit():
   from transformers import (FlaxGPT2LMHeadModel, FlaxLlamaForCausalLM, FlaxViTForImageClassification,
                             GPT2Config, LlamaConfig, ViTConfig)
   from jaxft import parallel
+  from jaxft.models import hf_flax
 
   class Mesh:
     shape = {"data": 1, "fsdp": 1, "tensor": 2}
@@ -180,6 +183,6 @@ def test_builtin_rules_cover_gpt2_llama_vit():
               "classifier/kernel": P(None, None)},
   }
   for name, model in models.items():
-    specs = parallel.rules_lib.flat(parallel.param_specs(model.params, [], Mesh))
+    specs = parallel.rules_lib.flat(parallel.param_specs(model.params, [], hf_flax.CONVENTIONS.tensor_parallel, Mesh))
     for path, spec in expect[name].items():
       assert specs[path] == spec, (name, path, specs[path])

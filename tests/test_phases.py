@@ -10,10 +10,11 @@ import pytest
 
 from jaxft import phases, rules
 from jaxft.checkpoint import Checkpointer
-from jaxft.data import pipeline
+from jaxft.data import batching
 from jaxft.errors import JaxftError
 from jaxft.step import init_state, make_train_step
-from jaxft.train import build, train
+from jaxft.experiment import build
+from jaxft.train import train
 
 TWO_PHASES = "phases=[{name: probe, train_only: [classifier/.*], steps: 4}, " \
              "{name: tune, freeze_bottom_layers: 2, optim: {lr: 1e-3}, steps: 8}]"
@@ -22,7 +23,7 @@ TWO_PHASES = "phases=[{name: probe, train_only: [classifier/.*], steps: 4}, " \
 def params_at(cfg, step):
   exp = build(cfg, print)
   ckpt = Checkpointer(Path(cfg.run_dir) / "checkpoints", 20)
-  k = ckpt.meta(step)["phase"]
+  k = ckpt.record(step).phase
   state = ckpt.restore(step, init_state(exp.state.params, exp.phases[k].tx, 0))[0]
   ckpt.close()
   return rules.flat(jax.device_get(state.params))
@@ -56,8 +57,8 @@ def test_phases_switch_what_trains_and_resume_mid_phase(tiny_cfg):
 
 def test_carry_over_keeps_moments_of_params_trainable_in_both(tiny_cfg):
   exp = build(tiny_cfg(TWO_PHASES), print)
-  step = jax.jit(make_train_step(exp.model.apply, exp.tx, exp.labels))
-  batch = pipeline.TrainBatches(exp.splits["train"], 16, 1, 0, [32], 0)[0]
+  step = jax.jit(make_train_step(exp.apply, exp.task.loss, exp.tx, exp.labels))
+  batch = batching.TrainBatches(exp.splits["train"], exp.task.collate, 16, 1, 0, [32])[0]
   state, _ = step(exp.state, batch)
   new = phases.carry_over(state, exp.phases[1].tx)
 
@@ -111,11 +112,11 @@ def test_presets(tiny_cfg):
   assert lp_ft[0].cfg.train.cache_features and lp_ft[0].until["metric"] == "val_loss"
   assert all(l == "train" for l in rules.flat(lp_ft[1].labels).values())  # tiny_cfg: embeddings train
   assert lp_ft[1].cfg.optim.lr == pytest.approx(3e-3 / 2)  # half the run's LR
-  gradual = build(tiny_cfg("phases_preset=gradual_unfreeze"), print).phases
-  assert len(gradual) == 5  # 4 layers + the head alone
-  for i, p in enumerate(gradual):
-    layers = {int(m.group(1)) for q, l in rules.flat(p.labels).items() if l == "train"
-              and (m := rules.LAYER_RE.search(q))}
+  exp = build(tiny_cfg("phases_preset=gradual_unfreeze"), print)
+  assert len(exp.phases) == 5  # 4 layers + the head alone
+  for i, p in enumerate(exp.phases):
+    layers = {n for q, l in rules.flat(p.labels).items() if l == "train"
+              and (n := rules.layer_index(q, exp.conventions)) is not None}
     assert layers == set(range(4 - i, 4)), (i, layers)
 
 

@@ -1,9 +1,25 @@
-"""Model providers. `load_model` resolves the reference, then loads through the provider."""
+"""Backbone providers by family. A native family is a module here and one line in FAMILIES
+(keyed by the checkpoint's `model_type`); every other family computes with transformers' Flax class."""
 from jaxft import assets
-from jaxft.models.hf import Model, load as load_hf
+from jaxft.errors import JaxftError
+from jaxft.models import bert, hf_checkpoint, hf_flax
+from jaxft.models.base import Backbone
+
+FAMILIES = {"bert": bert}  # model_type -> provider module with supports(config), load(...), CONVENTIONS
 
 
-def load_model(cfg, num_labels=None, log=print) -> Model:
-  return load_hf(assets.resolve(cfg.model.name), cfg.model.task, num_labels, cfg.model.pooling,
-                 seed=cfg.seed, log=log, compute_dtype=cfg.precision.compute, remat=cfg.model.remat,
-                 impl=cfg.model.impl)
+def load(mcfg, seed: int, compute_dtype: str = "float32", pooler: bool = False, log=print) -> Backbone:
+  """The backbone named by `mcfg.name`: jaxft's implementation of its family where it has one and
+  `mcfg.impl` allows it (auto | jaxft), else transformers' Flax module."""
+  path = assets.resolve(mcfg.name)
+  config = hf_checkpoint.read_config(path)
+  family = FAMILIES.get(config.model_type)
+  native = mcfg.impl != "transformers" and family is not None and family.supports(config)
+  if mcfg.impl == "jaxft" and not native:
+    raise JaxftError(f"model.impl=jaxft: no jaxft implementation of {config.model_type!r} models "
+                     f"({path}); use model.impl=transformers")
+  ckpt = hf_checkpoint.load(path, config, pooler, seed, compute_dtype)
+  provider = family if native else hf_flax
+  backbone = provider.load(ckpt, compute_dtype, mcfg.remat == "block", pooler)
+  log(f"loaded {config.model_type} from {path} ({'jaxft' if native else 'transformers'} module): {ckpt.report}")
+  return backbone

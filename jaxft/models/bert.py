@@ -1,8 +1,8 @@
-"""jaxft's BERT encoder: transformers' FlaxBert param tree, with a faster attention layout.
+"""The BERT family: jaxft's encoder on transformers' FlaxBert param tree, and its conventions.
 
-Module and param names equal transformers' FlaxBertModule / FlaxBertForSequenceClassificationModule
-(`encoder/layer/3/attention/self/query/kernel`, ...), so the same checkpoints load, save and take
-LoRA adapters, and eval-mode outputs match transformers (tests/test_bert.py). What differs is speed:
+Module and param names equal transformers' FlaxBertModule (`encoder/layer/3/attention/self/query/kernel`,
+...), so the same checkpoints load, save and take LoRA adapters, and outputs match transformers
+(tests/test_bert.py). What differs is speed:
 queries, keys and values go to head-major [B, H, L, Dh] before the two attention matmuls, which XLA
 runs as plain batched matmuls (about 2x faster on CPU than transformers' [B, L, H, Dh] einsums;
 benchmarks/NOTES.md). Attention dropout is one [L, L] mask shared by batch and heads, as in
@@ -13,6 +13,29 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jaxft.models import hf_checkpoint
+from jaxft.models.base import Backbone, Conventions
+
+_QKV = r".*/attention/self/(query|key|value)"
+CONVENTIONS = Conventions(
+    embeddings=r"(.*/)?embeddings/.*",
+    layers=r"(?:.*/)?encoder/layer/",
+    # Megatron: column-parallel q/k/v and MLP up-projection, row-parallel outputs, vocab-sharded embeddings.
+    tensor_parallel=(
+        (_QKV + "/kernel", (None, "tensor")),
+        (_QKV + "/bias", ("tensor",)),
+        (r".*/attention/output/dense/kernel", ("tensor", None)),
+        (r".*/intermediate/dense/kernel", (None, "tensor")),
+        (r".*/intermediate/dense/bias", ("tensor",)),
+        (r".*/layer/\d+/output/dense/kernel", ("tensor", None)),
+        (r".*/word_embeddings/embedding", ("tensor", None)),
+    ),
+    lora={"qv": (r".*/attention/self/(query|value)/kernel",),
+          "attention": (_QKV + "/kernel", r".*/attention/output/dense/kernel"),
+          "all": (_QKV + "/kernel", r".*/attention/output/dense/kernel", r".*/intermediate/dense/kernel",
+                  r".*/layer/\d+/output/dense/kernel")},
+)
 
 ACTIVATIONS = {"gelu": functools.partial(nn.gelu, approximate=False),
                "gelu_new": functools.partial(nn.gelu, approximate=True),
@@ -171,16 +194,18 @@ class BertModel(nn.Module):
     return h_BxLxD, Pooler(c, self.dtype, name="pooler")(h_BxLxD) if self.add_pooling_layer else None
 
 
-class BertForSequenceClassification(nn.Module):
-  """Logits [B, C] from the pooled CLS token: transformers' FlaxBertForSequenceClassificationModule."""
-  config: object
-  dtype: jnp.dtype = jnp.float32
-  remat: bool = False
+def load(ckpt: hf_checkpoint.Checkpoint, compute_dtype: str, remat: bool, pooler: bool) -> Backbone:
+  """A Backbone computing with jaxft's encoder on the checkpoint's params."""
+  c = ckpt.config
+  module = BertModel(c, jnp.dtype(compute_dtype), remat, add_pooling_layer=pooler)
 
-  @nn.compact
-  def __call__(self, ids_BxL, mask_BxL, types_BxL=None, train: bool = False):
-    c = self.config
-    _, pooled_BxD = BertModel(c, self.dtype, self.remat, name="bert")(ids_BxL, mask_BxL, types_BxL, train)
-    rate = c.classifier_dropout if c.classifier_dropout is not None else c.hidden_dropout_prob
-    pooled_BxD = nn.Dropout(rate)(pooled_BxD, deterministic=not train)
-    return _dense(c, c.num_labels, self.dtype, "classifier")(pooled_BxD)
+  def apply(params, batch, train=False, rng=None, state=None):
+    hidden, pooled = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                                  batch.get("token_type_ids"), train, rngs={"dropout": rng} if train else {})
+    return {"hidden": hidden, "pooled": pooled}, state
+
+  rate = c.classifier_dropout if getattr(c, "classifier_dropout", None) is not None else c.hidden_dropout_prob
+  return Backbone(name=str(ckpt.path), key="bert", params=ckpt.params, apply=apply, processor=ckpt.tokenizer,
+                  config=c, conventions=CONVENTIONS, save=lambda p, out: hf_checkpoint.save(ckpt, p, out),
+                  hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, init_scale=c.initializer_range,
+                  head_dropout=rate, pooling=hf_checkpoint.pooling(ckpt.path))

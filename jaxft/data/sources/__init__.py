@@ -1,0 +1,62 @@
+"""Raw examples per split, from a built-in dataset, local files, or a locally prepared TFDS dataset.
+
+  data.name: vader_movie_reviews | wnut16   built-ins: TFDS builders prepared in data.tfds_dir on first use
+             files                          data.train / validation / test (files.py)
+             tfds:NAME[:VERSION]            a TFDS dataset prepared in data.tfds_dir (array_record)
+
+A source returns records (plain dicts); the task turns them into arrays. A split the source lacks
+is split off train by data.split, with data.split_seed.
+"""
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from jaxft.errors import JaxftError
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclasses.dataclass
+class Source:
+  splits: dict  # "train" | "validation" | "test" -> list of records
+  label_names: dict  # record key -> class names, where the source knows them (TFDS ClassLabel)
+
+
+def tfds_dir(dcfg) -> Path:
+  from jaxft.assets import cache_dir
+  return Path(dcfg.tfds_dir).expanduser() if dcfg.tfds_dir else cache_dir() / "tfds"
+
+
+def load(dcfg, log=print) -> Source:
+  if dcfg.name == "files":
+    from jaxft.data.sources import files
+    splits, names = files.load(dcfg), {}
+  elif dcfg.name.startswith("tfds:"):
+    from jaxft.data.sources import tfds
+    splits, names = tfds.load(dcfg.name[len("tfds:"):], tfds_dir(dcfg))
+  else:
+    from jaxft.data.sources import builtin
+    splits, names = builtin.load(dcfg.name, tfds_dir(dcfg), log)
+  if not splits.get("train"):
+    raise JaxftError(f"data.name={dcfg.name}: no training examples (splits: {', '.join(splits) or 'none'})")
+  return Source(complete(splits, dcfg), names)
+
+
+def complete(splits: dict, dcfg) -> dict:
+  """train, validation and test: the missing ones split off train (fractions from data.split: with both
+  missing, train / validation / test = 80 / 10 / 10 by default; with one missing, train and it in the
+  ratio of their fractions)."""
+  missing = [s for s in SPLITS[1:] if s not in splits]
+  if not missing:
+    return {s: splits[s] for s in SPLITS}
+  train, frac = splits["train"], dict(zip(SPLITS, dcfg.split))
+  parts = ["train"] + missing
+  total = sum(frac[s] for s in parts)
+  perm = np.random.default_rng(dcfg.split_seed).permutation(len(train))
+  out, start = dict(splits), 0
+  for i, s in enumerate(parts):  # the last part takes the rounding remainder
+    end = len(train) if i == len(parts) - 1 else start + int(round(frac[s] / total * len(train)))
+    out[s] = [train[j] for j in perm[start:end]]
+    start = end
+  return {s: out[s] for s in SPLITS}

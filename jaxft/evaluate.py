@@ -1,0 +1,74 @@
+"""Evaluation over a whole split (the task's eval sums and per-example rows -> its finalize), and the
+cached-feature tables of head-only phases. Every example is seen exactly once; each host feeds its rows."""
+import jax
+import numpy as np
+
+from jaxft import parallel
+from jaxft.data import batching
+
+
+def split_batches(exp, par, split: str, transform=None):
+  """(global host batch, device batch) over a whole split, in (padded) eval batches."""
+  ex, size = exp.splits[split], exp.cfg.train.eval_batch_size
+  rows = parallel.process_rows(size)
+  for batch in batching.eval_batches(ex, exp.task.collate, size, exp.buckets):
+    fed = transform(batch) if transform else batch
+    yield batch, par.put_batch({k: v[rows] for k, v in fed.items()})
+
+
+def evaluate(exp, par, eval_step, params, model_state, split: str, transform=None) -> dict:
+  """The task's metrics over `split` (eval_step from Experiment.eval_step, compiled by par)."""
+  sums, kept = None, {}
+  n = len(exp.splits[split])
+  for batch, device_batch in split_batches(exp, par, split, transform):
+    out, rows = eval_step(params, model_state, device_batch)
+    sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
+    if rows:
+      rows, index = par.metrics(rows), batch["index"]
+      for name, x in rows.items():
+        kept.setdefault(name, [None] * n)
+        for r in np.flatnonzero(index >= 0):
+          kept[name][index[r]] = x[r]
+  return exp.task.finalize(par.metrics(sums), kept, exp.splits[split])
+
+
+def feature_table(exp, par, features, params, model_state, split: str) -> np.ndarray:
+  """[N, ...] head inputs of every example of a split, computed once (eval mode)."""
+  rows, table = parallel.process_rows(exp.cfg.train.eval_batch_size), None
+  for batch, device_batch in split_batches(exp, par, split):
+    out = np.asarray(features(params, model_state, device_batch))
+    out = out.reshape((-1,) + out.shape[2 if par.pmap else 1:])  # pmap: [devices, rows, ...]
+    index = batch["index"][rows] if par.pmap else batch["index"]
+    table = np.zeros((len(exp.splits[split]),) + out.shape[1:], np.float32) if table is None else table
+    table[index[index >= 0]] = out[index >= 0]
+  return table
+
+
+def evaluate_run(cfg, split: str = "test", step: int | None = None, log=print) -> dict:
+  """`jaxft eval`: the task's metrics on `split` for checkpoint `step` of the run (default: its best),
+  or, when the run has no checkpoints, for the pretrained model as loaded (a zero-shot baseline)."""
+  from pathlib import Path
+
+  from jaxft.checkpoint import Checkpointer
+  from jaxft.errors import JaxftError
+  from jaxft.experiment import build, restore, setup
+  exp = build(cfg, log)
+  par, targets = setup(exp, log)
+  ckpt_dir = Path(cfg.run_dir) / "checkpoints"
+  ckpt = Checkpointer(ckpt_dir, cfg.train.keep) if ckpt_dir.is_dir() else None
+  latest = ckpt.latest_step() if ckpt else None
+  if latest is None:
+    if step is not None:
+      raise JaxftError(f"--step {step}: no checkpoints in {ckpt_dir}")
+    log(f"no checkpoints in {ckpt_dir}: evaluating the model as loaded (a new head is untrained)")
+    state = par.put_state(exp.state, targets[0])
+  else:
+    step = step if step is not None else (ckpt.record(latest).best_step or latest)
+    if step not in ckpt.manager.all_steps():
+      raise JaxftError(f"--step {step}: no such checkpoint in {ckpt.directory} "
+                       f"(steps: {', '.join(map(str, ckpt.manager.all_steps()))})")
+    state = restore(ckpt, par, targets, step)[0]
+    log(f"evaluating checkpoint {ckpt.directory}/{step}")
+    ckpt.close()
+  eval_step = par.compile_eval(exp.eval_step("batch" if par.pmap else None), targets[0])
+  return evaluate(exp, par, eval_step, state.params, state.model_state, split)

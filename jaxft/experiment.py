@@ -1,0 +1,130 @@
+"""One place builds an experiment: source -> provider -> task -> rules -> phases, and the train steps.
+
+`build(cfg)` is used by train, eval, bench, inspect, export and the benchmarks alike.
+"""
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from jaxft import lora, models, parallel, phases as phases_lib, tasks
+from jaxft.data import batching, sources
+from jaxft.errors import JaxftError
+from jaxft.models import hf_checkpoint
+from jaxft.step import TrainState, init_state, make_eval_step, make_train_step
+
+
+@dataclasses.dataclass
+class Experiment:
+  cfg: Any
+  backbone: models.Backbone
+  task: tasks.base.Task
+  splits: dict  # "train" | "validation" | "test" -> tasks.base.Examples
+  phases: list  # phases_lib.Phase
+  state: TrainState  # initial, for phase 0
+  apply: Callable  # (params, batch, train, rng, model_state) -> (outputs, model_state): backbone + head
+  features: Callable  # (params, model_state, batch) -> what the head reads (eval mode), for caching
+  head_apply: Callable  # apply on cached features: batch["features"] -> outputs
+  buckets: list[int]  # batch lengths
+  best_metric: str  # validation metric that picks the best checkpoint
+  lower_is_better: bool
+
+  conventions = property(lambda self: self.backbone.conventions)
+  labels = property(lambda self: self.phases[0].labels)  # the first phase's, for single-phase runs
+  tx = property(lambda self: self.phases[0].tx)
+  lr = property(lambda self: self.phases[0].lr)
+  total_steps = property(lambda self: sum(p.max_steps for p in self.phases))
+
+  def train_step(self, k: int = 0, axis_name: str | None = None, cached: bool = False):
+    """Phase k's pure train step (state, batch) -> (state, metrics); `cached`: on cached features."""
+    phase, tcfg = self.phases[k], self.cfg.train
+    micro_steps = tcfg.batch_size // (tcfg.micro_batch_size or tcfg.batch_size)
+    return make_train_step(self.head_apply if cached else self.apply, self.task.loss, phase.tx, phase.labels,
+                           phase.cfg.train.dropout, axis_name, micro_steps)
+
+  def eval_step(self, axis_name: str | None = None, cached: bool = False):
+    """The pure eval step (params, model_state, batch) -> (sums, rows)."""
+    return make_eval_step(self.head_apply if cached else self.apply, self.task, axis_name)
+
+  def collate(self, ex, idx, batch_size=None):
+    return batching.collate(ex, idx, self.buckets, self.task.collate, batch_size)
+
+
+def _head(task, backbone, seed: int):
+  """A new head, or the one `jaxft export` saved beside the backbone (`<head_key>.msgpack`)."""
+  head = task.init_head(jax.random.PRNGKey(seed))
+  saved = Path(backbone.name) / f"{task.head_key}.msgpack"
+  if not saved.is_file():
+    return head, False
+  loaded = flax.serialization.msgpack_restore(saved.read_bytes())
+  want = jax.tree.map(jnp.shape, head)
+  if jax.tree.map(jnp.shape, loaded) != want:
+    raise JaxftError(f"{saved}: head shapes {jax.tree.map(jnp.shape, loaded)} do not fit this task's {want}")
+  return loaded, True
+
+
+def build(cfg, log=print) -> Experiment:
+  source = sources.load(cfg.data, log)
+  task_cls = tasks.get(cfg.model.task)
+  pooler = task_cls.needs_pooler(cfg, hf_checkpoint.pooling(models.assets.resolve(cfg.model.name)))
+  backbone = models.load(cfg.model, cfg.seed, cfg.precision.compute, pooler, log)
+  task = task_cls(cfg, backbone, source, log)
+  best = cfg.train.best_metric or task.best_metric
+  if best not in task.metrics:
+    raise JaxftError(f"config key 'train.best_metric' is {best!r}; {cfg.model.task} reports {', '.join(task.metrics)}")
+  head, reused = _head(task, backbone, cfg.seed)
+  log(f"task {cfg.model.task}: head '{task.head_key}' {'from ' + backbone.name if reused else 'newly initialised'}")
+  params = {backbone.key: backbone.params, task.head_key: head}
+  params = jax.tree.map(lambda x: x.astype(cfg.precision.params) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        params)
+
+  def apply(params, batch, train=False, rng=None, model_state=None):
+    rng_backbone, rng_head = jax.random.split(rng) if rng is not None else (None, None)
+    out, model_state = backbone.apply(params[backbone.key], batch, train, rng_backbone, model_state)
+    return task.head(params[task.head_key], task.features(out, batch), batch, train, rng_head), model_state
+
+  def features(params, model_state, batch):
+    return task.features(backbone.apply(params[backbone.key], batch, False, None, model_state)[0], batch)
+
+  def head_apply(params, batch, train=False, rng=None, model_state=None):
+    return task.head(params[task.head_key], batch["features"], batch, train, rng), model_state
+
+  targets = lora.targets(cfg.lora, backbone.conventions)
+  if targets:
+    params = lora.add_adapters(params, targets, cfg.lora, cfg.seed)
+    apply = lora.wrap(apply, cfg.lora)
+  splits = {s: task.encode(records, s) for s, records in source.splits.items()}
+  phases = phases_lib.build(cfg, params, len(splits["train"]), task, backbone.conventions)
+  for phase in phases:
+    phases_lib.check_cacheable(phase, task)
+  state = init_state(params, phases[0].tx, cfg.seed, backbone.state)
+  buckets = cfg.data.buckets or batching.derived_buckets(cfg.data.max_length)
+  return Experiment(cfg, backbone, task, splits, phases, state, apply, features, head_apply, buckets, best,
+                    best in task.lower_is_better)
+
+
+def setup(exp, log):
+  """(Parallel, the restore target of each phase's checkpoints): its optimizer state, on the mesh."""
+  cfg = exp.cfg
+  par = parallel.Parallel(cfg, parallel.make_mesh(cfg.parallel.mesh), exp.conventions.tensor_parallel)
+  log(parallel.describe(par.mesh) + f", backend {cfg.parallel.backend}")
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (exp.state.params, exp.state.model_state))
+  targets = [par.abstract_state(jax.eval_shape(lambda p, m, tx=ph.tx: init_state(p, tx, cfg.seed, m), *shapes))
+             for ph in exp.phases]
+  return par, targets
+
+
+def restore(ckpt, par, targets, step):
+  """(state on the devices, data position, run record) of checkpoint `step`, in its phase's layout."""
+  k = ckpt.record(step).phase
+  state, data_state, record = ckpt.restore(step, targets[k])
+  return (par.put_state(state, targets[k]) if par.pmap else state), data_state, record
+
+
+def save_model(exp: Experiment, params, out_dir) -> None:
+  """A model directory `model.name` loads back: the backbone in its family's format, and the head."""
+  exp.backbone.save(params[exp.backbone.key], out_dir)
+  exp.task.save(jax.device_get(params[exp.task.head_key]), Path(out_dir))

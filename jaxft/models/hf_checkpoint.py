@@ -1,0 +1,117 @@
+"""Hugging Face checkpoint directories: config, tokenizer, and weights mapped onto a Flax param tree.
+
+The weights are read by jaxft.formats (Flax msgpack, safetensors, PyTorch pickles: never torch) and
+PyTorch names are converted with transformers' public converter; which checkpoint keys went unused
+and which params are new is computed here, by comparing key sets, not by reading library logs.
+"""
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+from flax import traverse_util
+
+from jaxft import formats
+from jaxft.errors import JaxftError
+
+
+@dataclasses.dataclass
+class Checkpoint:
+  path: Path
+  config: Any
+  model: Any  # transformers' Flax base model of the family (loads, converts and saves)
+  params: Any  # the base model's params, loaded
+  tokenizer: Any
+  report: str  # one line: format, unused checkpoint keys, newly initialised params
+
+
+def read_config(path: Path):
+  import transformers
+  if not (path / "config.json").is_file():
+    raise JaxftError(f"not a Hugging Face checkpoint directory (no config.json): {path}")
+  try:
+    return transformers.AutoConfig.from_pretrained(path)
+  except (OSError, ValueError, KeyError) as e:
+    raise JaxftError(f"could not read {path / 'config.json'}: {str(e).splitlines()[0]}") from None
+
+
+def pooling(path: Path) -> str:
+  """'mean' for sentence-transformers checkpoints trained with mean pooling, else 'cls'."""
+  pooling_cfg = path / "1_Pooling" / "config.json"
+  if pooling_cfg.is_file() and json.loads(pooling_cfg.read_text()).get("pooling_mode_mean_tokens"):
+    return "mean"
+  return "cls"
+
+
+def fold(keys: list[str]) -> str:
+  """'classifier/bias', 'classifier/kernel' -> 'classifier/{bias,kernel}'."""
+  groups: dict[str, list[str]] = {}
+  for k in sorted(keys):
+    head, _, leaf = k.rpartition("/")
+    groups.setdefault(head, []).append(leaf)
+  return ", ".join(f"{h}/{{{','.join(v)}}}" if len(v) > 1 else f"{h}/{v[0]}" if h else v[0]
+                   for h, v in groups.items())
+
+
+def _base_model(config, pooler: bool, seed: int, dtype: str):
+  """transformers' Flax base model for `config`, randomly initialised (without the pooler where the
+  class allows leaving it out)."""
+  import transformers
+  from transformers.utils import logging as hf_logging
+  hf_logging.set_verbosity_error()  # its deprecation notice for Flax classes, once per process
+  kwargs = dict(seed=seed, dtype=jnp.dtype(dtype))
+  try:
+    return transformers.FlaxAutoModel.from_config(config, add_pooling_layer=pooler, **kwargs)
+  except TypeError:  # the class has no optional pooler
+    return transformers.FlaxAutoModel.from_config(config, **kwargs)
+  except ValueError as e:
+    raise JaxftError(f"no Flax model class for {config.model_type!r} models in transformers: "
+                     f"{str(e).splitlines()[0]}") from None
+
+
+def _checkpoint_keys(weights: dict, kind: str, model) -> dict:
+  """{param path tuple: array} of the checkpoint, in the base model's naming."""
+  if kind == "pytorch":
+    from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
+    return traverse_util.flatten_dict(convert_pytorch_state_dict_to_flax(weights, model))
+  flat = {tuple(k.split("/")): v for k, v in weights.items()}
+  prefix = model.base_model_prefix
+  if prefix not in model.params and any(k[0] == prefix for k in flat):  # a model with a head -> its base
+    flat = {(k[1:] if k[0] == prefix else k): v for k, v in flat.items()}
+  return flat
+
+
+def load(path: Path, config, pooler: bool, seed: int = 0, dtype: str = "float32") -> Checkpoint:
+  """The base model's params from the checkpoint in `path`; params the checkpoint lacks keep the
+  model's own initialisation and are named in the report."""
+  import transformers
+  model = _base_model(config, pooler, seed, dtype)
+  file = formats.find(path)
+  weights, kind = formats.read(file)
+  try:
+    loaded = _checkpoint_keys(weights, kind, model)
+  except ValueError as e:
+    raise JaxftError(f"{file}: {str(e).splitlines()[0]}") from None
+  expected = traverse_util.flatten_dict(model.params)
+  for k, x in loaded.items():
+    if k in expected and tuple(x.shape) != tuple(expected[k].shape):
+      raise JaxftError(f"{file}: '{'/'.join(k)}' has shape {tuple(x.shape)}, the model expects "
+                       f"{tuple(expected[k].shape)}")
+  unused = ["/".join(k) for k in loaded if k not in expected]
+  new = ["/".join(k) for k in expected if k not in loaded]
+  params = traverse_util.unflatten_dict({k: jnp.asarray(loaded[k]) if k in loaded else x
+                                         for k, x in expected.items()})
+  try:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+  except (OSError, ValueError, KeyError) as e:
+    raise JaxftError(f"could not load the tokenizer of {path}: {str(e).splitlines()[0]}") from None
+  report = (f"{file.name} ({kind} names); unused checkpoint keys: {fold(unused) or 'none'}; "
+            f"not in the checkpoint, newly initialised: {fold(new) or 'none'}")
+  return Checkpoint(path, config, model, params, tokenizer, report)
+
+
+def save(ckpt: Checkpoint, params, out_dir: Path) -> None:
+  """A directory transformers (and jaxft) load back: config, flax_model.msgpack, tokenizer."""
+  ckpt.model.save_pretrained(out_dir, params=params)
+  ckpt.tokenizer.save_pretrained(out_dir)

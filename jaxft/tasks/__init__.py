@@ -1,0 +1,16 @@
+"""Tasks by name (`model.task`): a new task is a module here and one line in TASKS."""
+import importlib
+
+from jaxft.errors import JaxftError
+
+TASKS = {  # name -> "module:Class"
+    "sequence_classification": "sequence_classification:SequenceClassification",
+}
+
+
+def get(name: str):
+  """The Task class registered as `name`."""
+  if name not in TASKS:
+    raise JaxftError(f"unknown model.task '{name}'; known: {', '.join(TASKS)}")
+  module, cls = TASKS[name].split(":")
+  return getattr(importlib.import_module(f"jaxft.tasks.{module}"), cls)

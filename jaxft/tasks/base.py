@@ -1,0 +1,129 @@
+"""The task contract. A task turns raw records into arrays, adds a head to the backbone, and owns its
+loss and metrics. The loop, the step, rules, optimizer, mesh and checkpoints never know which task runs.
+
+Data flow through a task (B: batch, L: tokens, D: hidden size):
+  records --encode--> Examples --collate--> batch dict of [B, ...] numpy arrays
+  backbone outputs --features--> feats --head--> outputs --loss--> (loss, aux)
+                                                        --eval_sums--> summed over a split (device)
+                                                        --eval_rows--> kept per example (host)
+  sums, rows, Examples --finalize--> metrics
+"""
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass
+class Examples:
+  """One split, encoded by its task. `lengths` drives length bucketing; `fields` are what `collate`
+  reads per example; `meta` is host-only data for `finalize` (gold spans, offsets, ...)."""
+  lengths: np.ndarray  # [N] tokens per example
+  fields: dict  # name -> [N] array or list of per-example arrays
+  meta: dict = dataclasses.field(default_factory=dict)
+
+  def __len__(self):
+    return len(self.lengths)
+
+
+class Task:
+  """Base class: a task module subclasses it and is registered in jaxft/tasks/__init__.py."""
+  head_key = "classifier"  # the params subtree the head adds
+  metrics = ("loss",)  # validation metrics finalize returns
+  best_metric = "loss"  # the default train.best_metric
+  lower_is_better = ("loss",)
+  cacheable = False  # features of a frozen backbone can be computed once per example
+
+  def __init__(self, cfg, backbone, source, log=print):
+    """cfg: the run's Config; backbone: models.Backbone; source: data.sources.Source (records of every
+    split, and the class names the source knows)."""
+    self.cfg, self.backbone, self.log = cfg, backbone, log
+
+  @classmethod
+  def needs_pooler(cls, cfg, checkpoint_pooling: str) -> bool:
+    """Whether the backbone should keep its pooler (asked before it loads)."""
+    return False
+
+  @property
+  def head_regex(self) -> str:
+    return f"{self.head_key}/.*"
+
+  def save(self, head_params, out_dir: Path) -> None:
+    """Writes the head beside an exported backbone, where `build` finds it again."""
+    (out_dir / f"{self.head_key}.msgpack").write_bytes(flax.serialization.msgpack_serialize(head_params))
+
+  def encode(self, records: list[dict], split: str) -> Examples:
+    raise NotImplementedError
+
+  def collate(self, ex: Examples, idx: np.ndarray, length: int, batch_size: int) -> dict:
+    """Examples `idx` padded to `length` tokens and `batch_size` rows (extra rows weigh 0)."""
+    raise NotImplementedError
+
+  def init_head(self, rng) -> Any:
+    raise NotImplementedError
+
+  def features(self, backbone_out: dict, batch: dict):
+    """What the head reads (cached per example when the backbone is frozen and `cacheable`)."""
+    return backbone_out["hidden"]
+
+  def head(self, head_params, feats, batch: dict, train: bool, rng) -> Any:
+    raise NotImplementedError
+
+  def loss(self, outputs, batch: dict):
+    """(scalar loss to minimise, {name: scalar} train metrics)."""
+    raise NotImplementedError
+
+  def eval_sums(self, outputs, batch: dict) -> dict:
+    """Arrays summed over all eval batches (on device)."""
+    raise NotImplementedError
+
+  def eval_rows(self, outputs, batch: dict) -> dict:
+    """[B, ...] arrays kept per example for finalize (gathered to the host); {} if none."""
+    return {}
+
+  def finalize(self, sums: dict, rows: dict, ex: Examples) -> dict:
+    """Metrics of a split from the summed arrays and, per example (rows[name][i]), the kept rows."""
+    raise NotImplementedError
+
+  def describe(self, metrics: dict) -> str:
+    """One log line of validation metrics."""
+    return "  ".join(f"{k} {metrics[k]:.4f}" for k in self.metrics)
+
+
+def pad_tokens(seqs, idx, length: int, batch_size: int, pad_id: int, dtype=np.int32):
+  """[batch_size, length] rows of seqs[i] for i in idx (truncated to length), and their 0/1 mask."""
+  ids_BxL = np.full((batch_size, length), pad_id, dtype)
+  mask_BxL = np.zeros((batch_size, length), np.int32)
+  for row, i in enumerate(idx):
+    x = seqs[i][:length]
+    ids_BxL[row, :len(x)] = x
+    mask_BxL[row, :len(x)] = 1
+  return ids_BxL, mask_BxL
+
+
+def dense_head(w, x, rate: float, train: bool, rng):
+  """Dropout, then x @ kernel + bias in float32 (x: [B, D] or [B, L, D])."""
+  if train and rate > 0:
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    x = jnp.where(keep, x / (1.0 - rate), 0.0)
+  return x @ w["kernel"].astype(jnp.float32) + w["bias"].astype(jnp.float32)
+
+
+def new_dense(rng, backbone, n_out: int) -> dict:
+  """A Dense head's params: kernel ~ N(0, init_scale^2) [D, n_out], bias 0."""
+  kernel = backbone.init_scale * jax.random.normal(rng, (backbone.hidden_size, n_out))
+  return {"kernel": kernel, "bias": jnp.zeros((n_out,))}
+
+
+def label_index(names: list[str], values, where: str) -> np.ndarray:
+  """String (or int) labels -> indices into names; an unknown label is a one-line error."""
+  from jaxft.errors import JaxftError
+  index = {n: i for i, n in enumerate(names)}
+  bad = sorted({str(v) for v in values} - set(index))
+  if bad:
+    raise JaxftError(f"{where}: label(s) {bad[:5]} not in the label names {names}")
+  return np.array([index[str(v)] for v in values], np.int32)

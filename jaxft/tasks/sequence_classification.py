@@ -1,0 +1,115 @@
+"""Text classification: one label per text, from a pooled encoding and a new Dense head.
+
+Pooling (model.pooling): `mean` (masked mean over tokens: what sentence-transformers checkpoints are
+trained for), `cls` (the backbone's pooler output, or its first token where it has no pooler), or `auto`
+(the checkpoint's own). Metrics: loss, accuracy, macro-F1 (classes present in the split).
+"""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxft.errors import JaxftError
+from jaxft.tasks.base import Examples, Task, dense_head, label_index, new_dense, pad_tokens
+
+
+def cross_entropy(logits_BxC, labels_B, weights_B):
+  """Weighted mean cross-entropy, and the per-example negative log-likelihood."""
+  logp_BxC = jax.nn.log_softmax(logits_BxC.astype(jnp.float32))
+  nll_B = -jnp.take_along_axis(logp_BxC, labels_B[:, None], axis=-1)[:, 0]
+  loss = jnp.sum(nll_B * weights_B) / jnp.maximum(jnp.sum(weights_B), 1.0)
+  return loss, nll_B
+
+
+def from_confusion(confusion, loss_sum: float, count: float) -> dict:
+  """loss, accuracy and macro-F1 from a [true, pred] confusion matrix of counts."""
+  c = np.asarray(confusion, np.float64)
+  tp = np.diag(c)
+  precision = np.divide(tp, c.sum(0), out=np.zeros_like(tp), where=c.sum(0) > 0)
+  recall = np.divide(tp, c.sum(1), out=np.zeros_like(tp), where=c.sum(1) > 0)
+  f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp),
+                 where=(precision + recall) > 0)
+  present = c.sum(1) > 0  # classes absent from the split do not count in the macro average
+  return {"loss": float(loss_sum / max(count, 1.0)), "accuracy": float(tp.sum() / max(c.sum(), 1.0)),
+          "macro_f1": float(f1[present].mean()) if present.any() else 0.0}
+
+
+class SequenceClassification(Task):
+  metrics = ("loss", "accuracy", "macro_f1")
+  best_metric = "accuracy"
+  cacheable = True
+
+  @classmethod
+  def needs_pooler(cls, cfg, checkpoint_pooling):
+    return (checkpoint_pooling if cfg.model.pooling == "auto" else cfg.model.pooling) == "cls"
+
+  def __init__(self, cfg, backbone, source, log=print):
+    super().__init__(cfg, backbone, source, log)
+    d = cfg.data
+    self.pooling = backbone.pooling if cfg.model.pooling == "auto" else cfg.model.pooling
+    known = source.label_names.get(d.label_column)
+    train = source.splits["train"]
+    missing = [c for c in (d.text_column, d.label_column) if train and c not in train[0]]
+    if missing:
+      raise JaxftError(f"the training data has no column '{missing[0]}' (columns: {', '.join(map(str, train[0]))}); "
+                       f"set data.text_column / data.label_column")
+    self.known = known  # ints in the records index these
+    self.label_names = d.label_names or known or sorted({str(r[d.label_column]) for r in train})
+    self.pad_id = backbone.processor.pad_token_id or 0
+
+  def _label(self, value):
+    return self.known[value] if self.known is not None else value
+
+  def encode(self, records, split):
+    d = self.cfg.data
+    texts = [str(r[d.text_column]) for r in records]
+    out = self.backbone.processor(texts, truncation=True, max_length=d.max_length, padding=False,
+                                  return_attention_mask=False, return_token_type_ids=False)
+    ids = [np.asarray(x, np.int32) for x in out["input_ids"]]
+    labels = label_index(self.label_names, [self._label(r[d.label_column]) for r in records], f"{split} split")
+    return Examples(np.array([len(x) for x in ids]), {"ids": ids, "labels": labels})
+
+  def collate(self, ex, idx, length, batch_size):
+    ids_BxL, mask_BxL = pad_tokens(ex.fields["ids"], idx, length, batch_size, self.pad_id)
+    labels_B = np.zeros((batch_size,), np.int32)
+    labels_B[:len(idx)] = ex.fields["labels"][idx]
+    weights_B = np.zeros((batch_size,), np.float32)
+    weights_B[:len(idx)] = 1.0
+    return {"input_ids": ids_BxL, "attention_mask": mask_BxL, "token_type_ids": np.zeros_like(ids_BxL),
+            "labels": labels_B, "weights": weights_B}
+
+  def init_head(self, rng):
+    return new_dense(rng, self.backbone, len(self.label_names))
+
+  def features(self, backbone_out, batch):
+    if self.pooling == "cls":
+      pooled = backbone_out["pooled"]
+      return (backbone_out["hidden"][:, 0] if pooled is None else pooled).astype(jnp.float32)
+    h_BxLxD = backbone_out["hidden"].astype(jnp.float32)
+    m_BxLx1 = batch["attention_mask"][..., None].astype(h_BxLxD.dtype)
+    return (h_BxLxD * m_BxLx1).sum(1) / jnp.maximum(m_BxLx1.sum(1), 1.0)
+
+  def head(self, w, pooled_BxD, batch, train, rng):
+    return dense_head(w, pooled_BxD, self.backbone.head_dropout, train, rng)
+
+  def loss(self, logits_BxC, batch):
+    loss, _ = cross_entropy(logits_BxC, batch["labels"], batch["weights"])
+    return loss, {"accuracy": jnp.mean((jnp.argmax(logits_BxC, -1) == batch["labels"]).astype(jnp.float32))}
+
+  def eval_sums(self, logits_BxC, batch):
+    w_B = batch["weights"]
+    _, nll_B = cross_entropy(logits_BxC, batch["labels"], w_B)
+    C = len(self.label_names)
+    onehot_true_BxC = jax.nn.one_hot(batch["labels"], C) * w_B[:, None]
+    onehot_pred_BxC = jax.nn.one_hot(jnp.argmax(logits_BxC, -1), C)
+    return {"loss_sum": jnp.sum(nll_B * w_B), "count": jnp.sum(w_B), "confusion": onehot_true_BxC.T @ onehot_pred_BxC}
+
+  def finalize(self, sums, rows, ex):
+    return from_confusion(sums["confusion"], sums["loss_sum"], sums["count"])
+
+  def save(self, head_params, out_dir):
+    super().save(head_params, out_dir)
+    if self.pooling == "mean":  # sentence-transformers' marker: `model.pooling: auto` reads it back
+      (out_dir / "1_Pooling").mkdir(exist_ok=True)
+      (out_dir / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
