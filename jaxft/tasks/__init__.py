@@ -5,6 +5,7 @@ from jaxft.errors import JaxftError
 
 TASKS = {  # name -> "module:Class"
     "sequence_classification": "sequence_classification:SequenceClassification",
+    "token_classification": "token_classification:TokenClassification",
 }
 
 
