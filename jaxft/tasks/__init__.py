@@ -6,6 +6,7 @@ from jaxft.errors import JaxftError
 TASKS = {  # name -> "module:Class"
     "sequence_classification": "sequence_classification:SequenceClassification",
     "token_classification": "token_classification:TokenClassification",
+    "question_answering": "question_answering:QuestionAnswering",
 }
 
 
