@@ -37,11 +37,14 @@ def make_train_step(apply: Callable, loss: Callable, tx: optax.GradientTransform
   """(state, batch) -> (state, metrics). `labels` is the 'train' / 'frozen' tree.
 
   apply(params, batch, train, rng, model_state) -> (outputs, model_state);
-  loss(outputs, batch) -> (scalar loss, {name: scalar} metrics).
+  loss(outputs, batch) -> (scalar loss, {name: scalar} metrics): a mean over what batch["weights"]
+    weighs (examples or tokens), so that the step can combine parts of a batch by their weight.
 
-  axis_name: under pmap, the device axis to average gradients and metrics over.
+  axis_name: under pmap, the device axis to average gradients and metrics over, each device weighted
+    by its sum of weights (tokens differ between devices): the result is the whole batch's mean.
   micro_steps: gradient accumulation; the batch is cut into this many micro-batches, scanned with
-    jax.lax.scan inside the one compiled step, summing into a single gradient buffer.
+    jax.lax.scan inside the one compiled step, summing into a single gradient buffer (micro-batches
+    weighted by their sum of weights, as devices are).
   """
 
   def grads_of(trainable, frozen, model_state, batch, rng):
@@ -68,24 +71,25 @@ def make_train_step(apply: Callable, loss: Callable, tx: optax.GradientTransform
       def body(carry, xs):
         (sums, model_state), (i, mb) = carry, xs
         g, l, a, model_state = grads_of(trainable, frozen, model_state, mb, jax.random.fold_in(rng, i))
-        return (jax.tree.map(jnp.add, sums, (g, l, a)), model_state), None
+        w = jnp.sum(mb["weights"])
+        return (jax.tree.map(lambda s, x: s + w * x, sums, (g, l, a, 1.0)), model_state), None
 
       shapes = jax.eval_shape(lambda: grads_of(trainable, frozen, state.model_state,
                                                jax.tree.map(lambda x: x[0], micro), rng)[:3])
-      init = (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), state.model_state)
-      ((grads, value, aux), model_state), _ = jax.lax.scan(body, init, (jnp.arange(k), micro))
-      grads, value, aux = jax.tree.map(lambda x: x / k, (grads, value, aux))
+      init = (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes + (jnp.zeros(()),)), state.model_state)
+      ((grads, value, aux, total), model_state), _ = jax.lax.scan(body, init, (jnp.arange(k), micro))
+      grads, value, aux = jax.tree.map(lambda x: x / jnp.maximum(total, 1e-12), (grads, value, aux))
 
-    if axis_name:
-      grads = jax.lax.pmean(grads, axis_name)
+    if axis_name:  # the whole batch's mean: devices weighted by their sum of weights
+      w = jnp.sum(batch["weights"])
+      total = jnp.maximum(jax.lax.psum(w, axis_name), 1e-12)
+      grads, value, aux = jax.tree.map(lambda x: jax.lax.psum(w * x, axis_name) / total, (grads, value, aux))
       model_state = jax.lax.pmean(model_state, axis_name)  # BatchNorm statistics agree across devices
     zeros = {p: jnp.zeros_like(x) for p, x in frozen.items()}  # consumed only by set_to_zero
     updates, opt_state = tx.update(rules.merge(grads, zeros), state.opt_state, state.params)
     updates, _ = rules.split(updates, labels, "train")
     new_trainable = optax.apply_updates(trainable, updates)
     metrics = {"loss": value, **aux, "grad_norm": optax.global_norm(grads)}
-    if axis_name:
-      metrics = jax.lax.pmean(metrics, axis_name)
     new_state = state.replace(step=state.step + 1, params=rules.merge(new_trainable, frozen),
                               opt_state=opt_state, model_state=model_state)
     return new_state, metrics

@@ -3,7 +3,7 @@
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/multidevice_run.py DIR NAME=OVERRIDES...
 
 DIR holds tiny_bert/ and tiny_data/ (written by the test); each NAME=a,b,c runs `train` with those
-overrides and reports the per-step train losses from its metrics.jsonl.
+overrides and reports the per-step train losses from its metrics.jsonl, and as NAME/test its test metrics.
 """
 import json
 import os
@@ -48,6 +48,7 @@ def main():
       continue
     rows = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
     out[name] = [r["loss"] for r in rows if r["split"] == "train"]
+    out[name + "/test"] = next(r for r in rows if r["split"] == "test")
   if jax.process_index() == 0:
     print("RESULT " + json.dumps(out), flush=True)
 

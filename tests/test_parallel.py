@@ -49,18 +49,25 @@ def assert_close(losses, ref, name):
 
 @pytest.fixture(scope="module")
 def workdir(tiny_bert, tiny_data, tmp_path_factory):
+  from test_token_classification import write_ner
   root = tmp_path_factory.mktemp("multidevice")
   shutil.copytree(tiny_bert["pt"], root / "tiny_bert" / "pt")
   shutil.copytree(tiny_data, root / "tiny_data")
+  for split, n, seed in (("train", 128, 0), ("validation", 40, 1), ("test", 40, 2)):
+    write_ner(root / "tiny_data" / f"{split}.conll", n, seed)
   return root
 
 
 LORA = "lora.targets=[.*/attention/self/(query|value)/kernel]"
+NER = ("model.task=token_classification,train.epochs=8," + ",".join(f"data.{s}={{root}}/tiny_data/{s}.conll"
+                                                                    for s in ("train", "validation", "test")))
 PHASES = "phases=[{name: head, train_only: [classifier/.*], steps: 3}, {name: top, freeze_bottom_layers: 2, steps: 7}]"
 
 
 def test_every_strategy_matches_one_device(workdir):
-  one = run_devices(1, workdir, {"ref": "", "ref_nodrop": "train.dropout=false", "lora": LORA, "phases": PHASES})
+  ner = NER.format(root=workdir)
+  one = run_devices(1, workdir, {"ref": "", "ref_nodrop": "train.dropout=false", "lora": LORA, "phases": PHASES,
+                                 "ner": ner, "ner_nodrop": f"{ner},train.dropout=false"})
   assert len(one["ref"]) == 10
   eight = run_devices(8, workdir, {
       "dp": "parallel.mesh.data=8",
@@ -73,10 +80,20 @@ def test_every_strategy_matches_one_device(workdir):
       # adapters sharded like their kernels; a phase switch re-shards the new optimizer state
       "lora_dp_tp": f"parallel.mesh.data=4,parallel.mesh.tensor=2,{LORA}",
       "phases_fsdp_tp": f"parallel.mesh.data=1,parallel.mesh.fsdp=4,parallel.mesh.tensor=2,{PHASES}",
+      # per-token outputs gathered from every device for the host-side entity metrics
+      "ner_fsdp": f"parallel.mesh.data=1,parallel.mesh.fsdp=8,{ner}",
+      "ner_pmap": f"parallel.backend=pmap,{ner},train.dropout=false",
   })
-  ref = {"pmap": "ref_nodrop", "lora_dp_tp": "lora", "phases_fsdp_tp": "phases"}
+  ref = {"pmap": "ref_nodrop", "lora_dp_tp": "lora", "phases_fsdp_tp": "phases", "ner_fsdp": "ner",
+         "ner_pmap": "ner_nodrop"}
   for name, losses in eight.items():
-    assert_close(losses, one[ref.get(name, "ref")], name)
+    if not name.endswith("/test"):
+      assert_close(losses, one[ref.get(name, "ref")], name)
+  for name in ("ner_fsdp", "ner_pmap"):  # host-side metrics from per-token outputs of every device
+    got, want = eight[name + "/test"], one[ref[name] + "/test"]
+    assert set(got) == set(want) and want["entity_f1"] > 0, (got, want)
+    for k in set(want) - {"step", "time", "split"}:
+      np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=f"{name} {k}")
 
 
 RESUME = "train.epochs=1.25,train.log_every=1,train.checkpoint_every=10,train.keep=5,freeze_bottom_layers=1"

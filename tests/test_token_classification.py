@@ -132,3 +132,27 @@ def test_tiny_ner_learns_end_to_end(tiny_cfg, tmp_path):
   rows = [json.loads(l) for l in open(Path(cfg.run_dir) / "metrics.jsonl")]
   val = [r for r in rows if r["split"] == "validation"]
   assert val and {"entity_f1", "f1_POS", "f1_NEG", "token_accuracy"} <= set(val[-1])
+
+
+def test_accumulation_weights_micro_batches_by_their_tokens(tiny_cfg, tmp_path):
+  """Micro-batches hold different numbers of tagged tokens: accumulated, the step is still the whole
+  batch's token mean (as it is across devices under pmap: tests/test_parallel.py)."""
+  import jax
+  from jaxft.data import batching
+  from jaxft.experiment import build
+  from jaxft.step import make_train_step
+  write_ner(tmp_path / "train.conll", 128, 0)
+  ner = ("model.task=token_classification", f"data.train={tmp_path / 'train.conll'}", "data.validation=null",
+         "data.test=null", "train.batch_size=32")
+  losses = {}
+  for micro in (1, 4):
+    exp = build(tiny_cfg(*ner, f"train.micro_batch_size={32 // micro}"), print)
+    step = jax.jit(make_train_step(exp.apply, exp.task.loss, exp.tx, exp.labels, dropout=False, micro_steps=micro))
+    batches = batching.TrainBatches(exp.splits["train"], exp.task.collate, 32, 3, 0, [32])
+    state, losses[micro] = exp.state, []
+    for i in range(3):
+      state, m = step(state, batches[i])
+      losses[micro].append(float(m["loss"]))
+  tokens = [batches[0]["weights"][i::4].sum() for i in range(4)]
+  assert len(set(tokens)) > 1  # the micro-batches really differ
+  np.testing.assert_allclose(losses[4], losses[1], rtol=1e-5)
