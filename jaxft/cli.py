@@ -85,7 +85,8 @@ def main(argv=None) -> int:
       from jaxft.experiment import build
       report(build(cfg, console.print), parallel.make_mesh(cfg.parallel.mesh), args.depth, args.params)
   except JaxftError as e:
-    console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+    console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
     return 2
   except KeyboardInterrupt:
     return 130

@@ -36,3 +36,10 @@ def test_inspect_shows_subtrees_status_and_bytes(tiny_bert, tiny_data, tmp_path)
   query = lines["bert/encoder/layer/2/attention/self/query/kernel"]
   assert "(32, 32)" in query and "P(None, 'tensor')" in query
   assert "mesh {'data': 1, 'fsdp': 1, 'tensor': 1} over 1 cpu devices" in r.stdout
+
+
+def test_error_text_is_printed_verbatim():
+  """Brackets in a message ('[/sub]') are text, not rich markup."""
+  r = jaxft("eval", "data.name=files", "data.train=nope.jsonl")
+  assert r.returncode == 2
+  assert r.stderr.strip() == "error: asset not found: nope.jsonl (a local path, pypi:NAME==VER[/sub] or hf:ORG/NAME)"
