@@ -13,7 +13,6 @@ import jax.numpy as jnp
 from jaxft import lora, models, parallel, phases as phases_lib, tasks
 from jaxft.data import batching, sources
 from jaxft.errors import JaxftError
-from jaxft.models import hf_checkpoint
 from jaxft.step import TrainState, init_state, make_eval_step, make_train_step
 
 
@@ -69,7 +68,7 @@ def _head(task, backbone, seed: int):
 def build(cfg, log=print) -> Experiment:
   source = sources.load(cfg.data, log)
   task_cls = tasks.get(cfg.model.task)
-  pooler = task_cls.needs_pooler(cfg, hf_checkpoint.pooling(models.assets.resolve(cfg.model.name)))
+  pooler = task_cls.needs_pooler(cfg, models.pooling_hint(cfg.model))
   backbone = models.load(cfg.model, cfg.seed, cfg.precision.compute, pooler, log)
   task = task_cls(cfg, backbone, source, log)
   best = cfg.train.best_metric or task.best_metric

@@ -8,6 +8,12 @@ from jaxft.models.base import Backbone
 FAMILIES = {"bert": bert}  # model_type -> provider module with supports(config), load(...), CONVENTIONS
 
 
+def pooling_hint(mcfg) -> str:
+  """How the checkpoint was trained to be pooled, read before it loads: 'mean' for sentence-transformers
+  checkpoints, else 'cls' (a task decides from it whether the backbone keeps its pooler)."""
+  return hf_checkpoint.pooling(assets.resolve(mcfg.name))
+
+
 def load(mcfg, seed: int, compute_dtype: str = "float32", pooler: bool = False, log=print) -> Backbone:
   """The backbone named by `mcfg.name`: jaxft's implementation of its family where it has one and
   `mcfg.impl` allows it (auto | jaxft), else transformers' Flax module."""
