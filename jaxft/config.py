@@ -252,12 +252,24 @@ def _all_keys(cls, prefix="") -> list[str]:
   return keys
 
 
+# Names other tools use for a key (the hint for an unknown key that is one of them).
+ALIASES = {"learning_rate": "lr", "learning-rate": "lr", "bs": "batch_size", "num_epochs": "epochs",
+           "n_epochs": "epochs", "epoch": "epochs", "max_seq_length": "max_length", "seq_len": "max_length",
+           "optimizer": "name", "warmup": "warmup_ratio", "lr_scheduler": "schedule", "model_name": "name",
+           "dataset": "name", "output_dir": "run_dir", "grad_clip": "clip_norm", "max_grad_norm": "clip_norm"}
+
+
 def _unknown_key(key: str) -> JaxftError:
-  near = difflib.get_close_matches(key, _all_keys(Config), n=1, cutoff=0.0)
-  # A key that exists under another section ('lr' -> 'optim.lr') beats spelling similarity.
-  leaf = key.split(".")[-1]
-  leaf_near = [k for k in _all_keys(Config) if k.split(".")[-1] == leaf]
-  hint = (leaf_near or near or ["?"])[0]
+  keys = _all_keys(Config)
+  *section, leaf = key.split(".")
+  leaf = ALIASES.get(leaf, leaf)
+  # The same name in this section or another ('lr' -> 'optim.lr'), then spelling within the section,
+  # then spelling anywhere.
+  exact = sorted((k for k in keys if k.split(".")[-1] == leaf), key=lambda k: k.split(".")[:-1] != section)
+  same_section = [k.split(".")[-1] for k in keys if k.split(".")[:-1] == section]
+  near = difflib.get_close_matches(leaf, same_section, n=1, cutoff=0.6)
+  near = [".".join(section + near)] if near else difflib.get_close_matches(key, keys, n=1, cutoff=0.0)
+  hint = (exact or near or ["?"])[0]
   return JaxftError(f"unknown config key '{key}'; did you mean '{hint}'?")
 
 

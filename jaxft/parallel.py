@@ -41,11 +41,11 @@ def make_mesh(mcfg) -> jax.sharding.Mesh:
   known = int(np.prod([s for s in sizes.values() if s != -1]))
   if len(free) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
     raise JaxftError(f"parallel.mesh {sizes}: sizes must be >= 1, and at most one may be -1")
-  if free:
+  if free and n % known == 0:
     sizes[free[0]] = n // known
-  if int(np.prod(list(sizes.values()))) != n:
-    raise JaxftError(f"parallel.mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices; "
-                     f"there are {n}")
+  if free and n % known or not free and known != n:
+    need = f"a multiple of {known}" if free else f"{known}"
+    raise JaxftError(f"parallel.mesh {sizes} needs {need} devices; there are {n}")
   return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES,
                        axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
 

@@ -54,6 +54,10 @@ def build(cfg, params, n_train: int, task, conv) -> list[Phase]:
     epochs = until.get("max_epochs", cfg.train.epochs) if until else end.get("epochs")
     steps = end.get("steps") or batching.steps_for(n_train, cfg.train.batch_size, epochs)
     labels = rules.freeze_labels(pcfg, params, conv, task.head_regex)
+    if "train" not in rules.flat(labels).values():
+      where = f"phase '{spec.get('name', f'phase_{i}')}'" if len(specs) > 1 else "the run"
+      raise JaxftError(f"{where} trains nothing: the freeze rules (freeze, train_only, freeze_embeddings, "
+                       f"freeze_bottom_layers) freeze every parameter")
     tx, lr = optim.make_optimizer(pcfg.optim, params, labels, steps, cfg.train.batch_size, conv)
     phases.append(Phase(spec.get("name", f"phase_{i}"), pcfg, labels, tx, lr, int(steps),
                         {"patience": 1, **until} if until else None))

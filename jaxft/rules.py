@@ -32,7 +32,7 @@ def apply_rules(tree, rules: Rules, default: Any = None, what: str = "rule", str
   strict: a rule that matches no path is an error naming it and a few real paths.
   """
   leaves = flat(tree)
-  compiled = [(re.compile(r), v, r) for r, v in rules]
+  compiled = [(compile_rule(r, what), v, r) for r, v in rules]
   used = [False] * len(compiled)
   out = {}
   for path in leaves:
@@ -52,6 +52,13 @@ def layer_index(path: str, conv) -> int | None:
   """The transformer block a param belongs to, by the family's `layers` convention."""
   m = re.match(conv.layers + r"(\d+)/", path)
   return int(m.group(1)) if m else None
+
+
+def compile_rule(pattern: str, what: str = "rule") -> re.Pattern:
+  try:
+    return re.compile(pattern)
+  except re.error as e:
+    raise JaxftError(f"{what} '{pattern}' is not a valid regex: {e}") from None
 
 
 def num_layers(tree, conv) -> int:

@@ -61,4 +61,5 @@ def load(ckpt: hf_checkpoint.Checkpoint, compute_dtype: str, remat: bool, pooler
                   processor=ckpt.tokenizer, config=c, conventions=CONVENTIONS,
                   save=lambda p, out: hf_checkpoint.save(ckpt, p, out), hidden_size=hidden, num_layers=layers,
                   init_scale=getattr(c, "initializer_range", 0.02), head_dropout=rate,
-                  pooling=hf_checkpoint.pooling(ckpt.path))
+                  pooling=hf_checkpoint.pooling(ckpt.path),
+                  max_length=getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None))
