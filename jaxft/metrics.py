@@ -5,13 +5,22 @@ from pathlib import Path
 
 
 class MetricWriter:
-  """Appends {"step", "split", ...} lines to metrics.jsonl and scalars to TensorBoard."""
+  """Appends {"step", "split", ...} lines to metrics.jsonl and scalars to TensorBoard.
 
-  def __init__(self, run_dir: Path, enabled: bool = True):
+  resume_step: the step the run restarts from (None: from scratch). Rows an interrupted run wrote
+  past it, and earlier test rows, are dropped first, so a resumed run's file reads like one run's."""
+
+  def __init__(self, run_dir: Path, enabled: bool = True, resume_step: int | None = None):
     self.enabled = enabled
     if enabled:
       from tensorboardX import SummaryWriter
-      self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")
+      path = Path(run_dir) / "metrics.jsonl"
+      if path.exists():
+        keep = [line for line in path.read_text().splitlines(keepends=True) if _kept(line, resume_step)]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)  # atomic: a crash here leaves the old file or the new one
+      self.jsonl = open(path, "a")
       self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
   def write(self, step: int, split: str, metrics: dict):
@@ -28,3 +37,11 @@ class MetricWriter:
     if self.enabled:
       self.jsonl.close()
       self.tb.close()
+
+
+def _kept(line: str, resume_step: int | None) -> bool:
+  try:
+    row = json.loads(line)
+  except json.JSONDecodeError:  # a line cut by a crash
+    return False
+  return resume_step is not None and row.get("split") != "test" and row.get("step", 0) <= resume_step

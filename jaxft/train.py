@@ -11,9 +11,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from jaxft import config as config_lib
-from jaxft import parallel, phases as phases_lib, rules
+from jaxft import parallel, phases as phases_lib, rules, run_lock
 from jaxft import metrics as metrics_lib
 from jaxft.checkpoint import Checkpointer, RunRecord
+from jaxft.errors import JaxftError
 from jaxft.data import batching
 from jaxft.evaluate import evaluate, feature_table
 from jaxft.experiment import build, restore, setup
@@ -35,15 +36,27 @@ def train(cfg, console: Console | None = None) -> dict:
   log = console.print if is_main else (lambda *a, **k: None)
   run_dir = Path(cfg.run_dir)
   ckpt_dir = run_dir / "checkpoints"
-  if not cfg.resume and ckpt_dir.exists():
-    log(f"--no-resume: removing the previous checkpoints in {ckpt_dir}")
-    if is_main:
-      shutil.rmtree(ckpt_dir)
-  run_dir.mkdir(parents=True, exist_ok=True)
-
-  exp = build(cfg, log)
-  tcfg, task = exp.cfg.train, exp.task
+  if run_dir.exists() and not run_dir.is_dir():
+    raise JaxftError(f"run_dir {run_dir} exists and is not a directory")
+  exp = build(cfg, log)  # before touching the run dir: a bad config leaves nothing behind
   par, targets = setup(exp, log)
+  try:
+    run_dir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise JaxftError(f"cannot create run_dir {run_dir}: {e.strerror}") from None
+  with run_lock.held(run_dir, enabled=is_main):
+    if not cfg.resume and ckpt_dir.exists():
+      log(f"--no-resume: removing the previous checkpoints in {ckpt_dir}")
+      if is_main:
+        shutil.rmtree(ckpt_dir)
+    return _run(exp, par, targets, console, log)
+
+
+def _run(exp, par, targets, console, log) -> dict:
+  """The loop of `train`, holding the run dir's lock."""
+  cfg, tcfg, task, is_main = exp.cfg, exp.cfg.train, exp.task, jax.process_index() == 0
+  run_dir = Path(cfg.run_dir)
+  ckpt_dir = run_dir / "checkpoints"
   ckpt = Checkpointer(ckpt_dir, tcfg.keep)
 
   data_state, record = None, RunRecord()
@@ -64,7 +77,7 @@ def train(cfg, console: Console | None = None) -> dict:
   batches = iter(dataset)
   if data_state is not None:
     batches.set_state(data_state)
-  writer = metrics_lib.MetricWriter(run_dir, enabled=is_main)
+  writer = metrics_lib.MetricWriter(run_dir, enabled=is_main, resume_step=latest)
   log(f"{len(exp.phases)} phase(s), at most {exp.total_steps} steps of {tcfg.batch_size} "
       f"({len(exp.splits['train'])} train examples)")
 

@@ -46,6 +46,7 @@ def test_resume_is_bitwise_exact(tiny_cfg):
   like = build(cfg, print).state
   ckpt_dir = Path(cfg.run_dir) / "checkpoints"
   uninterrupted = final_params(ckpt_dir.parent, like)
+  rows_before = metric_rows(cfg.run_dir)
   assert sorted(p.name for p in ckpt_dir.iterdir() if p.name.isdigit()) == ["16", "32"]
   shutil.rmtree(ckpt_dir / "32")  # as if killed right after step 16's checkpoint
   train(cfg)
@@ -53,6 +54,13 @@ def test_resume_is_bitwise_exact(tiny_cfg):
   assert sorted(p.name for p in ckpt_dir.iterdir() if p.name.isdigit()) == ["16", "32"]
   for path in uninterrupted:
     np.testing.assert_array_equal(resumed[path], uninterrupted[path], err_msg=path)
+  # metrics.jsonl reads like one run: the rows past step 16 (and the test row) were replaced, not repeated
+  assert metric_rows(cfg.run_dir) == rows_before
+
+
+def metric_rows(run_dir):
+  timing = {"time", "examples_per_s", "step_ms", "compiles"}
+  return [{k: v for k, v in json.loads(l).items() if k not in timing} for l in open(Path(run_dir) / "metrics.jsonl")]
 
 
 def test_unrestorable_checkpoint_stops_instead_of_restarting(tiny_cfg):
@@ -68,3 +76,24 @@ def test_unrestorable_checkpoint_stops_instead_of_restarting(tiny_cfg):
   # --no-resume starts over.
   test = train(tiny_cfg(*three, "resume=false"))
   assert np.isfinite(test["loss"])
+
+
+def test_one_run_per_directory(tiny_cfg):
+  """A live holder of RUN_DIR/.lock makes a second run refuse (touching nothing); a stale one is taken over."""
+  import socket
+  import subprocess
+  import sys
+  cfg = tiny_cfg("train.epochs=0.5")
+  lock = Path(cfg.run_dir) / ".lock"
+  lock.parent.mkdir(parents=True)
+  holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid}))
+    with pytest.raises(JaxftError, match=rf"run_dir .* is in use by process {holder.pid} on "):
+      train(cfg)
+    assert not (Path(cfg.run_dir) / "checkpoints").exists() and lock.exists()
+  finally:
+    holder.kill()
+    holder.wait()
+  train(cfg)  # the holder is gone: its lock is stale
+  assert not lock.exists() and (Path(cfg.run_dir) / "checkpoints").exists()
