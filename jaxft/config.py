@@ -82,6 +82,8 @@ class TrainConfig:
   best_metric: Optional[str] = None  # a validation metric of the task; None: the task's (accuracy, entity_f1, f1)
   dropout: bool = True
   cache_features: bool = False  # head-only training: run the frozen backbone once per example
+  on_nonfinite: str = "stop"  # a step with a nan / inf loss or gradient (its update is never applied):
+  #                             stop (the run, naming the step) | skip_step (go on, counting them)
 
 
 @dataclasses.dataclass
@@ -363,6 +365,8 @@ def validate(cfg: Config) -> None:
         f"({cfg.data.max_length}), got {buckets}")
   check(len(cfg.data.conll_columns) == 2, "config key 'data.conll_columns' must be [token column, tag column]")
   check(cfg.data.sort_window >= 1, "config key 'data.sort_window' must be >= 1")
+  check(cfg.train.on_nonfinite in ("stop", "skip_step"),
+        f"config key 'train.on_nonfinite' must be stop or skip_step, got {cfg.train.on_nonfinite!r}")
   for key in ("batch_size", "eval_batch_size", "log_every", "eval_every", "checkpoint_every", "keep"):
     check(getattr(cfg.train, key) > 0, f"config key 'train.{key}' must be > 0")
   check(cfg.train.epochs > 0, "config key 'train.epochs' must be > 0")

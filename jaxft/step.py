@@ -25,11 +25,14 @@ class TrainState:
   opt_state: Any
   rng: jax.Array  # base key; the dropout key of step s is fold_in(rng, s)
   model_state: Any = dataclasses.field(default_factory=dict)  # mutable model state (BatchNorm statistics)
+  skipped: jax.Array = None  # how many steps had a non-finite loss or gradient (their update skipped)
+  first_skipped: jax.Array = None  # the first such step, -1 if none
 
 
 def init_state(params, tx, seed: int, model_state=None) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=jax.random.PRNGKey(seed), model_state=model_state or {})
+                    rng=jax.random.PRNGKey(seed), model_state=model_state or {},
+                    skipped=jnp.zeros((), jnp.int32), first_skipped=jnp.full((), -1, jnp.int32))
 
 
 def make_train_step(apply: Callable, loss: Callable, tx: optax.GradientTransformation, labels,
@@ -89,9 +92,16 @@ def make_train_step(apply: Callable, loss: Callable, tx: optax.GradientTransform
     updates, opt_state = tx.update(rules.merge(grads, zeros), state.opt_state, state.params)
     updates, _ = rules.split(updates, labels, "train")
     new_trainable = optax.apply_updates(trainable, updates)
-    metrics = {"loss": value, **aux, "grad_norm": optax.global_norm(grads)}
-    new_state = state.replace(step=state.step + 1, params=rules.merge(new_trainable, frozen),
-                              opt_state=opt_state, model_state=model_state)
+    grad_norm = optax.global_norm(grads)
+    # A non-finite loss or gradient must not reach the params: that step's update is dropped, counted.
+    finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    metrics = {"loss": value, **aux, "grad_norm": grad_norm}
+    new_state = state.replace(
+        step=state.step + 1, params=rules.merge(keep(new_trainable, trainable), frozen),
+        opt_state=keep(opt_state, state.opt_state), model_state=keep(model_state, state.model_state),
+        skipped=state.skipped + (~finite).astype(jnp.int32),
+        first_skipped=jnp.where(finite | (state.first_skipped >= 0), state.first_skipped, state.step + 1))
     return new_state, metrics
 
   return train_step

@@ -95,6 +95,7 @@ def _run(exp, par, targets, console, log) -> dict:
            f"evals, at most {phase.max_steps} steps") if phase.until else f"{phase.max_steps} steps"
     log(f"phase {phase.name}: {end}; trainable params {n_train:,} of {rules.count(targets[k].params):,}")
     t_window, window_start, shapes = time.perf_counter(), step, set()
+    skipped = int(jax.device_get(par.host_view(state).skipped))
     while not phases_lib.ended(phase, record, step):
       step += 1
       batch = transform("train")(next(batches))
@@ -104,8 +105,12 @@ def _run(exp, par, targets, console, log) -> dict:
         jax.block_until_ready(state)
       in_phase = step - record.phase_start
       last = in_phase == phase.max_steps
+      is_eval = in_phase % ptcfg.eval_every == 0 or last
+      if step % ptcfg.log_every == 0 or is_eval or step % tcfg.checkpoint_every == 0:
+        skipped = _check_finite(state, par, tcfg, ckpt, log, skipped)
       if step % ptcfg.log_every == 0 or last:
         m = par.metrics(m)
+        m["skipped_steps"] = skipped
         dt = time.perf_counter() - t_window
         m["examples_per_s"] = (step - window_start) * tcfg.batch_size / dt
         m["step_ms"] = 1000 * dt / (step - window_start)
@@ -115,7 +120,6 @@ def _run(exp, par, targets, console, log) -> dict:
         progress.update(bar, completed=step, info=f"{phase.name} loss {m['loss']:.4f}  "
                         f"{m['examples_per_s']:.1f} ex/s")
         t_window, window_start = time.perf_counter(), step
-      is_eval = in_phase % ptcfg.eval_every == 0 or last
       if is_eval or step % tcfg.checkpoint_every == 0:
         if is_eval:
           val = evaluate(exp, par, eval_step_k, state.params, state.model_state, "validation",
@@ -164,6 +168,25 @@ def _run(exp, par, targets, console, log) -> dict:
   if is_main:
     print("test " + task.describe(test), flush=True)
   return test
+
+
+def _check_finite(state, par, tcfg, ckpt, log, reported: int) -> int:
+  """The count of steps whose update was dropped for a non-finite loss or gradient; with
+  train.on_nonfinite=stop the first one ends the run (params stay those of the step before)."""
+  view = par.host_view(state)
+  skipped, first = (int(x) for x in jax.device_get((view.skipped, view.first_skipped)))
+  if skipped and tcfg.on_nonfinite == "stop":
+    ckpt.wait()
+    latest = ckpt.latest_step()
+    ckpt.close()
+    raise JaxftError(f"step {first}: the loss or gradient norm is not finite (nan / inf); its update was not "
+                     f"applied and the run stops (train.on_nonfinite=stop). Newest checkpoint: "
+                     f"{f'{ckpt.directory}/{latest}' if latest is not None else 'none'}. Lower optim.lr, or set "
+                     f"train.on_nonfinite=skip_step to go on without such steps")
+  if skipped > reported:
+    log(f"[bold red]warning:[/] {skipped} step(s) so far had a non-finite loss or gradient norm (the first: step "
+        f"{first}); their updates were skipped (train.on_nonfinite=skip_step)")
+  return skipped
 
 
 def _phase_steps(exp, k, par, state, target, eval_step, axis, log):
