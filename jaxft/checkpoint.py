@@ -46,10 +46,13 @@ class Checkpointer:
   def latest_step(self):
     return self.manager.latest_step()
 
+  def steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
   def save(self, step: int, state, data_state: dict, record: RunRecord):
     """Saves asynchronously; `record.best_step` is preserved from now on."""
     self._best.steps = {record.best_step}
-    if step in self.manager.all_steps():
+    if step in self.steps():
       return
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
                               meta=ocp.args.JsonSave(dataclasses.asdict(record)))

@@ -1,10 +1,15 @@
 """Evaluation over a whole split (the task's eval sums and per-example rows -> its finalize), and the
 cached-feature tables of head-only phases. Every example is seen exactly once; each host feeds its rows."""
+from pathlib import Path
+
 import jax
 import numpy as np
 
 from jaxft import parallel
+from jaxft.checkpoint import Checkpointer
 from jaxft.data import batching
+from jaxft.errors import JaxftError
+from jaxft.experiment import build, restore, setup
 
 
 def split_batches(exp, par, split: str, transform=None):
@@ -47,11 +52,6 @@ def feature_table(exp, par, features, params, model_state, split: str) -> np.nda
 def evaluate_run(cfg, split: str = "test", step: int | None = None, log=print) -> dict:
   """`jaxft eval`: the task's metrics on `split` for checkpoint `step` of the run (default: its best),
   or, when the run has no checkpoints, for the pretrained model as loaded (a zero-shot baseline)."""
-  from pathlib import Path
-
-  from jaxft.checkpoint import Checkpointer
-  from jaxft.errors import JaxftError
-  from jaxft.experiment import build, restore, setup
   exp = build(cfg, log)
   par, targets = setup(exp, log)
   ckpt_dir = Path(cfg.run_dir) / "checkpoints"
@@ -64,9 +64,9 @@ def evaluate_run(cfg, split: str = "test", step: int | None = None, log=print) -
     state = par.put_state(exp.state, targets[0])
   else:
     step = step if step is not None else (ckpt.record(latest).best_step or latest)
-    if step not in ckpt.manager.all_steps():
+    if step not in ckpt.steps():
       raise JaxftError(f"--step {step}: no such checkpoint in {ckpt.directory} "
-                       f"(steps: {', '.join(map(str, ckpt.manager.all_steps()))})")
+                       f"(steps: {', '.join(map(str, ckpt.steps()))})")
     state = restore(ckpt, par, targets, step)[0]
     log(f"evaluating checkpoint {ckpt.directory}/{step}")
     ckpt.close()

@@ -48,9 +48,6 @@ class Experiment:
     """The pure eval step (params, model_state, batch) -> (sums, rows)."""
     return make_eval_step(self.head_apply if cached else self.apply, self.task, axis_name)
 
-  def collate(self, ex, idx, batch_size=None):
-    return batching.collate(ex, idx, self.buckets, self.task.collate, batch_size)
-
 
 def _head(task, backbone, seed: int):
   """A new head, or the one `jaxft export` saved beside the backbone (`<head_key>.msgpack`)."""

@@ -203,7 +203,7 @@ def _phase_steps(exp, k, par, state, target, eval_step, axis, log):
 
   def transform(split):
     def fed(b):  # the task's batch fields stay (labels, weights); the backbone's inputs are replaced
-      out = {key: v for key, v in b.items() if key not in ("input_ids", "attention_mask", "token_type_ids")}
+      out = {key: v for key, v in b.items() if key not in exp.backbone.inputs}
       return {**out, "features": cached[split][np.maximum(b["index"], 0)]}
     return fed
 

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxft.errors import JaxftError
+
 
 @dataclasses.dataclass
 class Examples:
@@ -105,6 +107,25 @@ def pad_tokens(seqs, idx, length: int, batch_size: int, pad_id: int, dtype=np.in
   return ids_BxL, mask_BxL
 
 
+def require_columns(records: list[dict], columns, hint: str) -> None:
+  """A one-line error naming the first of `columns` the (training) records lack."""
+  missing = [c for c in columns if records and c not in records[0]]
+  if missing:
+    raise JaxftError(f"the training data has no column '{missing[0]}' (columns: {', '.join(map(str, records[0]))}); "
+                     f"{hint}")
+
+
+def require_fast_tokenizer(backbone, task: str, why: str) -> None:
+  if not getattr(backbone.processor, "is_fast", False):
+    raise JaxftError(f"{task} needs a fast tokenizer ({why}); {backbone.name} has {type(backbone.processor).__name__}")
+
+
+def nll(logits, labels):
+  """Per-position negative log-likelihood of integer `labels` under `logits` [..., C] (in float32)."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+  return -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+
+
 def dense_head(w, x, rate: float, train: bool, rng):
   """Dropout, then x @ kernel + bias in float32 (x: [B, D] or [B, L, D])."""
   if train and rate > 0:
@@ -121,7 +142,6 @@ def new_dense(rng, backbone, n_out: int) -> dict:
 
 def label_index(names: list[str], values, where: str) -> np.ndarray:
   """String (or int) labels -> indices into names; an unknown label is a one-line error."""
-  from jaxft.errors import JaxftError
   index = {n: i for i, n in enumerate(names)}
   bad = sorted({str(v) for v in values} - set(index))
   if bad:

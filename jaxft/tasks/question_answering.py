@@ -16,12 +16,12 @@ import collections
 import re
 import string
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxft.errors import JaxftError
-from jaxft.tasks.base import Examples, Task, dense_head, new_dense, pad_tokens
+from jaxft.tasks.base import (Examples, Task, dense_head, new_dense, nll, pad_tokens, require_columns,
+                              require_fast_tokenizer)
 
 NEG = -1e9  # the logit of padding tokens
 
@@ -100,13 +100,9 @@ class QuestionAnswering(Task):
     super().__init__(cfg, backbone, source, log)
     d, tok = cfg.data, backbone.processor
     train = source.splits["train"]
-    missing = [c for c in ("question", "context", "answers") if c not in train[0]]
-    if missing:
-      raise JaxftError(f"the training data has no column '{missing[0]}' (columns: {', '.join(map(str, train[0]))}); "
-                       f"question_answering reads SQuAD records: question, context, answers {{text, answer_start}}")
-    if not getattr(tok, "is_fast", False):
-      raise JaxftError(f"question_answering needs a fast tokenizer (character offsets); {backbone.name} has "
-                       f"{type(tok).__name__}")
+    require_columns(train, ("question", "context", "answers"),
+                    "question_answering reads SQuAD records: question, context, answers {text, answer_start}")
+    require_fast_tokenizer(backbone, "question_answering", "character offsets")
     if d.max_answer_length < 1:
       raise JaxftError(f"config key 'data.max_answer_length' must be >= 1, got {d.max_answer_length}")
     questions = [str(r.get("question", "")).lstrip() for records in source.splits.values() for r in records]
@@ -182,8 +178,7 @@ class QuestionAnswering(Task):
     """Per window: (CE(start) + CE(end)) / 2, and whether both argmaxes are right."""
     nll_B, right_B = 0.0, True
     for logits_BxL, gold_B in zip(outputs, (batch["start"], batch["end"])):
-      logp_BxL = jax.nn.log_softmax(logits_BxL.astype(jnp.float32))
-      nll_B = nll_B - jnp.take_along_axis(logp_BxL, gold_B[:, None], axis=-1)[:, 0] / 2
+      nll_B = nll_B + nll(logits_BxL, gold_B) / 2
       right_B = right_B & (jnp.argmax(logits_BxL, -1) == gold_B)
     return nll_B, right_B.astype(jnp.float32)
 

@@ -10,14 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft.errors import JaxftError
-from jaxft.tasks.base import Examples, Task, dense_head, label_index, new_dense, pad_tokens
+from jaxft.tasks.base import Examples, Task, dense_head, label_index, new_dense, nll, pad_tokens, require_columns
 
 
 def cross_entropy(logits_BxC, labels_B, weights_B):
   """Weighted mean cross-entropy, and the per-example negative log-likelihood."""
-  logp_BxC = jax.nn.log_softmax(logits_BxC.astype(jnp.float32))
-  nll_B = -jnp.take_along_axis(logp_BxC, labels_B[:, None], axis=-1)[:, 0]
+  nll_B = nll(logits_BxC, labels_B)
   loss = jnp.sum(nll_B * weights_B) / jnp.maximum(jnp.sum(weights_B), 1.0)
   return loss, nll_B
 
@@ -50,10 +48,7 @@ class SequenceClassification(Task):
     self.pooling = backbone.pooling if cfg.model.pooling == "auto" else cfg.model.pooling
     known = source.label_names.get(d.label_column)
     train = source.splits["train"]
-    missing = [c for c in (d.text_column, d.label_column) if train and c not in train[0]]
-    if missing:
-      raise JaxftError(f"the training data has no column '{missing[0]}' (columns: {', '.join(map(str, train[0]))}); "
-                       f"set data.text_column / data.label_column")
+    require_columns(train, (d.text_column, d.label_column), "set data.text_column / data.label_column")
     self.known = known  # ints in the records index these
     self.label_names = d.label_names or known or sorted({str(r[d.label_column]) for r in train})
     self.pad_id = backbone.processor.pad_token_id or 0

@@ -6,12 +6,12 @@ a (type, first word, last word) span, extracted conlleval-style (an I-X not cont
 starts one), matched on span and type; micro precision / recall / F1 over all entities, F1 per type,
 and token accuracy over the tagged sub-tokens.
 """
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxft.errors import JaxftError
-from jaxft.tasks.base import Examples, Task, dense_head, new_dense, pad_tokens
+from jaxft.tasks.base import (Examples, Task, dense_head, new_dense, nll, pad_tokens, require_columns,
+                              require_fast_tokenizer)
 
 
 def entities(tags: list[str]) -> list[tuple[str, int, int]]:
@@ -52,13 +52,8 @@ class TokenClassification(Task):
     super().__init__(cfg, backbone, source, log)
     d = cfg.data
     train = source.splits["train"]
-    missing = [c for c in (d.tokens_column, d.tags_column) if c not in train[0]]
-    if missing:
-      raise JaxftError(f"the training data has no column '{missing[0]}' (columns: {', '.join(map(str, train[0]))}); "
-                       f"set data.tokens_column / data.tags_column")
-    if not getattr(backbone.processor, "is_fast", False):
-      raise JaxftError(f"token_classification needs a fast tokenizer (word ids); {backbone.name} has "
-                       f"{type(backbone.processor).__name__}")
+    require_columns(train, (d.tokens_column, d.tags_column), "set data.tokens_column / data.tags_column")
+    require_fast_tokenizer(backbone, "token_classification", "word ids")
     self.known = source.label_names.get(d.tags_column)  # ints in the records index these
     tags = {t for r in train for t in self._tags(r)}
     self.label_names = d.label_names or self.known or ["O"] * ("O" in tags) + sorted(tags - {"O"})
@@ -116,20 +111,16 @@ class TokenClassification(Task):
   def head(self, w, h_BxLxD, batch, train, rng):
     return dense_head(w, h_BxLxD.astype(jnp.float32), self.backbone.head_dropout, train, rng)
 
-  def _nll(self, logits_BxLxC, batch):
-    logp_BxLxC = jax.nn.log_softmax(logits_BxLxC.astype(jnp.float32))
-    return -jnp.take_along_axis(logp_BxLxC, batch["labels"][..., None], axis=-1)[..., 0]
-
   def loss(self, logits_BxLxC, batch):
     w_BxL = batch["weights"]
     n = jnp.maximum(w_BxL.sum(), 1.0)
     correct_BxL = (jnp.argmax(logits_BxLxC, -1) == batch["labels"]).astype(jnp.float32)
-    return jnp.sum(self._nll(logits_BxLxC, batch) * w_BxL) / n, {"token_accuracy": jnp.sum(correct_BxL * w_BxL) / n}
+    return jnp.sum(nll(logits_BxLxC, batch["labels"]) * w_BxL) / n, {"token_accuracy": jnp.sum(correct_BxL * w_BxL) / n}
 
   def eval_sums(self, logits_BxLxC, batch):
     w_BxL = batch["weights"]
     correct_BxL = (jnp.argmax(logits_BxLxC, -1) == batch["labels"]).astype(jnp.float32)
-    return {"loss_sum": jnp.sum(self._nll(logits_BxLxC, batch) * w_BxL), "count": w_BxL.sum(),
+    return {"loss_sum": jnp.sum(nll(logits_BxLxC, batch["labels"]) * w_BxL), "count": w_BxL.sum(),
             "correct": jnp.sum(correct_BxL * w_BxL)}
 
   def eval_rows(self, logits_BxLxC, batch):
