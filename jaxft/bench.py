@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft import parallel, rules
+from jaxft import models, parallel, rules
 from jaxft.data import batching
 from jaxft.experiment import build
 
@@ -107,6 +107,8 @@ class Result:
 def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data: str = "synthetic",
           name: str = "default", log=print) -> Result:
   """Times phase 0's train step of `cfg` on fixed-shape batches of `length` tokens."""
+  if length:
+    models.check_length(cfg.model, length, "bench --length")
   length = length or cfg.data.max_length
   cfg.data.max_length, cfg.data.buckets = length, [length]
   exp = build(cfg, log)

@@ -1,11 +1,15 @@
 """Bad input, as a user types it: a one-line error naming the culprit, exit 2, no traceback, and nothing
 left behind (issue 12; more cases come with the rest of that issue)."""
+import random
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import tiny_overrides
+from jaxft import formats
 
 CASES = [  # (command, overrides, text the error line must hold)
     ("inspect", ("freeze=[bert/(]",), "freeze rule 'bert/(' is not a valid regex: missing ), unterminated subpattern"),
@@ -22,6 +26,43 @@ CASES = [  # (command, overrides, text the error line must hold)
     ("inspect", ("model.task=ner",), "config key 'model.task' must be one of sequence_classification"),
     ("inspect", ("train.best_metric=f1",), "'train.best_metric' is 'f1'; sequence_classification reports loss"),
     ("inspect", ("data.text_column=review",), "the training data has no column 'review' (columns: text, label)"),
+    ("bench", ("--length=100",), "bench --length=100 is longer than"),
+    ("train", ("run_dir=/proc/jaxft_x/run",), "cannot create run_dir /proc/jaxft_x/run: No such file or directory"),
+]
+
+
+TORCH_ZIP = Path(__file__).parent / "data" / "torch_pickles" / "pytorch_model.bin"  # torch.save's zip format
+
+
+def half(path: Path) -> bytes:
+  data = path.read_bytes()
+  return data[:len(data) // 2]
+
+
+WEIGHTS = [  # (fixture dir, weights file written in its place, its bytes from the good file, the error line's text)
+    ("pt", "model.safetensors", half, "cannot read {path}: SafetensorError"),
+    ("flax", "flax_model.msgpack", half, "cannot read {path}: ValueError"),
+    ("pt", "pytorch_model.bin", lambda _: half(TORCH_ZIP), "cannot read PyTorch pickle {path}: BadZipFile"),
+    ("pt", "model.safetensors", lambda p: random.Random(0).randbytes(p.stat().st_size), "cannot read {path}: "),
+]
+
+GOOD_ROWS = '{"text": "good movie", "label": "pos"}\n{"text": "bad film", "label": "neg"}\n'
+ONE_CLASS = '{"text": "good", "label": "pos"}\n' * 20
+NER = ("model.task=token_classification", "data.validation=null", "data.test=null")
+DATA = [  # (file, its text or bytes, overrides, the error line's text)
+    ("t.jsonl", GOOD_ROWS.encode() + b'{"text": "\xe9", "label": "pos"}\n', (), "{path}:3: not UTF-8 text (byte 0xe9)"),
+    ("t.csv", b"text,label\ngood,pos\nbad \xff,neg\n", (), "{path}:3: not UTF-8 text (byte 0xff)"),
+    ("t.conll", b"good O\nfilm\tB-X\n\n\x80 O\n", NER, "{path}:4: not UTF-8 text (byte 0x80)"),
+    ("t.jsonl", GOOD_ROWS + '{"text": "fun"}\n', (), "{path}:3: no key 'label' (keys: text)"),
+    ("t.jsonl", GOOD_ROWS + '\n{"label": "pos"}\n', (), "{path}:4: no key 'text' (keys: label)"),
+    ("t.jsonl", GOOD_ROWS + '{"text": null, "label": "pos"}\n', (), "{path}:3: 'text' is null, expected a string"),
+    ("t.jsonl", GOOD_ROWS + '{"text": 5, "label": "pos"}\n', (), "{path}:3: 'text' is an integer (5), expected a"),
+    ("t.jsonl", GOOD_ROWS + '{"text": ["fun"], "label": "neg"}\n', (), "{path}:3: 'text' is a list (['fun'])"),
+    ("t.csv", "text,label\ngood,pos\nbad film\nfun,pos\n", (), "{path}:3: 1 field(s) where the header has 2"),
+    ("t.jsonl", ONE_CLASS, ("data.validation=null", "data.test=null"),
+     "data.label_column 'label' has one class only, 'pos', in every split: nothing to learn"),
+    ("t.jsonl", ONE_CLASS, (), "one class only in data.label_column 'label': 'pos' (validation / test have ['neg'])"),
+    ("t.conll", "good O\nfilm O\n\nbad O\n", NER, "data.tags_column 'tags' has one class only, 'O', in every split"),
 ]
 
 
@@ -29,12 +70,16 @@ def jaxft(*args):
   return subprocess.run([sys.executable, "-m", "jaxft.cli", *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("command,overrides,message", CASES, ids=[c[1][0][:40] for c in CASES])
-def test_one_line_error_and_exit_2(tiny_bert, tiny_data, tmp_path, command, overrides, message):
-  r = jaxft(command, *tiny_overrides(tiny_bert, tiny_data, tmp_path / "run"), *overrides)
+def assert_one_line_error(r, message):
   last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
   assert r.returncode == 2 and last.startswith("error: ") and message in last, r.stderr[-2000:]
   assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("command,overrides,message", CASES, ids=[c[1][0][:40] for c in CASES])
+def test_one_line_error_and_exit_2(tiny_bert, tiny_data, tmp_path, command, overrides, message):
+  r = jaxft(command, *tiny_overrides(tiny_bert, tiny_data, tmp_path / "run"), *overrides)
+  assert_one_line_error(r, message)
 
 
 def test_failed_train_leaves_nothing_behind(tiny_bert, tiny_data, tmp_path):
@@ -49,3 +94,32 @@ def test_run_dir_that_is_a_file(tiny_bert, tiny_data, tmp_path):
   assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == \
       f"error: run_dir {tmp_path / 'run'} exists and is not a directory"
   assert (tmp_path / "run").read_text() == "not a dir"
+
+
+@pytest.mark.parametrize("fmt,name,damage,message", WEIGHTS,
+                         ids=["safetensors_half", "msgpack_half", "torch_zip_half", "random_bytes"])
+def test_damaged_weights_name_the_file(tiny_bert, tiny_data, tmp_path, fmt, name, damage, message):
+  model = shutil.copytree(tiny_bert[fmt], tmp_path / "model")  # a copy: the session's fixture stays whole
+  good = formats.find(model).rename(tmp_path / "good")
+  (model / name).write_bytes(damage(good))
+  r = jaxft("inspect", *tiny_overrides(tiny_bert, tiny_data, tmp_path / "run"), f"model.name={model}")
+  assert_one_line_error(r, message.format(path=model / name))
+
+
+@pytest.mark.parametrize("name,content,overrides,message", DATA, ids=[
+    "jsonl_utf8", "csv_utf8", "conll_utf8", "no_label", "no_text", "null_text", "number_text", "list_text",
+    "csv_short_row", "one_class", "one_class_in_train", "ner_one_tag"])
+def test_bad_data_file_names_file_and_line(tiny_bert, tiny_data, tmp_path, name, content, overrides, message):
+  path = tmp_path / name
+  (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+  r = jaxft("inspect", *tiny_overrides(tiny_bert, tiny_data, tmp_path / "run"), f"data.train={path}", *overrides)
+  assert_one_line_error(r, message.format(path=path))
+
+
+def test_one_class_in_train_with_label_names_is_a_warning(tiny_bert, tiny_data, tmp_path):
+  """The label names list the class that validation / test bring: the run may be meant, so it goes on."""
+  (tmp_path / "t.jsonl").write_text(ONE_CLASS)
+  r = jaxft("inspect", *tiny_overrides(tiny_bert, tiny_data, tmp_path / "run"), f"data.train={tmp_path / 't.jsonl'}",
+            "data.label_names=[neg, pos]")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "warning: the training data has one class only in data.label_column 'label'" in " ".join(r.stderr.split())

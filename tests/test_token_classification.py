@@ -89,7 +89,7 @@ def test_truncated_words_are_reported_and_count_as_o(subword_tokenizer):
 
 
 def test_loss_is_the_mean_over_weighted_tokens(subword_tokenizer):
-  t, _ = task(subword_tokenizer, [{"tokens": ["the"], "tags": ["B-X"]}])
+  t, _ = task(subword_tokenizer, [{"tokens": ["the", "film"], "tags": ["B-X", "O"]}])
   logits = jnp.log(jnp.array([[[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]]]))
   batch = {"labels": jnp.array([[0, 1, 1]]), "weights": jnp.array([[0.0, 1.0, 1.0]])}
   loss, aux = t.loss(logits, batch)
@@ -100,7 +100,7 @@ def test_loss_is_the_mean_over_weighted_tokens(subword_tokenizer):
 def test_bad_tags_are_one_line_errors(subword_tokenizer):
   with pytest.raises(JaxftError, match="expects BIO / IOB2 tags"):
     task(subword_tokenizer, [{"tokens": ["the"], "tags": ["PER"]}])
-  t, _ = task(subword_tokenizer, [{"tokens": ["the"], "tags": ["B-X"]}])
+  t, _ = task(subword_tokenizer, [{"tokens": ["the", "film"], "tags": ["B-X", "O"]}])
   with pytest.raises(JaxftError, match="validation example 0: 2 tokens but 1 tags"):
     t.encode([{"tokens": ["the", "film"], "tags": ["O"]}], "validation")
   with pytest.raises(JaxftError, match=r"tag\(s\) \['B-Y'\] not in the tag names"):

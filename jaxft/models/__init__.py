@@ -3,7 +3,7 @@
 from jaxft import assets
 from jaxft.errors import JaxftError
 from jaxft.models import bert, hf_checkpoint, hf_flax
-from jaxft.models.base import Backbone
+from jaxft.models.base import Backbone, max_positions
 
 FAMILIES = {"bert": bert}  # model_type -> provider module with supports(config), load(...), CONVENTIONS
 
@@ -12,6 +12,15 @@ def pooling_hint(mcfg) -> str:
   """How the checkpoint was trained to be pooled, read before it loads: 'mean' for sentence-transformers
   checkpoints, else 'cls' (a task decides from it whether the backbone keeps its pooler)."""
   return hf_checkpoint.pooling(assets.resolve(mcfg.name))
+
+
+def check_length(mcfg, length: int, what: str) -> None:
+  """Inputs of `length` tokens (set by `what`) must fit the position embeddings of the model `mcfg` names:
+  read from its config, before the weights load."""
+  path = assets.resolve(mcfg.name)
+  limit = max_positions(hf_checkpoint.read_config(path))
+  if limit and length > limit:
+    raise JaxftError(f"{what}={length} is longer than {path} has position embeddings for ({limit})")
 
 
 def load(mcfg, seed: int, compute_dtype: str = "float32", pooler: bool = False, log=print) -> Backbone:

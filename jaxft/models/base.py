@@ -45,3 +45,8 @@ class Backbone:
   max_length: int | None = None  # the longest input it has position embeddings for
   inputs: tuple = ("input_ids", "attention_mask", "token_type_ids")  # the batch fields apply reads
   state: Any = dataclasses.field(default_factory=dict)
+
+
+def max_positions(config) -> int | None:
+  """The longest input a family's config has position embeddings for (None: not bounded by a table)."""
+  return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)

@@ -140,6 +140,50 @@ def new_dense(rng, backbone, n_out: int) -> dict:
   return {"kernel": kernel, "bias": jnp.zeros((n_out,))}
 
 
+_KINDS = {type(None): "null", bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+          list: "a list", dict: "an object"}
+
+
+def where(records: list[dict], i: int, split: str) -> str:
+  """Where record i of a split was read: FILE:LINE for local files (files.Record), else 'SPLIT example I'."""
+  return getattr(records[i], "origin", None) or f"{split} example {i}"
+
+
+def column(records: list[dict], key: str, split: str, types: tuple = (str,)) -> list:
+  """Every record's `key`; a record without it, or with a value of another type (null, a number for a
+  text), is a one-line error naming where the record was read and the key."""
+  out = []
+  for i, r in enumerate(records):
+    value = r.get(key)
+    if not isinstance(value, types):
+      kind = _KINDS.get(type(value), f"a {type(value).__name__}")
+      problem = (f"no key '{key}' (keys: {', '.join(map(str, r))})" if key not in r else
+                 f"'{key}' is {kind}{'' if value is None else f' ({str(value)[:40]})'}, expected "
+                 f"{' or '.join(_KINDS[t] for t in types)}")
+      raise JaxftError(f"{where(records, i, split)}: {problem}")
+    out.append(value)
+  return out
+
+
+def require_classes(what: str, names: list[str], train: set, classes_of, log) -> None:
+  """The training data must have two classes or more (labels, or tags). With one only, there is nothing to
+  tell apart: an error when validation and test have no other class either (a constant column, most likely
+  not the label column) or have others the label names lack (names taken from the training data); a loud
+  warning when the label names list the others (data.label_names, or the source's), since a run that can
+  only learn to predict the one class may be meant. train: the training data's classes; classes_of(split):
+  a split's (read only in that case); what: the column, as "data.label_column 'label'"."""
+  if len(train) != 1:
+    return
+  (only,) = train
+  others = sorted((classes_of("validation") | classes_of("test")) - train)
+  if not others:
+    raise JaxftError(f"{what} has one class only, '{only}', in every split: nothing to learn (is it the right column?)")
+  message = f"the training data has one class only in {what}: '{only}' (validation / test have {others[:5]})"
+  if not set(others) <= set(names):
+    raise JaxftError(f"{message}; put examples of every class in data.train, or list them all in data.label_names")
+  log(f"[bold red]warning:[/] {message}: the run can only learn to predict '{only}'")
+
+
 def label_index(names: list[str], values, where: str) -> np.ndarray:
   """String (or int) labels -> indices into names; an unknown label is a one-line error."""
   index = {n: i for i, n in enumerate(names)}

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft.errors import JaxftError
-from jaxft.tasks.base import (Examples, Task, dense_head, new_dense, nll, pad_tokens, require_columns,
-                              require_fast_tokenizer)
+from jaxft.tasks.base import (Examples, Task, column, dense_head, new_dense, nll, pad_tokens, require_columns,
+                              require_fast_tokenizer, where)
 
 NEG = -1e9  # the logit of padding tokens
 
@@ -116,16 +116,14 @@ class QuestionAnswering(Task):
       raise JaxftError(f"config key 'data.stride' must be >= 0 and < {room}, the context tokens a window holds "
                        f"(data.max_length={d.max_length} minus the longest question, {longest} tokens, and "
                        f"{specials} special tokens), got {d.stride}")
-    self.has_null = any(not answers_of(r, f"train example {i}") for i, r in enumerate(train))
+    self.has_null = any(not answers_of(r, where(train, i, "train")) for i, r in enumerate(train))
     self.pad_id = tok.pad_token_id or 0
 
   def encode(self, records, split):
     d = self.cfg.data
-    for i, r in enumerate(records):
-      if "question" not in r or "context" not in r:
-        raise JaxftError(f"{split} example {i}: no 'question' or 'context' (keys: {', '.join(map(str, r))})")
-    golds = [answers_of(r, f"{split} example {i}") for i, r in enumerate(records)]
-    enc = self.backbone.processor([str(r["question"]).lstrip() for r in records], [str(r["context"]) for r in records],
+    questions, contexts = column(records, "question", split), column(records, "context", split)
+    golds = [answers_of(r, where(records, i, split)) for i, r in enumerate(records)]
+    enc = self.backbone.processor([q.lstrip() for q in questions], contexts,
                                   truncation="only_second", max_length=d.max_length, stride=d.stride,
                                   return_overflowing_tokens=True, return_offsets_mapping=True, padding=False,
                                   return_attention_mask=False)
@@ -154,7 +152,7 @@ class QuestionAnswering(Task):
              (f"; {lost} of {answerable} answers fit in no window of data.max_length={d.max_length} "
               f"(those windows target [CLS])" if lost else ""))
     return Examples(np.array([len(x) for x in ids]), {"ids": ids, "types": types, "start": start_W, "end": end_W},
-                    meta={"question": question_W, "offsets": offsets, "context": [str(r["context"]) for r in records],
+                    meta={"question": question_W, "offsets": offsets, "context": contexts,
                           "answers": [[t for t, _ in g] for g in golds],
                           "id": [str(r.get("id", i)) for i, r in enumerate(records)]})
 

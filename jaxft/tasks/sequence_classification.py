@@ -2,7 +2,9 @@
 
 Pooling (model.pooling): `mean` (masked mean over tokens: what sentence-transformers checkpoints are
 trained for), `cls` (the backbone's pooler output, or its first token where it has no pooler), or `auto`
-(the checkpoint's own). Metrics: loss, accuracy, macro-F1 (classes present in the split).
+(the checkpoint's own). Metrics: loss, accuracy, macro-F1 (classes present in the split). Training data
+with one class only is an error, or a warning where the label names list the classes validation / test
+bring (tasks.base.require_classes).
 """
 import json
 
@@ -10,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft.tasks.base import Examples, Task, dense_head, label_index, new_dense, nll, pad_tokens, require_columns
+from jaxft.tasks.base import (Examples, Task, column, dense_head, label_index, new_dense, nll, pad_tokens,
+                              require_classes, require_columns)
 
 
 def cross_entropy(logits_BxC, labels_B, weights_B):
@@ -50,19 +53,24 @@ class SequenceClassification(Task):
     train = source.splits["train"]
     require_columns(train, (d.text_column, d.label_column), "set data.text_column / data.label_column")
     self.known = known  # ints in the records index these
-    self.label_names = d.label_names or known or sorted({str(r[d.label_column]) for r in train})
+    classes = set(self._labels(train, "train"))
+    self.label_names = d.label_names or known or sorted(classes)
+    require_classes(f"data.label_column '{d.label_column}'", self.label_names, classes,
+                    lambda split: set(self._labels(source.splits.get(split, []), split)), log)
     self.pad_id = backbone.processor.pad_token_id or 0
 
-  def _label(self, value):
-    return self.known[value] if self.known is not None else value
+  def _labels(self, records, split) -> list[str]:
+    if self.known is not None:
+      return [self.known[v] for v in column(records, self.cfg.data.label_column, split, (int,))]
+    return [str(v) for v in column(records, self.cfg.data.label_column, split, (str, int))]
 
   def encode(self, records, split):
     d = self.cfg.data
-    texts = [str(r[d.text_column]) for r in records]
+    texts = column(records, d.text_column, split)
     out = self.backbone.processor(texts, truncation=True, max_length=d.max_length, padding=False,
                                   return_attention_mask=False, return_token_type_ids=False)
     ids = [np.asarray(x, np.int32) for x in out["input_ids"]]
-    labels = label_index(self.label_names, [self._label(r[d.label_column]) for r in records], f"{split} split")
+    labels = label_index(self.label_names, self._labels(records, split), f"{split} split")
     return Examples(np.array([len(x) for x in ids]), {"ids": ids, "labels": labels})
 
   def collate(self, ex, idx, length, batch_size):

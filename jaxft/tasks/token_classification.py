@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft.errors import JaxftError
-from jaxft.tasks.base import (Examples, Task, dense_head, new_dense, nll, pad_tokens, require_columns,
-                              require_fast_tokenizer)
+from jaxft.tasks.base import (Examples, Task, column, dense_head, new_dense, nll, pad_tokens, require_classes,
+                              require_columns, require_fast_tokenizer, where)
 
 
 def entities(tags: list[str]) -> list[tuple[str, int, int]]:
@@ -55,27 +55,30 @@ class TokenClassification(Task):
     require_columns(train, (d.tokens_column, d.tags_column), "set data.tokens_column / data.tags_column")
     require_fast_tokenizer(backbone, "token_classification", "word ids")
     self.known = source.label_names.get(d.tags_column)  # ints in the records index these
-    tags = {t for r in train for t in self._tags(r)}
+    tags = {t for ts in self._tags(train, "train") for t in ts}
     self.label_names = d.label_names or self.known or ["O"] * ("O" in tags) + sorted(tags - {"O"})
     bad = [t for t in self.label_names if t != "O" and t[:2] not in ("B-", "I-")]
     if bad:
       raise JaxftError(f"token_classification expects BIO / IOB2 tags (O, B-TYPE, I-TYPE); got {bad[:3]}")
+    require_classes(f"data.tags_column '{d.tags_column}'", self.label_names, tags,
+                    lambda split: {t for ts in self._tags(source.splits.get(split, []), split) for t in ts}, log)
     self.index = {t: i for i, t in enumerate(self.label_names)}
     self.pad_id = backbone.processor.pad_token_id or 0
 
-  def _tags(self, record):
-    tags = record[self.cfg.data.tags_column]
-    return [self.known[t] for t in tags] if self.known is not None else [str(t) for t in tags]
+  def _tags(self, records, split) -> list[list[str]]:
+    tags = column(records, self.cfg.data.tags_column, split, (list,))
+    return [[self.known[t] for t in ts] if self.known is not None else [str(t) for t in ts] for ts in tags]
 
   def encode(self, records, split):
     d = self.cfg.data
-    words = [[str(w) for w in r[d.tokens_column]] for r in records]
-    tags = [self._tags(r) for r in records]
+    words = [[str(w) for w in ws] for ws in column(records, d.tokens_column, split, (list,))]
+    tags = self._tags(records, split)
     for i, (w, t) in enumerate(zip(words, tags)):
       if len(w) != len(t):
-        raise JaxftError(f"{split} example {i}: {len(w)} tokens but {len(t)} tags")
+        raise JaxftError(f"{where(records, i, split)}: {len(w)} tokens but {len(t)} tags")
       if (unknown := set(t) - set(self.index)):
-        raise JaxftError(f"{split} example {i}: tag(s) {sorted(unknown)[:3]} not in the tag names {self.label_names}")
+        raise JaxftError(f"{where(records, i, split)}: tag(s) {sorted(unknown)[:3]} not in the tag names "
+                         f"{self.label_names}")
     enc = self.backbone.processor(words, is_split_into_words=True, truncation=True, max_length=d.max_length,
                                   return_attention_mask=False, return_token_type_ids=False)
     ids, labels, first = [], [], []

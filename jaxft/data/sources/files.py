@@ -2,10 +2,13 @@
 
   .jsonl              one JSON object per line
   .json               SQuAD format ({"data": [{"paragraphs": [{"context", "qas"}]}]}) or a list of objects
-  .csv / .tsv         a header row, then one record per row
+  .csv / .tsv         a header row, then one record per row, with as many fields as the header
   .conll / .txt       CoNLL: one token per line with its tag in data.conll_columns [token, tag] (whitespace-
                       or tab-separated), a blank (or whitespace-only) line between sentences ->
                       {data.tokens_column: [...], data.tags_column: [...]}
+
+Files are UTF-8 (a byte order mark is skipped). Records of line-based files are `Record`s, which know their
+file and line, so a task's error about a record names FILE:LINE.
 """
 import csv
 import io
@@ -15,47 +18,100 @@ from jaxft import assets
 from jaxft.errors import JaxftError
 
 
+class Record(dict):
+  """A record that knows where it was read: `origin` is 'FILE:LINE' (of its first line)."""
+  __slots__ = ("file", "line")
+
+  def __init__(self, fields, file, line: int):
+    super().__init__(fields)
+    self.file, self.line = file, line
+
+  @property
+  def origin(self) -> str:
+    return f"{self.file}:{self.line}"
+
+
+def _text(p) -> str:
+  """The file's text; bytes that are not UTF-8 are a one-line error naming the line."""
+  data = p.read_bytes()
+  try:
+    return data.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    raise JaxftError(f"{p}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
+
+
+def _lines(p) -> list[str]:
+  """The file's lines (split at line feeds only: U+2028 and the like are text, not line breaks)."""
+  return [line.rstrip("\r") for line in _text(p).split("\n")]
+
+
 def _jsonl(p):
   rows = []
-  for i, line in enumerate(p.read_text().splitlines()):
+  for i, line in enumerate(_lines(p)):
     if line.strip():
       try:
-        rows.append(json.loads(line))
+        obj = json.loads(line)
       except json.JSONDecodeError as e:
         raise JaxftError(f"{p}:{i + 1}: not valid JSON ({e.msg})") from None
+      if not isinstance(obj, dict):
+        raise JaxftError(f"{p}:{i + 1}: expected a JSON object, got {type(obj).__name__} {line.strip()[:40]}")
+      rows.append(Record(obj, p, i + 1))
   return rows
 
 
 def _json(p):
   try:
-    doc = json.loads(p.read_text())
+    doc = json.loads(_text(p))
   except json.JSONDecodeError as e:
     raise JaxftError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
   if isinstance(doc, list):
+    bad = next((i for i, r in enumerate(doc) if not isinstance(r, dict)), None)
+    if bad is not None:
+      raise JaxftError(f"{p}: record {bad + 1} is not a JSON object: {json.dumps(doc[bad])[:40]}")
     return doc
   if not (isinstance(doc, dict) and isinstance(doc.get("data"), list)):
     raise JaxftError(f"{p}: expected a list of records or SQuAD format ({{\"data\": [...]}})")
   rows = []  # SQuAD: one record per question
-  for article in doc["data"]:
-    for para in article.get("paragraphs", []):
-      for qa in para.get("qas", []):
-        answers = [] if qa.get("is_impossible") else qa.get("answers", [])
-        rows.append({"id": str(qa.get("id", len(rows))), "context": para["context"], "question": qa["question"],
-                     "answers": {"text": [a["text"] for a in answers],
-                                 "answer_start": [int(a["answer_start"]) for a in answers]}})
+  try:
+    for article in doc["data"]:
+      for para in article.get("paragraphs", []):
+        for qa in para.get("qas", []):
+          answers = [] if qa.get("is_impossible") else qa.get("answers", [])
+          rows.append({"id": str(qa.get("id", len(rows))), "context": para["context"], "question": qa["question"],
+                       "answers": {"text": [a["text"] for a in answers],
+                                   "answer_start": [int(a["answer_start"]) for a in answers]}})
+  except (KeyError, TypeError, ValueError, AttributeError) as e:
+    raise JaxftError(f"{p}: question {len(rows) + 1} is not in SQuAD format ({type(e).__name__}: {e})") from None
+  return rows
+
+
+def _csv(p, delimiter: str):
+  reader = csv.reader(io.StringIO(_text(p)), delimiter=delimiter)
+  header = next(reader, [])
+  rows, line = [], reader.line_num + 1
+  for fields in reader:
+    if fields and len(fields) != len(header):
+      raise JaxftError(f"{p}:{line}: {len(fields)} field(s) where the header has {len(header)} "
+                       f"({delimiter.join(header)})")
+    if fields:
+      rows.append(Record(zip(header, fields), p, line))
+    line = reader.line_num + 1
   return rows
 
 
 def _conll(p, dcfg):
   tok_col, tag_col = dcfg.conll_columns
-  rows, tokens, tags = [], [], []
-  for i, line in enumerate(p.read_text().splitlines()):
+  rows, tokens, tags, first = [], [], [], 1
+  for i, line in enumerate(_lines(p)):
     if not line.strip() or line.startswith("-DOCSTART-"):
       if tokens:
-        rows.append({dcfg.tokens_column: tokens, dcfg.tags_column: tags})
+        rows.append(Record({dcfg.tokens_column: tokens, dcfg.tags_column: tags}, p, first))
         tokens, tags = [], []
       continue
-    cols = line.rstrip("\n").split("\t") if "\t" in line else line.split()
+    cols = line.split("\t") if "\t" in line else line.split()
+    if not tokens:
+      first = i + 1
     try:
       tokens.append(cols[tok_col].strip())
       tags.append(cols[tag_col].strip())
@@ -63,7 +119,7 @@ def _conll(p, dcfg):
       raise JaxftError(f"{p}:{i + 1}: no column {max(tok_col, tag_col)} (data.conll_columns "
                        f"{dcfg.conll_columns}) in {line!r}") from None
   if tokens:
-    rows.append({dcfg.tokens_column: tokens, dcfg.tags_column: tags})
+    rows.append(Record({dcfg.tokens_column: tokens, dcfg.tags_column: tags}, p, first))
   return rows
 
 
@@ -74,7 +130,7 @@ def read(path: str, dcfg) -> list[dict]:
   elif p.suffix == ".json":
     rows = _json(p)
   elif p.suffix in (".csv", ".tsv"):
-    rows = list(csv.DictReader(io.StringIO(p.read_text()), delimiter="\t" if p.suffix == ".tsv" else ","))
+    rows = _csv(p, "\t" if p.suffix == ".tsv" else ",")
   elif p.suffix in (".conll", ".txt"):
     rows = _conll(p, dcfg)
   else:
