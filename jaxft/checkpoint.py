@@ -1,12 +1,41 @@
-"""orbax checkpoints of (train state, data-iterator position, run record): async, last K + best."""
+"""orbax checkpoints of (train state, data-iterator position, run record): async, last K + best.
+
+A checkpoint that cannot be restored while an older one can is damaged: it is moved to RUN_DIR/damaged/,
+never deleted. A save that fails (full disk, no permission) is a JaxftError; earlier checkpoints stay.
+"""
+import contextlib
 import dataclasses
+import os
+import re
+import shutil
+import threading
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as cm
 
+from jaxft import faults
 from jaxft.errors import JaxftError
+
+
+class RestoreError(JaxftError):
+  """Checkpoint `step` exists but cannot be restored."""
+
+  def __init__(self, directory: Path, step: int, reason: str):
+    self.step, self.reason = step, reason
+    super().__init__(f"checkpoint {directory}/{step} cannot be restored ({reason})")
+
+
+def _reason(e: Exception) -> str:
+  """The OS error behind an exception if it names one, else its first line (without TensorStore's spec)."""
+  if isinstance(e, OSError) and e.strerror:
+    return f"{e.strerror} (errno {e.errno})"
+  if code := re.search(r"\[os_error_code='(\d+)'\]", str(e)):
+    return f"{os.strerror(int(code[1]))} (errno {code[1]})"
+  first = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore details")[0]
+  return f"{type(e).__name__}: {first[:300]}" if first else type(e).__name__
 
 
 @dataclasses.dataclass
@@ -40,8 +69,10 @@ class Checkpointer:
     self.directory = Path(directory).absolute()
     self._best = _KeepSteps(set())
     policy = cm.AnyPreservationPolicy([cm.LatestN(n=keep), self._best])
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True)
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True,
+                                           cleanup_tmp_directories=True)  # saves cut short by a kill
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._pending = None  # the step whose async save may still be in flight
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -56,7 +87,20 @@ class Checkpointer:
       return
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
                               meta=ocp.args.JsonSave(dataclasses.asdict(record)))
-    self.manager.save(step, args=args)
+    self._checked(self.manager.save, step, args=args)  # raises a failure of the save before it, too
+    self._pending = step
+    faults.inject("save", step)
+
+  def _checked(self, fn, *args, **kw):
+    try:
+      return fn(*args, **kw)
+    except Exception as e:  # noqa: BLE001 (orbax raises anything from its writer threads)
+      step, self._pending = self._pending if self._pending is not None else args[0], None
+      # On disk: orbax's own list already lacks the steps it was to delete once this save committed.
+      kept = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+      raise JaxftError(f"cannot write checkpoint {self.directory}/{step} ({_reason(e)}); the earlier checkpoints "
+                       f"are intact (steps: {', '.join(map(str, kept)) or 'none'}); free disk space or fix the "
+                       f"directory's permissions, then run the same command to resume") from None
 
   def record(self, step: int) -> RunRecord:
     """The run record of checkpoint `step` alone (best step, phase), without reading any arrays."""
@@ -75,14 +119,56 @@ class Checkpointer:
   def _restore(self, step, args):
     try:
       return self.manager.restore(step, args=args)
-    except Exception as e:  # any failure must stop the run, never fall back to step 0
-      first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-      raise JaxftError(f"checkpoint {self.directory}/{step} exists but cannot be restored "
-                       f"({type(e).__name__}: {first[:300]}); fix the config to match it, or start over "
-                       f"with --no-resume or a new run_dir") from None
+    except Exception as e:  # noqa: BLE001 (any failure must stop the run, never fall back to step 0)
+      raise RestoreError(self.directory, step, _reason(e)) from None
+
+  def restore_newest(self, restore, warn):
+    """(step, restore(step)) for the newest checkpoint that restores, or (None, None) if there is none.
+    Newer ones that fail while an older one restores are damaged: moved aside, with a warning. If none
+    restores, the config rather than the files is the likely culprit: an error, and nothing is moved."""
+    failed = []
+    for step in sorted(self.steps(), reverse=True):
+      try:
+        out = restore(step)
+      except RestoreError as e:
+        failed.append(e)
+        continue
+      for e in failed:
+        warn(f"checkpoint {e.step} is damaged ({e.reason}); moved it to {self.move_aside(e.step)} and "
+             f"resumed from checkpoint {step}")
+      return step, out
+    if failed:
+      raise JaxftError(f"none of the {len(failed)} checkpoints in {self.directory} can be restored (newest, "
+                       f"{failed[0].step}: {failed[0].reason}); if the config changed since they were written, "
+                       f"change it back, or train in a new run_dir (--no-resume would delete them)")
+    return None, None
+
+  def move_aside(self, step: int) -> Path:
+    """Moves checkpoint `step` to RUN_DIR/damaged/STEP (process 0; every process then rescans)."""
+    dest = self.directory.parent / "damaged" / str(step)
+    if jax.process_index() == 0 and (self.directory / str(step)).exists():
+      dest = next(d for i in range(1000) if not (d := dest.with_name(f"{step}" + (f".{i}" if i else ""))).exists())
+      dest.parent.mkdir(exist_ok=True)
+      shutil.move(self.directory / str(step), dest)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"jaxft_move_aside_{step}")
+    self.manager.reload()
+    return dest
 
   def wait(self):
-    self.manager.wait_until_finished()
+    self._checked(self.manager.wait_until_finished)
+    self._pending = None
 
-  def close(self):
-    self.manager.close()
+  def close(self, timeout: float | None = None):
+    """Waits for the save in flight (at most `timeout` s: after an error, exiting beats a hang; an
+    uncommitted save is discarded on the next start) and closes."""
+    if timeout is None:
+      self.wait()
+      self.manager.close()
+      return
+    def close():
+      with contextlib.suppress(Exception):  # the error being reported is the one that matters
+        self.manager.close()
+    closer = threading.Thread(target=close, daemon=True)
+    closer.start()
+    closer.join(timeout)

@@ -2,6 +2,7 @@
 import argparse
 import os
 import sys
+import threading
 
 from jaxft.errors import JaxftError
 
@@ -90,8 +91,37 @@ def main(argv=None) -> int:
     return 2
   except KeyboardInterrupt:
     return 130
+  except Exception as e:
+    from jaxft.preemption import Preempted
+    if not isinstance(e, Preempted):
+      raise
+    console.print(str(e), markup=False, highlight=False, soft_wrap=True)
+    return e.exit_code
   return 0
 
 
+def _exit_within(seconds: float, code: int) -> None:
+  """Arms a daemon timer that ends the process if interpreter shutdown hangs (a library thread that
+  never finishes must not keep a finished or failed run alive)."""
+  def force():
+    names = [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
+    os.write(2, f"jaxft: exit blocked {seconds:.0f} s by threads {names}; exiting anyway\n".encode())
+    os._exit(code)
+  timer = threading.Timer(seconds, force)
+  timer.daemon = True
+  timer.start()
+
+
+def run() -> None:
+  """The `jaxft` command."""
+  code = main()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  if code and ("jax" not in sys.modules or sys.modules["jax"].process_count() == 1):
+    os._exit(code)  # a failed or stopped run has closed what matters; skip library threads' teardown noise
+  _exit_within(30, code)
+  sys.exit(code)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  run()

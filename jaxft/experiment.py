@@ -66,10 +66,8 @@ def build(cfg, log=print) -> Experiment:
   source = sources.load(cfg.data, log)
   task_cls = tasks.get(cfg.model.task)
   pooler = task_cls.needs_pooler(cfg, models.pooling_hint(cfg.model))
+  models.check_length(cfg.model, cfg.data.max_length, "data.max_length")  # before the weights load
   backbone = models.load(cfg.model, cfg.seed, cfg.precision.compute, pooler, log)
-  if backbone.max_length and cfg.data.max_length > backbone.max_length:
-    raise JaxftError(f"data.max_length={cfg.data.max_length} is longer than {backbone.name} has position "
-                     f"embeddings for ({backbone.max_length})")
   task = task_cls(cfg, backbone, source, log)
   best = cfg.train.best_metric or task.best_metric
   if best not in task.metrics:

@@ -2,18 +2,20 @@
 (see phases.py; a run without `phases` is one phase). What runs is built by experiment.build.
 """
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from jaxft import config as config_lib
-from jaxft import parallel, phases as phases_lib, rules, run_lock
+from jaxft import faults, parallel, phases as phases_lib, preemption, rules, run_lock
 from jaxft import metrics as metrics_lib
-from jaxft.checkpoint import Checkpointer, RunRecord
+from jaxft.checkpoint import Checkpointer, RestoreError, RunRecord
 from jaxft.errors import JaxftError
 from jaxft.data import batching
 from jaxft.evaluate import evaluate, feature_table
@@ -23,6 +25,9 @@ from jaxft.experiment import build, restore, setup
 def _compiles(step_fn) -> int:
   """How many executables a jitted step holds (its compile count); 0 where unknown (pmap)."""
   return step_fn._cache_size() if hasattr(step_fn, "_cache_size") else 0
+
+
+_CLOSE_TIMEOUT_S = 60  # after an error, how long a save in flight may take to commit before exiting anyway
 
 
 def _better(value, best, lower_is_better: bool):
@@ -49,23 +54,55 @@ def train(cfg, console: Console | None = None) -> dict:
       log(f"--no-resume: removing the previous checkpoints in {ckpt_dir}")
       if is_main:
         shutil.rmtree(ckpt_dir)
-    return _run(exp, par, targets, console, log)
+    if is_main:
+      _check_writable(ckpt_dir)
+    ckpt = Checkpointer(ckpt_dir, cfg.train.keep)
+    try:
+      with preemption.Watcher() as watcher:
+        return _run(exp, par, targets, ckpt, watcher, console, log)
+    except BaseException:  # exit promptly: never wait long on a save in flight after an error
+      ckpt.close(timeout=_CLOSE_TIMEOUT_S)
+      raise
 
 
-def _run(exp, par, targets, console, log) -> dict:
+def _warn(log, msg: str) -> None:
+  log(f"[bold red]warning:[/] {escape(msg)}")
+
+
+def _check_writable(ckpt_dir: Path) -> None:
+  """A checkpoint dir that cannot be written fails the run now, not at its first save."""
+  try:
+    ckpt_dir.mkdir(exist_ok=True)
+    tempfile.TemporaryFile(dir=ckpt_dir).close()
+  except OSError as e:
+    raise JaxftError(f"cannot write checkpoints to {ckpt_dir}: {e.strerror}") from None
+
+
+def _resume(exp, par, targets, ckpt, log):
+  """(state, data position, run record, step) of the newest checkpoint that restores (damaged newer ones
+  are moved aside), or of a fresh start. The best checkpoint is checked now, not when the test needs it."""
+  warn = lambda msg: _warn(log, msg)  # noqa: E731
+  latest, restored = ckpt.restore_newest(lambda step: restore(ckpt, par, targets, step), warn)
+  if latest is None:
+    return par.put_state(exp.state, targets[0]), None, RunRecord(), None
+  state, data_state, record = restored
+  if record.best_step not in (None, latest):
+    try:
+      restore(ckpt, par, targets, record.best_step)  # read to check it, and dropped
+    except RestoreError as e:
+      warn(f"the best checkpoint so far, {e.step}, cannot be restored ({e.reason}); moved it to "
+           f"{ckpt.move_aside(e.step)}; the best is chosen among the evaluations from here on")
+      record.best_step = record.best_value = None
+  log(f"resuming from {ckpt.directory}/{latest} in phase {exp.phases[record.phase].name} (best so far: step "
+      f"{record.best_step}, validation {exp.best_metric} {record.best_value})")
+  return state, data_state, record, latest
+
+
+def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
   """The loop of `train`, holding the run dir's lock."""
   cfg, tcfg, task, is_main = exp.cfg, exp.cfg.train, exp.task, jax.process_index() == 0
   run_dir = Path(cfg.run_dir)
-  ckpt_dir = run_dir / "checkpoints"
-  ckpt = Checkpointer(ckpt_dir, tcfg.keep)
-
-  data_state, record = None, RunRecord()
-  if (latest := ckpt.latest_step()) is not None:
-    state, data_state, record = restore(ckpt, par, targets, latest)
-    log(f"resuming from {ckpt_dir}/{latest} in phase {exp.phases[record.phase].name} (best so far: step "
-        f"{record.best_step}, validation {exp.best_metric} {record.best_value})")
-  else:
-    state = par.put_state(exp.state, targets[0])
+  state, data_state, record, latest = _resume(exp, par, targets, ckpt, log)
   exp.state = None  # the devices hold the state now
   if is_main:
     (run_dir / "config.yaml").write_text(config_lib.dump(cfg))
@@ -131,34 +168,40 @@ def _run(exp, par, targets, console, log) -> dict:
           log(f"step {step} ({phase.name}): validation {task.describe(val)}")
         ckpt.save(step, par.host_view(state), batches.get_state(), record)
         t_window, window_start = time.perf_counter(), step
+      faults.inject("step", step)
+      if watcher.reached(step):  # SIGTERM / SIGINT: this step's checkpoint, committed, then exit
+        ckpt.save(step, par.host_view(state), batches.get_state(), record)
+        ckpt.wait()
+        writer.close()
+        raise preemption.Preempted(watcher.signum, step, f"{ckpt.directory}/{step}")
     # Recompile guard: one compile per batch shape (bucket) and phase, never more.
     if (compiles := _compiles(train_step)) > len(shapes):
       log(f"[bold red]warning:[/] phase {phase.name} compiled its step {compiles} times for {len(shapes)} "
           f"batch shapes: something in the step's inputs changes between steps")
     return state, step
 
-  try:
-    with progress:
-      bar = progress.add_task("train", total=exp.total_steps, completed=step, info="")
-      for k in range(record.phase, len(exp.phases)):
-        if k != record.phase:  # a new phase: new optimizer, per-param state carried over
-          state = par.put_state(phases_lib.carry_over(par.host_view(state), exp.phases[k].tx), targets[k])
-          record.phase, record.phase_start, record.plateau_best, record.plateau_bad = k, step, None, 0
-        state, step = run_phase(k, state, step)
-        progress.update(bar, total=step + sum(p.max_steps for p in exp.phases[k + 1:]))
-  except KeyboardInterrupt:
-    log("interrupted: waiting for checkpoints in flight; run the same command to resume")
-    ckpt.wait()
-    raise
+  with progress:
+    bar = progress.add_task("train", total=exp.total_steps, completed=step, info="")
+    for k in range(record.phase, len(exp.phases)):
+      if k != record.phase:  # a new phase: new optimizer, per-param state carried over
+        state = par.put_state(phases_lib.carry_over(par.host_view(state), exp.phases[k].tx), targets[k])
+        record.phase, record.phase_start, record.plateau_best, record.plateau_bad = k, step, None, 0
+      state, step = run_phase(k, state, step)
+      progress.update(bar, total=step + sum(p.max_steps for p in exp.phases[k + 1:]))
   ckpt.wait()
 
-  if record.best_step is None:  # resumed a finished run whose validation was never recorded
+  if record.best_step not in (None, step):
+    try:
+      state = restore(ckpt, par, targets, record.best_step)[0]
+    except RestoreError as e:
+      _warn(log, f"the best checkpoint, {e.step}, cannot be restored ({e.reason}); moved it to "
+            f"{ckpt.move_aside(e.step)}; testing the final params (step {step}) instead")
+      record.best_step = None
+  if record.best_step is None:  # no validation recorded (a resumed finished run), or the best is damaged
     val = evaluate(exp, par, eval_step, state.params, state.model_state, "validation")
     record.best_step, record.best_value = step, val[exp.best_metric]
     ckpt.save(step, par.host_view(state), batches.get_state(), record)
     ckpt.wait()
-  if record.best_step != step:
-    state = restore(ckpt, par, targets, record.best_step)[0]
   test = evaluate(exp, par, eval_step, state.params, state.model_state, "test")
   writer.write(record.best_step, "test", test)
   writer.close()
@@ -178,7 +221,6 @@ def _check_finite(state, par, tcfg, ckpt, log, reported: int) -> int:
   if skipped and tcfg.on_nonfinite == "stop":
     ckpt.wait()
     latest = ckpt.latest_step()
-    ckpt.close()
     raise JaxftError(f"step {first}: the loss or gradient norm is not finite (nan / inf); its update was not "
                      f"applied and the run stops (train.on_nonfinite=stop). Newest checkpoint: "
                      f"{f'{ckpt.directory}/{latest}' if latest is not None else 'none'}. Lower optim.lr, or set "

@@ -42,11 +42,14 @@ def flax_to_pt_names(params) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory):
+  return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+def make_tiny_bert(root: Path) -> dict:
   """{'flax': dir with flax_model.msgpack, 'pt': dir with PyTorch-named model.safetensors}: the same
   random *base* BertModel weights (no classification head)."""
   from safetensors.numpy import save_file
   from transformers import FlaxBertModel
-  root = tmp_path_factory.mktemp("tiny_bert")
   model = FlaxBertModel(bert_config(), seed=0)
   flax_dir, pt_dir = root / "flax", root / "pt"
   model.save_pretrained(flax_dir)
@@ -62,8 +65,11 @@ def tiny_bert(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
+  return make_tiny_data(tmp_path_factory.mktemp("tiny_data"))
+
+
+def make_tiny_data(root: Path) -> Path:
   """A learnable sentiment task: train / validation / test JSONL files."""
-  root = tmp_path_factory.mktemp("tiny_data")
   rng = np.random.default_rng(0)
   for split, n in (("train", 256), ("validation", 64), ("test", 64)):
     rows = []

@@ -70,9 +70,11 @@ def test_unrestorable_checkpoint_stops_instead_of_restarting(tiny_cfg):
   before = sorted(p.name for p in ckpt_dir.iterdir())
   # Same run dir, but a 3-class head no longer matches the saved 2-class one.
   three = ("train.epochs=0.5", "train.eval_every=100", "data.label_names=[neg, pos, neutral]")
-  with pytest.raises(JaxftError, match=r"checkpoint .*/8 exists but cannot be restored.*--no-resume"):
+  with pytest.raises(JaxftError, match=r"none of the 1 checkpoints in .* can be restored \(newest, 8: .*"
+                                       r"change it back, or train in a new run_dir \(--no-resume would delete them\)"):
     train(tiny_cfg(*three))
   assert sorted(p.name for p in ckpt_dir.iterdir()) == before  # nothing saved was touched
+  assert not (ckpt_dir.parent / "damaged").exists()  # nor moved aside: the config, not the files, changed
   # --no-resume starts over.
   test = train(tiny_cfg(*three, "resume=false"))
   assert np.isfinite(test["loss"])
@@ -97,23 +99,3 @@ def test_one_run_per_directory(tiny_cfg):
     holder.wait()
   train(cfg)  # the holder is gone: its lock is stale
   assert not lock.exists() and (Path(cfg.run_dir) / "checkpoints").exists()
-
-
-def test_nonfinite_loss_stops_the_run_naming_the_step(tiny_cfg):
-  """optim.lr=1e6 drives the loss to nan / inf: the run stops with the step and the newest checkpoint, and
-  no non-finite value ever reaches the params; with skip_step the run goes on without those updates."""
-  cfg = tiny_cfg("optim.lr=1e6", "optim.warmup_ratio=0", "train.epochs=3", "train.checkpoint_every=1",
-                 "train.keep=100", "train.eval_every=1000")
-  with pytest.raises(JaxftError, match=r"step (\d+): the loss or gradient norm is not finite .* Newest checkpoint: "):
-    train(cfg)
-  like = build(cfg, print).state
-  ckpt = Checkpointer(Path(cfg.run_dir) / "checkpoints", 100)
-  for step in ckpt.manager.all_steps():
-    params = jax.device_get(ckpt.restore(step, like)[0].params)
-    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params)), step
-  ckpt.close()
-  skip = tiny_cfg("optim.lr=1e6", "optim.warmup_ratio=0", "train.epochs=3", "train.on_nonfinite=skip_step",
-                  "run_dir=" + cfg.run_dir + "_skip")
-  train(skip)
-  rows = [json.loads(l) for l in open(Path(skip.run_dir) / "metrics.jsonl") if '"train"' in l]
-  assert rows[-1]["skipped_steps"] > 0

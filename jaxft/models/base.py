@@ -42,7 +42,6 @@ class Backbone:
   init_scale: float  # stddev for new head kernels
   head_dropout: float  # dropout rate before a new head
   pooling: str = "cls"  # what the checkpoint was trained to be pooled by: "cls" | "mean"
-  max_length: int | None = None  # the longest input it has position embeddings for
   inputs: tuple = ("input_ids", "attention_mask", "token_type_ids")  # the batch fields apply reads
   state: Any = dataclasses.field(default_factory=dict)
 

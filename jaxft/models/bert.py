@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxft.models import hf_checkpoint
-from jaxft.models.base import Backbone, Conventions, max_positions
+from jaxft.models.base import Backbone, Conventions
 
 _QKV = r".*/attention/self/(query|key|value)"
 CONVENTIONS = Conventions(
@@ -208,4 +208,4 @@ def load(ckpt: hf_checkpoint.Checkpoint, compute_dtype: str, remat: bool, pooler
   return Backbone(name=str(ckpt.path), key="bert", params=ckpt.params, apply=apply, processor=ckpt.tokenizer,
                   config=c, conventions=CONVENTIONS, save=lambda p, out: hf_checkpoint.save(ckpt, p, out),
                   hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, init_scale=c.initializer_range,
-                  head_dropout=rate, pooling=hf_checkpoint.pooling(ckpt.path), max_length=max_positions(c))
+                  head_dropout=rate, pooling=hf_checkpoint.pooling(ckpt.path))

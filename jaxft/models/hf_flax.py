@@ -4,7 +4,7 @@ import inspect
 
 from jaxft.errors import JaxftError
 from jaxft.models import hf_checkpoint
-from jaxft.models.base import Backbone, Conventions, max_positions
+from jaxft.models.base import Backbone, Conventions
 
 CONVENTIONS = Conventions(
     embeddings=r"(.*/)?(embeddings|wte|wpe|embed_tokens)/.*",
@@ -61,5 +61,4 @@ def load(ckpt: hf_checkpoint.Checkpoint, compute_dtype: str, remat: bool, pooler
                   processor=ckpt.tokenizer, config=c, conventions=CONVENTIONS,
                   save=lambda p, out: hf_checkpoint.save(ckpt, p, out), hidden_size=hidden, num_layers=layers,
                   init_scale=getattr(c, "initializer_range", 0.02), head_dropout=rate,
-                  pooling=hf_checkpoint.pooling(ckpt.path),
-                  max_length=max_positions(c))
+                  pooling=hf_checkpoint.pooling(ckpt.path))
