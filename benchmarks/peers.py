@@ -1,6 +1,8 @@
-"""Train-step speed of jaxft and its peers on the same model, examples and optimizer.
+"""Train-step speed of jaxft and its peers on the same model, examples and optimizer; or (--mode e2e) the
+wall time of the whole default experiment, jaxft against benchmarks/torch_recipe.py.
 
   python benchmarks/peers.py [--data synthetic|real] [--batch 32] [--length 128] [--steps 6] [--reps 2] [--write]
+  python benchmarks/peers.py --mode e2e [--write]
 
 Contestants (all: MiniLM sequence classification with the checkpoint's CLS-pooler head, AdamW,
 dropout on; fp32 on CPU, bf16 compute on GPU):
@@ -120,8 +122,55 @@ def batches(args, exp):
                f"{', '.join(map(str, lengths))} (mean {np.mean(lengths):.0f}); HF and PyTorch pad to {args.length}")
 
 
+def e2e(write: bool):
+  """Wall time of the whole default experiment per engine, each a fresh process run one after the other:
+  jaxft with a cold XLA cache, the torch-dynamic recipe (benchmarks/torch_recipe.py), jaxft again with
+  the cache the first run filled. Model and data are fetched beforehand (not timed)."""
+  import json
+  import os
+  import subprocess
+  import sys
+  import tempfile
+  root = Path(tempfile.mkdtemp(prefix="jaxft_e2e_"))
+  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(root / "xla")}
+  subprocess.run([sys.executable, "-m", "jaxft.cli", "inspect"], env=env, check=True, capture_output=True)  # fetch
+  rows = []
+
+  def jaxft_run(name):
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "jaxft.cli", "train", f"run_dir={root / name}"], env=env,
+                       capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - t
+    m = [json.loads(line) for line in open(root / name / "metrics.jsonl")]
+    train = [x for x in m if x["split"] == "train"]
+    step_ms = np.median([x["step_ms"] for x in train[1:]])  # the first window holds the compiles
+    acc = float(r.stdout.split("accuracy ")[1].split()[0])
+    rows.append((name, wall, f"{step_ms:,.0f} median of {len(train) - 1} log windows", acc))
+
+  jaxft_run("jaxft, cold XLA cache")
+  t = time.perf_counter()
+  r = subprocess.run([sys.executable, str(Path(__file__).parent / "torch_recipe.py"), "--json"], capture_output=True,
+                     text=True, check=True)
+  wall, tr = time.perf_counter() - t, json.loads(r.stdout.strip().splitlines()[-1])
+  rows.append((f"torch-dynamic (torch {tr['torch']})", wall, f"{tr['step_ms_mean']:,.0f} mean, "
+               f"{tr['step_ms_median']:,.0f} median", tr["test_accuracy"]))
+  jaxft_run("jaxft, warm XLA cache")
+  ref = rows[1][1]
+  lines = [f"Machine: {platform.processor() or platform.machine()}, {jax.devices()[0].device_kind}; jax "
+           f"{jax.__version__}. `jaxft train` with no arguments vs benchmarks/torch_recipe.py (same data, split, "
+           "model, hyperparameters), one process each, one after the other",
+           "", "| engine | wall time, end to end (s) | x torch-dynamic | step ms | test accuracy |", "|---|---|---|---|---|"]
+  lines += [f"| {n} | {w:.0f} | {w / ref:.2f}x | {s} | {a:.3f} |" for n, w, s, a in rows]
+  text = "\n".join(lines)
+  print(text)
+  if write:
+    write_section(Path(__file__).parent / "RESULTS.md", "## Peers, end to end: `python benchmarks/peers.py --mode e2e`",
+                  f"({time.strftime('%Y-%m-%d')})\n\n{text}\n")
+
+
 def main():
   p = argparse.ArgumentParser()
+  p.add_argument("--mode", choices=("step", "e2e"), default="step")
   p.add_argument("--data", choices=("synthetic", "real"), default="synthetic")
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--length", type=int, default=128)
@@ -129,6 +178,8 @@ def main():
   p.add_argument("--reps", type=int, default=2)
   p.add_argument("--write", action="store_true")
   args = p.parse_args()
+  if args.mode == "e2e":
+    return e2e(args.write)
   gpu = jax.default_backend() != "cpu"
   dtype = "bfloat16" if gpu else "float32"
   model_dir = assets.resolve(DEFAULT_MODEL)

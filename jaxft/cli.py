@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     import jax
     from jaxft.assets import cache_dir
     # Compiled steps persist across runs (and resumes): a second run skips XLA compilation.
-    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    jax.config.update("jax_compilation_cache_dir", os.environ.get("JAX_COMPILATION_CACHE_DIR", str(cache_dir() / "xla")))
     from jaxft import parallel
     parallel.initialize(cfg.parallel)
     if args.command == "train":
