@@ -76,7 +76,7 @@ class TrainConfig:
   eval_batch_size: int = 128
   epochs: float = 1.0
   log_every: int = 10
-  eval_every: int = 100
+  eval_every: Optional[int] = None  # validation every N steps; None: once per epoch and at the end of a phase
   checkpoint_every: int = 100
   keep: int = 2  # last K checkpoints, plus the best by best_metric
   best_metric: Optional[str] = None  # a validation metric of the task; None: the task's (accuracy, entity_f1, f1)
@@ -368,7 +368,8 @@ def validate(cfg: Config) -> None:
   check(cfg.train.on_nonfinite in ("stop", "skip_step"),
         f"config key 'train.on_nonfinite' must be stop or skip_step, got {cfg.train.on_nonfinite!r}")
   for key in ("batch_size", "eval_batch_size", "log_every", "eval_every", "checkpoint_every", "keep"):
-    check(getattr(cfg.train, key) > 0, f"config key 'train.{key}' must be > 0")
+    check(getattr(cfg.train, key) is None and key == "eval_every" or getattr(cfg.train, key) > 0,
+          f"config key 'train.{key}' must be > 0")
   check(cfg.train.epochs > 0, "config key 'train.epochs' must be > 0")
   check(cfg.freeze_bottom_layers >= 0, "config key 'freeze_bottom_layers' must be >= 0")
   check(cfg.parallel.backend in ("jit", "pmap"),

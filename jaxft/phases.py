@@ -33,7 +33,7 @@ def preset(name: str, cfg, params, task, conv) -> list[dict]:
   if name == "lp_ft":  # Kumar et al. 2022: linear probe to convergence, then fine-tune gently
     return [{"name": "linear_probe", "train_only": [task.head_regex],
              "optim": {"lr": 1e-3, "schedule": "constant", "warmup_ratio": 0.0, "weight_decay": 0.0},
-             "train": {"cache_features": task.cacheable},
+             "train": {"cache_features": task.cacheable, "eval_every": 100},  # cached: cheap plateau checks
              "until": {"metric": "val_loss", "patience": 2, "max_epochs": 10}},
             {"name": "fine_tune", "optim": {"lr": cfg.optim.lr / 2}, "epochs": cfg.train.epochs}]
   n = rules.num_layers(params, conv)  # gradual_unfreeze (ULMFiT): one more layer from the top each epoch

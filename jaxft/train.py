@@ -132,6 +132,7 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
            f"evals, at most {phase.max_steps} steps") if phase.until else f"{phase.max_steps} steps"
     log(f"phase {phase.name}: {end}; trainable params {n_train:,} of {rules.count(targets[k].params):,}")
     t_window, window_start, shapes = time.perf_counter(), step, set()
+    eval_every = ptcfg.eval_every or len(exp.splits["train"]) // tcfg.batch_size  # None: once per epoch
     skipped = int(jax.device_get(par.host_view(state).skipped))
     while not phases_lib.ended(phase, record, step):
       step += 1
@@ -142,7 +143,7 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
         jax.block_until_ready(state)
       in_phase = step - record.phase_start
       last = in_phase == phase.max_steps
-      is_eval = in_phase % ptcfg.eval_every == 0 or last
+      is_eval = in_phase % eval_every == 0 or last
       if step % ptcfg.log_every == 0 or is_eval or step % tcfg.checkpoint_every == 0:
         skipped = _check_finite(state, par, tcfg, ckpt, log, skipped)
       if step % ptcfg.log_every == 0 or last:
