@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import pickle
+import subprocess
 import sys
 import zipfile
 from collections import Counter
@@ -45,7 +46,16 @@ def test_pickle_equals_safetensors(name):
     want = {k: v for k, v in want.items() if k not in NEW}
   assert kind == "pytorch"
   assert_same(weights, want)
-  assert "torch" not in sys.modules
+
+
+def test_pickles_read_where_torch_cannot_be_imported():
+  """The reader never imports torch (installed or not): here any `import torch` raises."""
+  code = ("import sys; sys.modules['torch'] = None\n"
+          "from jaxft import formats\n"
+          f"for name in ('pytorch_model.bin', 'legacy.bin'): print(len(formats.read({str(DATA)!r} + '/' + name)[0]))")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert [int(n) for n in r.stdout.split()] == [len(reference()), len(reference()) - len(NEW)]
 
 
 def test_dtypes_views_strides_scalars():
