@@ -64,3 +64,24 @@ def test_unsupported_model_errors(tmp_path):
   with pytest.raises(JaxftError, match="model.impl=jaxft: no jaxft implementation of 'bert' models"):
     load(path, "jaxft")
   assert load(path, "transformers").key == "bert"  # transformers' module computes it
+
+
+def test_packed_rows_equal_separate_examples(tiny_bert):
+  """Two examples packed in one row (segment ids, positions restarting at 0) get the hidden states they get
+  alone: attention never crosses examples."""
+  enc = load(tiny_bert["pt"], "jaxft", pooler=False)
+  rng = np.random.default_rng(0)
+  a, b = rng.integers(5, 25, 5, dtype=np.int32), rng.integers(5, 25, 7, dtype=np.int32)
+  alone = {"input_ids": np.zeros((2, 8), np.int32), "attention_mask": np.zeros((2, 8), np.int32)}
+  for r, x in enumerate((a, b)):
+    alone["input_ids"][r, :len(x)], alone["attention_mask"][r, :len(x)] = x, 1
+  packed = {"input_ids": np.concatenate([a, b, [0, 0]])[None].astype(np.int32),
+            "attention_mask": np.array([[1] * 12 + [0, 0]], np.int32),
+            "segment_ids": np.array([[1] * 5 + [2] * 7 + [0, 0]], np.int32),
+            "position_ids": np.array([list(range(5)) + list(range(7)) + [0, 0]], np.int32)}
+  h_alone = enc.apply(enc.params, alone)[0]["hidden"]
+  h_packed = enc.apply(enc.params, packed)[0]["hidden"]
+  np.testing.assert_allclose(h_packed[0, :5], h_alone[0, :5], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(h_packed[0, 5:12], h_alone[1, :7], atol=1e-5, rtol=1e-5)
+  crossed = dict(packed, segment_ids=np.array([[1] * 12 + [0, 0]], np.int32))  # one segment: attention crosses
+  assert not np.allclose(enc.apply(enc.params, crossed)[0]["hidden"][0, 5:12], h_alone[1, :7], atol=1e-3)

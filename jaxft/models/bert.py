@@ -64,13 +64,13 @@ class Embeddings(nn.Module):
   dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, ids_BxL, types_BxL, train: bool):
+  def __call__(self, ids_BxL, types_BxL, positions_BxL, train: bool):
     c = self.config
     init = jax.nn.initializers.normal(c.initializer_range)
     embed = lambda n, name: nn.Embed(n, c.hidden_size, embedding_init=init, dtype=self.dtype, name=name)  # noqa: E731
     x_BxLxD = (embed(c.vocab_size, "word_embeddings")(ids_BxL)
                + embed(c.type_vocab_size, "token_type_embeddings")(types_BxL)
-               + embed(c.max_position_embeddings, "position_embeddings")(jnp.arange(ids_BxL.shape[1])))
+               + embed(c.max_position_embeddings, "position_embeddings")(positions_BxL))
     x_BxLxD = _layer_norm(c, self.dtype, "LayerNorm")(x_BxLxD)
     return nn.Dropout(c.hidden_dropout_prob)(x_BxLxD, deterministic=not train)
 
@@ -80,7 +80,7 @@ class SelfAttention(nn.Module):
   dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, x_BxLxD, bias_Bx1x1xL, train: bool):
+  def __call__(self, x_BxLxD, bias_Bx1xQxL, train: bool):
     c = self.config
     H = c.num_attention_heads
     Dh = c.hidden_size // H
@@ -91,7 +91,7 @@ class SelfAttention(nn.Module):
 
     q_BxHxLxK = heads("query") / jnp.sqrt(Dh).astype(self.dtype)
     k_BxHxLxK, v_BxHxLxK = heads("key"), heads("value")
-    s_BxHxLxL = jnp.einsum("bhqd,bhkd->bhqk", q_BxHxLxK, k_BxHxLxK) + bias_Bx1x1xL.astype(self.dtype)
+    s_BxHxLxL = jnp.einsum("bhqd,bhkd->bhqk", q_BxHxLxK, k_BxHxLxK) + bias_Bx1xQxL.astype(self.dtype)
     p_BxHxLxL = jax.nn.softmax(s_BxHxLxL).astype(self.dtype)
     rate = c.attention_probs_dropout_prob
     if train and rate > 0:
@@ -119,8 +119,8 @@ class Attention(nn.Module):
   dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, x_BxLxD, bias_Bx1x1xL, train: bool):
-    a_BxLxD = SelfAttention(self.config, self.dtype, name="self")(x_BxLxD, bias_Bx1x1xL, train)
+  def __call__(self, x_BxLxD, bias_Bx1xQxL, train: bool):
+    a_BxLxD = SelfAttention(self.config, self.dtype, name="self")(x_BxLxD, bias_Bx1xQxL, train)
     return Residual(self.config, self.dtype, name="output")(a_BxLxD, x_BxLxD, train)
 
 
@@ -139,8 +139,8 @@ class Layer(nn.Module):
   dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, x_BxLxD, bias_Bx1x1xL, train: bool):
-    a_BxLxD = Attention(self.config, self.dtype, name="attention")(x_BxLxD, bias_Bx1x1xL, train)
+  def __call__(self, x_BxLxD, bias_Bx1xQxL, train: bool):
+    a_BxLxD = Attention(self.config, self.dtype, name="attention")(x_BxLxD, bias_Bx1xQxL, train)
     h_BxLxF = Intermediate(self.config, self.dtype, name="intermediate")(a_BxLxD)
     return Residual(self.config, self.dtype, name="output")(h_BxLxF, a_BxLxD, train)
 
@@ -151,10 +151,10 @@ class Layers(nn.Module):
   remat: bool
 
   @nn.compact
-  def __call__(self, x_BxLxD, bias_Bx1x1xL, train: bool):
+  def __call__(self, x_BxLxD, bias_Bx1xQxL, train: bool):
     block = nn.remat(Layer, static_argnums=(3,)) if self.remat else Layer
     for i in range(self.config.num_hidden_layers):
-      x_BxLxD = block(self.config, self.dtype, name=str(i))(x_BxLxD, bias_Bx1x1xL, train)
+      x_BxLxD = block(self.config, self.dtype, name=str(i))(x_BxLxD, bias_Bx1xQxL, train)
     return x_BxLxD
 
 
@@ -164,8 +164,8 @@ class Encoder(nn.Module):
   remat: bool
 
   @nn.compact
-  def __call__(self, x_BxLxD, bias_Bx1x1xL, train: bool):
-    return Layers(self.config, self.dtype, self.remat, name="layer")(x_BxLxD, bias_Bx1x1xL, train)
+  def __call__(self, x_BxLxD, bias_Bx1xQxL, train: bool):
+    return Layers(self.config, self.dtype, self.remat, name="layer")(x_BxLxD, bias_Bx1xQxL, train)
 
 
 class Pooler(nn.Module):
@@ -185,12 +185,20 @@ class BertModel(nn.Module):
   add_pooling_layer: bool = True
 
   @nn.compact
-  def __call__(self, ids_BxL, mask_BxL, types_BxL=None, train: bool = False):
+  def __call__(self, ids_BxL, mask_BxL, types_BxL=None, train: bool = False, positions_BxL=None, segments_BxL=None):
+    """segments_BxL (packed rows): example k of a row holds the tokens marked k (0: padding); attention stays
+    inside an example, and positions_BxL restart at 0 for each."""
     c = self.config
     types_BxL = jnp.zeros_like(ids_BxL) if types_BxL is None else types_BxL
-    x_BxLxD = Embeddings(c, self.dtype, name="embeddings")(ids_BxL, types_BxL, train)
-    bias_Bx1x1xL = jnp.where(mask_BxL > 0, 0.0, jnp.finfo(self.dtype).min)[:, None, None, :]
-    h_BxLxD = Encoder(c, self.dtype, self.remat, name="encoder")(x_BxLxD, bias_Bx1x1xL, train)
+    positions_BxL = jnp.arange(ids_BxL.shape[1])[None] if positions_BxL is None else positions_BxL
+    x_BxLxD = Embeddings(c, self.dtype, name="embeddings")(ids_BxL, types_BxL, positions_BxL, train)
+    if segments_BxL is None:
+      visible_Bx1xQxL = (mask_BxL > 0)[:, None, None, :]
+    else:
+      visible_Bx1xQxL = ((segments_BxL[:, :, None] == segments_BxL[:, None, :])
+                         & (segments_BxL[:, None, :] > 0))[:, None]
+    bias_Bx1xQxL = jnp.where(visible_Bx1xQxL, 0.0, jnp.finfo(self.dtype).min)
+    h_BxLxD = Encoder(c, self.dtype, self.remat, name="encoder")(x_BxLxD, bias_Bx1xQxL, train)
     return h_BxLxD, Pooler(c, self.dtype, name="pooler")(h_BxLxD) if self.add_pooling_layer else None
 
 
@@ -201,7 +209,8 @@ def load(ckpt: hf_checkpoint.Checkpoint, compute_dtype: str, remat: bool, pooler
 
   def apply(params, batch, train=False, rng=None, state=None):
     hidden, pooled = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                                  batch.get("token_type_ids"), train, rngs={"dropout": rng} if train else {})
+                                  batch.get("token_type_ids"), train, batch.get("position_ids"),
+                                  batch.get("segment_ids"), rngs={"dropout": rng} if train else {})
     return {"hidden": hidden, "pooled": pooled}, state
 
   rate = c.classifier_dropout if getattr(c, "classifier_dropout", None) is not None else c.hidden_dropout_prob
