@@ -159,7 +159,8 @@ def e2e(write: bool):
   lines = [f"Machine: {platform.processor() or platform.machine()}, {jax.devices()[0].device_kind}; jax "
            f"{jax.__version__}. `jaxft train` with no arguments vs benchmarks/torch_recipe.py (same data, split, "
            "model, hyperparameters), one process each, one after the other",
-           "", "| engine | wall time, end to end (s) | x torch-dynamic | step ms | test accuracy |", "|---|---|---|---|---|"]
+           "", "| engine | wall time, end to end (s) | x torch-dynamic | step ms | test accuracy |",
+           "|---|---|---|---|---|"]
   lines += [f"| {n} | {w:.0f} | {w / ref:.2f}x | {s} | {a:.3f} |" for n, w, s, a in rows]
   text = "\n".join(lines)
   print(text)

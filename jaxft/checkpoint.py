@@ -87,15 +87,17 @@ class Checkpointer:
       return
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
                               meta=ocp.args.JsonSave(dataclasses.asdict(record)))
-    self._checked(self.manager.save, step, args=args)  # raises a failure of the save before it, too
+    # manager.save also raises the failure of the save before it, still pending
+    self._checked(step if self._pending is None else self._pending, self.manager.save, step, args=args)
     self._pending = step
     faults.inject("save", step)
 
-  def _checked(self, fn, *args, **kw):
+  def _checked(self, step, fn, *args, **kw):
+    """fn(*args, **kw); a failure is the save of `step` failing."""
     try:
       return fn(*args, **kw)
     except Exception as e:  # noqa: BLE001 (orbax raises anything from its writer threads)
-      step, self._pending = self._pending if self._pending is not None else args[0], None
+      self._pending = None
       # On disk: orbax's own list already lacks the steps it was to delete once this save committed.
       kept = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
       raise JaxftError(f"cannot write checkpoint {self.directory}/{step} ({_reason(e)}); the earlier checkpoints "
@@ -156,7 +158,7 @@ class Checkpointer:
     return dest
 
   def wait(self):
-    self._checked(self.manager.wait_until_finished)
+    self._checked(self._pending, self.manager.wait_until_finished)
     self._pending = None
 
   def close(self, timeout: float | None = None):

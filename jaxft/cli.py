@@ -4,7 +4,7 @@ import os
 import sys
 import threading
 
-from jaxft.errors import JaxftError
+from jaxft.errors import JaxftError, Preempted
 
 
 def _parse(argv):
@@ -55,7 +55,8 @@ def main(argv=None) -> int:
     import jax
     from jaxft.assets import cache_dir
     # Compiled steps persist across runs (and resumes): a second run skips XLA compilation.
-    jax.config.update("jax_compilation_cache_dir", os.environ.get("JAX_COMPILATION_CACHE_DIR", str(cache_dir() / "xla")))
+    xla_cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(cache_dir() / "xla"))
+    jax.config.update("jax_compilation_cache_dir", xla_cache)
     from jaxft import parallel
     parallel.initialize(cfg.parallel)
     if args.command == "train":
@@ -89,14 +90,11 @@ def main(argv=None) -> int:
     from rich.markup import escape
     console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
     return 2
-  except KeyboardInterrupt:
-    return 130
-  except Exception as e:
-    from jaxft.preemption import Preempted
-    if not isinstance(e, Preempted):
-      raise
+  except Preempted as e:
     console.print(str(e), markup=False, highlight=False, soft_wrap=True)
     return e.exit_code
+  except KeyboardInterrupt:
+    return 130
   return 0
 
 

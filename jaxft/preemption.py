@@ -16,17 +16,7 @@ import threading
 import jax
 from jax.experimental import multihost_utils
 
-EXIT_CODES = {signal.SIGTERM: 75, signal.SIGINT: 130}
-
-
-class Preempted(Exception):
-  """The loop stopped early on a signal, after its checkpoint committed."""
-
-  def __init__(self, signum: int, step: int, checkpoint: str):
-    self.exit_code = EXIT_CODES[signum]
-    super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}: checkpoint {checkpoint} "
-                     f"committed; run the same command to resume (exit {self.exit_code})")
-
+from jaxft.errors import EXIT_CODES
 
 class Watcher:
   """While entered, catches SIGTERM / SIGINT; `reached(step)` says whether to stop after `step`."""

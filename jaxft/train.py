@@ -16,7 +16,7 @@ from jaxft import config as config_lib
 from jaxft import faults, parallel, phases as phases_lib, preemption, rules, run_lock
 from jaxft import metrics as metrics_lib
 from jaxft.checkpoint import Checkpointer, RestoreError, RunRecord
-from jaxft.errors import JaxftError
+from jaxft.errors import JaxftError, Preempted
 from jaxft.data import batching
 from jaxft.evaluate import evaluate, feature_table
 from jaxft.experiment import build, restore, setup
@@ -132,7 +132,7 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
            f"evals, at most {phase.max_steps} steps") if phase.until else f"{phase.max_steps} steps"
     log(f"phase {phase.name}: {end}; trainable params {n_train:,} of {rules.count(targets[k].params):,}")
     t_window, window_start, shapes = time.perf_counter(), step, set()
-    eval_every = ptcfg.eval_every or len(exp.splits["train"]) // tcfg.batch_size  # None: once per epoch
+    eval_every = ptcfg.eval_every or batching.steps_for(len(exp.splits["train"]), tcfg.batch_size, 1)  # per epoch
     skipped = int(jax.device_get(par.host_view(state).skipped))
     while not phases_lib.ended(phase, record, step):
       step += 1
@@ -174,11 +174,11 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
         ckpt.save(step, par.host_view(state), batches.get_state(), record)
         ckpt.wait()
         writer.close()
-        raise preemption.Preempted(watcher.signum, step, f"{ckpt.directory}/{step}")
+        raise Preempted(watcher.signum, step, f"{ckpt.directory}/{step}")
     # Recompile guard: one compile per batch shape (bucket) and phase, never more.
     if (compiles := _compiles(train_step)) > len(shapes):
-      log(f"[bold red]warning:[/] phase {phase.name} compiled its step {compiles} times for {len(shapes)} "
-          f"batch shapes: something in the step's inputs changes between steps")
+      _warn(log, f"phase {phase.name} compiled its step {compiles} times for {len(shapes)} batch shapes: "
+            "something in the step's inputs changes between steps")
     return state, step
 
   with progress:
@@ -227,8 +227,8 @@ def _check_finite(state, par, tcfg, ckpt, log, reported: int) -> int:
                      f"{f'{ckpt.directory}/{latest}' if latest is not None else 'none'}. Lower optim.lr, or set "
                      f"train.on_nonfinite=skip_step to go on without such steps")
   if skipped > reported:
-    log(f"[bold red]warning:[/] {skipped} step(s) so far had a non-finite loss or gradient norm (the first: step "
-        f"{first}); their updates were skipped (train.on_nonfinite=skip_step)")
+    _warn(log, f"{skipped} step(s) so far had a non-finite loss or gradient norm (the first: step {first}); "
+          "their updates were skipped (train.on_nonfinite=skip_step)")
   return skipped
 
 

@@ -1,6 +1,8 @@
 """Tiny random BERT checkpoints in Hugging Face layout and a tiny text dataset, made offline."""
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +82,13 @@ def make_tiny_data(root: Path) -> Path:
       rows.append({"text": " ".join(words), "label": "pos" if label else "neg"})
     (root / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
   return root
+
+
+def jaxft(*args, fault: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+  """`jaxft ARGS` in a subprocess (JAXFT_FAULT=fault: see jaxft/faults.py)."""
+  env = {**os.environ, "JAXFT_FAULT": fault or ""}
+  return subprocess.run([sys.executable, "-m", "jaxft.cli", *args], env=env, capture_output=True, text=True,
+                        timeout=timeout)
 
 
 def tiny_overrides(tiny_bert, tiny_data, run_dir, fmt="pt"):

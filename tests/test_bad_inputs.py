@@ -2,13 +2,11 @@
 left behind (issue 12; more cases come with the rest of that issue)."""
 import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import tiny_overrides
+from conftest import jaxft, tiny_overrides
 from jaxft import formats
 
 CASES = [  # (command, overrides, text the error line must hold)
@@ -64,10 +62,6 @@ DATA = [  # (file, its text or bytes, overrides, the error line's text)
     ("t.jsonl", ONE_CLASS, (), "one class only in data.label_column 'label': 'pos' (validation / test have ['neg'])"),
     ("t.conll", "good O\nfilm O\n\nbad O\n", NER, "data.tags_column 'tags' has one class only, 'O', in every split"),
 ]
-
-
-def jaxft(*args):
-  return subprocess.run([sys.executable, "-m", "jaxft.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def assert_one_line_error(r, message):

@@ -1,12 +1,6 @@
 """The command line as a user meets it: exit codes, one-line errors, inspect output."""
-import subprocess
-import sys
 
-from conftest import tiny_overrides
-
-
-def jaxft(*args, timeout=300):
-  return subprocess.run([sys.executable, "-m", "jaxft.cli", *args], capture_output=True, text=True, timeout=timeout)
+from conftest import jaxft, tiny_overrides
 
 
 def test_bad_override_is_one_line_and_exit_2():

@@ -8,8 +8,6 @@ tests/test_faults.py runs it (marked slow); it writes the tiny checkpoint and da
 """
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -17,18 +15,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import make_tiny_bert, make_tiny_data, tiny_overrides  # noqa: E402
+from conftest import jaxft, make_tiny_bert, make_tiny_data, tiny_overrides  # noqa: E402
 
 RUN = ("train.epochs=3", "train.checkpoint_every=5", "train.eval_every=16")  # 48 steps, saves every 5
 STEPS, SAVE_EVERY = 48, 5
 EXIT = {"KILL": -9, "TERM": 75, "INT": 130}
 KINDS = [("step", "KILL"), ("save", "KILL"), ("step", "TERM"), ("save", "TERM"), ("step", "INT")]
-
-
-def jaxft(*args, fault: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-  env = {**os.environ, "JAXFT_FAULT": fault or ""}
-  return subprocess.run([sys.executable, "-m", "jaxft.cli", *args], env=env, capture_output=True, text=True,
-                        timeout=timeout)
 
 
 def params_at(run_dir: Path, step: int) -> dict:
