@@ -27,7 +27,7 @@ VARIANTS = {  # overrides of the default experiment (which freezes the word embe
 
 def time_variant(overrides, batch_size, length, steps):
   exp = build(load_config(None, overrides + (f"train.batch_size={batch_size}",)), log=lambda *_: None)
-  src = batching.TrainBatches(exp.splits["train"], exp.task.collate, batch_size, steps + 1, 0, [length])
+  src = batching.bucketed(exp.splits["train"], exp.task.collate, batch_size, steps + 1, 0, [length])
   batches = [src[i] for i in range(steps + 1)]
   cached, note = exp.cfg.train.cache_features, ""
   if cached:  # the backbone runs once per example, before training

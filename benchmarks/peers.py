@@ -114,8 +114,8 @@ def batches(args, exp):
     return {"padded": [b] * args.steps, "bucketed": [b] * args.steps}, f"length {args.length} (synthetic, no padding)"
   cfg, out = exp.cfg, {}
   for name, buckets in (("padded", [args.length]), ("bucketed", exp.buckets)):
-    source = batching.TrainBatches(exp.splits["train"], exp.task.collate, args.batch, args.steps, cfg.seed, buckets,
-                                   sort_window=cfg.data.sort_window)
+    source = batching.bucketed(exp.splits["train"], exp.task.collate, args.batch, args.steps, cfg.seed, buckets,
+                               sort_window=cfg.data.sort_window)
     out[name] = [{k: v for k, v in source[i].items() if k in keys} for i in range(args.steps)]
   lengths = [b["input_ids"].shape[1] for b in out["bucketed"]]
   return out, (f"{args.steps} real training batches ({cfg.data.name}); jaxft's buckets: "

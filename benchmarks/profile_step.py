@@ -14,6 +14,8 @@ import json
 import re
 import tempfile
 
+from jaxft import runtime
+runtime.tune_malloc()
 import jax
 
 from jaxft import bench

@@ -72,8 +72,8 @@ def synthetic_batch(exp, batch: int, length: int, seed: int = 0) -> dict:
 
 def real_batches(exp, batch: int, length: int, steps: int, rows=slice(None)):
   """Real training batches, all padded to `length`: (i -> batch i)."""
-  return batching.TrainBatches(exp.splits["train"], exp.task.collate, batch, steps, exp.cfg.seed, [length],
-                               rows).__getitem__
+  return batching.bucketed(exp.splits["train"], exp.task.collate, batch, steps, exp.cfg.seed, [length],
+                           lambda n: rows).__getitem__
 
 
 @dataclasses.dataclass

@@ -46,6 +46,8 @@ def _parse(argv):
 def main(argv=None) -> int:
   args, config_path = _parse(sys.argv[1:] if argv is None else argv)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from jaxft import runtime
+  runtime.tune_malloc()  # before jax starts its threads
   from rich.console import Console
   console = Console(stderr=True)
   try:

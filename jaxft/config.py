@@ -46,7 +46,8 @@ class DataConfig:
   buckets: Optional[list[int]] = None  # batch lengths; None: derived from max_length (16, 24, ..., 64, 96, ...)
   stride: int = 128  # question_answering: context tokens shared by consecutive windows
   max_answer_length: int = 30  # question_answering: longest answer span decoded, in tokens
-  sort_window: int = 64  # train batches per length-sorting window; 1: no sorting (iid batches)
+  sort_window: int = 64  # unpacked train batches per length-sorting window; 1: no sorting (iid batches)
+  pack: Optional[bool] = None  # train rows of max_length shared by examples; None: where task and model can
 
 
 @dataclasses.dataclass

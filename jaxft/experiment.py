@@ -3,6 +3,8 @@
 `build(cfg)` is used by train, eval, bench, inspect, export and the benchmarks alike.
 """
 import dataclasses
+import functools
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,13 +16,14 @@ from jaxft import lora, models, parallel, phases as phases_lib, tasks
 from jaxft.data import batching, sources
 from jaxft.errors import JaxftError
 from jaxft.step import TrainState, init_state, make_eval_step, make_train_step
+from jaxft.tasks.base import Task
 
 
 @dataclasses.dataclass
 class Experiment:
   cfg: Any
   backbone: models.Backbone
-  task: tasks.base.Task
+  task: Task
   splits: dict  # "train" | "validation" | "test" -> tasks.base.Examples
   phases: list  # phases_lib.Phase
   state: TrainState  # initial, for phase 0
@@ -30,23 +33,49 @@ class Experiment:
   buckets: list[int]  # batch lengths
   best_metric: str  # validation metric that picks the best checkpoint
   lower_is_better: bool
+  pack: bool  # training examples share rows (data.pack, where the task and the model can)
 
   conventions = property(lambda self: self.backbone.conventions)
   labels = property(lambda self: self.phases[0].labels)  # the first phase's, for single-phase runs
   tx = property(lambda self: self.phases[0].tx)
   lr = property(lambda self: self.phases[0].lr)
   total_steps = property(lambda self: sum(p.max_steps for p in self.phases))
+  micro_steps = property(lambda self: self.cfg.train.batch_size // (self.cfg.train.micro_batch_size
+                                                                     or self.cfg.train.batch_size))
 
   def train_step(self, k: int = 0, axis_name: str | None = None, cached: bool = False):
     """Phase k's pure train step (state, batch) -> (state, metrics); `cached`: on cached features."""
-    phase, tcfg = self.phases[k], self.cfg.train
-    micro_steps = tcfg.batch_size // (tcfg.micro_batch_size or tcfg.batch_size)
+    phase = self.phases[k]
     return make_train_step(self.head_apply if cached else self.apply, self.task.loss, phase.tx, phase.labels,
-                           phase.cfg.train.dropout, axis_name, micro_steps)
+                           phase.cfg.train.dropout, axis_name, self.micro_steps)
+
+  def train_batches(self, shards: int = 1, rows_of=lambda n: slice(None)) -> batching.TrainBatches:
+    """The run's training batches: packed into rows of data.max_length (their count a multiple of 2, of
+    the mesh's `shards` and of the micro-batches) where `pack`, else padded to length buckets."""
+    cfg = self.cfg
+    if self.pack:
+      make = functools.partial(batching.collate_packed, task_collate_packed=self.task.collate_packed,
+                               length=cfg.data.max_length, slots=PACK_SLOTS,
+                               multiple=math.lcm(2, shards * self.micro_steps))
+      return batching.TrainBatches(self.splits["train"], make, cfg.train.batch_size, self.total_steps, cfg.seed,
+                                   rows_of, sort_window=1)
+    return batching.bucketed(self.splits["train"], self.task.collate, cfg.train.batch_size, self.total_steps,
+                             cfg.seed, self.buckets, rows_of, cfg.data.sort_window)
 
   def eval_step(self, axis_name: str | None = None, cached: bool = False):
     """The pure eval step (params, model_state, batch) -> (sums, rows)."""
     return make_eval_step(self.head_apply if cached else self.apply, self.task, axis_name)
+
+
+PACK_SLOTS = 8  # at most this many examples share a packed row
+
+
+def _packing(want: bool | None, task, backbone) -> bool:
+  """Whether training examples are packed: data.pack, or (null) wherever the task and the model can."""
+  why = task.cannot_pack() or (None if backbone.packs else f"{backbone.name} takes no packed rows (segment ids)")
+  if want and why:
+    raise JaxftError(f"config key 'data.pack' is true, but {why}; set data.pack=false (or null)")
+  return want is not False and why is None
 
 
 def _head(task, backbone, seed: int):
@@ -100,7 +129,7 @@ def build(cfg, log=print) -> Experiment:
   state = init_state(params, phases[0].tx, cfg.seed, backbone.state)
   buckets = cfg.data.buckets or batching.derived_buckets(cfg.data.max_length)
   return Experiment(cfg, backbone, task, splits, phases, state, apply, features, head_apply, buckets, best,
-                    best in task.lower_is_better)
+                    best in task.lower_is_better, _packing(cfg.data.pack, task, backbone))
 
 
 def setup(exp, log):

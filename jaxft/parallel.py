@@ -99,7 +99,7 @@ class Parallel:
     self.cfg, self.mesh, self.family_rules = cfg, mesh, family_rules
     self.pmap = cfg.parallel.backend == "pmap"
     self.batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
-    n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    self.batch_shards = n_shards = mesh.shape["data"] * mesh.shape["fsdp"]  # pieces of a batch's rows
     for key in ("batch_size", "eval_batch_size", "micro_batch_size"):
       if getattr(cfg.train, key) is None:
         continue

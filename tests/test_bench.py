@@ -38,6 +38,6 @@ def test_training_compiles_once_per_bucket(tiny_cfg):
   from jaxft.data import batching
   from jaxft.experiment import build
   exp = build(cfg, print)
-  src = batching.TrainBatches(exp.splits["train"], exp.task.collate, 16, exp.total_steps, cfg.seed, [8, 16, 32])
+  src = batching.bucketed(exp.splits["train"], exp.task.collate, 16, exp.total_steps, cfg.seed, [8, 16, 32])
   buckets = {src[i]["input_ids"].shape[1] for i in range(exp.total_steps)}
   assert len(buckets) >= 2 and compiles[-1] == len(buckets), (compiles, buckets)

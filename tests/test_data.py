@@ -20,7 +20,7 @@ def collate(ex, idx, length, batch_size):
 
 def test_batches_are_bucketed_and_cover_each_epoch_once():
   data = encoded()
-  src = batching.TrainBatches(data, collate, 16, 24, seed=1, buckets=[16, 32, 64])
+  src = batching.bucketed(data, collate, 16, 24, seed=1, buckets=[16, 32, 64])
   assert src.steps_per_epoch == 12
   seen = []
   for i in range(12):
@@ -36,13 +36,13 @@ def test_batches_are_bucketed_and_cover_each_epoch_once():
 
 def test_grain_iterator_state_resumes_exactly():
   data = encoded()
-  ds = batching.train_dataset(data, collate, 16, 30, seed=3, buckets=[64])
+  ds = batching.train_dataset(batching.bucketed(data, collate, 16, 30, seed=3, buckets=[64]))
   it = iter(ds)
   for _ in range(7):
     next(it)
   state = it.get_state()
   expected = [next(it)["input_ids"] for _ in range(5)]
-  it2 = iter(batching.train_dataset(data, collate, 16, 30, seed=3, buckets=[64]))
+  it2 = iter(batching.train_dataset(batching.bucketed(data, collate, 16, 30, seed=3, buckets=[64])))
   it2.set_state(state)
   for e in expected:
     np.testing.assert_array_equal(next(it2)["input_ids"], e)

@@ -10,7 +10,7 @@ from jaxft.experiment import build
 
 def run_steps(exp, n):
   step = jax.jit(exp.train_step(), donate_argnums=0)
-  source = batching.TrainBatches(exp.splits["train"], exp.task.collate, exp.cfg.train.batch_size, n, 0, exp.buckets)
+  source = batching.bucketed(exp.splits["train"], exp.task.collate, exp.cfg.train.batch_size, n, 0, exp.buckets)
   state = exp.state
   before = jax.device_get(state.params)
   for i in range(n):
@@ -41,7 +41,7 @@ def test_frozen_step_compiles_to_fewer_flops(tiny_cfg):
   """Guards the speed of freezing: frozen gradients must not be computed."""
   def flops(*overrides):
     exp = build(tiny_cfg(*overrides), print)
-    batch = batching.TrainBatches(exp.splits["train"], exp.task.collate, 16, 1, 0, [32])[0]
+    batch = batching.bucketed(exp.splits["train"], exp.task.collate, 16, 1, 0, [32])[0]
     step = jax.jit(exp.train_step())
     return step.lower(exp.state, batch).compile().cost_analysis()["flops"]
   full, bottom, head = flops(), flops("freeze_embeddings=true", "freeze_bottom_layers=3"), \

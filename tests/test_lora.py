@@ -25,7 +25,7 @@ def test_only_adapters_and_head_train(tiny_cfg):
   assert flat["bert/encoder/layer/0/attention/self/query/lora_b"].shape == (4, 32)
 
   step = jax.jit(make_train_step(exp.apply, exp.task.loss, exp.tx, exp.labels), donate_argnums=0)
-  batches = batching.TrainBatches(exp.splits["train"], exp.task.collate, 16, 3, 0, [32])
+  batches = batching.bucketed(exp.splits["train"], exp.task.collate, 16, 3, 0, [32])
   state = exp.state
   for i in range(3):
     state, m = step(state, batches[i])

@@ -26,7 +26,7 @@ def losses(exp, batches, micro_steps=1):
 def test_each_optimizer_reduces_loss(tiny_cfg, name):
   exp = build(tiny_cfg(f"optim.name={name}", f"optim.lr={LR[name]}", "optim.warmup_ratio=0",
                        "optim.schedule=constant"), print)
-  batch = batching.TrainBatches(exp.splits["train"], exp.task.collate, 16, 1, 0, [32])[0]
+  batch = batching.bucketed(exp.splits["train"], exp.task.collate, 16, 1, 0, [32])[0]
   out, _ = losses(exp, [batch] * 8)
   assert np.all(np.isfinite(out)) and min(out) < 0.95 * out[0] and out[-1] < 0.97 * out[0], (name, out)
 
@@ -40,7 +40,7 @@ def test_lr_scaling_rules():
 
 def test_accumulation_4x8_equals_batch_32(tiny_cfg):
   exp = build(tiny_cfg("train.batch_size=32"), print)
-  batches = [batching.TrainBatches(exp.splits["train"], exp.task.collate, 32, 3, 0, [32])[i] for i in range(3)]
+  batches = [batching.bucketed(exp.splits["train"], exp.task.collate, 32, 3, 0, [32])[i] for i in range(3)]
   full, s_full = losses(exp, batches)
   accum, s_accum = losses(build(tiny_cfg("train.batch_size=32", "train.micro_batch_size=8"), print),
                           batches, micro_steps=4)

@@ -58,7 +58,7 @@ def test_phases_switch_what_trains_and_resume_mid_phase(tiny_cfg):
 def test_carry_over_keeps_moments_of_params_trainable_in_both(tiny_cfg):
   exp = build(tiny_cfg(TWO_PHASES), print)
   step = jax.jit(make_train_step(exp.apply, exp.task.loss, exp.tx, exp.labels))
-  batch = batching.TrainBatches(exp.splits["train"], exp.task.collate, 16, 1, 0, [32])[0]
+  batch = batching.bucketed(exp.splits["train"], exp.task.collate, 16, 1, 0, [32])[0]
   state, _ = step(exp.state, batch)
   new = phases.carry_over(state, exp.phases[1].tx)
 

@@ -11,7 +11,7 @@ from jaxft.experiment import build
 
 def two_steps(exp):
   step = jax.jit(make_train_step(exp.apply, exp.task.loss, exp.tx, exp.labels, dropout=False))
-  batches = batching.TrainBatches(exp.splits["train"], exp.task.collate, 16, 2, 0, [32])
+  batches = batching.bucketed(exp.splits["train"], exp.task.collate, 16, 2, 0, [32])
   state, losses = exp.state, []
   for i in range(2):
     state, m = step(state, batches[i])
@@ -30,7 +30,7 @@ def test_remat_block_is_exact(tiny_cfg):
 def test_bf16_compute_keeps_f32_params(tiny_cfg):
   ref_loss, _ = two_steps(build(tiny_cfg(), print))
   exp = build(tiny_cfg("precision.compute=bfloat16"), print)
-  batch = batching.TrainBatches(exp.splits["train"], exp.task.collate, 16, 1, 0, [32])[0]
+  batch = batching.bucketed(exp.splits["train"], exp.task.collate, 16, 1, 0, [32])[0]
   hlo = jax.jit(lambda p: exp.apply(p, batch)[0]).lower(exp.state.params).as_text()
   assert "bf16" in hlo and "dot_general" in hlo  # the matmuls run in bf16
   loss, params = two_steps(exp)

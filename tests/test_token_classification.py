@@ -148,7 +148,7 @@ def test_accumulation_weights_micro_batches_by_their_tokens(tiny_cfg, tmp_path):
   for micro in (1, 4):
     exp = build(tiny_cfg(*ner, f"train.micro_batch_size={32 // micro}"), print)
     step = jax.jit(make_train_step(exp.apply, exp.task.loss, exp.tx, exp.labels, dropout=False, micro_steps=micro))
-    batches = batching.TrainBatches(exp.splits["train"], exp.task.collate, 32, 3, 0, [32])
+    batches = batching.bucketed(exp.splits["train"], exp.task.collate, 32, 3, 0, [32])
     state, losses[micro] = exp.state, []
     for i in range(3):
       state, m = step(state, batches[i])

@@ -1,9 +1,11 @@
-"""Encoded examples -> padded, length-bucketed batches (collated by the task), served by grain.
+"""Encoded examples -> batches (collated by the task), served by grain: packed rows or length buckets.
 
-Train batches: each epoch is a seeded permutation; within windows of `sort_window` (64) batches
-examples are sorted by length (so most batches fit a short bucket), then the batch order is shuffled. Batch i
-of the run is a pure function of (seed, i), so the grain iterator state is just a position and
-resuming gives exactly the batches an uninterrupted run would have seen.
+Train batches: each epoch is a seeded permutation cut into batches of `batch_size` examples. Packed
+(data/packing.py), each batch's examples share rows of one length and batches are iid. Unpacked, each
+batch is padded to a length bucket, and within windows of `sort_window` (64) batches examples are sorted
+by length (so most batches fit a short bucket) before the batch order is shuffled. Batch i of the run is
+a pure function of (seed, i), so the grain iterator state is just a position and resuming gives exactly
+the batches an uninterrupted run would have seen.
 """
 import functools
 import math
@@ -11,8 +13,8 @@ import math
 import grain
 import numpy as np
 
+from jaxft.data import packing
 from jaxft.errors import JaxftError
-from jaxft.tasks.base import Examples
 
 
 def bucket(length: int, buckets) -> int:
@@ -29,7 +31,7 @@ def derived_buckets(max_length: int) -> list[int]:
   return [b for b in sorted(series) if b < max_length] + [max_length]
 
 
-def collate(ex: Examples, idx, buckets, task_collate, batch_size: int | None = None) -> dict:
+def collate(ex, idx, buckets, task_collate, batch_size: int | None = None) -> dict:
   """Examples `idx`, padded by the task to one bucket length; rows past len(idx) (up to batch_size)
   have weight 0 and index -1 (`index`: example positions, for per-example outputs and cached features)."""
   batch_size = batch_size or len(idx)
@@ -39,14 +41,22 @@ def collate(ex: Examples, idx, buckets, task_collate, batch_size: int | None = N
   return {**batch, "index": index_B}
 
 
-class TrainBatches:
-  """grain random-access source: item i is (this host's `rows` of) the i-th global training batch.
-  The bucket is chosen from the whole global batch, so every host pads to the same length."""
+def collate_packed(ex, idx, task_collate_packed, length: int, slots: int, multiple: int) -> dict:
+  """Examples `idx` packed into rows of `length` tokens (a multiple of `multiple` rows); `index` [R, K]."""
+  p = packing.plan(idx, ex.lengths, length, slots, multiple)
+  return {**task_collate_packed(ex, p), "index": packing.slot_index(p)}
 
-  def __init__(self, data: Examples, task_collate, batch_size: int, num_steps: int, seed: int, buckets,
-               rows: slice = slice(None), sort_window: int = 64):
-    self.data, self.task_collate, self.batch_size, self.num_steps = data, task_collate, batch_size, num_steps
-    self.rows, self.sort_window, self.seed, self.buckets = rows, sort_window, seed, buckets
+
+class TrainBatches:
+  """grain random-access source: item i is (this host's rows of) the i-th global training batch, made
+  by make_batch(examples, idx) from the whole global batch, so every host gets the same shape.
+  rows_of(n): the rows of an n-row global batch this host feeds. sort_window: see the module doc (1 for
+  packed batches)."""
+
+  def __init__(self, data, make_batch, batch_size: int, num_steps: int, seed: int,
+               rows_of=lambda n: slice(None), sort_window: int = 64):
+    self.data, self.make_batch, self.batch_size, self.num_steps = data, make_batch, batch_size, num_steps
+    self.rows_of, self.sort_window, self.seed = rows_of, sort_window, seed
     self.steps_per_epoch = len(data) // batch_size
     if self.steps_per_epoch == 0:
       raise JaxftError(f"train.batch_size={batch_size} is larger than the training set ({len(data)})")
@@ -69,19 +79,24 @@ class TrainBatches:
 
   def __getitem__(self, i: int):
     epoch, pos = divmod(int(i), self.steps_per_epoch)
-    batch = collate(self.data, self.epoch_plan(epoch)[pos], self.buckets, self.task_collate)
-    return {k: v[self.rows] for k, v in batch.items()}  # this host's rows of the global batch
+    batch = self.make_batch(self.data, self.epoch_plan(epoch)[pos])
+    rows = self.rows_of(len(batch["index"]))
+    return {k: v[rows] for k, v in batch.items()}  # this host's rows of the global batch
 
 
-def train_dataset(data: Examples, task_collate, batch_size, num_steps, seed, buckets, rows=slice(None),
-                  sort_window=64):
+def bucketed(data, task_collate, batch_size, num_steps, seed, buckets, rows_of=lambda n: slice(None),
+             sort_window: int = 64) -> TrainBatches:
+  """Training batches padded to length buckets."""
+  make = functools.partial(collate, buckets=buckets, task_collate=task_collate)
+  return TrainBatches(data, make, batch_size, num_steps, seed, rows_of, sort_window)
+
+
+def train_dataset(source: TrainBatches):
   """A grain dataset of training batches, prefetched by a background thread."""
-  source = TrainBatches(data, task_collate, batch_size, num_steps, seed, buckets, rows, sort_window)
-  return grain.MapDataset.source(source).to_iter_dataset(
-      grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
+  return grain.MapDataset.source(source).to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
 
 
-def eval_batches(data: Examples, task_collate, batch_size: int, buckets):
+def eval_batches(data, task_collate, batch_size: int, buckets):
   """Evaluation batches in length order (padding rows have weight 0); every example exactly once."""
   order = np.argsort(data.lengths, kind="stable")
   for s in range(0, len(order), batch_size):

@@ -43,6 +43,7 @@ class Backbone:
   head_dropout: float  # dropout rate before a new head
   pooling: str = "cls"  # what the checkpoint was trained to be pooled by: "cls" | "mean"
   inputs: tuple = ("input_ids", "attention_mask", "token_type_ids")  # the batch fields apply reads
+  packs: bool = False  # apply takes packed rows (segment_ids, position_ids: data/packing.py)
   state: Any = dataclasses.field(default_factory=dict)
 
 

@@ -217,4 +217,5 @@ def load(ckpt: hf_checkpoint.Checkpoint, compute_dtype: str, remat: bool, pooler
   return Backbone(name=str(ckpt.path), key="bert", params=ckpt.params, apply=apply, processor=ckpt.tokenizer,
                   config=c, conventions=CONVENTIONS, save=lambda p, out: hf_checkpoint.save(ckpt, p, out),
                   hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, init_scale=c.initializer_range,
-                  head_dropout=rate, pooling=hf_checkpoint.pooling(ckpt.path))
+                  head_dropout=rate, pooling=hf_checkpoint.pooling(ckpt.path), packs=True,
+                  inputs=("input_ids", "attention_mask", "token_type_ids", "position_ids", "segment_ids"))

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxft.data import packing
 from jaxft.errors import JaxftError
 
 
@@ -65,6 +66,14 @@ class Task:
     """Examples `idx` padded to `length` tokens and `batch_size` rows (extra rows weigh 0)."""
     raise NotImplementedError
 
+  def cannot_pack(self) -> str | None:
+    """Why this task cannot pack examples into shared rows (None: it can, with collate_packed)."""
+    return f"model.task {self.cfg.model.task} does not pack examples"
+
+  def collate_packed(self, ex: Examples, p: packing.Plan) -> dict:
+    """Examples packed by `p` into [R, L] rows; per-example fields [R, K] by slot (empty slots weigh 0)."""
+    raise NotImplementedError
+
   def init_head(self, rng) -> Any:
     raise NotImplementedError
 
@@ -105,6 +114,13 @@ def pad_tokens(seqs, idx, length: int, batch_size: int, pad_id: int, dtype=np.in
     ids_BxL[row, :len(x)] = x
     mask_BxL[row, :len(x)] = 1
   return ids_BxL, mask_BxL
+
+
+def packed_tokens(seqs, p: packing.Plan, pad_id: int) -> dict:
+  """The backbone's fields of a packed batch: ids, mask, types, per-example positions and segment ids."""
+  ids_RxL, segments_RxL, positions_RxL = packing.tokens(seqs, p, pad_id)
+  return {"input_ids": ids_RxL, "attention_mask": (segments_RxL > 0).astype(np.int32),
+          "token_type_ids": np.zeros_like(ids_RxL), "position_ids": positions_RxL, "segment_ids": segments_RxL}
 
 
 def require_columns(records: list[dict], columns, hint: str) -> None:

@@ -2,7 +2,8 @@
 
 Pooling (model.pooling): `mean` (masked mean over tokens: what sentence-transformers checkpoints are
 trained for), `cls` (the backbone's pooler output, or its first token where it has no pooler), or `auto`
-(the checkpoint's own). Metrics: loss, accuracy, macro-F1 (classes present in the split). Training data
+(the checkpoint's own). Packed rows (data/packing.py) mean-pool each example's own tokens, and labels,
+logits and weights are [R, K] by slot instead of [B]. Metrics: loss, accuracy, macro-F1 (classes present in the split). Training data
 with one class only is an error, or a warning where the label names list the classes validation / test
 bring (tasks.base.require_classes).
 """
@@ -12,12 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft.tasks.base import (Examples, Task, column, dense_head, label_index, new_dense, nll, pad_tokens,
-                              require_classes, require_columns)
+from jaxft.data import packing
+from jaxft.tasks.base import (Examples, Task, column, dense_head, label_index, new_dense, nll, packed_tokens,
+                              pad_tokens, require_classes, require_columns)
 
 
 def cross_entropy(logits_BxC, labels_B, weights_B):
-  """Weighted mean cross-entropy, and the per-example negative log-likelihood."""
+  """Weighted mean cross-entropy, and the per-example negative log-likelihood (any leading dims: [B] or
+  packed [R, K])."""
   nll_B = nll(logits_BxC, labels_B)
   loss = jnp.sum(nll_B * weights_B) / jnp.maximum(jnp.sum(weights_B), 1.0)
   return loss, nll_B
@@ -82,10 +85,21 @@ class SequenceClassification(Task):
     return {"input_ids": ids_BxL, "attention_mask": mask_BxL, "token_type_ids": np.zeros_like(ids_BxL),
             "labels": labels_B, "weights": weights_B}
 
+  def cannot_pack(self):
+    return None if self.pooling == "mean" else f"model.pooling {self.pooling} reads a row's first token"
+
+  def collate_packed(self, ex, p):
+    index_RxK = packing.slot_index(p)
+    return {**packed_tokens(ex.fields["ids"], p, self.pad_id),
+            "labels": packing.per_example(ex.fields["labels"], index_RxK), "weights": (index_RxK >= 0).astype(np.float32)}
+
   def init_head(self, rng):
     return new_dense(rng, self.backbone, len(self.label_names))
 
   def features(self, backbone_out, batch):
+    if "segment_ids" in batch:  # packed: [R, K, D], one mean per slot
+      return packing.segment_mean(backbone_out["hidden"].astype(jnp.float32), batch["segment_ids"],
+                                  batch["labels"].shape[-1])
     if self.pooling == "cls":
       pooled = backbone_out["pooled"]
       return (backbone_out["hidden"][:, 0] if pooled is None else pooled).astype(jnp.float32)
@@ -97,15 +111,17 @@ class SequenceClassification(Task):
     return dense_head(w, pooled_BxD, self.backbone.head_dropout, train, rng)
 
   def loss(self, logits_BxC, batch):
-    loss, _ = cross_entropy(logits_BxC, batch["labels"], batch["weights"])
-    return loss, {"accuracy": jnp.mean((jnp.argmax(logits_BxC, -1) == batch["labels"]).astype(jnp.float32))}
+    w_B = batch["weights"]
+    loss, _ = cross_entropy(logits_BxC, batch["labels"], w_B)
+    correct_B = (jnp.argmax(logits_BxC, -1) == batch["labels"]).astype(jnp.float32)
+    return loss, {"accuracy": jnp.sum(correct_B * w_B) / jnp.maximum(jnp.sum(w_B), 1.0)}
 
   def eval_sums(self, logits_BxC, batch):
     w_B = batch["weights"]
     _, nll_B = cross_entropy(logits_BxC, batch["labels"], w_B)
     C = len(self.label_names)
-    onehot_true_BxC = jax.nn.one_hot(batch["labels"], C) * w_B[:, None]
-    onehot_pred_BxC = jax.nn.one_hot(jnp.argmax(logits_BxC, -1), C)
+    onehot_true_BxC = (jax.nn.one_hot(batch["labels"], C) * w_B[..., None]).reshape(-1, C)
+    onehot_pred_BxC = jax.nn.one_hot(jnp.argmax(logits_BxC, -1), C).reshape(-1, C)
     return {"loss_sum": jnp.sum(nll_B * w_B), "count": jnp.sum(w_B), "confusion": onehot_true_BxC.T @ onehot_pred_BxC}
 
   def finalize(self, sums, rows, ex):

@@ -1,7 +1,7 @@
 """Token classification (NER): a tag per word in the BIO / IOB2 scheme, from a Dense head on every token.
 
 Words are split into sub-tokens by the (fast) tokenizer; each word's tag is trained and predicted at its
-first sub-token, the others weigh 0 (`weights_BxL`). Metrics are entity-level and exact: an entity is
+first sub-token, the others weigh 0 (`weights_BxL`). Packed rows carry the tags at their tokens' places. Metrics are entity-level and exact: an entity is
 a (type, first word, last word) span, extracted conlleval-style (an I-X not continuing an X entity
 starts one), matched on span and type; micro precision / recall / F1 over all entities, F1 per type,
 and token accuracy over the tagged sub-tokens.
@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft.errors import JaxftError
-from jaxft.tasks.base import (Examples, Task, column, dense_head, new_dense, nll, pad_tokens, require_classes,
-                              require_columns, require_fast_tokenizer, where)
+from jaxft.data import packing
+from jaxft.tasks.base import (Examples, Task, column, dense_head, new_dense, nll, packed_tokens, pad_tokens,
+                              require_classes, require_columns, require_fast_tokenizer, where)
 
 
 def entities(tags: list[str]) -> list[tuple[str, int, int]]:
@@ -107,6 +108,14 @@ class TokenClassification(Task):
     weights_BxL = (labels_BxL >= 0).astype(np.float32)
     return {"input_ids": ids_BxL, "attention_mask": mask_BxL, "token_type_ids": np.zeros_like(ids_BxL),
             "labels": np.maximum(labels_BxL, 0), "weights": weights_BxL}
+
+  def cannot_pack(self):
+    return None
+
+  def collate_packed(self, ex, p):
+    labels_RxL = packing.tokens(ex.fields["labels"], p, -1)[0]
+    return {**packed_tokens(ex.fields["ids"], p, self.pad_id), "labels": np.maximum(labels_RxL, 0),
+            "weights": (labels_RxL >= 0).astype(np.float32)}
 
   def init_head(self, rng):
     return new_dense(rng, self.backbone, len(self.label_names))
