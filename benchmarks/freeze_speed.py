@@ -9,7 +9,10 @@ tokenised movie reviews; every step is blocked, the first (compiling) one is not
 import argparse
 import time
 
-import jax
+from jaxft import runtime
+
+runtime.tune_malloc()  # as the jaxft command does
+import jax  # noqa: E402
 import numpy as np
 
 from jaxft.config import load_config

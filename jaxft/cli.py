@@ -59,6 +59,8 @@ def main(argv=None) -> int:
     # Compiled steps persist across runs (and resumes): a second run skips XLA compilation.
     xla_cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(cache_dir() / "xla"))
     jax.config.update("jax_compilation_cache_dir", xla_cache)
+    # ... every one of them: the ~100 small programs of start-up and evaluation cost 5 s to compile on CPU
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     from jaxft import parallel
     parallel.initialize(cfg.parallel)
     if args.command == "train":
