@@ -1,7 +1,7 @@
 """Process-wide settings for speed, applied by the `jaxft` command before jax starts its threads.
 
-glibc's malloc hands every allocation over 128 KiB-32 MiB to mmap and gives it back with munmap when it is
-freed. XLA's CPU runtime allocates each step's outputs and temporaries afresh, so every step touched
+glibc's malloc serves large allocations (always those over 32 MiB) with mmap and gives them back with
+munmap when they are freed. XLA's CPU runtime allocates each step's outputs and temporaries afresh, so every step touched
 hundreds of MB of new pages: 93,000 page faults per MiniLM step at [32, 32] (0.36 GB zeroed by the
 kernel), 13% of the step's time (benchmarks/NOTES.md, row 12). `tune_malloc` keeps freed memory in one
 heap for reuse (one arena, no mmap, no trimming): the same step then faults 0 pages. The cost is that

@@ -44,7 +44,7 @@ def collate(ex, idx, buckets, task_collate, batch_size: int | None = None) -> di
 def collate_packed(ex, idx, task_collate_packed, length: int, slots: int, multiple: int) -> dict:
   """Examples `idx` packed into rows of `length` tokens (a multiple of `multiple` rows); `index` [R, K]."""
   p = packing.plan(idx, ex.lengths, length, slots, multiple)
-  return {**task_collate_packed(ex, p), "index": packing.slot_index(p)}
+  return {**task_collate_packed(ex, p), "index": p.index}
 
 
 class TrainBatches:

@@ -5,9 +5,10 @@ up to a multiple, so few row counts and so few compiled shapes occur). Example k
 tokens whose `segment_ids` are k + 1 (0: padding); attention stays inside an example and positions
 restart at 0 for each, so an example packed with others computes what it computes alone
 (tests/test_packing.py). Per-example fields become [R, K]: slot k of row r is the row's k-th example
-(K = at most `max_per_row` examples a row; empty slots weigh 0).
+(K = `slots`, the most examples a row holds; empty slots weigh 0).
 """
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -22,6 +23,15 @@ class Plan:
   @property
   def num_rows(self) -> int:
     return len(self.rows)
+
+  @functools.cached_property
+  def index(self):
+    """[R, K] example indices by slot (-1: an empty slot)."""
+    index_RxK = np.full((self.num_rows, self.slots), -1, np.int32)
+    for r, row in enumerate(self.rows):
+      for i, k, _ in row:
+        index_RxK[r, k] = i
+    return index_RxK
 
 
 def plan(idx, lengths, length: int, slots: int, multiple: int = 1) -> Plan:
@@ -55,15 +65,6 @@ def tokens(seqs, p: Plan, pad_id: int, dtype=np.int32):
       segments_RxL[r, offset:offset + len(x)] = k + 1
       positions_RxL[r, offset:offset + len(x)] = np.arange(len(x))
   return ids_RxL, segments_RxL, positions_RxL
-
-
-def slot_index(p: Plan):
-  """[R, K] example indices by slot (-1: an empty slot)."""
-  index_RxK = np.full((p.num_rows, p.slots), -1, np.int32)
-  for r, row in enumerate(p.rows):
-    for i, k, _ in row:
-      index_RxK[r, k] = i
-  return index_RxK
 
 
 def per_example(values, index_RxK, fill=0):

@@ -3,9 +3,9 @@
 Pooling (model.pooling): `mean` (masked mean over tokens: what sentence-transformers checkpoints are
 trained for), `cls` (the backbone's pooler output, or its first token where it has no pooler), or `auto`
 (the checkpoint's own). Packed rows (data/packing.py) mean-pool each example's own tokens, and labels,
-logits and weights are [R, K] by slot instead of [B]. Metrics: loss, accuracy, macro-F1 (classes present in the split). Training data
-with one class only is an error, or a warning where the label names list the classes validation / test
-bring (tasks.base.require_classes).
+logits and weights are [R, K] by slot instead of [B]. Metrics: loss, accuracy, macro-F1 (classes present
+in the split). Training data with one class only is an error, or a warning where the label names list the
+classes validation / test bring (tasks.base.require_classes).
 """
 import json
 
@@ -89,9 +89,8 @@ class SequenceClassification(Task):
     return None if self.pooling == "mean" else f"model.pooling {self.pooling} reads a row's first token"
 
   def collate_packed(self, ex, p):
-    index_RxK = packing.slot_index(p)
-    return {**packed_tokens(ex.fields["ids"], p, self.pad_id),
-            "labels": packing.per_example(ex.fields["labels"], index_RxK), "weights": (index_RxK >= 0).astype(np.float32)}
+    return {**packed_tokens(ex.fields["ids"], p, self.pad_id), "labels": packing.per_example(ex.fields["labels"], p.index),
+            "weights": (p.index >= 0).astype(np.float32)}
 
   def init_head(self, rng):
     return new_dense(rng, self.backbone, len(self.label_names))

@@ -1,10 +1,10 @@
 """Token classification (NER): a tag per word in the BIO / IOB2 scheme, from a Dense head on every token.
 
 Words are split into sub-tokens by the (fast) tokenizer; each word's tag is trained and predicted at its
-first sub-token, the others weigh 0 (`weights_BxL`). Packed rows carry the tags at their tokens' places. Metrics are entity-level and exact: an entity is
-a (type, first word, last word) span, extracted conlleval-style (an I-X not continuing an X entity
-starts one), matched on span and type; micro precision / recall / F1 over all entities, F1 per type,
-and token accuracy over the tagged sub-tokens.
+first sub-token, the others weigh 0 (`weights_BxL`); packed rows carry the tags at their tokens' places.
+Metrics are entity-level and exact: an entity is a (type, first word, last word) span, extracted
+conlleval-style (an I-X not continuing an X entity starts one), matched on span and type; micro precision
+/ recall / F1 over all entities, F1 per type, and token accuracy over the tagged sub-tokens.
 """
 import jax.numpy as jnp
 import numpy as np
