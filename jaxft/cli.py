@@ -46,6 +46,7 @@ def _parse(argv):
 def main(argv=None) -> int:
   args, config_path = _parse(sys.argv[1:] if argv is None else argv)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("USE_TORCH", "0")  # transformers would import an installed torch (1.3 s, its threads)
   from jaxft import runtime
   runtime.tune_malloc()  # before jax starts its threads
   from rich.console import Console

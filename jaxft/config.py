@@ -74,7 +74,7 @@ class OptimConfig:
 class TrainConfig:
   batch_size: int = 32  # global batch per optimizer step
   micro_batch_size: Optional[int] = None  # gradient accumulation: batch_size / micro_batch_size scans
-  eval_batch_size: int = 128
+  eval_batch_size: int = 64  # examples per evaluation batch (packed: rows of data.max_length)
   epochs: float = 1.0
   log_every: int = 10
   eval_every: Optional[int] = None  # validation every N steps; None: once per epoch and at the end of a phase

@@ -7,16 +7,14 @@ import numpy as np
 
 from jaxft import parallel
 from jaxft.checkpoint import Checkpointer
-from jaxft.data import batching
 from jaxft.errors import JaxftError
 from jaxft.experiment import build, restore, setup
 
 
 def split_batches(exp, par, split: str, transform=None):
-  """(global host batch, device batch) over a whole split, in (padded) eval batches."""
-  ex, size = exp.splits[split], exp.cfg.train.eval_batch_size
-  rows = parallel.process_rows(size)
-  for batch in batching.eval_batches(ex, exp.task.collate, size, exp.buckets):
+  """(global host batch, device batch) over a whole split, in (padded or packed) eval batches."""
+  rows = parallel.process_rows(exp.cfg.train.eval_batch_size)
+  for batch in exp.eval_batches(split):
     fed = transform(batch) if transform else batch
     yield batch, par.put_batch({k: v[rows] for k, v in fed.items()})
 
@@ -30,10 +28,11 @@ def evaluate(exp, par, eval_step, params, model_state, split: str, transform=Non
     sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
     if rows:
       rows, index = par.metrics(rows), batch["index"]
-      for name, x in rows.items():
+      for name, x in rows.items():  # [B, ...] or, packed, [R, K, ...] like index
         kept.setdefault(name, [None] * n)
-        for r in np.flatnonzero(index >= 0):
-          kept[name][index[r]] = x[r]
+        x = x.reshape((index.size,) + x.shape[index.ndim:])
+        for r in np.flatnonzero(index.reshape(-1) >= 0):
+          kept[name][index.flat[r]] = x[r]
   return exp.task.finalize(par.metrics(sums), kept, exp.splits[split])
 
 
@@ -42,8 +41,9 @@ def feature_table(exp, par, features, params, model_state, split: str) -> np.nda
   rows, table = parallel.process_rows(exp.cfg.train.eval_batch_size), None
   for batch, device_batch in split_batches(exp, par, split):
     out = np.asarray(features(params, model_state, device_batch))
-    out = out.reshape((-1,) + out.shape[2 if par.pmap else 1:])  # pmap: [devices, rows, ...]
-    index = batch["index"][rows] if par.pmap else batch["index"]
+    index = batch["index"][rows] if par.pmap else batch["index"]  # [B] or, packed, [R, K]
+    out = out.reshape((index.size,) + out.shape[index.ndim + (1 if par.pmap else 0):])  # pmap: [devices, ...]
+    index = index.reshape(-1)
     table = np.zeros((len(exp.splits[split]),) + out.shape[1:], np.float32) if table is None else table
     table[index[index >= 0]] = out[index >= 0]
   return table

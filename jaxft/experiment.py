@@ -62,6 +62,14 @@ class Experiment:
     return batching.bucketed(self.splits["train"], self.task.collate, cfg.train.batch_size, self.total_steps,
                              cfg.seed, self.buckets, rows_of, cfg.data.sort_window)
 
+  def eval_batches(self, split: str):
+    """A split's evaluation batches, every example once: packed into train.eval_batch_size rows of
+    data.max_length where training packs and the task evaluates packed rows, else padded to buckets."""
+    ex, size = self.splits[split], self.cfg.train.eval_batch_size
+    if self.pack and self.task.packs_eval:
+      return batching.packed_eval_batches(ex, self.task.collate_packed, size, self.cfg.data.max_length, PACK_SLOTS)
+    return batching.eval_batches(ex, self.task.collate, size, self.buckets)
+
   def eval_step(self, axis_name: str | None = None, cached: bool = False):
     """The pure eval step (params, model_state, batch) -> (sums, rows)."""
     return make_eval_step(self.head_apply if cached else self.apply, self.task, axis_name)

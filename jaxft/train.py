@@ -189,9 +189,10 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
         record.phase, record.phase_start, record.plateau_best, record.plateau_bad = k, step, None, 0
       state, step = run_phase(k, state, step)
       progress.update(bar, total=step + sum(p.max_steps for p in exp.phases[k + 1:]))
-  ckpt.wait()
 
+  # The last checkpoint commits while the test pass runs, unless an earlier one is the best.
   if record.best_step not in (None, step):
+    ckpt.wait()
     try:
       state = restore(ckpt, par, targets, record.best_step)[0]
     except RestoreError as e:
@@ -199,6 +200,7 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
             f"{ckpt.move_aside(e.step)}; testing the final params (step {step}) instead")
       record.best_step = None
   if record.best_step is None:  # no validation recorded (a resumed finished run), or the best is damaged
+    ckpt.wait()
     val = evaluate(exp, par, eval_step, state.params, state.model_state, "validation")
     record.best_step, record.best_value = step, val[exp.best_metric]
     ckpt.save(step, par.host_view(state), batches.get_state(), record)

@@ -68,3 +68,29 @@ def test_pack_where_it_cannot(tiny_cfg):
   with pytest.raises(JaxftError, match="data.pack.*model.pooling cls"):
     build(tiny_cfg("model.pooling=cls", "data.pack=true"), log=lambda *_: None)
   assert not build(tiny_cfg("data.pack=false"), log=lambda *_: None).pack
+
+
+def test_packed_evaluation_equals_unpacked(tiny_cfg):
+  exp = build(tiny_cfg("train.eval_batch_size=8"), log=lambda *_: None)
+  assert exp.pack and exp.task.packs_eval
+  shapes, seen = set(), []
+  for b in exp.eval_batches("validation"):
+    shapes.add(b["input_ids"].shape)
+    seen += list(b["index"][b["index"] >= 0])
+  assert shapes == {(8, 32)}  # one shape: eval_batch_size rows of data.max_length
+  assert sorted(seen) == list(range(len(exp.splits["validation"])))  # every example once
+
+  from jaxft.evaluate import evaluate, feature_table
+  from jaxft.experiment import setup
+  par, targets = setup(exp, lambda *_: None)
+  state = par.put_state(exp.state, targets[0])
+  step = par.compile_eval(exp.eval_step(), targets[0])
+  features = par.compile_eval(exp.features, targets[0])
+  packed = evaluate(exp, par, step, state.params, state.model_state, "validation")
+  table_p = feature_table(exp, par, features, state.params, state.model_state, "validation")
+  exp.pack = False
+  unpacked = evaluate(exp, par, step, state.params, state.model_state, "validation")
+  table_u = feature_table(exp, par, features, state.params, state.model_state, "validation")
+  assert packed.keys() == unpacked.keys() and packed["accuracy"] == unpacked["accuracy"]
+  np.testing.assert_allclose(packed["loss"], unpacked["loss"], rtol=1e-5)
+  np.testing.assert_allclose(table_p, table_u, rtol=1e-4, atol=1e-6)

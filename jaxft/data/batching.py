@@ -103,5 +103,11 @@ def eval_batches(data, task_collate, batch_size: int, buckets):
     yield collate(data, order[s:s + batch_size], buckets, task_collate, batch_size)
 
 
+def packed_eval_batches(data, task_collate_packed, rows: int, length: int, slots: int):
+  """Evaluation batches of `rows` packed rows of `length` tokens (one shape); every example exactly once."""
+  for p in packing.plans(np.arange(len(data)), data.lengths, length, slots, rows):
+    yield {**task_collate_packed(data, p), "index": p.index}
+
+
 def steps_for(num_examples: int, batch_size: int, epochs: float) -> int:
   return max(1, math.ceil(epochs * (num_examples // batch_size)))

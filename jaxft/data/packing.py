@@ -34,23 +34,39 @@ class Plan:
     return index_RxK
 
 
+def _first_fit_decreasing(idx, lengths, length: int, slots: int) -> list:
+  """Rows [(example, slot, offset), ...] of examples `idx`, longest first, each into the first row with
+  room for it and fewer than `slots` examples."""
+  order = sorted(idx, key=lambda i: -min(int(lengths[i]), length))
+  free = np.full(len(order), length)  # tokens left in row r (rows past len(rows) are unopened)
+  used = np.zeros(len(order), np.int32)  # examples in row r
+  rows = []
+  for i in order:
+    n = min(int(lengths[i]), length)
+    r = int(np.argmax((free >= n) & (used < slots)))  # the first row with room: an open one, or a new one
+    if r == len(rows):
+      rows.append([])
+    rows[r].append((i, int(used[r]), length - int(free[r])))
+    free[r] -= n
+    used[r] += 1
+  return rows
+
+
 def plan(idx, lengths, length: int, slots: int, multiple: int = 1) -> Plan:
   """First-fit decreasing of examples `idx` (of `lengths[i]` tokens, at most `length`) into rows of
   `length` tokens and at most `slots` examples; the row count is rounded up to a multiple of `multiple`
   (the extra rows are empty)."""
-  order = sorted(idx, key=lambda i: -min(int(lengths[i]), length))
-  free, rows = [], []  # tokens left per row, [(example, slot, offset)] per row
-  for i in order:
-    n = min(int(lengths[i]), length)
-    r = next((r for r, f in enumerate(free) if f >= n and len(rows[r]) < slots), None)
-    if r is None:
-      free.append(length)
-      rows.append([])
-      r = len(rows) - 1
-    rows[r].append((i, len(rows[r]), length - free[r]))
-    free[r] -= n
-  rows += [[] for _ in range(-len(rows) % multiple)]
-  return Plan(rows, length, slots)
+  rows = _first_fit_decreasing(idx, lengths, length, slots)
+  return Plan(rows + [[] for _ in range(-len(rows) % multiple)], length, slots)
+
+
+def plans(idx, lengths, length: int, slots: int, rows: int):
+  """Every example of `idx` once, packed (first-fit decreasing over all of them) into Plans of exactly
+  `rows` rows, the last one padded with empty rows: a single shape."""
+  packed = _first_fit_decreasing(idx, lengths, length, slots)
+  packed += [[] for _ in range(-len(packed) % rows)]
+  for s in range(0, len(packed), rows):
+    yield Plan(packed[s:s + rows], length, slots)
 
 
 def tokens(seqs, p: Plan, pad_id: int, dtype=np.int32):

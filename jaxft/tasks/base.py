@@ -40,6 +40,7 @@ class Task:
   best_metric = "loss"  # the default train.best_metric
   lower_is_better = ("loss",)
   cacheable = False  # features of a frozen backbone can be computed once per example
+  packs_eval = True  # where it packs: evaluation packs too (eval_rows, if any, are per slot: [R, K, ...])
 
   def __init__(self, cfg, backbone, source, log=print):
     """cfg: the run's Config; backbone: models.Backbone; source: data.sources.Source (records of every

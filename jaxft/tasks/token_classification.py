@@ -109,6 +109,8 @@ class TokenClassification(Task):
     return {"input_ids": ids_BxL, "attention_mask": mask_BxL, "token_type_ids": np.zeros_like(ids_BxL),
             "labels": np.maximum(labels_BxL, 0), "weights": weights_BxL}
 
+  packs_eval = False  # its eval rows are per token, read back per example by finalize
+
   def cannot_pack(self):
     return None
 
