@@ -65,3 +65,21 @@ def test_real_weights_classify_the_daisy():
   assert top5[0][0] == 985, top5
   np.testing.assert_allclose([q for _, q in top5], [0.327, 0.048, 0.048, 0.045, 0.025], atol=0.003)
   assert [i for i, _ in top5] == [985, 947, 309, 108, 310]
+
+
+def test_frozen_batchnorm_uses_and_keeps_running_statistics():
+  _, v = torch_state_dict()
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
+  frozen = frozenset({"stem/bn", "blocks/0/bn1"})
+  m = E.EfficientNetLite(frozen_bn=frozen, drop_connect=0.0)
+  _, new = m.apply(v, x, True, mutable=["batch_stats"])
+  new = new["batch_stats"]
+  for path in ("stem/bn", "blocks/0/bn1"):
+    old_node = v["batch_stats"]["stem"]["bn"] if path == "stem/bn" else v["batch_stats"]["blocks"]["0"]["bn1"]
+    new_node = new["stem"]["bn"] if path == "stem/bn" else new["blocks"]["0"]["bn1"]
+    jax.tree.map(np.testing.assert_array_equal, new_node, old_node)  # kept
+  assert not np.allclose(new["blocks"]["0"]["bn2"]["mean"], v["batch_stats"]["blocks"]["0"]["bn2"]["mean"])  # updated
+  # A frozen BatchNorm normalises with its running statistics: the stem's output equals eval mode's.
+  stem = E.ConvBN(32, 3, 2, frozenset({"bn"}))  # applied alone, its BatchNorm's path is "bn"
+  sv = {"params": v["params"]["stem"], "batch_stats": v["batch_stats"]["stem"]}
+  np.testing.assert_allclose(stem.apply(sv, x, True, mutable=["batch_stats"])[0], stem.apply(sv, x, False), rtol=1e-6)

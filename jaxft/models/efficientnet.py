@@ -46,8 +46,11 @@ def blocks(variant: str) -> list[tuple[int, int, int, int, int]]:
   return out
 
 
-def _bn(train: bool, name: str):
-  return nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3, name=name)
+def _bn(module: nn.Module, train: bool, name: str):
+  """BatchNorm `name` of `module`: batch statistics (and running ones updated) in training, unless its path
+  is in the root's `frozen_bn`; running statistics otherwise."""
+  frozen = "/".join(module.scope.path + (name,)) in module.frozen_bn
+  return nn.BatchNorm(use_running_average=not train or frozen, momentum=0.99, epsilon=1e-3, name=name)
 
 
 class MBConv(nn.Module):
@@ -58,18 +61,19 @@ class MBConv(nn.Module):
   cin: int
   cout: int
   drop_rate: float
+  frozen_bn: frozenset = frozenset()
 
   @nn.compact
-  def __call__(self, x_BxHxWxC, train: bool, bn_train: bool):
+  def __call__(self, x_BxHxWxC, train: bool):
     mid = self.cin * self.expansion
     h = x_BxHxWxC
     if self.expansion != 1:
       h = nn.Conv(mid, (1, 1), use_bias=False, name="expand_conv")(h)
-      h = jax.nn.relu6(_bn(bn_train, "bn0")(h))
+      h = jax.nn.relu6(_bn(self, train, "bn0")(h))
     h = nn.Conv(mid, (self.kernel, self.kernel), (self.stride, self.stride), padding="SAME", use_bias=False,
                 feature_group_count=mid, name="depthwise_conv")(h)
-    h = jax.nn.relu6(_bn(bn_train, "bn1")(h))
-    h = _bn(bn_train, "bn2")(nn.Conv(self.cout, (1, 1), use_bias=False, name="project_conv")(h))
+    h = jax.nn.relu6(_bn(self, train, "bn1")(h))
+    h = _bn(self, train, "bn2")(nn.Conv(self.cout, (1, 1), use_bias=False, name="project_conv")(h))
     if self.stride == 1 and self.cin == self.cout:
       if train and self.drop_rate > 0:  # stochastic depth: a whole example's residual branch at a time
         keep_B = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.drop_rate, (h.shape[0], 1, 1, 1))
@@ -83,39 +87,41 @@ class ConvBN(nn.Module):
   features: int
   kernel: int
   stride: int
+  frozen_bn: frozenset = frozenset()
 
   @nn.compact
-  def __call__(self, x, bn_train: bool):
+  def __call__(self, x, train: bool):
     x = nn.Conv(self.features, (self.kernel,) * 2, (self.stride,) * 2, padding="SAME", use_bias=False, name="conv")(x)
-    return jax.nn.relu6(_bn(bn_train, "bn")(x))
+    return jax.nn.relu6(_bn(self, train, "bn")(x))
 
 
 class Blocks(nn.Module):
   """The MBConv blocks in order, named 0, 1, ... (`blocks/{i}/...`)."""
   variant: str
   drop_connect: float
+  frozen_bn: frozenset = frozenset()
 
   @nn.compact
-  def __call__(self, x, train: bool, bn_train: bool):
+  def __call__(self, x, train: bool):
     spec = blocks(self.variant)
     for i, (k, s, e, cin, cout) in enumerate(spec):
-      x = MBConv(k, s, e, cin, cout, self.drop_connect * i / len(spec), name=str(i))(x, train, bn_train)
+      x = MBConv(k, s, e, cin, cout, self.drop_connect * i / len(spec), self.frozen_bn, name=str(i))(x, train)
     return x
 
 
 class EfficientNetLite(nn.Module):
-  """(final feature map [B, h, w, 1280], its spatial mean [B, 1280])."""
+  """(final feature map [B, h, w, 1280], its spatial mean [B, 1280]). frozen_bn: paths of the BatchNorm
+  layers (`blocks/3/bn1`) that use and keep their running statistics in training too (frozen layers)."""
   variant: str = "efficientnet-lite0"
   drop_connect: float = 0.2
   dtype: jnp.dtype = jnp.float32
+  frozen_bn: frozenset = frozenset()
 
   @nn.compact
-  def __call__(self, x_BxHxWx3, train: bool = False, bn_train: bool | None = None):
-    """bn_train: BatchNorm normalises with batch statistics and updates its running ones (default: train)."""
-    bn_train = train if bn_train is None else bn_train
-    x = ConvBN(32, 3, 2, name="stem")(x_BxHxWx3.astype(self.dtype), bn_train)
-    x = Blocks(self.variant, self.drop_connect, name="blocks")(x, train, bn_train)
-    x = ConvBN(1280, 1, 1, name="head")(x, bn_train)
+  def __call__(self, x_BxHxWx3, train: bool = False):
+    x = ConvBN(32, 3, 2, self.frozen_bn, name="stem")(x_BxHxWx3.astype(self.dtype), train)
+    x = Blocks(self.variant, self.drop_connect, self.frozen_bn, name="blocks")(x, train)
+    x = ConvBN(1280, 1, 1, self.frozen_bn, name="head")(x, train)
     return x, x.astype(jnp.float32).mean((1, 2))
 
 
