@@ -12,6 +12,7 @@ Param paths: `stem/{conv,bn}`, `blocks/{i}/{expand_conv,bn0,depthwise_conv,bn1,p
 import math
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,40 +147,27 @@ class EfficientNetLite(nn.Module):
     return x, x.astype(jnp.float32).mean((1, 2))
 
 
+def _layout(variant: str) -> list[tuple[tuple, str, str]]:
+  """(module path, the port's name, "conv" | "bn") of every layer with weights, in the port's order."""
+  out = [(("stem", "conv"), "_conv_stem", "conv"), (("stem", "bn"), "_bn0", "bn")]
+  for i, (_, _, e, _, _) in enumerate(blocks(variant)):
+    layers = (("expand_conv", "conv"), ("bn0", "bn")) if e != 1 else ()
+    layers += (("depthwise_conv", "conv"), ("bn1", "bn"), ("project_conv", "conv"), ("bn2", "bn"))
+    out += [(("blocks", str(i), n), f"_blocks.{i}._{n}", kind) for n, kind in layers]
+  return out + [(("head", "conv"), "_conv_head", "conv"), (("head", "bn"), "_bn1", "bn")]
+
+
 def from_torch(weights: dict, variant: str) -> tuple[dict, dict]:
   """(params, batch_stats) in this module's layout from the PyTorch port's state dict (numpy arrays):
   conv weights [O, I, kh, kw] -> [kh, kw, I, O] (depthwise [C, 1, k, k] -> [k, k, 1, C])."""
   params, stats = {}, {}
-
-  def put(tree, path, value):
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = jnp.asarray(value)
-
-  def conv(prefix, torch_name):
-    put(params, prefix + ["kernel"], np.transpose(weights[f"{torch_name}.weight"], (2, 3, 1, 0)))
-
-  def bn(prefix, torch_name):
-    put(params, prefix + ["scale"], weights[f"{torch_name}.weight"])
-    put(params, prefix + ["bias"], weights[f"{torch_name}.bias"])
-    put(stats, prefix + ["mean"], weights[f"{torch_name}.running_mean"])
-    put(stats, prefix + ["var"], weights[f"{torch_name}.running_var"])
-
-  conv(["stem", "conv"], "_conv_stem")
-  bn(["stem", "bn"], "_bn0")
-  for i, (_, _, e, _, _) in enumerate(blocks(variant)):
-    b = f"_blocks.{i}"
-    if e != 1:
-      conv(["blocks", str(i), "expand_conv"], f"{b}._expand_conv")
-      bn(["blocks", str(i), "bn0"], f"{b}._bn0")
-    conv(["blocks", str(i), "depthwise_conv"], f"{b}._depthwise_conv")
-    bn(["blocks", str(i), "bn1"], f"{b}._bn1")
-    conv(["blocks", str(i), "project_conv"], f"{b}._project_conv")
-    bn(["blocks", str(i), "bn2"], f"{b}._bn2")
-  conv(["head", "conv"], "_conv_head")
-  bn(["head", "bn"], "_bn1")
-  return params, stats
+  for path, name, kind in _layout(variant):
+    if kind == "conv":
+      params[path + ("kernel",)] = np.transpose(weights[f"{name}.weight"], (2, 3, 1, 0))
+    else:
+      params[path + ("scale",)], params[path + ("bias",)] = weights[f"{name}.weight"], weights[f"{name}.bias"]
+      stats[path + ("mean",)], stats[path + ("var",)] = weights[f"{name}.running_mean"], weights[f"{name}.running_var"]
+  return tuple(traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}) for flat in (params, stats))
 
 
 def detect(weights: dict) -> str:
@@ -195,27 +183,13 @@ def detect(weights: dict) -> str:
 
 def to_torch(params: dict, stats: dict, variant: str) -> dict:
   """The inverse of from_torch: the PyTorch port's state dict (numpy), loadable by its `load_state_dict`."""
-  out = {}
-
-  def conv(node, torch_name):
-    out[f"{torch_name}.weight"] = np.transpose(np.asarray(node["kernel"]), (3, 2, 0, 1))
-
-  def bn(node, st, torch_name):
-    out[f"{torch_name}.weight"], out[f"{torch_name}.bias"] = np.asarray(node["scale"]), np.asarray(node["bias"])
-    out[f"{torch_name}.running_mean"], out[f"{torch_name}.running_var"] = np.asarray(st["mean"]), np.asarray(st["var"])
-    out[f"{torch_name}.num_batches_tracked"] = np.zeros((), np.int64)
-
-  conv(params["stem"]["conv"], "_conv_stem")
-  bn(params["stem"]["bn"], stats["stem"]["bn"], "_bn0")
-  for i, (_, _, e, _, _) in enumerate(blocks(variant)):
-    p, st, b = params["blocks"][str(i)], stats["blocks"][str(i)], f"_blocks.{i}"
-    if e != 1:
-      conv(p["expand_conv"], f"{b}._expand_conv")
-      bn(p["bn0"], st["bn0"], f"{b}._bn0")
-    conv(p["depthwise_conv"], f"{b}._depthwise_conv")
-    bn(p["bn1"], st["bn1"], f"{b}._bn1")
-    conv(p["project_conv"], f"{b}._project_conv")
-    bn(p["bn2"], st["bn2"], f"{b}._bn2")
-  conv(params["head"]["conv"], "_conv_head")
-  bn(params["head"]["bn"], stats["head"]["bn"], "_bn1")
+  p, st, out = traverse_util.flatten_dict(params), traverse_util.flatten_dict(stats), {}
+  for path, name, kind in _layout(variant):
+    if kind == "conv":
+      out[f"{name}.weight"] = np.transpose(np.asarray(p[path + ("kernel",)]), (3, 2, 0, 1))
+    else:
+      out[f"{name}.weight"], out[f"{name}.bias"] = np.asarray(p[path + ("scale",)]), np.asarray(p[path + ("bias",)])
+      out[f"{name}.running_mean"], out[f"{name}.running_var"] = (np.asarray(st[path + ("mean",)]),
+                                                                 np.asarray(st[path + ("var",)]))
+      out[f"{name}.num_batches_tracked"] = np.zeros((), np.int64)
   return out
