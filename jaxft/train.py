@@ -190,9 +190,9 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
       state, step = run_phase(k, state, step)
       progress.update(bar, total=step + sum(p.max_steps for p in exp.phases[k + 1:]))
 
-  # The last checkpoint commits while the test pass runs, unless an earlier one is the best.
-  if record.best_step not in (None, step):
+  if record.best_step != step:  # else the last checkpoint commits while the test pass runs
     ckpt.wait()
+  if record.best_step not in (None, step):
     try:
       state = restore(ckpt, par, targets, record.best_step)[0]
     except RestoreError as e:
@@ -200,7 +200,6 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
             f"{ckpt.move_aside(e.step)}; testing the final params (step {step}) instead")
       record.best_step = None
   if record.best_step is None:  # no validation recorded (a resumed finished run), or the best is damaged
-    ckpt.wait()
     val = evaluate(exp, par, eval_step, state.params, state.model_state, "validation")
     record.best_step, record.best_value = step, val[exp.best_metric]
     ckpt.save(step, par.host_view(state), batches.get_state(), record)
