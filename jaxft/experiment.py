@@ -12,7 +12,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from jaxft import lora, models, parallel, phases as phases_lib, tasks
+from jaxft import lora, models, parallel, phases as phases_lib, rules, tasks
 from jaxft.data import batching, sources
 from jaxft.errors import JaxftError
 from jaxft.step import TrainState, init_state, make_eval_step, make_train_step
@@ -46,8 +46,16 @@ class Experiment:
   def train_step(self, k: int = 0, axis_name: str | None = None, cached: bool = False):
     """Phase k's pure train step (state, batch) -> (state, metrics); `cached`: on cached features."""
     phase = self.phases[k]
-    return make_train_step(self.head_apply if cached else self.apply, self.task.loss, phase.tx, phase.labels,
-                           phase.cfg.train.dropout, axis_name, self.micro_steps)
+    apply = self.head_apply if cached else functools.partial(self.apply, frozen_bn=self.frozen_bn(k))
+    return make_train_step(apply, self.task.loss, phase.tx, phase.labels, phase.cfg.train.dropout, axis_name,
+                           self.micro_steps)
+
+  def frozen_bn(self, k: int) -> frozenset:
+    """Phase k's BatchNorm layers that keep their running statistics in training: all of them with
+    model.bn=frozen, else those of frozen layers (their scale is frozen)."""
+    bb, labels = self.backbone, rules.flat(self.phases[k].labels)
+    return frozenset(p for p in bb.batch_norm
+                     if self.cfg.model.bn == "frozen" or labels[f"{bb.key}/{p}/scale"] == "frozen")
 
   def train_batches(self, shards: int = 1, rows_of=lambda n: slice(None)) -> batching.TrainBatches:
     """The run's training batches: packed into rows of data.max_length (their count a multiple of 2, of
@@ -115,15 +123,16 @@ def build(cfg, log=print) -> Experiment:
   params = jax.tree.map(lambda x: x.astype(cfg.precision.params) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                         params)
 
-  def apply(params, batch, train=False, rng=None, model_state=None):
+  def apply(params, batch, train=False, rng=None, model_state=None, frozen_bn=frozenset()):
     rng_backbone, rng_head = jax.random.split(rng) if rng is not None else (None, None)
-    out, model_state = backbone.apply(params[backbone.key], batch, train, rng_backbone, model_state)
+    bn = {"frozen_bn": frozen_bn} if frozen_bn else {}  # only families with BatchNorm have frozen layers
+    out, model_state = backbone.apply(params[backbone.key], batch, train, rng_backbone, model_state, **bn)
     return task.head(params[task.head_key], task.features(out, batch), batch, train, rng_head), model_state
 
   def features(params, model_state, batch):
     return task.features(backbone.apply(params[backbone.key], batch, False, None, model_state)[0], batch)
 
-  def head_apply(params, batch, train=False, rng=None, model_state=None):
+  def head_apply(params, batch, train=False, rng=None, model_state=None, frozen_bn=frozenset()):
     return task.head(params[task.head_key], batch["features"], batch, train, rng), model_state
 
   targets = lora.targets(cfg.lora, backbone.conventions)
@@ -158,7 +167,8 @@ def restore(ckpt, par, targets, step):
   return (par.put_state(state, targets[k]) if par.pmap else state), data_state, record
 
 
-def save_model(exp: Experiment, params, out_dir) -> None:
-  """A model directory `model.name` loads back: the backbone in its family's format, and the head."""
-  exp.backbone.save(params[exp.backbone.key], out_dir)
+def save_model(exp: Experiment, params, out_dir, model_state=None) -> None:
+  """A model directory `model.name` loads back: the backbone in its family's format (with its BatchNorm
+  statistics), and the head."""
+  exp.backbone.save(params[exp.backbone.key], out_dir, model_state)
   exp.task.save(jax.device_get(params[exp.task.head_key]), Path(out_dir))

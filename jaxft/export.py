@@ -30,6 +30,6 @@ def export(cfg, out_dir, step: int | None = None, log=print) -> Path:
   if rules.lora_enabled(cfg.lora):
     params = lora.merge(params, cfg.lora)
   out.mkdir(parents=True, exist_ok=True)
-  save_model(exp, params, out)
+  save_model(exp, params, out, jax.device_get(state.model_state))
   log(f"exported step {step} of {ckpt_dir} to {out}" + (" (LoRA adapters merged)" if rules.lora_enabled(cfg.lora) else ""))
   return out

@@ -48,7 +48,7 @@ def wrap(apply, lcfg):
   """apply(params, batch, train, rng) of the adapted model, for params holding adapters."""
   scale = lcfg.alpha / lcfg.rank
 
-  def lora_apply(params, batch, train=False, rng=None, *rest):
+  def lora_apply(params, batch, train=False, rng=None, *rest, **kw):
     flat = rules.flat(params)
     base = rules.merge({p: x for p, x in flat.items() if not is_adapter(p)})
     modules = sorted({p.rsplit("/", 1)[0] for p in flat if is_adapter(p)})
@@ -66,7 +66,7 @@ def wrap(apply, lcfg):
         return y
       used.add(m)
       x = args[0]
-      if train and lcfg.dropout > 0:
+      if train and rng is not None and lcfg.dropout > 0:
         key = jax.random.fold_in(jax.random.fold_in(rng, 0x10A), modules.index(m))
         keep = jax.random.bernoulli(key, 1 - lcfg.dropout, x.shape)
         x = jnp.where(keep, x / (1 - lcfg.dropout), 0)
@@ -74,7 +74,7 @@ def wrap(apply, lcfg):
       return y + ((x @ a) @ b * scale).astype(y.dtype)
 
     with nn.intercept_methods(interceptor):
-      out = apply(base, batch, train, rng, *rest)
+      out = apply(base, batch, train, rng, *rest, **kw)
     if (missing := set(modules) - used):
       raise JaxftError(f"lora target {sorted(missing)[0]} is not called as a flax Dense layer")
     return out

@@ -73,7 +73,8 @@ def freeze_rules(cfg, params, conv, head_re: str) -> list[tuple[str, str]]:
   rules = [(r, "frozen") for r in cfg.freeze]
   if cfg.freeze_embeddings and conv.embeddings is None:
     raise JaxftError("freeze_embeddings=true, but this model family has no embedding table (leave it unset)")
-  if cfg.freeze_embeddings or (cfg.freeze_embeddings is None and conv.embeddings is not None):
+  default = conv.embeddings is not None and (conv.embeddings_frozen == "always" or cfg.freeze_bottom_layers > 0)
+  if cfg.freeze_embeddings or (cfg.freeze_embeddings is None and default):
     rules.append((conv.embeddings, "frozen"))
   if cfg.freeze_bottom_layers:
     n = num_layers(params, conv)

@@ -39,7 +39,8 @@ def make_train_step(apply: Callable, loss: Callable, tx: optax.GradientTransform
                     dropout: bool = True, axis_name: str | None = None, micro_steps: int = 1):
   """(state, batch) -> (state, metrics). `labels` is the 'train' / 'frozen' tree.
 
-  apply(params, batch, train, rng, model_state) -> (outputs, model_state);
+  apply(params, batch, train, rng, model_state) -> (outputs, model_state): called with train=True (BatchNorm
+    uses batch statistics) and rng=None where `dropout` is off;
   loss(outputs, batch) -> (scalar loss, {name: scalar} metrics): a mean over what batch["weights"]
     weighs (examples or tokens), so that the step can combine parts of a batch by their weight.
 
@@ -52,7 +53,8 @@ def make_train_step(apply: Callable, loss: Callable, tx: optax.GradientTransform
 
   def grads_of(trainable, frozen, model_state, batch, rng):
     def loss_fn(trainable):
-      outputs, new_model_state = apply(rules.merge(trainable, frozen), batch, dropout, rng, model_state)
+      outputs, new_model_state = apply(rules.merge(trainable, frozen), batch, True, rng if dropout else None,
+                                       model_state)
       value, aux = loss(outputs, batch)
       return value, (aux, new_model_state)
     (value, (aux, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)

@@ -1,23 +1,33 @@
 """Backbone providers by family. A native family is a module here and one line in FAMILIES
-(keyed by the checkpoint's `model_type`); every other family computes with transformers' Flax class."""
+(keyed by the checkpoint's `model_type`); every other family computes with transformers' Flax class.
+Families transformers has no class for read their own checkpoints: one line in OWN_FORMAT."""
 from jaxft import assets
 from jaxft.errors import JaxftError
-from jaxft.models import bert, hf_checkpoint, hf_flax
+from jaxft.models import bert, efficientnet, hf_checkpoint, hf_flax
 from jaxft.models.base import Backbone, max_positions
 
 FAMILIES = {"bert": bert}  # model_type -> provider module with supports(config), load(...), CONVENTIONS
+OWN_FORMAT = (efficientnet,)  # provider modules with claims(path), load(path, mcfg, dtype), CONVENTIONS
+
+
+def own_format(path):
+  """The OWN_FORMAT family that claims the checkpoint at `path`, or None (a Hugging Face checkpoint)."""
+  return next((family for family in OWN_FORMAT if family.claims(path)), None)
 
 
 def pooling_hint(mcfg) -> str:
   """How the checkpoint was trained to be pooled, read before it loads: 'mean' for sentence-transformers
   checkpoints, else 'cls' (a task decides from it whether the backbone keeps its pooler)."""
-  return hf_checkpoint.pooling(assets.resolve(mcfg.name))
+  path = assets.resolve(mcfg.name)
+  return "cls" if own_format(path) else hf_checkpoint.pooling(path)
 
 
 def check_length(mcfg, length: int, what: str) -> None:
   """Inputs of `length` tokens (set by `what`) must fit the position embeddings of the model `mcfg` names:
   read from its config, before the weights load."""
   path = assets.resolve(mcfg.name)
+  if own_format(path):  # not a token model
+    return
   limit = max_positions(hf_checkpoint.read_config(path))
   if limit and length > limit:
     raise JaxftError(f"{what}={length} is longer than {path} has position embeddings for ({limit})")
@@ -27,13 +37,20 @@ def load(mcfg, seed: int, compute_dtype: str = "float32", pooler: bool = False, 
   """The backbone named by `mcfg.name`: jaxft's implementation of its family where it has one and
   `mcfg.impl` allows it (auto | jaxft), else transformers' Flax module."""
   path = assets.resolve(mcfg.name)
+  if (own := own_format(path)) is not None:
+    if mcfg.impl == "transformers":
+      raise JaxftError(f"model.impl=transformers: {path} is an {own.MODEL_TYPE} checkpoint, which only jaxft's "
+                       f"own module reads; use model.impl=auto")
+    backbone, report = own.load(path, mcfg, compute_dtype, seed)
+    log(f"loaded {own.MODEL_TYPE} from {path} (jaxft module): {report}")
+    return backbone
   config = hf_checkpoint.read_config(path)
   family = FAMILIES.get(config.model_type)
   native = mcfg.impl != "transformers" and family is not None and family.supports(config)
   if mcfg.impl == "jaxft" and not native:
     raise JaxftError(f"model.impl=jaxft: no jaxft implementation of {config.model_type!r} models "
                      f"({path}); use model.impl=transformers")
-  ckpt = hf_checkpoint.load(path, config, pooler, seed, compute_dtype)
+  ckpt = hf_checkpoint.load(path, config, pooler, seed, compute_dtype, random=mcfg.weights == "random")
   provider = family if native else hf_flax
   backbone = provider.load(ckpt, compute_dtype, mcfg.remat == "block", pooler)
   log(f"loaded {config.model_type} from {path} ({'jaxft' if native else 'transformers'} module): {ckpt.report}")

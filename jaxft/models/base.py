@@ -10,7 +10,7 @@ from typing import Any, Callable
 @dataclasses.dataclass(frozen=True)
 class Conventions:
   """A family's param-path conventions, used by the freeze shorthands, layer decay, TP and LoRA."""
-  # Regex (full match) of the embedding params; None for a family without an embedding table.
+  # Regex (full match) of the embedding params (a CNN: its stem); None for a family without them.
   embeddings: str | None
   # Regex prefix that, followed by `(\\d+)/`, names transformer block i (e.g. `(?:.*/)?encoder/layer/`).
   layers: str
@@ -20,14 +20,19 @@ class Conventions:
   lora: dict = dataclasses.field(default_factory=dict)
   # Params that take no weight decay (biases, normalisation scales).
   no_decay: tuple = (r"(.*/)?bias", r".*(LayerNorm|layer_norm|ln_\w+|norm\w*)/(scale|weight)")
+  # When freeze_embeddings is unset, the embeddings are frozen "always" (an embedding table) or
+  # "with_bottom_layers" (a CNN's stem: when freeze_bottom_layers > 0).
+  embeddings_frozen: str = "always"
 
 
 @dataclasses.dataclass
 class Backbone:
   """A loaded pretrained model without a task head.
 
-  apply(params, batch, train, rng, state) -> ({"hidden": [B, L, D], "pooled": [B, D] or None}, state):
-  `params` is the subtree at `key`; `state` is mutable model state (BatchNorm statistics), {} if none.
+  apply(params, batch, train, rng, state[, frozen_bn]) -> ({"hidden": [B, L, D], "pooled": [B, D] or None},
+  state): `params` is the subtree at `key`; train: training mode; rng: the dropout key (None: no dropout);
+  `state` is mutable model state (BatchNorm statistics), {} if none; frozen_bn: for families with
+  BatchNorm (`batch_norm` lists its layers), the layers that keep their running statistics in training.
   """
   name: str  # where it was loaded from
   key: str  # the params subtree it owns, e.g. "bert"
@@ -36,7 +41,7 @@ class Backbone:
   processor: Any  # the tokenizer (or image preprocessing)
   config: Any  # the family's config object
   conventions: Conventions
-  save: Callable  # save(params, out_dir): a directory `load` (and the family's home library) reads back
+  save: Callable  # save(params, out_dir, state): a directory `load` (and the family's home library) reads back
   hidden_size: int
   num_layers: int
   init_scale: float  # stddev for new head kernels
@@ -45,6 +50,15 @@ class Backbone:
   inputs: tuple = ("input_ids", "attention_mask", "token_type_ids")  # the batch fields apply reads
   packs: bool = False  # apply takes packed rows (segment_ids, position_ids: data/packing.py)
   state: Any = dataclasses.field(default_factory=dict)
+  batch_norm: tuple = ()  # paths of the BatchNorm layers ('blocks/3/bn1'), for apply's frozen_bn
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageProcessor:
+  """An image model's input: size x size RGB pixels (0-255), normalised on the device as (x - mean) / std."""
+  size: int
+  mean: tuple
+  std: tuple
 
 
 def max_positions(config) -> int | None:

@@ -208,14 +208,15 @@ def load(ckpt: hf_checkpoint.Checkpoint, compute_dtype: str, remat: bool, pooler
   module = BertModel(c, jnp.dtype(compute_dtype), remat, add_pooling_layer=pooler)
 
   def apply(params, batch, train=False, rng=None, state=None):
+    dropout = train and rng is not None  # no BatchNorm: training mode is dropout only
     hidden, pooled = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                                  batch.get("token_type_ids"), train, batch.get("position_ids"),
-                                  batch.get("segment_ids"), rngs={"dropout": rng} if train else {})
+                                  batch.get("token_type_ids"), dropout, batch.get("position_ids"),
+                                  batch.get("segment_ids"), rngs={"dropout": rng} if dropout else {})
     return {"hidden": hidden, "pooled": pooled}, state
 
   rate = c.classifier_dropout if getattr(c, "classifier_dropout", None) is not None else c.hidden_dropout_prob
   return Backbone(name=str(ckpt.path), key="bert", params=ckpt.params, apply=apply, processor=ckpt.tokenizer,
-                  config=c, conventions=CONVENTIONS, save=lambda p, out: hf_checkpoint.save(ckpt, p, out),
+                  config=c, conventions=CONVENTIONS, save=lambda p, out, state=None: hf_checkpoint.save(ckpt, p, out),
                   hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, init_scale=c.initializer_range,
                   head_dropout=rate, pooling=hf_checkpoint.pooling(ckpt.path), packs=True,
                   inputs=("input_ids", "attention_mask", "token_type_ids", "position_ids", "segment_ids"))

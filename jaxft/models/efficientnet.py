@@ -7,15 +7,25 @@ scaled with the width; residuals where a block keeps its shape, with stochastic 
 0.2 x block / blocks) in training. Inputs: [B, H, W, 3] floats, (pixel - 127) / 128.
 
 Param paths: `stem/{conv,bn}`, `blocks/{i}/{expand_conv,bn0,depthwise_conv,bn1,project_conv,bn2}`,
-`head/{conv,bn}`; BatchNorm statistics are model state (`batch_stats`, same paths).
+`head/{conv,bn}`; BatchNorm statistics are model state (`batch_stats`, same paths). Freezing conventions:
+the layers are the 16 blocks (Lite0), the stem freezes with them (freeze_bottom_layers > 0).
+
+Checkpoints: the port's state dict (a .pth / .pt / .safetensors file), or a directory `save` wrote:
+config.json {"model_type": "efficientnet_lite", "variant"} and model.safetensors in the port's names.
 """
+import json
 import math
+from pathlib import Path
 
 import flax.linen as nn
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxft import formats
+from jaxft.errors import JaxftError
+from jaxft.models.base import Backbone, Conventions, ImageProcessor
 
 # name: (width, depth, resolution, dropout) from efficientnet_lite_builder.py
 VARIANTS = {"efficientnet-lite0": (1.0, 1.0, 224, 0.2), "efficientnet-lite1": (1.0, 1.1, 240, 0.2),
@@ -97,7 +107,8 @@ class MBConv(nn.Module):
     h = jax.nn.relu6(_bn(self, train, "bn1")(h))
     h = _bn(self, train, "bn2")(nn.Conv(self.cout, (1, 1), use_bias=False, name="project_conv")(h))
     if self.stride == 1 and self.cin == self.cout:
-      if train and self.drop_rate > 0:  # stochastic depth: a whole example's residual branch at a time
+      if train and self.drop_rate > 0 and self.has_rng("dropout"):  # stochastic depth (with a dropout key):
+        # a whole example's residual branch at a time
         keep_B = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.drop_rate, (h.shape[0], 1, 1, 1))
         h = jnp.where(keep_B, h / (1.0 - self.drop_rate), 0.0)
       h = h + x_BxHxWxC
@@ -186,10 +197,96 @@ def to_torch(params: dict, stats: dict, variant: str) -> dict:
   p, st, out = traverse_util.flatten_dict(params), traverse_util.flatten_dict(stats), {}
   for path, name, kind in _layout(variant):
     if kind == "conv":
-      out[f"{name}.weight"] = np.transpose(np.asarray(p[path + ("kernel",)]), (3, 2, 0, 1))
+      # contiguous: safetensors writes an array's buffer as is, whatever its strides
+      out[f"{name}.weight"] = np.ascontiguousarray(np.transpose(np.asarray(p[path + ("kernel",)]), (3, 2, 0, 1)))
     else:
       out[f"{name}.weight"], out[f"{name}.bias"] = np.asarray(p[path + ("scale",)]), np.asarray(p[path + ("bias",)])
       out[f"{name}.running_mean"], out[f"{name}.running_var"] = (np.asarray(st[path + ("mean",)]),
                                                                  np.asarray(st[path + ("var",)]))
       out[f"{name}.num_batches_tracked"] = np.zeros((), np.int64)
   return out
+
+
+MODEL_TYPE = "efficientnet_lite"
+CONVENTIONS = Conventions(embeddings=r"(.*/)?stem/.*", embeddings_frozen="with_bottom_layers",
+                          layers=r"(?:.*/)?blocks/", no_decay=(r"(.*/)?bias", r"(.*/)?bn\d?/scale"))
+WEIGHT_SUFFIXES = formats.PICKLE_SUFFIXES + (".safetensors",)
+
+
+def claims(path: Path) -> bool:
+  """Whether `path` is for this family: a weights file (checked when read), or a directory `save` wrote."""
+  if path.is_file():
+    return path.suffix in WEIGHT_SUFFIXES
+  config = path / "config.json"
+  return config.is_file() and json.loads(config.read_text()).get("model_type") == MODEL_TYPE
+
+
+def read(path: Path) -> tuple[dict, str]:
+  """(state dict, variant) of a weights file or a saved directory."""
+  if path.is_dir():
+    variant = json.loads((path / "config.json").read_text()).get("variant")
+    if variant not in VARIANTS:
+      raise JaxftError(f"{path / 'config.json'}: 'variant' is {variant!r}; known: {', '.join(VARIANTS)}")
+    weights, _ = formats.read(path / "model.safetensors")
+    return weights, variant
+  weights, _ = formats.read(path)
+  if "_conv_stem.weight" not in weights:
+    raise JaxftError(f"{path}: not an EfficientNet-Lite state dict (no '_conv_stem.weight'; keys like "
+                     f"{', '.join(list(weights)[:3])})")
+  try:
+    return weights, detect(weights)
+  except ValueError as e:
+    raise JaxftError(f"{path}: {e}") from None
+
+
+def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0) -> tuple[Backbone, str]:
+  """(the Backbone, a one-line report) from the checkpoint at `path`; model.image_size sets the resolution,
+  model.weights=random keeps only its architecture (flax's initialisers, seeded; statistics 0 / 1)."""
+  weights, variant = read(path)
+  expected = {name for _, n, kind in _layout(variant)
+              for name in ([f"{n}.weight"] if kind == "conv" else
+                           [f"{n}.{k}" for k in ("weight", "bias", "running_mean", "running_var")])}
+  missing = sorted(expected - set(weights))
+  if missing:
+    raise JaxftError(f"{path}: {len(missing)} EfficientNet tensors missing, e.g. {missing[:3]}")
+  params, stats = from_torch(weights, variant)
+  if mcfg.weights == "random":
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (params, stats))
+    fresh = jax.jit(EfficientNetLite(variant).init)(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, 3)))
+    params, stats = fresh["params"], fresh["batch_stats"]
+    assert jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (params, stats)) == shapes
+  if weights["_conv_stem.weight"].shape != (32, 3, 3, 3):
+    raise JaxftError(f"{path}: '_conv_stem.weight' has shape {tuple(weights['_conv_stem.weight'].shape)}, "
+                     f"expected (32, 3, 3, 3) (an RGB stem)")
+  unused = sorted({k.rsplit(".", 1)[0] for k in weights} - {k.rsplit(".", 1)[0] for k in expected})
+  width, depth, resolution, dropout = VARIANTS[variant]
+  size = mcfg.image_size or resolution
+
+  def apply(params, batch, train=False, rng=None, state=None, frozen_bn=frozenset()):
+    x_BxHxWx3 = (batch["image"].astype(jnp.float32) - MEAN) / STD
+    module = EfficientNetLite(variant, 0.2, jnp.dtype(compute_dtype), frozen_bn)
+    rngs = {"dropout": rng} if rng is not None else {}
+    variables = {"params": params, "batch_stats": state["batch_stats"]}
+    if not train:
+      (hidden, pooled) = module.apply(variables, x_BxHxWx3, False)
+      return {"hidden": hidden, "pooled": pooled}, state
+    (hidden, pooled), new = module.apply(variables, x_BxHxWx3, True, rngs=rngs, mutable=["batch_stats"])
+    return {"hidden": hidden, "pooled": pooled}, {"batch_stats": new["batch_stats"]}
+
+  def save(params, out_dir, state):
+    from safetensors.numpy import save_file
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({"model_type": MODEL_TYPE, "variant": variant, "image_size": size}))
+    save_file(to_torch(jax.device_get(params), jax.device_get(state["batch_stats"]), variant), out / "model.safetensors")
+
+  bn = tuple("/".join(p) for p, _, kind in _layout(variant) if kind == "bn")
+  backbone = Backbone(name=str(path), key="efficientnet", params=params, apply=apply,
+                      processor=ImageProcessor(size, (MEAN,) * 3, (STD,) * 3), config={"variant": variant},
+                      conventions=CONVENTIONS, save=save, hidden_size=1280, num_layers=len(blocks(variant)),
+                      init_scale=0.01, head_dropout=dropout, inputs=("image",), state={"batch_stats": stats},
+                      batch_norm=bn)
+  report = (f"{path.name} ({variant}, {size}x{size} inputs); " +
+            ("model.weights=random: every param newly initialised" if mcfg.weights == "random" else
+             f"unused checkpoint keys: {', '.join(unused) or 'none'}; not in the checkpoint, newly initialised: none"))
+  return backbone, report

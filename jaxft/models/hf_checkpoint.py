@@ -82,9 +82,9 @@ def _checkpoint_keys(weights: dict, kind: str, model) -> dict:
   return flat
 
 
-def load(path: Path, config, pooler: bool, seed: int = 0, dtype: str = "float32") -> Checkpoint:
+def load(path: Path, config, pooler: bool, seed: int = 0, dtype: str = "float32", random: bool = False) -> Checkpoint:
   """The base model's params from the checkpoint in `path`; params the checkpoint lacks keep the
-  model's own initialisation and are named in the report."""
+  model's own initialisation and are named in the report. random: none are taken from the checkpoint."""
   import transformers
   model = _base_model(config, pooler, seed, dtype)
   file = formats.find(path)
@@ -98,6 +98,8 @@ def load(path: Path, config, pooler: bool, seed: int = 0, dtype: str = "float32"
     if k in expected and tuple(x.shape) != tuple(expected[k].shape):
       raise JaxftError(f"{file}: '{'/'.join(k)}' has shape {tuple(x.shape)}, the model expects "
                        f"{tuple(expected[k].shape)}")
+  if random:
+    loaded = {}
   unused = ["/".join(k) for k in loaded if k not in expected]
   new = ["/".join(k) for k in expected if k not in loaded]
   params = traverse_util.unflatten_dict({k: jnp.asarray(loaded[k]) if k in loaded else x
@@ -106,8 +108,8 @@ def load(path: Path, config, pooler: bool, seed: int = 0, dtype: str = "float32"
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
   except (OSError, ValueError, KeyError) as e:
     raise JaxftError(f"could not load the tokenizer of {path}: {str(e).splitlines()[0]}") from None
-  report = (f"{file.name} ({kind} names); unused checkpoint keys: {fold(unused) or 'none'}; "
-            f"not in the checkpoint, newly initialised: {fold(new) or 'none'}")
+  report = (f"{file.name} ({kind} names); " + ("model.weights=random: every param newly initialised" if random else
+            f"unused checkpoint keys: {fold(unused) or 'none'}; not in the checkpoint, newly initialised: {fold(new) or 'none'}"))
   return Checkpoint(path, config, model, params, tokenizer, report)
 
 

@@ -50,7 +50,7 @@ def load(ckpt: hf_checkpoint.Checkpoint, compute_dtype: str, remat: bool, pooler
 
   def apply(params, batch, train=False, rng=None, state=None):
     out = model(batch["input_ids"], **{k: batch[k] for k in inputs if k in batch}, params=params,
-                dropout_rng=rng, train=train)
+                dropout_rng=rng, train=train and rng is not None)
     return {"hidden": out.last_hidden_state, "pooled": getattr(out, "pooler_output", None)}, state
 
   hidden = getattr(c, "hidden_size", None) or getattr(c, "dim", None) or getattr(c, "n_embd")
@@ -59,6 +59,6 @@ def load(ckpt: hf_checkpoint.Checkpoint, compute_dtype: str, remat: bool, pooler
   rate = rate if rate is not None else getattr(c, "hidden_dropout_prob", getattr(c, "dropout", 0.1))
   return Backbone(name=str(ckpt.path), key=model.base_model_prefix, params=ckpt.params, apply=apply,
                   processor=ckpt.tokenizer, config=c, conventions=CONVENTIONS,
-                  save=lambda p, out: hf_checkpoint.save(ckpt, p, out), hidden_size=hidden, num_layers=layers,
+                  save=lambda p, out, state=None: hf_checkpoint.save(ckpt, p, out), hidden_size=hidden, num_layers=layers,
                   init_scale=getattr(c, "initializer_range", 0.02), head_dropout=rate,
                   pooling=hf_checkpoint.pooling(ckpt.path))

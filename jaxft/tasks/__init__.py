@@ -7,6 +7,7 @@ TASKS = {  # name -> "module:Class"
     "sequence_classification": "sequence_classification:SequenceClassification",
     "token_classification": "token_classification:TokenClassification",
     "question_answering": "question_answering:QuestionAnswering",
+    "image_classification": "image_classification:ImageClassification",
 }
 
 

@@ -63,8 +63,9 @@ class Task:
   def encode(self, records: list[dict], split: str) -> Examples:
     raise NotImplementedError
 
-  def collate(self, ex: Examples, idx: np.ndarray, length: int, batch_size: int) -> dict:
-    """Examples `idx` padded to `length` tokens and `batch_size` rows (extra rows weigh 0)."""
+  def collate(self, ex: Examples, idx: np.ndarray, length: int, batch_size: int, epoch: int | None = None) -> dict:
+    """Examples `idx` padded to `length` tokens and `batch_size` rows (extra rows weigh 0). epoch: the
+    training epoch (train-time augmentation, a pure function of (seed, example, epoch)); None: evaluation."""
     raise NotImplementedError
 
   def cannot_pack(self) -> str | None:
@@ -144,8 +145,8 @@ def nll(logits, labels):
 
 
 def dense_head(w, x, rate: float, train: bool, rng):
-  """Dropout, then x @ kernel + bias in float32 (x: [B, D] or [B, L, D])."""
-  if train and rate > 0:
+  """Dropout (in training, with a key), then x @ kernel + bias in float32 (x: [B, D] or [B, L, D])."""
+  if train and rng is not None and rate > 0:
     keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
     x = jnp.where(keep, x / (1.0 - rate), 0.0)
   return x @ w["kernel"].astype(jnp.float32) + w["bias"].astype(jnp.float32)
@@ -158,7 +159,7 @@ def new_dense(rng, backbone, n_out: int) -> dict:
 
 
 _KINDS = {type(None): "null", bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-          list: "a list", dict: "an object"}
+          list: "a list", dict: "an object", np.ndarray: "an array"}
 
 
 def where(records: list[dict], i: int, split: str) -> str:
@@ -199,6 +200,29 @@ def require_classes(what: str, names: list[str], train: set, classes_of, log) ->
   if not set(others) <= set(names):
     raise JaxftError(f"{message}; put examples of every class in data.train, or list them all in data.label_names")
   log(f"[bold red]warning:[/] {message}: the run can only learn to predict '{only}'")
+
+
+class ClassLabels:
+  """The classes of data.label_column: data.label_names, else the source's (a TFDS ClassLabel, whose ints
+  the records hold), else the sorted distinct training labels. Training data with one class only is an
+  error, or a warning (require_classes)."""
+
+  def __init__(self, cfg, source, log=print):
+    self.column, self.known = cfg.data.label_column, source.label_names.get(cfg.data.label_column)
+    classes = set(self.of(source.splits["train"], "train"))
+    self.names = cfg.data.label_names or self.known or sorted(classes)
+    require_classes(f"data.label_column '{self.column}'", self.names, classes,
+                    lambda split: set(self.of(source.splits.get(split, []), split)), log)
+
+  def of(self, records, split: str) -> list[str]:
+    """Every record's label, as a class name."""
+    if self.known is not None:
+      return [self.known[v] for v in column(records, self.column, split, (int,))]
+    return [str(v) for v in column(records, self.column, split, (str, int))]
+
+  def index(self, records, split: str) -> np.ndarray:
+    """[N] int32 class indices of the records' labels."""
+    return label_index(self.names, self.of(records, split), f"{split} split")
 
 
 def label_index(names: list[str], values, where: str) -> np.ndarray:

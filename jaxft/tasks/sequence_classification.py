@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft.data import packing
-from jaxft.tasks.base import (Examples, Task, column, dense_head, label_index, new_dense, nll, packed_tokens,
-                              pad_tokens, require_classes, require_columns)
+from jaxft.tasks.base import (ClassLabels, Examples, Task, column, dense_head, new_dense, nll, packed_tokens,
+                              pad_tokens, require_columns)
 
 
 def cross_entropy(logits_BxC, labels_B, weights_B):
@@ -52,20 +52,10 @@ class SequenceClassification(Task):
     super().__init__(cfg, backbone, source, log)
     d = cfg.data
     self.pooling = backbone.pooling if cfg.model.pooling == "auto" else cfg.model.pooling
-    known = source.label_names.get(d.label_column)
-    train = source.splits["train"]
-    require_columns(train, (d.text_column, d.label_column), "set data.text_column / data.label_column")
-    self.known = known  # ints in the records index these
-    classes = set(self._labels(train, "train"))
-    self.label_names = d.label_names or known or sorted(classes)
-    require_classes(f"data.label_column '{d.label_column}'", self.label_names, classes,
-                    lambda split: set(self._labels(source.splits.get(split, []), split)), log)
+    require_columns(source.splits["train"], (d.text_column, d.label_column), "set data.text_column / data.label_column")
+    self.classes = ClassLabels(cfg, source, log)
+    self.label_names = self.classes.names
     self.pad_id = backbone.processor.pad_token_id or 0
-
-  def _labels(self, records, split) -> list[str]:
-    if self.known is not None:
-      return [self.known[v] for v in column(records, self.cfg.data.label_column, split, (int,))]
-    return [str(v) for v in column(records, self.cfg.data.label_column, split, (str, int))]
 
   def encode(self, records, split):
     d = self.cfg.data
@@ -73,10 +63,10 @@ class SequenceClassification(Task):
     out = self.backbone.processor(texts, truncation=True, max_length=d.max_length, padding=False,
                                   return_attention_mask=False, return_token_type_ids=False)
     ids = [np.asarray(x, np.int32) for x in out["input_ids"]]
-    labels = label_index(self.label_names, self._labels(records, split), f"{split} split")
+    labels = self.classes.index(records, split)
     return Examples(np.array([len(x) for x in ids]), {"ids": ids, "labels": labels})
 
-  def collate(self, ex, idx, length, batch_size):
+  def collate(self, ex, idx, length, batch_size, epoch=None):
     ids_BxL, mask_BxL = pad_tokens(ex.fields["ids"], idx, length, batch_size, self.pad_id)
     labels_B = np.zeros((batch_size,), np.int32)
     labels_B[:len(idx)] = ex.fields["labels"][idx]

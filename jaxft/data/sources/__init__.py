@@ -1,7 +1,9 @@
 """Raw examples per split, from a built-in dataset, local files, or a locally prepared TFDS dataset.
 
   data.name: vader_movie_reviews | wnut16   built-ins: TFDS builders prepared in data.tfds_dir on first use
+             | fashion_mnist | mnist_5k
              files                          data.train / validation / test (files.py)
+             image_folder                   data.train / ...: class subfolders of images (image_folder.py)
              tfds:NAME[:VERSION]            a TFDS dataset prepared in data.tfds_dir (array_record)
 
 A source returns records (plain dicts); the task turns them into arrays. A split the source lacks
@@ -32,6 +34,9 @@ def load(dcfg, log=print) -> Source:
   if dcfg.name == "files":
     from jaxft.data.sources import files
     splits, names = files.load(dcfg), {}
+  elif dcfg.name == "image_folder":
+    from jaxft.data.sources import image_folder
+    splits, names = image_folder.load(dcfg)
   elif dcfg.name.startswith("tfds:"):
     from jaxft.data.sources import tfds
     splits, names = tfds.load(dcfg.name[len("tfds:"):], tfds_dir(dcfg))
@@ -40,7 +45,18 @@ def load(dcfg, log=print) -> Source:
     splits, names = builtin.load(dcfg.name, tfds_dir(dcfg), log)
   if not splits.get("train"):
     raise JaxftError(f"data.name={dcfg.name}: no training examples (splits: {', '.join(splits) or 'none'})")
-  return Source(complete(splits, dcfg), names)
+  return Source(limit(complete(splits, dcfg), dcfg.limit or {}, dcfg.split_seed, log), names)
+
+
+def limit(splits: dict, caps: dict, seed: int, log=print) -> dict:
+  """Each split of `caps` cut to a seeded random `caps[split]` of its examples (kept in their order)."""
+  out = dict(splits)
+  for split, n in caps.items():
+    if n < len(splits[split]):
+      keep = np.sort(np.random.default_rng([seed, SPLITS.index(split)]).permutation(len(splits[split]))[:n])
+      out[split] = [splits[split][i] for i in keep]
+      log(f"data.limit: {n:,} of the {len(splits[split]):,} {split} examples")
+  return out
 
 
 def complete(splits: dict, dcfg) -> dict:

@@ -1,0 +1,86 @@
+"""Image classification: the backbone's pooled features -> a new Dense head.
+
+Images (uint8 arrays of any size, grey or colour, or image files) are turned into the model's
+resolution when batches are made: the evaluation view is the centred square resized; in training,
+with data.augment, a random resized crop (area in data.crop_scale) and a flip, a pure function of
+(seed, example, epoch) (data/images.py). Loss: cross-entropy, with train.label_smoothing in training.
+Metrics: loss, accuracy (top-1), top5_accuracy, macro-F1 (classes present in the split).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxft.data import images
+from jaxft.errors import JaxftError
+from jaxft.tasks.base import ClassLabels, Examples, Task, column, dense_head, new_dense, require_columns
+from jaxft.tasks.sequence_classification import cross_entropy, from_confusion
+
+
+class ImageClassification(Task):
+  metrics = ("loss", "accuracy", "top5_accuracy", "macro_f1")
+  best_metric = "accuracy"
+  cacheable = True
+
+  def __init__(self, cfg, backbone, source, log=print):
+    super().__init__(cfg, backbone, source, log)
+    d = cfg.data
+    if "image" not in backbone.inputs:
+      raise JaxftError(f"model.task=image_classification needs an image model; {backbone.name} reads "
+                       f"{', '.join(backbone.inputs)}")
+    require_columns(source.splits["train"], (d.image_column, d.label_column), "set data.image_column / data.label_column")
+    self.classes = ClassLabels(cfg, source, log)
+    self.label_names = self.classes.names
+    self.size = backbone.processor.size
+
+  def encode(self, records, split):
+    pictures = column(records, self.cfg.data.image_column, split, (np.ndarray, str))
+    return Examples(np.ones(len(records), np.int32), {"images": pictures, "labels": self.classes.index(records, split)},
+                    {"split": split})
+
+  def collate(self, ex, idx, length, batch_size, epoch=None):
+    d, seed = self.cfg.data, self.cfg.seed
+    image_BxSxSx3 = np.zeros((batch_size, self.size, self.size, 3), np.uint8)
+    for row, i in enumerate(idx):
+      im = images.decode(ex.fields["images"][i], f"{ex.meta['split']} example {i}")
+      image_BxSxSx3[row] = (images.eval_view(im, self.size) if epoch is None or not d.augment else
+                            images.train_view(im, self.size, images.example_rng(seed, int(i), epoch), d.crop_scale))
+    labels_B = np.zeros((batch_size,), np.int32)
+    labels_B[:len(idx)] = ex.fields["labels"][idx]
+    weights_B = np.zeros((batch_size,), np.float32)
+    weights_B[:len(idx)] = 1.0
+    return {"image": image_BxSxSx3, "labels": labels_B, "weights": weights_B}
+
+  def cannot_pack(self):
+    return "model.task image_classification has no tokens to pack"
+
+  def init_head(self, rng):
+    return new_dense(rng, self.backbone, len(self.label_names))
+
+  def features(self, backbone_out, batch):
+    return backbone_out["pooled"].astype(jnp.float32)
+
+  def head(self, w, pooled_BxD, batch, train, rng):
+    return dense_head(w, pooled_BxD, self.backbone.head_dropout, train, rng)
+
+  def loss(self, logits_BxC, batch):
+    w_B, labels_B = batch["weights"], batch["labels"]
+    targets_BxC = optax.smooth_labels(jax.nn.one_hot(labels_B, logits_BxC.shape[-1]), self.cfg.train.label_smoothing)
+    loss_B = optax.softmax_cross_entropy(logits_BxC.astype(jnp.float32), targets_BxC)
+    correct_B = (jnp.argmax(logits_BxC, -1) == labels_B).astype(jnp.float32)
+    total = jnp.maximum(jnp.sum(w_B), 1.0)
+    return jnp.sum(loss_B * w_B) / total, {"accuracy": jnp.sum(correct_B * w_B) / total}
+
+  def eval_sums(self, logits_BxC, batch):
+    w_B, labels_B = batch["weights"], batch["labels"]
+    _, nll_B = cross_entropy(logits_BxC, labels_B, w_B)
+    C = len(self.label_names)
+    _, top_BxK = jax.lax.top_k(logits_BxC, min(5, C))
+    top5_B = jnp.any(top_BxK == labels_B[:, None], -1).astype(jnp.float32)
+    confusion = (jax.nn.one_hot(labels_B, C) * w_B[:, None]).T @ jax.nn.one_hot(jnp.argmax(logits_BxC, -1), C)
+    return {"loss_sum": jnp.sum(nll_B * w_B), "count": jnp.sum(w_B), "top5": jnp.sum(top5_B * w_B),
+            "confusion": confusion}
+
+  def finalize(self, sums, rows, ex):
+    return {**from_confusion(sums["confusion"], sums["loss_sum"], sums["count"]),
+            "top5_accuracy": float(sums["top5"] / max(float(sums["count"]), 1.0))}

@@ -1,0 +1,154 @@
+"""Image classification end to end on a random EfficientNet-Lite0 the tests write and tiny generated images:
+the image_folder source, seeded views, BatchNorm state in training (updated, or kept where frozen), frozen
+stages bitwise unchanged, exact resume with BatchNorm, export and load back."""
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxft import rules
+from jaxft.config import load_config
+from jaxft.data import batching, sources
+from jaxft.errors import JaxftError
+from jaxft.experiment import build
+from jaxft.models import efficientnet as E
+
+CLASSES = ("bright", "dark", "stripes")
+
+
+def write_images(root: Path, n_per_class: int, seed: int) -> None:
+  """Class folders of 20x20 PNGs, told apart under any crop and flip: dark or bright noise, or dark noise
+  with bright horizontal stripes; odd ones grey, even ones RGB."""
+  rng = np.random.default_rng(seed)
+  for c in CLASSES:
+    (root / c).mkdir(parents=True)
+    for i in range(n_per_class):
+      x = rng.integers(0, 90, (20, 20, 3)).astype(np.uint8)
+      if c == "bright":
+        x += 150
+      elif c == "stripes":
+        x[::4] += 150
+        x[1::4] += 150
+      Image.fromarray(x[..., 0] if i % 2 else x).save(root / c / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def vision(tmp_path_factory):
+  """root/cnn: a saved random EfficientNet-Lite0, its running statistics those of a batch of the images (as
+  a pretrained network's fit its features); root/images/{train,validation,test}: class folders."""
+  root = tmp_path_factory.mktemp("vision")
+  for split, n, seed in (("train", 16, 0), ("validation", 4, 1), ("test", 4, 2)):
+    write_images(root / "images" / split, n, seed)
+  module = E.EfficientNetLite()
+  x = np.stack([np.asarray(Image.open(p).convert("RGB").resize((32, 32))) for p in
+                sorted((root / "images" / "train").rglob("*.png"))]).astype(np.float32)
+  x = (x - E.MEAN) / E.STD
+  params = jax.jit(module.init)(jax.random.PRNGKey(0), x[:1])["params"]
+  zeros = jax.tree.map(np.zeros_like, jax.eval_shape(module.init, jax.random.PRNGKey(0), x[:1])["batch_stats"])
+  _, new = jax.jit(lambda p: module.apply({"params": p, "batch_stats": zeros}, x, True, mutable=["batch_stats"]))(params)
+  # running = 0.99 running + 0.01 batch, from running = 0: the batch's own statistics
+  variables = {"params": params, "batch_stats": jax.tree.map(lambda s: s / 0.01, new["batch_stats"])}
+  from safetensors.numpy import save_file
+  (root / "cnn").mkdir()
+  (root / "cnn" / "config.json").write_text(json.dumps({"model_type": "efficientnet_lite", "variant": "efficientnet-lite0"}))
+  save_file(E.to_torch(variables["params"], variables["batch_stats"], "efficientnet-lite0"), root / "cnn" / "model.safetensors")
+  return root
+
+
+def cfg_for(vision, run_dir, *extra):
+  data = vision / "images"
+  return load_config(None, (f"model.name={vision / 'cnn'}", "model.task=image_classification", "model.image_size=32",
+                            "data.name=image_folder", *(f"data.{s}={data / s}" for s in ("train", "validation", "test")),
+                            "train.batch_size=8", "train.eval_batch_size=16", "train.log_every=1", "optim.lr=3e-3",
+                            f"run_dir={run_dir}", "train.eval_every=100", "train.checkpoint_every=100") + extra)
+
+
+def test_image_folder_source(vision, tmp_path):
+  cfg = cfg_for(vision, tmp_path / "run")
+  src = sources.load(cfg.data)
+  assert [len(src.splits[s]) for s in sources.SPLITS] == [48, 12, 12]
+  assert src.splits["train"][0] == {"image": str(vision / "images/train/bright/0.png"), "label": "bright"}
+  (tmp_path / "empty" / "a").mkdir(parents=True)
+  with pytest.raises(JaxftError, match=r"data.train=.*empty: no images \(.png.*\) in class subfolders \(a\)"):
+    sources.load(cfg_for(vision, tmp_path / "run", f"data.train={tmp_path / 'empty'}").data)
+
+
+def test_views_are_pure_functions_of_seed_example_and_epoch(vision, tmp_path):
+  exp = build(cfg_for(vision, tmp_path / "run"))
+  ex, idx = exp.splits["train"], np.array([1, 20, 40])
+  view = lambda epoch, seed=0: exp.task.collate(ex, idx, 1, 4, epoch=epoch)["image"]  # noqa: E731
+  assert view(None).shape == (4, 32, 32, 3) and view(None).dtype == np.uint8 and not view(None)[3].any()
+  grey = view(None)[0]  # example 1 is a grey PNG: three equal channels
+  np.testing.assert_array_equal(grey[..., 0], grey[..., 2])
+  np.testing.assert_array_equal(view(0), view(0))  # the same (seed, example, epoch): the same crop and flip
+  assert not np.array_equal(view(0), view(1)) and not np.array_equal(view(0), view(None))
+  batches = batching.bucketed(ex, exp.task.collate, 8, 12, 0, [1])
+  np.testing.assert_array_equal(batches[7]["image"], batches[7]["image"])  # epoch 1's batch, made twice
+  plain = build(cfg_for(vision, tmp_path / "run", "data.augment=false"))
+  np.testing.assert_array_equal(plain.task.collate(ex, idx, 1, 4, epoch=3)["image"], view(None))
+
+
+def bn_layers(tree, prefix):
+  return {p: x for p, x in rules.flat(tree).items() if p.startswith(prefix)}
+
+
+@pytest.mark.parametrize("bn", ["train", "frozen"])
+def test_batchnorm_statistics_train_or_stay_and_frozen_stages_are_unchanged(vision, tmp_path, bn):
+  exp = build(cfg_for(vision, tmp_path / "run", "freeze_bottom_layers=8", f"model.bn={bn}"))
+  assert exp.frozen_bn(0) == (frozenset(exp.backbone.batch_norm) if bn == "frozen" else
+                              frozenset(p for p in exp.backbone.batch_norm if p.startswith("stem/") or
+                                        (p.startswith("blocks/") and int(p.split("/")[1]) < 8)))
+  step = jax.jit(exp.train_step(0))
+  batches = batching.bucketed(exp.splits["train"], exp.task.collate, 8, 2, 0, [1])
+  state = exp.state
+  for i in range(2):
+    state, metrics = step(state, {k: v for k, v in batches[i].items() if k != "index"})
+  assert np.isfinite(metrics["loss"])
+  before, after = rules.flat(exp.state.params), rules.flat(state.params)
+  for p in before:  # the stem and blocks 0-7: bitwise unchanged; above them every param moved
+    frozen = p.startswith("efficientnet/stem/") or any(p.startswith(f"efficientnet/blocks/{i}/") for i in range(8))
+    assert np.array_equal(before[p], after[p]) == frozen, p
+  stats0, stats1 = rules.flat(exp.state.model_state), rules.flat(state.model_state)
+  for p in stats0:
+    kept = bn == "frozen" or p.startswith("batch_stats/stem/") or any(p.startswith(f"batch_stats/blocks/{i}/")
+                                                                     for i in range(8))
+    assert np.array_equal(stats0[p], stats1[p]) == kept, p
+
+
+def test_training_learns_resumes_exactly_and_exports_with_statistics(vision, tmp_path):
+  from jaxft.checkpoint import Checkpointer
+  from jaxft.evaluate import evaluate_run
+  from jaxft.export import export
+  from jaxft.train import train
+
+  def final_state(run_dir, like):  # params and BatchNorm statistics of the newest checkpoint
+    ckpt = Checkpointer(Path(run_dir) / "checkpoints", 10)
+    state = ckpt.restore(ckpt.latest_step(), like)[0]
+    ckpt.close()
+    return rules.flat(jax.device_get({"params": state.params, "stats": state.model_state}))
+
+  cfg = cfg_for(vision, tmp_path / "run", "train.epochs=4", "train.checkpoint_every=9", "train.keep=5",
+                "freeze_bottom_layers=4")
+  test = train(cfg)  # 24 steps: checkpoints at 9, 18, 24
+  losses = [json.loads(l)["loss"] for l in open(Path(cfg.run_dir) / "metrics.jsonl") if '"train"' in l]
+  # it learns: chance is ln 3 = 1.10 (a random network's features need more steps to generalise)
+  assert np.median(losses[-6:]) < 0.9 and set(test) >= {"accuracy", "top5_accuracy", "macro_f1"}
+  like = build(cfg).state
+  ckpt_dir = Path(cfg.run_dir) / "checkpoints"
+  uninterrupted = final_state(cfg.run_dir, like)
+  shutil.rmtree(ckpt_dir / "18")  # as if killed after step 9's checkpoint, mid-epoch 2
+  shutil.rmtree(ckpt_dir / "24")
+  train(cfg)
+  resumed = final_state(cfg.run_dir, like)
+  assert resumed.keys() == uninterrupted.keys() and any("/mean" in p for p in resumed)
+  for p, x in resumed.items():
+    np.testing.assert_array_equal(x, uninterrupted[p], err_msg=p)
+  out = export(cfg, tmp_path / "exported")
+  assert json.loads((out / "config.json").read_text())["model_type"] == "efficientnet_lite"
+  again = evaluate_run(cfg_for(vision, tmp_path / "run2", f"model.name={out}"), "test")
+  np.testing.assert_allclose(again["accuracy"], evaluate_run(cfg, "test")["accuracy"])
+  np.testing.assert_allclose(again["loss"], evaluate_run(cfg, "test")["loss"], rtol=1e-5)
