@@ -50,8 +50,12 @@ def matmul_peak(dtype: str, n: int | None = None, reps: int = 10) -> float:
   return 2 * n ** 3 / float(np.median(times))
 
 
-def analytic_flops(params, model_config, batch: int, length: int) -> float:
-  """6 * (matmul params) * tokens + attention (QK^T and AV, forward and backward: 12 * L * B * S^2 * D)."""
+def analytic_flops(params, backbone, batch: int, length: int) -> float:
+  """An image model: 3 x its forward FLOPs (forward, and twice that backward) per example. A token model:
+  6 * (matmul params) * tokens + attention (QK^T and AV, forward and backward: 12 * L * B * S^2 * D)."""
+  if backbone.forward_flops is not None:
+    return 3 * backbone.forward_flops * batch
+  model_config = backbone.config
   n_matmul = sum(x.size for p, x in rules.flat(params).items() if x.ndim == 2 and "embedding" not in p)
   layers = getattr(model_config, "num_hidden_layers", 0)
   hidden = getattr(model_config, "hidden_size", 0)
@@ -59,11 +63,14 @@ def analytic_flops(params, model_config, batch: int, length: int) -> float:
 
 
 def synthetic_batch(exp, batch: int, length: int, seed: int = 0) -> dict:
-  """A [batch, length] batch with every position a random token: the task's fields (labels, weights)
-  from real training examples, the token ids replaced and nothing padded."""
+  """A [batch, length] batch with every position a random token (an image model: random pixels): the
+  task's fields (labels, weights) from real training examples, the inputs replaced and nothing padded."""
   rng = np.random.default_rng(seed)
   ex = exp.splits["train"]
   out = batching.collate(ex, rng.choice(len(ex), batch, replace=len(ex) < batch), [length], exp.task.collate)
+  if "image" in out:
+    out["image"] = rng.integers(0, 256, out["image"].shape, dtype=np.uint8)
+    return out
   vocab = exp.backbone.processor.vocab_size
   out["input_ids"] = rng.integers(1000 if vocab > 2000 else 5, vocab, (batch, length), dtype=np.int32)
   out["attention_mask"] = np.ones((batch, length), np.int32)
@@ -71,7 +78,7 @@ def synthetic_batch(exp, batch: int, length: int, seed: int = 0) -> dict:
 
 
 def real_batches(exp, batch: int, length: int, steps: int, rows=slice(None)):
-  """Real training batches, all padded to `length`: (i -> batch i)."""
+  """Real training batches, all padded to `length` (images: decoded and augmented): (i -> batch i)."""
   return batching.bucketed(exp.splits["train"], exp.task.collate, batch, steps, exp.cfg.seed, [length],
                            lambda n: rows).__getitem__
 
@@ -112,6 +119,8 @@ def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data
   length = length or cfg.data.max_length
   cfg.data.max_length, cfg.data.buckets = length, [length]
   exp = build(cfg, log)
+  images = exp.backbone.forward_flops is not None  # an image model: `length` is its resolution
+  length = exp.backbone.processor.size if images else length
   tcfg, phase = cfg.train, exp.phases[0]
   par = parallel.Parallel(cfg, parallel.make_mesh(cfg.parallel.mesh), exp.conventions.tensor_parallel)
   target = par.abstract_state(exp.state)
@@ -167,24 +176,25 @@ def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data
     peak, peak_source = matmul_peak(dtype), "jnp.dot measured in this run"
   params = rules.flat(target.params)
   n_train = rules.count(rules.split(target.params, phase.labels, "train")[0])
-  flops = xla_flops or analytic_flops(params, exp.backbone.config, tcfg.batch_size, length)
+  flops = xla_flops or analytic_flops(params, exp.backbone, tcfg.batch_size, length)
   return Result(
       config=name, device=kind, devices=jax.device_count(), dtype=dtype, batch_size=tcfg.batch_size,
       length=length, data=data, trainable_params=n_train, params=rules.count(target.params),
       compile_s=compile_s, step_ms_median=1000 * median,
       step_ms_p10=1000 * float(np.percentile(timed, 10)), step_ms_p90=1000 * float(np.percentile(timed, 90)),
       host_ms_median=1000 * float(np.median(host_times[warmup:])),
-      examples_per_s=tcfg.batch_size / median, tokens_per_s=tcfg.batch_size * length / median,
-      xla_flops_per_step=xla_flops,
-      analytic_flops_per_step=analytic_flops(params, exp.backbone.config, tcfg.batch_size, length),
+      examples_per_s=tcfg.batch_size / median, tokens_per_s=0.0 if images else tcfg.batch_size * length / median,
+      xla_flops_per_step=xla_flops, analytic_flops_per_step=analytic_flops(params, exp.backbone, tcfg.batch_size, length),
       achieved_flops_per_s=flops / median, peak_flops_per_s=peak, peak_source=peak_source,
       mfu=flops / median / peak, memory_bytes=memory, memory_source=memory_source)
 
 
 def table(r: Result):
   from rich.table import Table
+  image = r.tokens_per_s == 0
+  shape = f"{r.length}x{r.length} images" if image else f"{r.length} tokens"
   t = Table(title=f"jaxft bench: {r.config} on {r.devices} x {r.device}, {r.dtype}, batch {r.batch_size} x "
-                  f"{r.length} tokens ({r.data} data)")
+                  f"{shape} ({r.data} data)")
   t.add_column("metric")
   t.add_column("value", justify="right")
   rows = [
@@ -193,9 +203,10 @@ def table(r: Result):
       ("step time median (p10 - p90)", f"{r.step_ms_median:.1f} ms ({r.step_ms_p10:.1f} - {r.step_ms_p90:.1f})"),
       ("host input per step", f"{r.host_ms_median:.1f} ms"),
       ("examples/s", f"{r.examples_per_s:,.1f}"),
-      ("tokens/s", f"{r.tokens_per_s:,.0f}"),
+      ("tokens/s", "n/a (images)" if image else f"{r.tokens_per_s:,.0f}"),
       ("FLOPs/step: XLA cost analysis", f"{r.xla_flops_per_step / 1e9:,.1f} G"),
-      ("FLOPs/step: 6N*tokens + attention", f"{r.analytic_flops_per_step / 1e9:,.1f} G"),
+      ("FLOPs/step: 3 x forward convolutions" if image else "FLOPs/step: 6N*tokens + attention",
+       f"{r.analytic_flops_per_step / 1e9:,.1f} G"),
       ("achieved FLOP/s", f"{r.achieved_flops_per_s / 1e9:,.1f} G"),
       (f"peak FLOP/s ({r.peak_source})", f"{r.peak_flops_per_s / 1e9:,.1f} G"),
       ("MFU", f"{100 * r.mfu:.1f}%"),

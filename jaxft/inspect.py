@@ -75,6 +75,11 @@ def report(exp, mesh, depth: int | None = None, per_param: bool = False, console
                 f"{(st['device_bytes'] + st['opt_device_bytes']) / 1024:,.1f}")
     console.print(t)
   console.print(f"{parallel.describe(mesh)}; {exp.total_steps} train steps; optimizer {exp.cfg.optim.name}")
+  if exp.backbone.batch_norm:  # model state beside the params
+    kept = exp.frozen_bn(0)
+    console.print(f"BatchNorm: {len(exp.backbone.batch_norm)} layers, {rules.count(exp.state.model_state):,} running "
+                  f"statistics; in training {len(kept)} keep theirs (model.bn={exp.cfg.model.bn}"
+                  f"{', and the frozen layers' if exp.cfg.model.bn == 'train' else ''}), the others update")
   if len(exp.phases) > 1:  # the table shows the first phase
     console.print("phases: " + ", ".join(
         f"{p.name} (<= {p.max_steps} steps, {rules.count(rules.split(exp.state.params, p.labels, 'train')[0]):,} "

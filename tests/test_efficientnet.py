@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxft.models import efficientnet as E
+from jaxft.models.base import frozen_batchnorm
 
 
 def torch_state_dict(variant="efficientnet-lite0", seed=0):
@@ -71,8 +72,9 @@ def test_frozen_batchnorm_uses_and_keeps_running_statistics():
   _, v = torch_state_dict()
   x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
   frozen = frozenset({"stem/bn", "blocks/0/bn1"})
-  m = E.EfficientNetLite(frozen_bn=frozen, drop_connect=0.0)
-  _, new = m.apply(v, x, True, mutable=["batch_stats"])
+  m = E.EfficientNetLite(drop_connect=0.0)
+  with frozen_batchnorm(frozen):
+    _, new = m.apply(v, x, True, mutable=["batch_stats"])
   new = new["batch_stats"]
   for path in ("stem/bn", "blocks/0/bn1"):
     old_node = v["batch_stats"]["stem"]["bn"] if path == "stem/bn" else v["batch_stats"]["blocks"]["0"]["bn1"]
@@ -80,6 +82,9 @@ def test_frozen_batchnorm_uses_and_keeps_running_statistics():
     jax.tree.map(np.testing.assert_array_equal, new_node, old_node)  # kept
   assert not np.allclose(new["blocks"]["0"]["bn2"]["mean"], v["batch_stats"]["blocks"]["0"]["bn2"]["mean"])  # updated
   # A frozen BatchNorm normalises with its running statistics: the stem's output equals eval mode's.
-  stem = E.ConvBN(32, 3, 2, frozenset({"bn"}))  # applied alone, its BatchNorm's path is "bn"
+  stem = E.ConvBN(32, 3, 2)  # applied alone, its BatchNorm's path is "bn"
   sv = {"params": v["params"]["stem"], "batch_stats": v["batch_stats"]["stem"]}
-  np.testing.assert_allclose(stem.apply(sv, x, True, mutable=["batch_stats"])[0], stem.apply(sv, x, False), rtol=1e-6)
+  with frozen_batchnorm(frozenset({"bn"})):
+    frozen_out = stem.apply(sv, x, True, mutable=["batch_stats"])[0]
+  np.testing.assert_allclose(frozen_out, stem.apply(sv, x, False), rtol=1e-6)
+  assert not np.allclose(stem.apply(sv, x, True, mutable=["batch_stats"])[0], frozen_out)

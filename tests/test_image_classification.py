@@ -152,3 +152,11 @@ def test_training_learns_resumes_exactly_and_exports_with_statistics(vision, tmp
   again = evaluate_run(cfg_for(vision, tmp_path / "run2", f"model.name={out}"), "test")
   np.testing.assert_allclose(again["accuracy"], evaluate_run(cfg, "test")["accuracy"])
   np.testing.assert_allclose(again["loss"], evaluate_run(cfg, "test")["loss"], rtol=1e-5)
+
+
+def test_bench_counts_convolution_flops(vision, tmp_path):
+  from jaxft import bench
+  r = bench.bench(cfg_for(vision, tmp_path / "run"), steps=2, warmup=1, data="real")
+  assert r.length == 32 and r.tokens_per_s == 0 and r.host_ms_median > 0  # decoding + augmenting, timed
+  assert r.analytic_flops_per_step == 3 * 8 * E.forward_flops("efficientnet-lite0", 32)
+  assert 0.5 < r.analytic_flops_per_step / r.xla_flops_per_step < 2, (r.analytic_flops_per_step, r.xla_flops_per_step)

@@ -6,7 +6,7 @@ from jaxft.errors import JaxftError
 from jaxft.models import bert, efficientnet, hf_checkpoint, hf_flax
 from jaxft.models.base import Backbone, max_positions
 
-FAMILIES = {"bert": bert}  # model_type -> provider module with supports(config), load(...), CONVENTIONS
+FAMILIES = {"bert": bert}  # model_type -> provider module with supports(config), load(ckpt, mcfg, ...), CONVENTIONS
 OWN_FORMAT = (efficientnet,)  # provider modules with claims(path), load(path, mcfg, dtype), CONVENTIONS
 
 
@@ -52,6 +52,6 @@ def load(mcfg, seed: int, compute_dtype: str = "float32", pooler: bool = False, 
                      f"({path}); use model.impl=transformers")
   ckpt = hf_checkpoint.load(path, config, pooler, seed, compute_dtype, random=mcfg.weights == "random")
   provider = family if native else hf_flax
-  backbone = provider.load(ckpt, compute_dtype, mcfg.remat == "block", pooler)
+  backbone = provider.load(ckpt, mcfg, compute_dtype, pooler)
   log(f"loaded {config.model_type} from {path} ({'jaxft' if native else 'transformers'} module): {ckpt.report}")
   return backbone

@@ -1,10 +1,13 @@
 """The backbone provider contract: what a model family gives the task, the rules and the step.
 
-A provider module (bert.py, hf_flax.py, ...) exports `load(path, cfg, pooler, log) -> Backbone` and its
+A provider module (bert.py, hf_flax.py, efficientnet.py, ...) exports `load(...) -> Backbone` and its
 family's `CONVENTIONS`. The task adds its head under its own key beside `Backbone.key`.
 """
+import contextlib
 import dataclasses
 from typing import Any, Callable
+
+import flax.linen as nn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +54,7 @@ class Backbone:
   packs: bool = False  # apply takes packed rows (segment_ids, position_ids: data/packing.py)
   state: Any = dataclasses.field(default_factory=dict)
   batch_norm: tuple = ()  # paths of the BatchNorm layers ('blocks/3/bn1'), for apply's frozen_bn
+  forward_flops: float | None = None  # image models: analytic forward FLOPs of one example (None: 6N * tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,3 +68,25 @@ class ImageProcessor:
 def max_positions(config) -> int | None:
   """The longest input a family's config has position embeddings for (None: not bounded by a table)."""
   return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def frozen_batchnorm(frozen: frozenset):
+  """A context in which every flax BatchNorm whose module path ('blocks/3/bn1', relative to the applied
+  module) is in `frozen` normalises with, and keeps, its running statistics, even in training: one
+  mechanism for jaxft's modules and transformers' alike (a method interceptor; no module knows)."""
+  if not frozen:
+    return contextlib.nullcontext()
+
+  def interceptor(next_fun, args, kwargs, context):
+    if (isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__"
+        and "/".join(context.module.path) in frozen):
+      kwargs = {**kwargs, "use_running_average": True}
+    return next_fun(*args, **kwargs)
+
+  return nn.intercept_methods(interceptor)
+
+
+def batchnorm_paths(stats) -> tuple:
+  """The module paths of the BatchNorm layers in a batch_stats tree (the parents of its `mean` leaves)."""
+  from flax import traverse_util
+  return tuple("/".join(p[:-1]) for p in traverse_util.flatten_dict(stats) if p[-1] == "mean")

@@ -202,10 +202,10 @@ class BertModel(nn.Module):
     return h_BxLxD, Pooler(c, self.dtype, name="pooler")(h_BxLxD) if self.add_pooling_layer else None
 
 
-def load(ckpt: hf_checkpoint.Checkpoint, compute_dtype: str, remat: bool, pooler: bool) -> Backbone:
+def load(ckpt: hf_checkpoint.Checkpoint, mcfg, compute_dtype: str, pooler: bool) -> Backbone:
   """A Backbone computing with jaxft's encoder on the checkpoint's params."""
   c = ckpt.config
-  module = BertModel(c, jnp.dtype(compute_dtype), remat, add_pooling_layer=pooler)
+  module = BertModel(c, jnp.dtype(compute_dtype), mcfg.remat == "block", add_pooling_layer=pooler)
 
   def apply(params, batch, train=False, rng=None, state=None):
     dropout = train and rng is not None  # no BatchNorm: training mode is dropout only
@@ -216,7 +216,7 @@ def load(ckpt: hf_checkpoint.Checkpoint, compute_dtype: str, remat: bool, pooler
 
   rate = c.classifier_dropout if getattr(c, "classifier_dropout", None) is not None else c.hidden_dropout_prob
   return Backbone(name=str(ckpt.path), key="bert", params=ckpt.params, apply=apply, processor=ckpt.tokenizer,
-                  config=c, conventions=CONVENTIONS, save=lambda p, out, state=None: hf_checkpoint.save(ckpt, p, out),
+                  config=c, conventions=CONVENTIONS, save=lambda p, out, state=None: hf_checkpoint.save(ckpt, p, out, state),
                   hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, init_scale=c.initializer_range,
                   head_dropout=rate, pooling=hf_checkpoint.pooling(ckpt.path), packs=True,
                   inputs=("input_ids", "attention_mask", "token_type_ids", "position_ids", "segment_ids"))

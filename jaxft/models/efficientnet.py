@@ -13,6 +13,7 @@ the layers are the 16 blocks (Lite0), the stem freezes with them (freeze_bottom_
 Checkpoints: the port's state dict (a .pth / .pt / .safetensors file), or a directory `save` wrote:
 config.json {"model_type": "efficientnet_lite", "variant"} and model.safetensors in the port's names.
 """
+import functools
 import json
 import math
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 
 from jaxft import formats
 from jaxft.errors import JaxftError
-from jaxft.models.base import Backbone, Conventions, ImageProcessor
+from jaxft.models.base import Backbone, Conventions, ImageProcessor, batchnorm_paths, frozen_batchnorm
 
 # name: (width, depth, resolution, dropout) from efficientnet_lite_builder.py
 VARIANTS = {"efficientnet-lite0": (1.0, 1.0, 224, 0.2), "efficientnet-lite1": (1.0, 1.1, 240, 0.2),
@@ -57,11 +58,10 @@ def blocks(variant: str) -> list[tuple[int, int, int, int, int]]:
   return out
 
 
-def _bn(module: nn.Module, train: bool, name: str):
-  """BatchNorm `name` of `module`: batch statistics (and running ones updated) in training, unless its path
-  is in the root's `frozen_bn`; running statistics otherwise."""
-  frozen = "/".join(module.scope.path + (name,)) in module.frozen_bn
-  return nn.BatchNorm(use_running_average=not train or frozen, momentum=0.99, epsilon=1e-3, name=name)
+def _bn(train: bool, name: str):
+  """BatchNorm: batch statistics (and running ones updated) in training, running statistics otherwise
+  (and in training too for the layers models.base.frozen_batchnorm names)."""
+  return functools.partial(nn.BatchNorm(momentum=0.99, epsilon=1e-3, name=name), use_running_average=not train)
 
 
 class DepthwiseConv(nn.Module):
@@ -94,7 +94,6 @@ class MBConv(nn.Module):
   cin: int
   cout: int
   drop_rate: float
-  frozen_bn: frozenset = frozenset()
 
   @nn.compact
   def __call__(self, x_BxHxWxC, train: bool):
@@ -102,10 +101,10 @@ class MBConv(nn.Module):
     h = x_BxHxWxC
     if self.expansion != 1:
       h = nn.Conv(mid, (1, 1), use_bias=False, name="expand_conv")(h)
-      h = jax.nn.relu6(_bn(self, train, "bn0")(h))
+      h = jax.nn.relu6(_bn(train, "bn0")(h))
     h = DepthwiseConv(self.kernel, self.stride, name="depthwise_conv")(h)
-    h = jax.nn.relu6(_bn(self, train, "bn1")(h))
-    h = _bn(self, train, "bn2")(nn.Conv(self.cout, (1, 1), use_bias=False, name="project_conv")(h))
+    h = jax.nn.relu6(_bn(train, "bn1")(h))
+    h = _bn(train, "bn2")(nn.Conv(self.cout, (1, 1), use_bias=False, name="project_conv")(h))
     if self.stride == 1 and self.cin == self.cout:
       if train and self.drop_rate > 0 and self.has_rng("dropout"):  # stochastic depth (with a dropout key):
         # a whole example's residual branch at a time
@@ -120,42 +119,52 @@ class ConvBN(nn.Module):
   features: int
   kernel: int
   stride: int
-  frozen_bn: frozenset = frozenset()
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = nn.Conv(self.features, (self.kernel,) * 2, (self.stride,) * 2, padding="SAME", use_bias=False, name="conv")(x)
-    return jax.nn.relu6(_bn(self, train, "bn")(x))
+    return jax.nn.relu6(_bn(train, "bn")(x))
 
 
 class Blocks(nn.Module):
   """The MBConv blocks in order, named 0, 1, ... (`blocks/{i}/...`)."""
   variant: str
   drop_connect: float
-  frozen_bn: frozenset = frozenset()
 
   @nn.compact
   def __call__(self, x, train: bool):
     spec = blocks(self.variant)
     for i, (k, s, e, cin, cout) in enumerate(spec):
-      x = MBConv(k, s, e, cin, cout, self.drop_connect * i / len(spec), self.frozen_bn, name=str(i))(x, train)
+      x = MBConv(k, s, e, cin, cout, self.drop_connect * i / len(spec), name=str(i))(x, train)
     return x
 
 
 class EfficientNetLite(nn.Module):
-  """(final feature map [B, h, w, 1280], its spatial mean [B, 1280]). frozen_bn: paths of the BatchNorm
-  layers (`blocks/3/bn1`) that use and keep their running statistics in training too (frozen layers)."""
+  """(final feature map [B, h, w, 1280], its spatial mean [B, 1280])."""
   variant: str = "efficientnet-lite0"
   drop_connect: float = 0.2
   dtype: jnp.dtype = jnp.float32
-  frozen_bn: frozenset = frozenset()
 
   @nn.compact
   def __call__(self, x_BxHxWx3, train: bool = False):
-    x = ConvBN(32, 3, 2, self.frozen_bn, name="stem")(x_BxHxWx3.astype(self.dtype), train)
-    x = Blocks(self.variant, self.drop_connect, self.frozen_bn, name="blocks")(x, train)
-    x = ConvBN(1280, 1, 1, self.frozen_bn, name="head")(x, train)
+    x = ConvBN(32, 3, 2, name="stem")(x_BxHxWx3.astype(self.dtype), train)
+    x = Blocks(self.variant, self.drop_connect, name="blocks")(x, train)
+    x = ConvBN(1280, 1, 1, name="head")(x, train)
     return x, x.astype(jnp.float32).mean((1, 2))
+
+
+def forward_flops(variant: str, size: int) -> float:
+  """Analytic forward FLOPs of one size x size image (2 per multiply-add of every convolution; BatchNorm,
+  activations and pooling not counted): Lite0 at 224 x 224 makes 0.384 G multiply-adds."""
+  same = lambda n, s: -(-n // s)  # noqa: E731  TF "SAME" output size
+  h = same(size, 2)
+  macs = h * h * 9 * 3 * 32
+  for k, s, e, cin, cout in blocks(variant):
+    mid = cin * e
+    macs += h * h * cin * mid if e != 1 else 0
+    h = same(h, s)
+    macs += h * h * k * k * mid + h * h * mid * cout
+  return 2.0 * (macs + h * h * blocks(variant)[-1][4] * 1280)
 
 
 def _layout(variant: str) -> list[tuple[tuple, str, str]]:
@@ -261,16 +270,17 @@ def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0) -> tup
   unused = sorted({k.rsplit(".", 1)[0] for k in weights} - {k.rsplit(".", 1)[0] for k in expected})
   width, depth, resolution, dropout = VARIANTS[variant]
   size = mcfg.image_size or resolution
+  module = EfficientNetLite(variant, 0.2, jnp.dtype(compute_dtype))
 
   def apply(params, batch, train=False, rng=None, state=None, frozen_bn=frozenset()):
     x_BxHxWx3 = (batch["image"].astype(jnp.float32) - MEAN) / STD
-    module = EfficientNetLite(variant, 0.2, jnp.dtype(compute_dtype), frozen_bn)
     rngs = {"dropout": rng} if rng is not None else {}
     variables = {"params": params, "batch_stats": state["batch_stats"]}
     if not train:
       (hidden, pooled) = module.apply(variables, x_BxHxWx3, False)
       return {"hidden": hidden, "pooled": pooled}, state
-    (hidden, pooled), new = module.apply(variables, x_BxHxWx3, True, rngs=rngs, mutable=["batch_stats"])
+    with frozen_batchnorm(frozen_bn):
+      (hidden, pooled), new = module.apply(variables, x_BxHxWx3, True, rngs=rngs, mutable=["batch_stats"])
     return {"hidden": hidden, "pooled": pooled}, {"batch_stats": new["batch_stats"]}
 
   def save(params, out_dir, state):
@@ -280,12 +290,11 @@ def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0) -> tup
     (out / "config.json").write_text(json.dumps({"model_type": MODEL_TYPE, "variant": variant, "image_size": size}))
     save_file(to_torch(jax.device_get(params), jax.device_get(state["batch_stats"]), variant), out / "model.safetensors")
 
-  bn = tuple("/".join(p) for p, _, kind in _layout(variant) if kind == "bn")
   backbone = Backbone(name=str(path), key="efficientnet", params=params, apply=apply,
                       processor=ImageProcessor(size, (MEAN,) * 3, (STD,) * 3), config={"variant": variant},
                       conventions=CONVENTIONS, save=save, hidden_size=1280, num_layers=len(blocks(variant)),
                       init_scale=0.01, head_dropout=dropout, inputs=("image",), state={"batch_stats": stats},
-                      batch_norm=bn)
+                      batch_norm=batchnorm_paths(stats), forward_flops=forward_flops(variant, size))
   report = (f"{path.name} ({variant}, {size}x{size} inputs); " +
             ("model.weights=random: every param newly initialised" if mcfg.weights == "random" else
              f"unused checkpoint keys: {', '.join(unused) or 'none'}; not in the checkpoint, newly initialised: none"))

@@ -6,6 +6,7 @@ and which params are new is computed here, by comparing key sets, not by reading
 """
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +78,10 @@ def _checkpoint_keys(weights: dict, kind: str, model) -> dict:
     return traverse_util.flatten_dict(convert_pytorch_state_dict_to_flax(weights, model))
   flat = {tuple(k.split("/")): v for k, v in weights.items()}
   prefix = model.base_model_prefix
-  if prefix not in model.params and any(k[0] == prefix for k in flat):  # a model with a head -> its base
-    flat = {(k[1:] if k[0] == prefix else k): v for k, v in flat.items()}
+  # a model with a head -> its base; with BatchNorm the trees are {params, batch_stats} -> {prefix: ...}
+  at = 1 if "batch_stats" in model.params else 0
+  if prefix not in model.params.get("params", model.params) and any(len(k) > at and k[at] == prefix for k in flat):
+    flat = {(k[:at] + k[at + 1:] if len(k) > at and k[at] == prefix else k): v for k, v in flat.items()}
   return flat
 
 
@@ -104,8 +107,8 @@ def load(path: Path, config, pooler: bool, seed: int = 0, dtype: str = "float32"
   new = ["/".join(k) for k in expected if k not in loaded]
   params = traverse_util.unflatten_dict({k: jnp.asarray(loaded[k]) if k in loaded else x
                                          for k, x in expected.items()})
-  try:
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+  try:  # an image model has none (models/hf_flax.py reads its preprocessor_config.json)
+    tokenizer = None if model.main_input_name == "pixel_values" else transformers.AutoTokenizer.from_pretrained(path)
   except (OSError, ValueError, KeyError) as e:
     raise JaxftError(f"could not load the tokenizer of {path}: {str(e).splitlines()[0]}") from None
   report = (f"{file.name} ({kind} names); " + ("model.weights=random: every param newly initialised" if random else
@@ -113,7 +116,11 @@ def load(path: Path, config, pooler: bool, seed: int = 0, dtype: str = "float32"
   return Checkpoint(path, config, model, params, tokenizer, report)
 
 
-def save(ckpt: Checkpoint, params, out_dir: Path) -> None:
-  """A directory transformers (and jaxft) load back: config, flax_model.msgpack, tokenizer."""
-  ckpt.model.save_pretrained(out_dir, params=params)
-  ckpt.tokenizer.save_pretrained(out_dir)
+def save(ckpt: Checkpoint, params, out_dir: Path, state=None) -> None:
+  """A directory transformers (and jaxft) load back: config, flax_model.msgpack (with the BatchNorm
+  statistics in `state`, if any), the tokenizer or the image preprocessing config."""
+  ckpt.model.save_pretrained(out_dir, params={"params": params, **state} if state else params)
+  if ckpt.tokenizer is not None:
+    ckpt.tokenizer.save_pretrained(out_dir)
+  if (ckpt.path / "preprocessor_config.json").is_file():
+    shutil.copy(ckpt.path / "preprocessor_config.json", Path(out_dir) / "preprocessor_config.json")
