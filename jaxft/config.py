@@ -56,6 +56,7 @@ class DataConfig:
   stride: int = 128  # question_answering: context tokens shared by consecutive windows
   max_answer_length: int = 30  # question_answering: longest answer span decoded, in tokens
   sort_window: int = 64  # unpacked train batches per length-sorting window; 1: no sorting (iid batches)
+  workers: int = 1  # threads that make training batches ahead of the step (decoding and augmenting images)
   pack: Optional[bool] = None  # train rows of max_length shared by examples; None: where task and model can
 
 
@@ -391,6 +392,7 @@ def validate(cfg: Config) -> None:
         f"({cfg.data.max_length}), got {buckets}")
   check(len(cfg.data.conll_columns) == 2, "config key 'data.conll_columns' must be [token column, tag column]")
   check(cfg.data.sort_window >= 1, "config key 'data.sort_window' must be >= 1")
+  check(cfg.data.workers >= 1, f"config key 'data.workers' must be >= 1, got {cfg.data.workers}")
   check(cfg.train.on_nonfinite in ("stop", "skip_step"),
         f"config key 'train.on_nonfinite' must be stop or skip_step, got {cfg.train.on_nonfinite!r}")
   for key in ("batch_size", "eval_batch_size", "log_every", "eval_every", "checkpoint_every", "keep"):

@@ -109,14 +109,13 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
 
   axis = "batch" if par.pmap else None
   eval_step = par.compile_eval(exp.eval_step(axis), targets[0])
-  dataset = batching.train_dataset(exp.train_batches(par.batch_shards, parallel.process_rows))
+  dataset = batching.train_dataset(exp.train_batches(par.batch_shards, parallel.process_rows), cfg.data.workers)
   batches = iter(dataset)
   if data_state is not None:
     batches.set_state(data_state)
   writer = metrics_lib.MetricWriter(run_dir, enabled=is_main, resume_step=latest)
   log(f"{len(exp.phases)} phase(s), at most {exp.total_steps} steps of {tcfg.batch_size} "
-      f"({len(exp.splits['train'])} train examples, "
-      f"{f'packed into rows of {cfg.data.max_length}' if exp.pack else f'length buckets {exp.buckets}'})")
+      f"({len(exp.splits['train'])} train examples, {exp.task.batch_layout(exp.pack, exp.buckets)})")
 
   step = int(par.host_view(state).step)
   progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),

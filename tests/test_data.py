@@ -34,15 +34,18 @@ def test_batches_are_bucketed_and_cover_each_epoch_once():
   assert not np.array_equal(src.epoch_plan(0), src.epoch_plan(1))  # reshuffled per epoch
 
 
-def test_grain_iterator_state_resumes_exactly():
+@pytest.mark.parametrize("workers", [1, 3])
+def test_grain_iterator_state_resumes_exactly(workers):
   data = encoded()
-  ds = batching.train_dataset(batching.bucketed(data, collate, 16, 30, seed=3, buckets=[64]))
-  it = iter(ds)
+  source = batching.bucketed(data, collate, 16, 30, seed=3, buckets=[64])
+  it = iter(batching.train_dataset(source, workers))
   for _ in range(7):
     next(it)
   state = it.get_state()
   expected = [next(it)["input_ids"] for _ in range(5)]
-  it2 = iter(batching.train_dataset(batching.bucketed(data, collate, 16, 30, seed=3, buckets=[64])))
+  for e, i in zip(expected, range(7, 12)):  # in order, whatever the number of threads
+    np.testing.assert_array_equal(source[i]["input_ids"], e)
+  it2 = iter(batching.train_dataset(batching.bucketed(data, collate, 16, 30, seed=3, buckets=[64]), workers))
   it2.set_state(state)
   for e in expected:
     np.testing.assert_array_equal(next(it2)["input_ids"], e)

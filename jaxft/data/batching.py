@@ -93,9 +93,11 @@ def bucketed(data, task_collate, batch_size, num_steps, seed, buckets, rows_of=l
   return TrainBatches(data, make, batch_size, num_steps, seed, rows_of, sort_window)
 
 
-def train_dataset(source: TrainBatches):
-  """A grain dataset of training batches, prefetched by a background thread."""
-  return grain.MapDataset.source(source).to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
+def train_dataset(source: TrainBatches, workers: int = 1):
+  """A grain dataset of training batches, made ahead (tokens collated, images decoded and augmented) by
+  `workers` background threads."""
+  options = grain.ReadOptions(num_threads=workers, prefetch_buffer_size=max(4, 2 * workers))
+  return grain.MapDataset.source(source).to_iter_dataset(options)
 
 
 def eval_batches(data, task_collate, batch_size: int, buckets):

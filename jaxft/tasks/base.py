@@ -76,6 +76,10 @@ class Task:
     """Examples packed by `p` into [R, L] rows; per-example fields [R, K] by slot (empty slots weigh 0)."""
     raise NotImplementedError
 
+  def batch_layout(self, pack: bool, buckets: list[int]) -> str:
+    """How training batches are shaped, for the run's log."""
+    return f"packed into rows of {self.cfg.data.max_length}" if pack else f"length buckets {buckets}"
+
   def init_head(self, rng) -> Any:
     raise NotImplementedError
 

@@ -54,6 +54,10 @@ class ImageClassification(Task):
   def cannot_pack(self):
     return "model.task image_classification has no tokens to pack"
 
+  def batch_layout(self, pack, buckets):
+    augment = f"random crops of {self.cfg.data.crop_scale} of the area, flips" if self.cfg.data.augment else "no augmentation"
+    return f"{self.size}x{self.size} images, {augment}"
+
   def init_head(self, rng):
     return new_dense(rng, self.backbone, len(self.label_names))
 
