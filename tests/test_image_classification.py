@@ -184,3 +184,30 @@ def test_data_parallel_and_fsdp_on_8_devices_match_one(vision, tmp_path):
     assert_close(eight[name], one["ref"], name)
     for k in ("loss", "accuracy"):
       np.testing.assert_allclose(eight[name + "/test"][k], one["ref/test"][k], rtol=1e-5, err_msg=f"{name} {k}")
+
+
+def write_idx(path: Path, x: np.ndarray) -> None:
+  """A gzipped IDX file (the MNIST format): 0, 0, 8 (uint8), rank; big-endian dims; the bytes."""
+  import gzip
+  header = bytes([0, 0, 8, x.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in x.shape)
+  path.write_bytes(gzip.compress(header + x.astype(np.uint8).tobytes()))
+
+
+def test_fashion_mnist_builder_on_a_few_images(tmp_path, monkeypatch):
+  """The builder reads the Debian package's IDX layout into uint8 Tensor features (array_record, no TF)."""
+  from jaxft.data.sources import builtin
+  from jaxft.data.sources.builders import fashion_mnist
+  rng = np.random.default_rng(0)
+  files = {"train": (rng.integers(0, 256, (5, 28, 28)), np.array([0, 9, 3, 3, 1])),
+           "t10k": (rng.integers(0, 256, (2, 28, 28)), np.array([7, 2]))}
+  for prefix, (x, y) in files.items():
+    write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", x)
+    write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", y)
+  monkeypatch.setattr(fashion_mnist, "ASSET", str(tmp_path))
+  splits, names = builtin.load("fashion_mnist", tmp_path / "tfds")
+  assert names == {"label": fashion_mnist.CLASSES} and {s: len(r) for s, r in splits.items()} == {"train": 5, "test": 2}
+  for split, prefix in (("train", "train"), ("test", "t10k")):
+    for r, x, y in zip(splits[split], *files[prefix]):
+      assert r["image"].dtype == np.uint8 and r["label"] == y
+      np.testing.assert_array_equal(r["image"], x)
+  assert list((tmp_path / "tfds" / "fashion_mnist" / "1.0.0").glob("*.array_record*"))
