@@ -132,7 +132,7 @@ def build(cfg, log=print) -> Experiment:
   def features(params, model_state, batch):
     return task.features(backbone.apply(params[backbone.key], batch, False, None, model_state)[0], batch)
 
-  def head_apply(params, batch, train=False, rng=None, model_state=None, frozen_bn=frozenset()):
+  def head_apply(params, batch, train=False, rng=None, model_state=None):
     return task.head(params[task.head_key], batch["features"], batch, train, rng), model_state
 
   targets = lora.targets(cfg.lora, backbone.conventions)

@@ -14,7 +14,7 @@ import optax
 from jaxft.data import images
 from jaxft.errors import JaxftError
 from jaxft.tasks.base import ClassLabels, Examples, Task, column, dense_head, new_dense, require_columns
-from jaxft.tasks.sequence_classification import cross_entropy, from_confusion
+from jaxft.tasks.sequence_classification import accuracy, confusion_sums, from_confusion
 
 
 class ImageClassification(Task):
@@ -71,19 +71,14 @@ class ImageClassification(Task):
     w_B, labels_B = batch["weights"], batch["labels"]
     targets_BxC = optax.smooth_labels(jax.nn.one_hot(labels_B, logits_BxC.shape[-1]), self.cfg.train.label_smoothing)
     loss_B = optax.softmax_cross_entropy(logits_BxC.astype(jnp.float32), targets_BxC)
-    correct_B = (jnp.argmax(logits_BxC, -1) == labels_B).astype(jnp.float32)
-    total = jnp.maximum(jnp.sum(w_B), 1.0)
-    return jnp.sum(loss_B * w_B) / total, {"accuracy": jnp.sum(correct_B * w_B) / total}
+    loss = jnp.sum(loss_B * w_B) / jnp.maximum(jnp.sum(w_B), 1.0)
+    return loss, {"accuracy": accuracy(logits_BxC, labels_B, w_B)}
 
   def eval_sums(self, logits_BxC, batch):
     w_B, labels_B = batch["weights"], batch["labels"]
-    _, nll_B = cross_entropy(logits_BxC, labels_B, w_B)
-    C = len(self.label_names)
-    _, top_BxK = jax.lax.top_k(logits_BxC, min(5, C))
+    _, top_BxK = jax.lax.top_k(logits_BxC, min(5, logits_BxC.shape[-1]))
     top5_B = jnp.any(top_BxK == labels_B[:, None], -1).astype(jnp.float32)
-    confusion = (jax.nn.one_hot(labels_B, C) * w_B[:, None]).T @ jax.nn.one_hot(jnp.argmax(logits_BxC, -1), C)
-    return {"loss_sum": jnp.sum(nll_B * w_B), "count": jnp.sum(w_B), "top5": jnp.sum(top5_B * w_B),
-            "confusion": confusion}
+    return {**confusion_sums(logits_BxC, labels_B, w_B), "top5": jnp.sum(top5_B * w_B)}
 
   def finalize(self, sums, rows, ex):
     return {**from_confusion(sums["confusion"], sums["loss_sum"], sums["count"]),

@@ -26,6 +26,22 @@ def cross_entropy(logits_BxC, labels_B, weights_B):
   return loss, nll_B
 
 
+def accuracy(logits_BxC, labels_B, weights_B):
+  """Weighted top-1 accuracy (any leading dims)."""
+  correct_B = (jnp.argmax(logits_BxC, -1) == labels_B).astype(jnp.float32)
+  return jnp.sum(correct_B * weights_B) / jnp.maximum(jnp.sum(weights_B), 1.0)
+
+
+def confusion_sums(logits_BxC, labels_B, weights_B) -> dict:
+  """The eval sums from_confusion reads: summed NLL, weight and the [true, pred] confusion counts."""
+  _, nll_B = cross_entropy(logits_BxC, labels_B, weights_B)
+  C = logits_BxC.shape[-1]
+  onehot_true_BxC = (jax.nn.one_hot(labels_B, C) * weights_B[..., None]).reshape(-1, C)
+  onehot_pred_BxC = jax.nn.one_hot(jnp.argmax(logits_BxC, -1), C).reshape(-1, C)
+  return {"loss_sum": jnp.sum(nll_B * weights_B), "count": jnp.sum(weights_B),
+          "confusion": onehot_true_BxC.T @ onehot_pred_BxC}
+
+
 def from_confusion(confusion, loss_sum: float, count: float) -> dict:
   """loss, accuracy and macro-F1 from a [true, pred] confusion matrix of counts."""
   c = np.asarray(confusion, np.float64)
@@ -100,18 +116,11 @@ class SequenceClassification(Task):
     return dense_head(w, pooled_BxD, self.backbone.head_dropout, train, rng)
 
   def loss(self, logits_BxC, batch):
-    w_B = batch["weights"]
-    loss, _ = cross_entropy(logits_BxC, batch["labels"], w_B)
-    correct_B = (jnp.argmax(logits_BxC, -1) == batch["labels"]).astype(jnp.float32)
-    return loss, {"accuracy": jnp.sum(correct_B * w_B) / jnp.maximum(jnp.sum(w_B), 1.0)}
+    loss, _ = cross_entropy(logits_BxC, batch["labels"], batch["weights"])
+    return loss, {"accuracy": accuracy(logits_BxC, batch["labels"], batch["weights"])}
 
   def eval_sums(self, logits_BxC, batch):
-    w_B = batch["weights"]
-    _, nll_B = cross_entropy(logits_BxC, batch["labels"], w_B)
-    C = len(self.label_names)
-    onehot_true_BxC = (jax.nn.one_hot(batch["labels"], C) * w_B[..., None]).reshape(-1, C)
-    onehot_pred_BxC = jax.nn.one_hot(jnp.argmax(logits_BxC, -1), C).reshape(-1, C)
-    return {"loss_sum": jnp.sum(nll_B * w_B), "count": jnp.sum(w_B), "confusion": onehot_true_BxC.T @ onehot_pred_BxC}
+    return confusion_sums(logits_BxC, batch["labels"], batch["weights"])
 
   def finalize(self, sums, rows, ex):
     return from_confusion(sums["confusion"], sums["loss_sum"], sums["count"])
