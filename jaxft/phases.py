@@ -31,6 +31,8 @@ class Phase:
 
 def preset(name: str, cfg, params, task, conv) -> list[dict]:
   if name == "lp_ft":  # Kumar et al. 2022: linear probe to convergence, then fine-tune gently
+    if task.head_regex is None:
+      raise JaxftError(f"phases_preset=lp_ft: {cfg.model.task} adds no head to probe")
     return [{"name": "linear_probe", "train_only": [task.head_regex],
              "optim": {"lr": 1e-3, "schedule": "constant", "warmup_ratio": 0.0, "weight_decay": 0.0},
              "train": {"cache_features": task.cacheable, "eval_every": 100},  # cached: cheap plateau checks

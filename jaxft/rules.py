@@ -68,12 +68,13 @@ def num_layers(tree, conv) -> int:
 
 def freeze_rules(cfg, params, conv, head_re: str) -> list[tuple[str, str]]:
   """Compiles `freeze`, `train_only`, `freeze_embeddings`, `freeze_bottom_layers` to label rules, with
-  the family's conventions `conv`. With LoRA only the adapters and the head (`head_re`) train (plus
-  anything in `train_only`)."""
+  the family's conventions `conv`. With LoRA only the adapters and the head (`head_re`; None: the task
+  adds none) train (plus anything in `train_only`)."""
   rules = [(r, "frozen") for r in cfg.freeze]
   if cfg.freeze_embeddings and conv.embeddings is None:
     raise JaxftError("freeze_embeddings=true, but this model family has no embedding table (leave it unset)")
-  default = conv.embeddings is not None and (conv.embeddings_frozen == "always" or cfg.freeze_bottom_layers > 0)
+  default = conv.embeddings is not None and (conv.embeddings_frozen == "always" or (
+      conv.embeddings_frozen == "with_bottom_layers" and cfg.freeze_bottom_layers > 0))
   if cfg.freeze_embeddings or (cfg.freeze_embeddings is None and default):
     rules.append((conv.embeddings, "frozen"))
   if cfg.freeze_bottom_layers:
@@ -82,7 +83,7 @@ def freeze_rules(cfg, params, conv, head_re: str) -> list[tuple[str, str]]:
       raise JaxftError(f"freeze_bottom_layers={cfg.freeze_bottom_layers} but the model has {n} layers")
     layers = "|".join(str(i) for i in range(cfg.freeze_bottom_layers))
     rules.append((rf"{conv.layers}({layers})/.*", "frozen"))
-  train_only = list(cfg.train_only) + ([ADAPTER_RE, head_re] if lora_enabled(cfg.lora) else [])
+  train_only = list(cfg.train_only) + ([ADAPTER_RE] + [head_re] * bool(head_re) if lora_enabled(cfg.lora) else [])
   if train_only:
     rules += [(r, "train") for r in train_only] + [(".*", "frozen")]
   return rules

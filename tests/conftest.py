@@ -105,3 +105,78 @@ def tiny_cfg(tiny_bert, tiny_data, tmp_path):
   """A function: extra overrides -> Config for the tiny model and data in a fresh run dir."""
   from jaxft.config import load_config
   return lambda *extra: load_config(None, tiny_overrides(tiny_bert, tiny_data, tmp_path / "run") + extra)
+
+
+# ---- tiny Llama-family causal LMs ---------------------------------------------------------------------------
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LM_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def llama_tokenizer():
+  """A byte-level BPE tokenizer trained on WORDS, with ChatML special tokens and chat template."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from transformers import PreTrainedTokenizerFast
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=LM_SPECIALS, show_progress=False,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator([" ".join(WORDS), "positive negative review sentiment user assistant"] * 20, trainer)
+  return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                 pad_token="<|endoftext|>", chat_template=CHATML)
+
+
+def llama_config(tie: bool, **kw):
+  from transformers import LlamaConfig
+  return LlamaConfig(**{**dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0), **kw})
+
+
+def make_tiny_llama(root: Path, tie: bool = True, **config) -> Path:
+  """A random Llama causal LM in Hugging Face layout: config.json, model.safetensors in PyTorch names (as
+  transformers' PyTorch save_pretrained writes), tokenizer. Returns the directory."""
+  from safetensors.numpy import save_file
+  from transformers import FlaxLlamaForCausalLM
+  cfg = llama_config(tie, **config)
+  params = FlaxLlamaForCausalLM(cfg, seed=0).params
+  if tie:
+    params = {"model": params["model"]}
+  root.mkdir(parents=True, exist_ok=True)
+  cfg.save_pretrained(root)
+  save_file(flax_to_pt_names(params), str(root / "model.safetensors"), metadata={"format": "pt"})
+  llama_tokenizer().save_pretrained(root)
+  return root
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+  root = tmp_path_factory.mktemp("tiny_llama")
+  return {"tied": make_tiny_llama(root / "tied", tie=True), "untied": make_tiny_llama(root / "untied", tie=False)}
+
+
+def make_sft_data(root: Path) -> Path:
+  """Sentiment as SFT: JSONL prompt / response pairs (train / validation / test) from the tiny text task."""
+  data = make_tiny_data(root / "text")
+  for split in ("train", "validation", "test"):
+    rows = [json.loads(line) for line in (data / f"{split}.jsonl").read_text().splitlines()]
+    out = [{"prompt": f"review: {r['text']}", "response": "positive" if r["label"] == "pos" else "negative"}
+           for r in rows]
+    (root / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in out) + "\n")
+  return root
+
+
+@pytest.fixture(scope="session")
+def sft_data(tmp_path_factory):
+  return make_sft_data(tmp_path_factory.mktemp("sft_data"))
+
+
+def lm_overrides(model: Path, data: Path, run_dir, task: str = "sft"):
+  """Overrides for a fast causal-LM run of the tiny Llama on JSONL files (text for causal_lm)."""
+  return (f"model.name={model}", f"model.task={task}", "data.name=files", f"data.train={data / 'train.jsonl'}",
+          f"data.validation={data / 'validation.jsonl'}", f"data.test={data / 'test.jsonl'}",
+          "data.max_length=32", "train.batch_size=16", "train.eval_batch_size=16", f"run_dir={run_dir}",
+          "train.log_every=2", "optim.lr=3e-3", "train.eval_every=100", "train.checkpoint_every=100",
+          "generate.max_new_tokens=4", "generate.eval_examples=16")

@@ -45,12 +45,15 @@ def read(path: Path) -> tuple[dict[str, np.ndarray], str]:
     if path.suffix in PICKLE_SUFFIXES:
       from jaxft.formats import torch_pickle
       return torch_pickle.read(path), "pytorch"
+    if path.suffix == ".gguf":  # dequantised, in transformers' names (llama files)
+      from jaxft.formats import gguf
+      return gguf.read(path), "pytorch"
   except JaxftError:
     raise
   except Exception as e:  # a corrupt or truncated file: one line naming the file and the reason
     raise JaxftError(f"cannot read {path}: {_reason(e)}") from None
   raise JaxftError(f"unknown weights format: {path} (expected .msgpack, .safetensors, "
-                   f"{'/'.join(PICKLE_SUFFIXES)} or a sharded *.index.json)")
+                   f"{'/'.join(PICKLE_SUFFIXES)}, .gguf or a sharded *.index.json)")
 
 
 def _read_sharded(index: Path) -> tuple[dict[str, np.ndarray], str]:

@@ -3,32 +3,34 @@
 Families transformers has no class for read their own checkpoints: one line in OWN_FORMAT."""
 from jaxft import assets
 from jaxft.errors import JaxftError
-from jaxft.models import bert, efficientnet, hf_checkpoint, hf_flax
+from jaxft.models import bert, efficientnet, hf_checkpoint, hf_flax, llama
 from jaxft.models.base import Backbone, max_positions
 
 FAMILIES = {"bert": bert}  # model_type -> provider module with supports(config), load(ckpt, mcfg, ...), CONVENTIONS
-OWN_FORMAT = (efficientnet,)  # provider modules with claims(path), load(path, mcfg, dtype), CONVENTIONS
+# Provider modules that read their checkpoints themselves: claims(path, impl), max_length(path),
+# load(path, mcfg, dtype, seed), MODEL_TYPE, CONVENTIONS.
+OWN_FORMAT = (efficientnet, llama)
 
 
-def own_format(path):
-  """The OWN_FORMAT family that claims the checkpoint at `path`, or None (a Hugging Face checkpoint)."""
-  return next((family for family in OWN_FORMAT if family.claims(path)), None)
+def own_format(path, impl: str = "auto"):
+  """The OWN_FORMAT family that claims the checkpoint at `path` (given model.impl), or None (a checkpoint
+  transformers' Flax classes compute)."""
+  return next((family for family in OWN_FORMAT if family.claims(path, impl)), None)
 
 
 def pooling_hint(mcfg) -> str:
   """How the checkpoint was trained to be pooled, read before it loads: 'mean' for sentence-transformers
   checkpoints, else 'cls' (a task decides from it whether the backbone keeps its pooler)."""
   path = assets.resolve(mcfg.name)
-  return "cls" if own_format(path) else hf_checkpoint.pooling(path)
+  return "cls" if own_format(path, mcfg.impl) else hf_checkpoint.pooling(path)
 
 
 def check_length(mcfg, length: int, what: str) -> None:
   """Inputs of `length` tokens (set by `what`) must fit the position embeddings of the model `mcfg` names:
   read from its config, before the weights load."""
   path = assets.resolve(mcfg.name)
-  if own_format(path):  # not a token model
-    return
-  limit = max_positions(hf_checkpoint.read_config(path))
+  own = own_format(path, mcfg.impl)
+  limit = own.max_length(path) if own else max_positions(hf_checkpoint.read_config(path))
   if limit and length > limit:
     raise JaxftError(f"{what}={length} is longer than {path} has position embeddings for ({limit})")
 
@@ -37,10 +39,10 @@ def load(mcfg, seed: int, compute_dtype: str = "float32", pooler: bool = False, 
   """The backbone named by `mcfg.name`: jaxft's implementation of its family where it has one and
   `mcfg.impl` allows it (auto | jaxft), else transformers' Flax module."""
   path = assets.resolve(mcfg.name)
-  if (own := own_format(path)) is not None:
+  if (own := own_format(path, mcfg.impl)) is not None:
     if mcfg.impl == "transformers":
-      raise JaxftError(f"model.impl=transformers: {path} is an {own.MODEL_TYPE} checkpoint, which only jaxft's "
-                       f"own module reads; use model.impl=auto")
+      raise JaxftError(f"model.impl=transformers: only jaxft's {own.MODEL_TYPE} module reads {path}; use "
+                       f"model.impl=auto")
     backbone, report = own.load(path, mcfg, compute_dtype, seed)
     log(f"loaded {own.MODEL_TYPE} from {path} (jaxft module): {report}")
     return backbone

@@ -23,8 +23,9 @@ class Conventions:
   lora: dict = dataclasses.field(default_factory=dict)
   # Params that take no weight decay (biases, normalisation scales).
   no_decay: tuple = (r"(.*/)?bias", r".*(LayerNorm|layer_norm|ln_\w+|norm\w*)/(scale|weight)")
-  # When freeze_embeddings is unset, the embeddings are frozen "always" (an embedding table) or
-  # "with_bottom_layers" (a CNN's stem: when freeze_bottom_layers > 0).
+  # When freeze_embeddings is unset, the embeddings are frozen "always" (an encoder's embedding table),
+  # "with_bottom_layers" (a CNN's stem: when freeze_bottom_layers > 0) or "never" (a causal LM's, tied to
+  # its output layer).
   embeddings_frozen: str = "always"
 
 
@@ -32,8 +33,8 @@ class Conventions:
 class Backbone:
   """A loaded pretrained model without a task head.
 
-  apply(params, batch, train, rng, state[, frozen_bn]) -> ({"hidden": [B, L, D], "pooled": [B, D] or None},
-  state): `params` is the subtree at `key`; train: training mode; rng: the dropout key (None: no dropout);
+  apply(params, batch, train, rng, state[, frozen_bn]) -> ({"hidden": [B, L, D], "pooled": [B, D] or None
+  [, "logits": [B, L, V] for causal LMs]}, state): `params` is the subtree at `key`; train: training mode; rng: the dropout key (None: no dropout);
   `state` is mutable model state (BatchNorm statistics), {} if none; frozen_bn: for families with
   BatchNorm (`batch_norm` lists its layers), the layers that keep their running statistics in training.
   """
@@ -55,6 +56,9 @@ class Backbone:
   state: Any = dataclasses.field(default_factory=dict)
   batch_norm: tuple = ()  # paths of the BatchNorm layers ('blocks/3/bn1'), for apply's frozen_bn
   forward_flops: float | None = None  # image models: analytic forward FLOPs of one example (None: 6N * tokens)
+  # Causal LMs (apply also returns "logits"): (batch, length) -> an empty KV cache; apply, given state
+  # {"cache": ...}, writes the new tokens at its index and returns it advanced (generation).
+  new_cache: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -222,12 +222,17 @@ CONVENTIONS = Conventions(embeddings=r"(.*/)?stem/.*", embeddings_frozen="with_b
 WEIGHT_SUFFIXES = formats.PICKLE_SUFFIXES + (".safetensors",)
 
 
-def claims(path: Path) -> bool:
+def claims(path: Path, impl: str = "auto") -> bool:
   """Whether `path` is for this family: a weights file (checked when read), or a directory `save` wrote."""
   if path.is_file():
     return path.suffix in WEIGHT_SUFFIXES
   config = path / "config.json"
   return config.is_file() and json.loads(config.read_text()).get("model_type") == MODEL_TYPE
+
+
+def max_length(path: Path) -> None:
+  """Not a token model: no input length bound."""
+  return None
 
 
 def read(path: Path) -> tuple[dict, str]:

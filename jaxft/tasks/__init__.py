@@ -8,6 +8,8 @@ TASKS = {  # name -> "module:Class"
     "token_classification": "token_classification:TokenClassification",
     "question_answering": "question_answering:QuestionAnswering",
     "image_classification": "image_classification:ImageClassification",
+    "causal_lm": "causal_lm:CausalLM",
+    "sft": "sft:SFT",
 }
 
 

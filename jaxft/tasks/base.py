@@ -41,6 +41,7 @@ class Task:
   lower_is_better = ("loss",)
   cacheable = False  # features of a frozen backbone can be computed once per example
   packs_eval = True  # where it packs: evaluation packs too (eval_rows, if any, are per slot: [R, K, ...])
+  generates = False  # evaluation also scores generated text (score; causal LMs: generate.py)
 
   def __init__(self, cfg, backbone, source, log=print):
     """cfg: the run's Config; backbone: models.Backbone; source: data.sources.Source (records of every
@@ -104,6 +105,10 @@ class Task:
 
   def finalize(self, sums: dict, rows: dict, ex: Examples) -> dict:
     """Metrics of a split from the summed arrays and, per example (rows[name][i]), the kept rows."""
+    raise NotImplementedError
+
+  def score(self, generated: list[str], ex: Examples, index) -> dict:
+    """Metrics of the text generated from the prompts of examples `index` (tasks that generate)."""
     raise NotImplementedError
 
   def describe(self, metrics: dict) -> str:

@@ -1,0 +1,136 @@
+"""Generation with a causal LM: batched, greedy or temperature / top-p sampling, with the KV cache.
+
+Prompts are left-padded to a common length (a bucket, so few shapes compile), run through the model once
+(prefill, writing the cache), then one token per step inside a jax.lax.while_loop until every row has
+emitted EOS or `max_new_tokens` are made. The model is the experiment's apply (backbone + task head, LoRA
+adapters included), the cache its model state (models/llama.py).
+"""
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxft.data import batching
+from jaxft.errors import JaxftError
+
+
+def sample(logits_BxV, rng, temperature: float, top_p: float):
+  """The next token of each row: argmax at temperature 0, else a draw from softmax(logits / T) restricted
+  to the smallest set of tokens whose probability reaches top_p (nucleus sampling)."""
+  if temperature == 0:
+    return jnp.argmax(logits_BxV, -1).astype(jnp.int32)
+  logits_BxV = logits_BxV / temperature
+  if top_p < 1:
+    sorted_BxV = jnp.sort(logits_BxV, -1)[:, ::-1]
+    cum_BxV = jnp.cumsum(jax.nn.softmax(sorted_BxV, -1), -1)
+    # the smallest logit still inside the nucleus (the top token always is)
+    cutoff_B = jnp.take_along_axis(sorted_BxV, jnp.sum(cum_BxV < top_p, -1, keepdims=True), -1)
+    logits_BxV = jnp.where(logits_BxV < cutoff_B, -jnp.inf, logits_BxV)
+  return jax.random.categorical(rng, logits_BxV).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("apply", "new_cache", "max_new", "temperature", "top_p", "eos_id"))
+def _generate(params, model_state, ids_BxP, mask_BxP, rng, *, apply, new_cache, max_new, temperature, top_p, eos_id):
+  B, P = ids_BxP.shape
+  cache = new_cache(B, P + max_new)
+  positions_BxP = jnp.maximum(jnp.cumsum(mask_BxP, -1) - 1, 0)
+  logits, state = apply(params, {"input_ids": ids_BxP, "attention_mask": mask_BxP, "position_ids": positions_BxP},
+                        False, None, {**model_state, "cache": cache})
+  lengths_B = mask_BxP.sum(-1)
+  out_BxN = jnp.full((B, max_new), eos_id, jnp.int32)
+
+  def cond(carry):
+    i, _, _, done_B, _, _ = carry
+    return (i < max_new) & ~jnp.all(done_B)
+
+  def body(carry):
+    i, logits_BxV, state, done_B, out_BxN, rng = carry
+    rng, key = jax.random.split(rng)
+    next_B = jnp.where(done_B, eos_id, sample(logits_BxV, key, temperature, top_p))
+    out_BxN = out_BxN.at[:, i].set(next_B)
+    done_B = done_B | (next_B == eos_id)
+    step = {"input_ids": next_B[:, None], "attention_mask": jnp.ones((B, 1), jnp.int32),
+            "position_ids": (lengths_B + i)[:, None]}
+    logits, state = apply(params, step, False, None, state)
+    return i + 1, logits[:, -1], state, done_B, out_BxN, rng
+
+  carry = (0, logits[:, -1], state, jnp.zeros((B,), bool), out_BxN, rng)
+  return jax.lax.while_loop(cond, body, carry)[4]
+
+
+def generate(exp, params, model_state, prompts: list, max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0, batch_size: int = 32) -> list[list[int]]:
+  """The tokens generated after each prompt (a list of token ids), EOS excluded."""
+  bb = exp.backbone
+  if bb.new_cache is None:
+    raise JaxftError(f"{bb.name} is not a causal LM: it has nothing to generate with")
+  eos_id = exp.task.eos_id
+  pad_id = exp.task.pad_id
+  order = np.argsort([len(p) for p in prompts], kind="stable")
+  out = [None] * len(prompts)
+  rng = jax.random.PRNGKey(seed)
+  for s in range(0, len(order), batch_size):
+    idx = order[s:s + batch_size]
+    longest = max(len(prompts[i]) for i in idx)
+    if longest == 0:
+      raise JaxftError("an empty prompt: generation needs at least one token to start from")
+    P = batching.bucket(longest, batching.derived_buckets(max(longest, 16)))
+    ids_BxP = np.full((batch_size, P), pad_id, np.int32)
+    mask_BxP = np.zeros((batch_size, P), np.int32)
+    for row, i in enumerate(idx):  # left-padded: every prompt ends at P - 1
+      ids_BxP[row, P - len(prompts[i]):] = prompts[i]
+      mask_BxP[row, P - len(prompts[i]):] = 1
+    mask_BxP[len(idx):, -1] = 1  # padding rows: one token, so that nothing is fully masked
+    tokens = _generate(params, model_state, ids_BxP, mask_BxP, jax.random.fold_in(rng, s), apply=exp.apply,
+                       new_cache=bb.new_cache, max_new=max_new_tokens, temperature=float(temperature),
+                       top_p=float(top_p), eos_id=int(eos_id))
+    tokens = np.asarray(tokens)
+    for row, i in enumerate(idx):
+      t = tokens[row].tolist()
+      out[i] = t[:t.index(eos_id)] if eos_id in t else t
+  return out
+
+
+def generation_metrics(exp, params, model_state, split: str) -> dict:
+  """The task's score of answers generated (generate.* settings) from the prompts of a split's first
+  generate.eval_examples examples."""
+  g, ex = exp.cfg.generate, exp.splits[split]
+  n = len(ex) if g.eval_examples is None else min(g.eval_examples, len(ex))
+  index = list(range(n))
+  tokens = generate(exp, params, model_state, [ex.meta["prompts"][i] for i in index], g.max_new_tokens,
+                    g.temperature, g.top_p, exp.cfg.seed, exp.cfg.train.eval_batch_size)
+  texts = exp.backbone.processor.batch_decode(tokens, skip_special_tokens=True)
+  return exp.task.score(texts, ex, index)
+
+
+def generate_text(cfg, prompt: str, max_new_tokens: int | None = None, chat: bool = False, log=print) -> str:
+  """`jaxft generate`: the continuation of `prompt` by the run's best checkpoint, or by model.name as
+  loaded when the run has none (chat: the prompt as a user message through the chat template)."""
+  from jaxft.checkpoint import Checkpointer
+  from jaxft.experiment import build, restore, setup
+  exp = build(cfg, log)
+  par, targets = setup(exp, log)
+  ckpt_dir = Path(cfg.run_dir) / "checkpoints"
+  ckpt = Checkpointer(ckpt_dir, cfg.train.keep) if ckpt_dir.is_dir() else None
+  latest = ckpt.latest_step() if ckpt else None
+  if latest is None:
+    log(f"no checkpoints in {ckpt_dir}: generating with {cfg.model.name} as loaded")
+    state = par.put_state(exp.state, targets[0])
+  else:
+    step = ckpt.record(latest).best_step or latest
+    state = restore(ckpt, par, targets, step)[0]
+    log(f"generating with checkpoint {ckpt.directory}/{step}")
+    ckpt.close()
+  tok = exp.backbone.processor
+  if chat:
+    if not tok.chat_template:
+      raise JaxftError(f"--chat: the tokenizer of {exp.backbone.name} has no chat template")
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+  else:
+    ids = tok(prompt)["input_ids"]
+  g = cfg.generate
+  tokens = generate(exp, state.params, state.model_state, [ids], max_new_tokens or g.max_new_tokens, g.temperature,
+                    g.top_p, cfg.seed, batch_size=1)[0]
+  return tok.decode(tokens, skip_special_tokens=True)

