@@ -121,7 +121,7 @@ def llama_tokenizer():
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=LM_SPECIALS, show_progress=False,
+  trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=LM_SPECIALS, show_progress=False,
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
   tok.train_from_iterator([" ".join(WORDS), "positive negative review sentiment user assistant"] * 20, trainer)
   return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
@@ -130,9 +130,10 @@ def llama_tokenizer():
 
 def llama_config(tie: bool, **kw):
   from transformers import LlamaConfig
-  return LlamaConfig(**{**dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+  return LlamaConfig(**{**dict(vocab_size=448, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0), **kw})
+                                tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                initializer_range=0.3), **kw})  # large: a random model with peaked logits
 
 
 def make_tiny_llama(root: Path, tie: bool = True, **config) -> Path:
@@ -159,6 +160,7 @@ def tiny_llama(tmp_path_factory):
 
 def make_sft_data(root: Path) -> Path:
   """Sentiment as SFT: JSONL prompt / response pairs (train / validation / test) from the tiny text task."""
+  (root / "text").mkdir()
   data = make_tiny_data(root / "text")
   for split in ("train", "validation", "test"):
     rows = [json.loads(line) for line in (data / f"{split}.jsonl").read_text().splitlines()]
@@ -177,6 +179,6 @@ def lm_overrides(model: Path, data: Path, run_dir, task: str = "sft"):
   """Overrides for a fast causal-LM run of the tiny Llama on JSONL files (text for causal_lm)."""
   return (f"model.name={model}", f"model.task={task}", "data.name=files", f"data.train={data / 'train.jsonl'}",
           f"data.validation={data / 'validation.jsonl'}", f"data.test={data / 'test.jsonl'}",
-          "data.max_length=32", "train.batch_size=16", "train.eval_batch_size=16", f"run_dir={run_dir}",
+          "data.max_length=64", "train.batch_size=16", "train.eval_batch_size=16", f"run_dir={run_dir}",
           "train.log_every=2", "optim.lr=3e-3", "train.eval_every=100", "train.checkpoint_every=100",
           "generate.max_new_tokens=4", "generate.eval_examples=16")

@@ -13,7 +13,7 @@ from jaxft.errors import JaxftError
 from jaxft.models import llama
 
 
-def batch_of(lengths, L=24, vocab=320, seed=0):
+def batch_of(lengths, L=24, vocab=448, seed=0):
   rng = np.random.default_rng(seed)
   ids = rng.integers(3, vocab, (len(lengths), L)).astype(np.int32)
   mask = (np.arange(L)[None] < np.array(lengths)[:, None]).astype(np.int32)

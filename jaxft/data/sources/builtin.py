@@ -14,7 +14,7 @@ from pathlib import Path
 from jaxft.data.sources import tfds as tfds_source
 from jaxft.errors import JaxftError
 
-NAMES = ("vader_movie_reviews", "wnut16", "fashion_mnist", "mnist_5k")
+NAMES = ("vader_movie_reviews", "wnut16", "fashion_mnist", "mnist_5k", "jane_austen")
 
 
 def builder(name: str):

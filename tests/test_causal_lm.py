@@ -1,0 +1,177 @@
+"""causal_lm and sft: which tokens are trained, packing, the loss over micro-batches, fail-loud inputs, a run that
+learns and generates, LoRA export, and an 8-device FSDP x TP run of a tiny Llama matching one device."""
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import jaxft, lm_overrides
+from jaxft.config import load_config
+from jaxft.data import batching
+from jaxft.errors import JaxftError
+from jaxft.experiment import PACK_SLOTS, build
+from test_packing import grads_and_loss
+
+QUIET = dict(log=lambda *_: None)
+
+
+@pytest.fixture
+def lm_cfg(tiny_llama, sft_data, tmp_path):
+  def make(*extra, model="tied", data=None, task="sft"):
+    return load_config(None, lm_overrides(tiny_llama[model], data or sft_data, tmp_path / "run", task) + extra)
+  return make
+
+
+def trained_text(exp, i, split="train"):
+  ex, tok = exp.splits[split], exp.backbone.processor
+  ids, targets = ex.fields["ids"][i], ex.fields["targets"][i]
+  return tok.decode(ids[targets > 0]), tok.decode(ids[targets == 0])
+
+
+def test_sft_trains_the_response_only(lm_cfg, sft_data):
+  exp = build(lm_cfg(), **QUIET)
+  first = json.loads((sft_data / "train.jsonl").read_text().splitlines()[0])
+  trained, rest = trained_text(exp, 0)
+  assert trained == f"{first['response']}<|im_end|>\n"  # the answer and the template's end of turn
+  assert rest == f"<|im_start|>user\n{first['prompt']}<|im_end|>\n<|im_start|>assistant\n"
+  prompt = exp.backbone.processor.decode(exp.splits["train"].meta["prompts"][0])
+  assert prompt == rest  # generation starts where the answer does
+
+
+def test_sft_without_a_chat_template_trains_response_and_eos(lm_cfg, tiny_llama, tmp_path):
+  plain = tmp_path / "plain"
+  shutil.copytree(tiny_llama["tied"], plain)
+  tok_cfg = json.loads((plain / "tokenizer_config.json").read_text())
+  tok_cfg.pop("chat_template", None)
+  (plain / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+  (plain / "chat_template.jinja").unlink(missing_ok=True)
+  exp = build(lm_cfg(f"model.name={plain}"), **QUIET)
+  trained, rest = trained_text(exp, 0)
+  assert rest.startswith("review: ") and trained in ("positive<|im_end|>", "negative<|im_end|>")
+  assert trained.startswith(" ") is False and not rest.endswith(" ")
+
+
+def test_chat_messages_train_every_assistant_turn(lm_cfg, tmp_path):
+  conv = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the movie"},
+          {"role": "assistant", "content": "good"}, {"role": "user", "content": "and the plot"},
+          {"role": "assistant", "content": "bad"}]
+  for split in ("train", "validation", "test"):
+    (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps({"messages": conv}) for _ in range(20)))
+  exp = build(lm_cfg(data=tmp_path), **QUIET)
+  trained, _ = trained_text(exp, 0)
+  assert trained == "good<|im_end|>\nbad<|im_end|>\n"
+  assert exp.splits["test"].meta["answers"][0] == "bad"
+
+
+def test_bad_sft_inputs_are_one_line_errors(lm_cfg, tmp_path, tiny_bert):
+  for split in ("validation", "test"):
+    (tmp_path / f"{split}.jsonl").write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
+  train = tmp_path / "train.jsonl"
+  train.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n" +
+                   json.dumps({"messages": [{"role": "user", "content": "the movie"}]}) + "\n")
+  with pytest.raises(JaxftError, match=r"train.jsonl:2: 'messages' must be .* ending with an assistant message"):
+    build(lm_cfg(data=tmp_path), **QUIET)
+  long_prompt = " ".join(["the movie"] * 40)
+  train.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n" +
+                   json.dumps({"prompt": long_prompt, "response": "good"}) + "\n")
+  with pytest.raises(JaxftError, match=r"train.jsonl:2: no token of it is trained \(its response starts past "
+                                       r"data.max_length=64"):
+    build(lm_cfg(data=tmp_path), **QUIET)
+  train.write_text(json.dumps({"text": "a"}) + "\n")
+  with pytest.raises(JaxftError, match=r"train.jsonl:1: no 'messages' and no 'prompt' / 'response'"):
+    build(lm_cfg(data=tmp_path), **QUIET)
+  with pytest.raises(JaxftError, match="needs a causal LM"):
+    build(lm_cfg(f"model.name={tiny_bert['pt']}"), **QUIET)
+
+
+@pytest.mark.parametrize("task", ["sft", "causal_lm"])
+def test_packed_loss_and_gradients_equal_unpacked(lm_cfg, tiny_data, task):
+  exp = build(lm_cfg(data=tiny_data if task == "causal_lm" else None, task=task), **QUIET)
+  ex, idx = exp.splits["train"], np.arange(16)
+  unpacked = batching.collate(ex, idx, [64], exp.task.collate)
+  packed = batching.collate_packed(ex, idx, exp.task.collate_packed, 64, PACK_SLOTS, 2)
+  assert packed["input_ids"].shape[0] < 16 and packed["weights"].sum() == unpacked["weights"].sum() > 0
+  (loss_u, grads_u), (loss_p, grads_p) = grads_and_loss(exp, unpacked), grads_and_loss(exp, packed)
+  np.testing.assert_allclose(loss_p, loss_u, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads_p, grads_u)
+
+
+def test_causal_lm_documents_packed_or_concatenated(lm_cfg, tiny_data):
+  packed = build(lm_cfg(data=tiny_data, task="causal_lm"), **QUIET)
+  stream = build(lm_cfg("data.pack=false", data=tiny_data, task="causal_lm"), **QUIET)
+  n_docs = len((tiny_data / "train.jsonl").read_text().splitlines())
+  assert packed.pack and len(packed.splits["train"]) == n_docs  # short documents: one example each
+  tokens = sum(map(len, packed.splits["train"].fields["ids"]))
+  # the same tokens in rows of 64 (a last row of one token would predict nothing: dropped)
+  assert sum(map(len, stream.splits["train"].fields["ids"])) == tokens - (tokens % 64 == 1)
+  assert not stream.pack and set(stream.splits["train"].lengths[:-1]) == {64}
+  eos = packed.task.eos_id
+  assert all(x[-1] == eos for x in packed.splits["train"].fields["ids"])
+
+
+def test_loss_is_the_token_mean_over_micro_batches(lm_cfg):
+  """Micro-batches of unequal token counts: the accumulated step equals the whole batch's."""
+  from jaxft import parallel
+  results = []
+  for micro in (None, 4):
+    exp = build(lm_cfg("data.pack=false", "train.dropout=false", f"train.micro_batch_size={micro or 'null'}"),
+                **QUIET)
+    batch = batching.collate(exp.splits["train"], np.arange(16), [64], exp.task.collate)
+    step = jax.jit(exp.train_step(0))
+    state, m = step(exp.state, batch)
+    results.append((float(m["loss"]), jax.device_get(state.params)))
+  assert abs(results[0][0] - results[1][0]) < 1e-5
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), results[0][1], results[1][1])
+
+
+def test_sft_run_learns_generates_and_exports_with_lora(tiny_llama, sft_data, tmp_path):
+  """A LoRA SFT run: the held-out loss falls and exact match rises; `jaxft generate` answers from the best
+  checkpoint; `jaxft export` merges the adapters into a directory transformers' Flax Llama loads."""
+  from test_llama import flax_reference
+  overrides = lm_overrides(tiny_llama["tied"], sft_data, tmp_path / "run") + (
+      "lora.preset=all", "lora.rank=4", "train.epochs=3", "optim.lr=1e-2")
+  before = jaxft("eval", *overrides, "--json")
+  assert before.returncode == 0, before.stderr[-2000:]
+  r = jaxft("train", *overrides)
+  assert r.returncode == 0, r.stderr[-3000:]
+  after = jaxft("eval", *overrides, "--json")
+  b, a = json.loads(before.stdout.splitlines()[-1]), json.loads(after.stdout.splitlines()[-1])
+  assert a["loss"] < b["loss"] - 1.0 and a["exact_match"] > b["exact_match"], (b, a)
+  assert "exact_match" in r.stdout
+  g = jaxft("generate", *overrides, "--prompt", "review: the film was great", "--chat")
+  assert g.returncode == 0 and g.stdout.strip() in ("positive", "negative"), (g.stdout, g.stderr[-1000:])
+  e = jaxft("export", *overrides, f"--out={tmp_path / 'merged'}")
+  assert e.returncode == 0, e.stderr[-2000:]
+  merged = build(load_config(None, overrides + (f"model.name={tmp_path / 'merged'}", "lora.preset=null")), **QUIET)
+  ids = np.asarray([merged.splits["test"].fields["ids"][0]])
+  ours = np.asarray(merged.apply(merged.state.params, {"input_ids": ids})[0])
+  np.testing.assert_allclose(ours[0], flax_reference(tmp_path / "merged", ids, np.ones_like(ids))[0], atol=1e-5)
+  lora_exp = build(load_config(None, overrides), **QUIET)  # the merged model computes what the adapted one did
+  from jaxft.checkpoint import Checkpointer
+  from jaxft.experiment import setup
+  _, targets = setup(lora_exp, lambda *_: None)
+  ckpt = Checkpointer(tmp_path / "run" / "checkpoints", 2)
+  step = ckpt.record(ckpt.latest_step()).best_step
+  state = ckpt.restore(step, targets[0])[0]
+  ckpt.close()
+  np.testing.assert_allclose(np.asarray(lora_exp.apply(state.params, {"input_ids": ids})[0]), ours, atol=1e-4)
+
+
+def test_fsdp_x_tp_on_8_devices_matches_one(tiny_llama, sft_data, tmp_path_factory):
+  """The Llama TP rules (column-parallel q/k/v, gate, up; row-parallel o, down; vocab-sharded embeddings)
+  with FSDP on top: the same losses as one device, packed and unpacked."""
+  from test_parallel import assert_close, run_devices
+  root = tmp_path_factory.mktemp("lm_multidevice")
+  shutil.copytree(tiny_llama["untied"], root / "tiny_llama")
+  shutil.copytree(sft_data, root / "sft_data")
+  common = ",".join(o for o in lm_overrides(root / "tiny_llama", root / "sft_data", "x") if not o.startswith("run_dir"))
+  common += ",data.buckets=null,train.epochs=1,train.log_every=1,generate.eval_examples=4"
+  one = run_devices(1, root, {"ref": "", "ref_unpacked": "data.pack=false"}, common)
+  eight = run_devices(8, root, {"fsdp_tp": "parallel.mesh.data=1,parallel.mesh.fsdp=4,parallel.mesh.tensor=2",
+                                "dp_tp_unpacked": "parallel.mesh.data=4,parallel.mesh.tensor=2,data.pack=false"},
+                      common)
+  assert len(one["ref"]) >= 10
+  assert_close(eight["fsdp_tp"], one["ref"], "fsdp_tp")
+  assert_close(eight["dp_tp_unpacked"], one["ref_unpacked"], "dp_tp_unpacked")
