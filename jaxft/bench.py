@@ -57,6 +57,8 @@ def analytic_flops(params, backbone, batch: int, length: int) -> float:
     return 3 * backbone.forward_flops * batch
   model_config = backbone.config
   n_matmul = sum(x.size for p, x in rules.flat(params).items() if x.ndim == 2 and "embedding" not in p)
+  if backbone.new_cache is not None and getattr(model_config, "tie_word_embeddings", False):
+    n_matmul += model_config.vocab_size * model_config.hidden_size  # the tied output layer is a matmul
   layers = getattr(model_config, "num_hidden_layers", 0)
   hidden = getattr(model_config, "hidden_size", 0)
   return 6 * n_matmul * batch * length + 12 * layers * batch * length ** 2 * hidden
@@ -74,6 +76,10 @@ def synthetic_batch(exp, batch: int, length: int, seed: int = 0) -> dict:
   vocab = exp.backbone.processor.vocab_size
   out["input_ids"] = rng.integers(1000 if vocab > 2000 else 5, vocab, (batch, length), dtype=np.int32)
   out["attention_mask"] = np.ones((batch, length), np.int32)
+  if exp.backbone.new_cache is not None:  # a causal LM: every next token is predicted
+    out["labels"] = np.roll(out["input_ids"], -1, axis=1)
+    out["weights"] = np.ones((batch, length), np.float32)
+    out["weights"][:, -1] = 0
   return out
 
 
@@ -101,12 +107,15 @@ class Result:
   host_ms_median: float
   examples_per_s: float
   tokens_per_s: float
+  trained_tokens_per_step: float  # tokens that bear loss (token tasks: weights; padding and prompts excluded)
+  trained_tokens_per_s: float
   xla_flops_per_step: float
   analytic_flops_per_step: float
   achieved_flops_per_s: float
   peak_flops_per_s: float
   peak_source: str
   mfu: float
+  mfu_trained: float  # MFU counting the FLOPs of loss-bearing tokens only (analytic, per token)
   memory_bytes: int | None
   memory_source: str
 
@@ -150,7 +159,7 @@ def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data
                    - mem.alias_size_in_bytes)
       memory_source = "compiled step (arguments + outputs + temporaries)"
 
-  step_times, host_times = [], []
+  step_times, host_times, trained = [], [], []
   batch = first
   for i in range(warmup + steps):
     t = time.perf_counter()
@@ -158,8 +167,11 @@ def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data
     jax.block_until_ready((state, metrics))
     step_times.append(time.perf_counter() - t)
     t = time.perf_counter()
-    batch = par.put_batch(source(i + 1))
+    host_batch = source(i + 1)
+    batch = par.put_batch(host_batch)
     jax.block_until_ready(batch)
+    if i + 1 >= warmup:
+      trained.append(_trained_tokens(host_batch))
     host_times.append(time.perf_counter() - t)
   if par.pmap:
     compile_s += step_times[0]  # pmap compiled inside its first step
@@ -177,6 +189,9 @@ def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data
   params = rules.flat(target.params)
   n_train = rules.count(rules.split(target.params, phase.labels, "train")[0])
   flops = xla_flops or analytic_flops(params, exp.backbone, tcfg.batch_size, length)
+  analytic = analytic_flops(params, exp.backbone, tcfg.batch_size, length)
+  all_tokens = tcfg.batch_size * (1 if images else length)
+  trained_per_step = float(np.mean(trained)) if trained else float(all_tokens)
   return Result(
       config=name, device=kind, devices=jax.device_count(), dtype=dtype, batch_size=tcfg.batch_size,
       length=length, data=data, trainable_params=n_train, params=rules.count(target.params),
@@ -184,9 +199,22 @@ def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data
       step_ms_p10=1000 * float(np.percentile(timed, 10)), step_ms_p90=1000 * float(np.percentile(timed, 90)),
       host_ms_median=1000 * float(np.median(host_times[warmup:])),
       examples_per_s=tcfg.batch_size / median, tokens_per_s=0.0 if images else tcfg.batch_size * length / median,
-      xla_flops_per_step=xla_flops, analytic_flops_per_step=analytic_flops(params, exp.backbone, tcfg.batch_size, length),
+      trained_tokens_per_step=0.0 if images else trained_per_step,
+      trained_tokens_per_s=0.0 if images else trained_per_step / median,
+      xla_flops_per_step=xla_flops, analytic_flops_per_step=analytic,
       achieved_flops_per_s=flops / median, peak_flops_per_s=peak, peak_source=peak_source,
-      mfu=flops / median / peak, memory_bytes=memory, memory_source=memory_source)
+      mfu=flops / median / peak, mfu_trained=analytic * trained_per_step / all_tokens / median / peak,
+      memory_bytes=memory, memory_source=memory_source)
+
+
+def _trained_tokens(batch) -> float:
+  """Tokens of a host batch that bear loss: the sum of token weights [B, L]; per-example weights count
+  every real token (the attention mask)."""
+  w = np.asarray(batch.get("weights", 0.0))
+  if w.ndim == 2:
+    return float(w.sum())
+  mask = batch.get("attention_mask", batch.get("segment_ids"))
+  return float((np.asarray(mask) > 0).sum()) if mask is not None else float(w.size)
 
 
 def table(r: Result):
@@ -204,12 +232,15 @@ def table(r: Result):
       ("host input per step", f"{r.host_ms_median:.1f} ms"),
       ("examples/s", f"{r.examples_per_s:,.1f}"),
       ("tokens/s", "n/a (images)" if image else f"{r.tokens_per_s:,.0f}"),
+      ("loss-bearing tokens/step, /s", "n/a (images)" if image else
+       f"{r.trained_tokens_per_step:,.0f}, {r.trained_tokens_per_s:,.0f}"),
       ("FLOPs/step: XLA cost analysis", f"{r.xla_flops_per_step / 1e9:,.1f} G"),
       ("FLOPs/step: 3 x forward convolutions" if image else "FLOPs/step: 6N*tokens + attention",
        f"{r.analytic_flops_per_step / 1e9:,.1f} G"),
       ("achieved FLOP/s", f"{r.achieved_flops_per_s / 1e9:,.1f} G"),
       (f"peak FLOP/s ({r.peak_source})", f"{r.peak_flops_per_s / 1e9:,.1f} G"),
       ("MFU", f"{100 * r.mfu:.1f}%"),
+      ("MFU of loss-bearing tokens", "n/a (images)" if image else f"{100 * r.mfu_trained:.1f}%"),
       (f"memory ({r.memory_source})", "n/a" if r.memory_bytes is None else f"{r.memory_bytes / 2**20:,.1f} MiB"),
   ]
   for k, v in rows:

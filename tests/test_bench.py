@@ -41,3 +41,14 @@ def test_training_compiles_once_per_bucket(tiny_cfg):
   src = batching.bucketed(exp.splits["train"], exp.task.collate, 16, exp.total_steps, cfg.seed, [8, 16, 32])
   buckets = {src[i]["input_ids"].shape[1] for i in range(exp.total_steps)}
   assert len(buckets) >= 2 and compiles[-1] == len(buckets), (compiles, buckets)
+
+
+def test_lm_bench_counts_loss_bearing_tokens(tiny_llama, sft_data, tmp_path):
+  """SFT on real batches: only response tokens bear loss, so their MFU is a fraction of the plain one."""
+  from conftest import lm_overrides
+  from jaxft.config import load_config
+  cfg = load_config(None, lm_overrides(tiny_llama["tied"], sft_data, tmp_path / "run"))
+  r = bench.bench(cfg, steps=3, warmup=1, length=64, data="real")
+  assert r.tokens_per_s > 0 and 0 < r.trained_tokens_per_step < 0.5 * r.batch_size * r.length
+  assert 0 < r.mfu_trained < 0.5 * r.mfu
+  assert 0.5 < r.analytic_flops_per_step / r.xla_flops_per_step < 2  # the tied output layer counted

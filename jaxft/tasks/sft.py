@@ -10,10 +10,12 @@ the rendered text by character offsets, so tokens merged across the prompt / res
 
 Examples longer than data.max_length are cut there (counted in the log); an example with no trained token
 left, or a template that renders no response, is an error naming the example. Evaluation adds the
-generated answer's exact match (whitespace-stripped, case-folded) to the loss, perplexity and accuracy of
+generated answer's exact match (SQuAD-style: whitespace and surrounding punctuation stripped, case-folded) to the loss, perplexity and accuracy of
 the response tokens, generating greedily from each prompt (generate.eval_examples of them, up to
 generate.max_new_tokens).
 """
+import string
+
 import numpy as np
 
 from jaxft.errors import JaxftError
@@ -109,6 +111,6 @@ class SFT(CausalLM):
 
   def score(self, generated: list[str], ex: Examples, index) -> dict:
     """Exact match of generated answers against the references of examples `index`."""
-    norm = lambda s: " ".join(s.split()).casefold()  # noqa: E731
+    norm = lambda s: " ".join(s.split()).strip(string.punctuation + " ").casefold()  # noqa: E731
     hits = [norm(g) == norm(ex.meta["answers"][i]) for g, i in zip(generated, index)]
     return {"exact_match": float(np.mean(hits)) if hits else float("nan")}

@@ -12,6 +12,7 @@ import re
 import struct
 import zlib
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxft import assets
@@ -117,7 +118,7 @@ class JaneAusten(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         builder=self, description=__doc__, disable_shuffling=True, license="public domain (texts); MIT (janeaustenr)",
         homepage="https://github.com/juliasilge/janeaustenr",
         features=tfds.features.FeaturesDict({"text": tfds.features.Text(), "book": tfds.features.Text(),
-                                             "chapter": tfds.features.Scalar(dtype="int32")}))
+                                             "chapter": np.int32}))
 
   def _split_generators(self, dl_manager):
     data = read_rdata(assets.resolve(ASSET))

@@ -1,0 +1,110 @@
+"""The PyTorch path a user would take instead of jaxft for causal-LM fine-tuning, timed beside it: transformers'
+LlamaForCausalLM (eager, float32, torch's threads = this machine's cores) on the same dequantised weights,
+the same tokenized examples and the same batches (jaxft's collate: padded rows, or packed rows with a 4-D
+block-diagonal causal mask and per-document positions, so that both compute the same thing), AdamW.
+
+  python benchmarks/lm_torch_recipe.py CONFIG [--steps 6] [--warmup 2] [overrides...]
+
+Prints one JSON line per mode (padded, packed) with step time, tokens/s (all positions) and trained-token/s,
+and the jaxft train step's figures on the identical batches, measured in the same process run, alternating.
+It also checks that both compute the same loss on the first batch. Needs torch (the bench-torch extra).
+"""
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+
+def torch_model(exp):
+  """transformers' LlamaForCausalLM holding the experiment's (dequantised) weights."""
+  import torch
+  import transformers
+  from jaxft import rules
+  from jaxft.models import llama
+  flat = llama.to_torch_names({k: np.asarray(v) for k, v in rules.flat(exp.state.params[exp.backbone.key]).items()})
+  model = transformers.LlamaForCausalLM(exp.backbone.config)
+  missing, unexpected = model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in flat.items()}, strict=False)
+  assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+  model.tie_weights()
+  return model.train()
+
+
+def torch_batch(batch):
+  """jaxft's batch -> (input_ids, attention mask (2-D, or 4-D block-diagonal causal for packed rows),
+  positions, labels with -100 where no token is trained), as torch tensors."""
+  import torch
+  ids = torch.from_numpy(batch["input_ids"].astype(np.int64))
+  labels = np.where(batch["weights"] > 0, batch["labels"], -100)
+  if "segment_ids" in batch:
+    seg = batch["segment_ids"]
+    L = seg.shape[1]
+    visible = (seg[:, :, None] == seg[:, None, :]) & np.tril(np.ones((L, L), bool))
+    mask = torch.from_numpy(np.where(visible, 0.0, torch.finfo(torch.float32).min).astype(np.float32))[:, None]
+    positions = torch.from_numpy(batch["position_ids"].astype(np.int64))
+  else:
+    mask = torch.from_numpy(batch["attention_mask"].astype(np.int64))
+    positions = None
+  return ids, mask, positions, torch.from_numpy(labels.astype(np.int64))
+
+
+def torch_loss(model, ids, mask, positions, labels):
+  import torch
+  logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+  return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("config")
+  parser.add_argument("--steps", type=int, default=6)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("overrides", nargs="*")
+  args = parser.parse_args()
+  os.environ.setdefault("USE_TORCH", "1")
+  import jax
+  import torch
+  from jaxft.config import load_config
+  from jaxft.data import batching
+  from jaxft.experiment import PACK_SLOTS, build
+  torch.set_num_threads(os.cpu_count())
+  cfg = load_config(args.config, tuple(args.overrides))
+  exp = build(cfg, log=lambda *_: None)
+  ex, bs, L = exp.splits["train"], cfg.train.batch_size, cfg.data.max_length
+  rng = np.random.default_rng(0)
+  n = args.warmup + args.steps
+  plans = [rng.choice(len(ex), bs, replace=False) for _ in range(n)]
+  modes = {"padded": [batching.collate(ex, idx, [L], exp.task.collate) for idx in plans],
+           "packed": [batching.collate_packed(ex, idx, exp.task.collate_packed, L, PACK_SLOTS, 2) for idx in plans]}
+  model = torch_model(exp)
+  opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+  jax_step = jax.jit(exp.train_step(0), donate_argnums=0)
+  for mode, batches in modes.items():
+    # the same loss on the first batch (float32 on both sides)
+    with torch.no_grad():
+      ref = float(torch_loss(model, *torch_batch(batches[0])))
+    ours = float(exp.task.loss(exp.apply(exp.state.params, batches[0])[0], batches[0])[0])
+    times = {"torch": [], "jaxft": []}
+    state = jax.tree.map(lambda x: x.copy() if hasattr(x, "copy") else x, exp.state)
+    for i, b in enumerate(batches):  # alternating, step by step
+      t = time.perf_counter()
+      opt.zero_grad()
+      torch_loss(model, *torch_batch(b)).backward()
+      opt.step()
+      times["torch"].append(time.perf_counter() - t)
+      t = time.perf_counter()
+      state, m = jax_step(state, b)
+      jax.block_until_ready(m)
+      times["jaxft"].append(time.perf_counter() - t)
+    tokens = np.mean([b["input_ids"].size for b in batches[args.warmup:]])
+    trained = np.mean([b["weights"].sum() for b in batches[args.warmup:]])
+    for engine, ts in times.items():
+      med = float(np.median(ts[args.warmup:]))
+      print(json.dumps({"mode": mode, "engine": engine, "step_ms": 1000 * med, "rows": int(batches[0]["input_ids"].shape[0]),
+                        "tokens_per_s": tokens / med, "trained_tokens_per_s": trained / med,
+                        "examples_per_s": bs / med, "first_loss": ref if engine == "torch" else ours}), flush=True)
+
+
+if __name__ == "__main__":
+  main()
