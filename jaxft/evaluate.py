@@ -64,7 +64,8 @@ def evaluate_run(cfg, split: str = "test", step: int | None = None, log=print) -
   if latest is None:
     if step is not None:
       raise JaxftError(f"--step {step}: no checkpoints in {ckpt_dir}")
-    log(f"no checkpoints in {ckpt_dir}: evaluating the model as loaded (a new head is untrained)")
+    untrained = " (a new head is untrained)" if exp.task.head_key is not None else ""
+    log(f"no checkpoints in {ckpt_dir}: evaluating the model as loaded{untrained}")
     state = par.put_state(exp.state, targets[0])
   else:
     step = step if step is not None else (ckpt.record(latest).best_step or latest)
