@@ -175,3 +175,57 @@ def test_fsdp_x_tp_on_8_devices_matches_one(tiny_llama, sft_data, tmp_path_facto
   assert len(one["ref"]) >= 10
   assert_close(eight["fsdp_tp"], one["ref"], "fsdp_tp")
   assert_close(eight["dp_tp_unpacked"], one["ref_unpacked"], "dp_tp_unpacked")
+
+
+def r_serialize(obj) -> bytes:
+  """R's XDR serialisation (format 2) of str / int lists, None, and {"value": list, "names": [...]}."""
+  import struct
+  out = b""
+  if obj is None:
+    return struct.pack(">i", 254)
+  if isinstance(obj, dict):  # a list (VECSXP) with a names attribute
+    out = struct.pack(">ii", 19 | (1 << 9), len(obj["value"])) + b"".join(r_serialize(v) for v in obj["value"])
+    names = struct.pack(">ii", 16, len(obj["names"])) + b"".join(_charsxp(n) for n in obj["names"])
+    return out + struct.pack(">i", 2 | (1 << 10)) + struct.pack(">i", 1) + _charsxp("names") + names + r_serialize(None)
+  if all(isinstance(v, int) for v in obj):
+    return struct.pack(f">ii{len(obj)}i", 13, len(obj), *obj)
+  return struct.pack(">ii", 16, len(obj)) + b"".join(_charsxp(s) for s in obj)
+
+
+def _charsxp(s) -> bytes:
+  import struct
+  if s is None:
+    return struct.pack(">ii", 9, -1)
+  b = s.encode()
+  return struct.pack(">ii", 9 | (8 << 12), len(b)) + b  # UTF-8 marked, as R writes it
+
+
+def test_jane_austen_builder_reads_an_r_lazy_load_database(tmp_path, monkeypatch):
+  """Each novel a character vector in Rdata.rdb (zlib blocks) indexed by Rdata.rdx (gzip): chapters split at
+  'CHAPTER <numeral>' / 'Chapter <n>' lines; the last chapter of each novel is test, the one before validation."""
+  import gzip
+  import struct
+  import zlib
+  from jaxft.data.sources import builtin
+  from jaxft.data.sources.builders import jane_austen
+  header = b"X\n" + struct.pack(">iii", 2, 0x040000, 0x020300)
+  rdb, index = b"", []
+  for b, name in enumerate(jane_austen.BOOKS):
+    lines = [name.upper(), "", "By Jane Austen", None]
+    for c in range(1, 4):
+      lines += [f"CHAPTER {'I' * c}" if b % 2 else f"Chapter {c}", "", f"{name} chapter {c} first line é",
+                f"second line {c}", ""]
+    block = zlib.compress(header + r_serialize(lines))
+    index.append([len(rdb), 4 + len(block)])
+    rdb += struct.pack(">I", len(header + r_serialize(lines))) + block
+  (tmp_path / "Rdata.rdb").write_bytes(rdb)
+  rdx = {"value": [{"value": index, "names": list(jane_austen.BOOKS)}, {"value": [], "names": []}, [1]],
+         "names": ["variables", "references", "compressed"]}
+  (tmp_path / "Rdata.rdx").write_bytes(gzip.compress(header + r_serialize(rdx)))
+  monkeypatch.setattr(jane_austen, "ASSET", str(tmp_path))
+  splits, _ = builtin.load("jane_austen", tmp_path / "tfds")
+  assert {s: len(r) for s, r in splits.items()} == {"train": 6, "validation": 6, "test": 6}
+  first = splits["train"][0]
+  assert first["text"] == "sensesensibility chapter 1 first line é\nsecond line 1" and first["chapter"] == 1
+  assert first["book"] == "Sense & Sensibility"
+  assert {r["chapter"] for r in splits["test"]} == {3} and {r["chapter"] for r in splits["validation"]} == {2}
