@@ -53,9 +53,9 @@ def feature_table(exp, par, features, params, model_state, split: str) -> np.nda
   return table
 
 
-def evaluate_run(cfg, split: str = "test", step: int | None = None, log=print) -> dict:
-  """`jaxft eval`: the task's metrics on `split` for checkpoint `step` of the run (default: its best),
-  or, when the run has no checkpoints, for the pretrained model as loaded (a zero-shot baseline)."""
+def run_state(cfg, step: int | None = None, using: str = "evaluating", log=print):
+  """(experiment, Parallel, restore targets, state on the devices) of checkpoint `step` of the run (default:
+  its best), or, when the run has no checkpoints, of the model as loaded. `using` names the use in the log."""
   exp = build(cfg, log)
   par, targets = setup(exp, log)
   ckpt_dir = Path(cfg.run_dir) / "checkpoints"
@@ -65,15 +65,21 @@ def evaluate_run(cfg, split: str = "test", step: int | None = None, log=print) -
     if step is not None:
       raise JaxftError(f"--step {step}: no checkpoints in {ckpt_dir}")
     untrained = " (a new head is untrained)" if exp.task.head_key is not None else ""
-    log(f"no checkpoints in {ckpt_dir}: evaluating the model as loaded{untrained}")
-    state = par.put_state(exp.state, targets[0])
-  else:
-    step = step if step is not None else (ckpt.record(latest).best_step or latest)
-    if step not in ckpt.steps():
-      raise JaxftError(f"--step {step}: no such checkpoint in {ckpt.directory} "
-                       f"(steps: {', '.join(map(str, ckpt.steps()))})")
-    state = restore(ckpt, par, targets, step)[0]
-    log(f"evaluating checkpoint {ckpt.directory}/{step}")
-    ckpt.close()
+    log(f"no checkpoints in {ckpt_dir}: {using} the model as loaded{untrained}")
+    return exp, par, targets, par.put_state(exp.state, targets[0])
+  step = step if step is not None else (ckpt.record(latest).best_step or latest)
+  if step not in ckpt.steps():
+    raise JaxftError(f"--step {step}: no such checkpoint in {ckpt.directory} "
+                     f"(steps: {', '.join(map(str, ckpt.steps()))})")
+  state = restore(ckpt, par, targets, step)[0]
+  log(f"{using} checkpoint {ckpt.directory}/{step}")
+  ckpt.close()
+  return exp, par, targets, state
+
+
+def evaluate_run(cfg, split: str = "test", step: int | None = None, log=print) -> dict:
+  """`jaxft eval`: the task's metrics on `split` for checkpoint `step` of the run (default: its best),
+  or, when the run has no checkpoints, for the pretrained model as loaded (a zero-shot baseline)."""
+  exp, par, targets, state = run_state(cfg, step, "evaluating", log)
   eval_step = par.compile_eval(exp.eval_step("batch" if par.pmap else None), targets[0])
   return evaluate(exp, par, eval_step, state.params, state.model_state, split)

@@ -6,8 +6,6 @@ emitted EOS or `max_new_tokens` are made. The model is the experiment's apply (b
 adapters included), the cache its model state (models/llama.py).
 """
 import functools
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,21 +106,8 @@ def generation_metrics(exp, params, model_state, split: str) -> dict:
 def generate_text(cfg, prompt: str, max_new_tokens: int | None = None, chat: bool = False, log=print) -> str:
   """`jaxft generate`: the continuation of `prompt` by the run's best checkpoint, or by model.name as
   loaded when the run has none (chat: the prompt as a user message through the chat template)."""
-  from jaxft.checkpoint import Checkpointer
-  from jaxft.experiment import build, restore, setup
-  exp = build(cfg, log)
-  par, targets = setup(exp, log)
-  ckpt_dir = Path(cfg.run_dir) / "checkpoints"
-  ckpt = Checkpointer(ckpt_dir, cfg.train.keep) if ckpt_dir.is_dir() else None
-  latest = ckpt.latest_step() if ckpt else None
-  if latest is None:
-    log(f"no checkpoints in {ckpt_dir}: generating with {cfg.model.name} as loaded")
-    state = par.put_state(exp.state, targets[0])
-  else:
-    step = ckpt.record(latest).best_step or latest
-    state = restore(ckpt, par, targets, step)[0]
-    log(f"generating with checkpoint {ckpt.directory}/{step}")
-    ckpt.close()
+  from jaxft.evaluate import run_state
+  exp, _, _, state = run_state(cfg, None, "generating with", log)
   tok = exp.backbone.processor
   if chat:
     if not tok.chat_template:
