@@ -1,13 +1,18 @@
 """The PyTorch path a user would take instead of jaxft for causal-LM fine-tuning, timed beside it: transformers'
-LlamaForCausalLM (eager, float32, torch's threads = this machine's cores) on the same dequantised weights,
-the same tokenized examples and the same batches (jaxft's collate: padded rows, or packed rows with a 4-D
-block-diagonal causal mask and per-document positions, so that both compute the same thing), AdamW.
+LlamaForCausalLM (eager, float32, sdpa attention, torch's threads = this machine's cores) on the same
+dequantised weights, the same tokenized examples and the same batches, AdamW:
+  padded  rows padded to the batch's longest example (to jaxft's length bucket at or above it), the way
+          transformers' collators pad ("longest"): what a PyTorch user gets on a CPU, where transformers'
+          packing path (position ids, no mask) needs flash-attention;
+  packed  jaxft's packed rows, handed to PyTorch with a 4-D block-diagonal causal mask and per-document
+          positions, so that both compute the same thing.
+PyTorch computes logits at every position (its loss ignores label -100); jaxft where a token is trained.
 
   python benchmarks/lm_torch_recipe.py CONFIG [--steps 6] [--warmup 2] [overrides...]
 
-Prints one JSON line per mode (padded, packed) and engine with the median step time, tokens/s (all
-positions), trained tokens/s and the loss of the first batch (the two engines' must agree). PyTorch runs
-first, then jaxft (both at once do not fit 24 GiB). Needs torch (the bench-torch extra).
+Prints one JSON line per mode and engine with the median step time, tokens/s (all positions), trained
+tokens/s and the loss of the first batch (the two engines' must agree). PyTorch runs first, then jaxft
+(both at once do not fit 24 GiB); each mode starts from the checkpoint. Needs torch (the bench-torch extra).
 """
 import argparse
 import json
@@ -15,6 +20,10 @@ import os
 import time
 
 import numpy as np
+
+from jaxft import runtime
+
+runtime.tune_malloc()  # as the jaxft command does, before jax starts; it serves PyTorch too
 
 
 def torch_model(exp):
@@ -36,7 +45,9 @@ def torch_batch(batch):
   positions, labels with -100 where no token is trained), as torch tensors."""
   import torch
   ids = torch.from_numpy(batch["input_ids"].astype(np.int64))
-  labels = np.where(batch["weights"] > 0, batch["labels"], -100)
+  labels = np.full(ids.shape, -100, np.int64)  # jaxft's labels are at its logit_positions, or everywhere
+  at = batch.get("logit_positions", np.broadcast_to(np.arange(ids.shape[1]), ids.shape))
+  np.put_along_axis(labels, at, np.where(batch["weights"] > 0, batch["labels"], -100), axis=1)
   if "segment_ids" in batch:
     seg = batch["segment_ids"]
     L = seg.shape[1]
@@ -75,14 +86,14 @@ def main():
   rng = np.random.default_rng(0)
   n = args.warmup + args.steps
   plans = [rng.choice(len(ex), bs, replace=False) for _ in range(n)]
-  modes = {"padded": [batching.collate(ex, idx, [L], exp.task.collate) for idx in plans],
+  modes = {"padded": [batching.collate(ex, idx, exp.buckets, exp.task.collate) for idx in plans],
            "packed": [batching.collate_packed(ex, idx, exp.task.collate_packed, L, PACK_SLOTS, 2) for idx in plans]}
   # PyTorch first, then jaxft, on the identical batches: both engines' models, optimizer states and
   # float32 logits over the vocabulary do not fit this machine's memory at once.
-  model = torch_model(exp)
-  opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
   times, first = {}, {}
   for mode, batches in modes.items():
+    model = torch_model(exp)  # afresh for each mode: both start from the checkpoint
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     with torch.no_grad():
       first[mode, "torch"] = float(torch_loss(model, *torch_batch(batches[0])))
     times[mode, "torch"] = []
@@ -92,10 +103,12 @@ def main():
       torch_loss(model, *torch_batch(b)).backward()
       opt.step()
       times[mode, "torch"].append(time.perf_counter() - t)
-  del model, opt
+    del model, opt
   jax_step = jax.jit(exp.train_step(0), donate_argnums=0)
   for mode, batches in modes.items():
     first[mode, "jaxft"] = float(exp.task.loss(exp.apply(exp.state.params, batches[0])[0], batches[0])[0])
+    for shape in {b["input_ids"].shape: b for b in batches}.values():  # compile every shape before timing
+      jax.block_until_ready(jax_step(jax.tree.map(lambda x: x.copy(), exp.state), shape))
     state = jax.tree.map(lambda x: x.copy(), exp.state)
     times[mode, "jaxft"] = []
     for b in batches:

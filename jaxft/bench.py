@@ -77,6 +77,7 @@ def synthetic_batch(exp, batch: int, length: int, seed: int = 0) -> dict:
   out["input_ids"] = rng.integers(1000 if vocab > 2000 else 5, vocab, (batch, length), dtype=np.int32)
   out["attention_mask"] = np.ones((batch, length), np.int32)
   if exp.backbone.new_cache is not None:  # a causal LM: every next token is predicted
+    out.pop("logit_positions", None)
     out["labels"] = np.roll(out["input_ids"], -1, axis=1)
     out["weights"] = np.ones((batch, length), np.float32)
     out["weights"][:, -1] = 0

@@ -98,6 +98,29 @@ def test_packed_loss_and_gradients_equal_unpacked(lm_cfg, tiny_data, task):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads_p, grads_u)
 
 
+def test_sft_computes_logits_where_it_trains_only(lm_cfg, tiny_data):
+  """SFT batches carry each row's trained positions (a bound for the split, not per batch): the loss and
+  gradients equal those of logits at every position. Rows the examples fill need every position."""
+  exp = build(lm_cfg(), **QUIET)
+  ex, idx = exp.splits["train"], np.arange(16)
+  for batch in (batching.collate(ex, idx, [64], exp.task.collate),  # 4 examples a row: a bound of 20 < 64 / 2
+                batching.collate_packed(ex, idx, exp.task.collate_packed, 64, 4, 2)):
+    at_BxP = batch["logit_positions"]
+    assert at_BxP.shape[1] <= 32 and batch["labels"].shape == batch["weights"].shape == at_BxP.shape
+    full = {k: v for k, v in batch.items() if k not in ("labels", "weights", "logit_positions")}
+    full["labels"] = np.roll(batch["input_ids"], -1, axis=1)
+    full["weights"] = np.zeros(batch["input_ids"].shape, np.float32)
+    np.put_along_axis(full["weights"], at_BxP, batch["weights"], axis=1)
+    np.testing.assert_array_equal(np.take_along_axis(full["labels"], at_BxP, 1)[batch["weights"] > 0],
+                                  batch["labels"][batch["weights"] > 0])
+    (loss, grads), (loss_full, grads_full) = grads_and_loss(exp, batch), grads_and_loss(exp, full)
+    np.testing.assert_allclose(loss, loss_full, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads, grads_full)
+  lm = build(lm_cfg(data=tiny_data, task="causal_lm"), **QUIET)
+  assert "logit_positions" in batching.collate(lm.splits["train"], idx, [64], lm.task.collate)  # padding
+  assert "logit_positions" not in batching.collate(lm.splits["train"], idx, [16], lm.task.collate)
+
+
 def test_causal_lm_documents_packed_or_concatenated(lm_cfg, tiny_data):
   packed = build(lm_cfg(data=tiny_data, task="causal_lm"), **QUIET)
   stream = build(lm_cfg("data.pack=false", data=tiny_data, task="causal_lm"), **QUIET)
@@ -229,3 +252,5 @@ def test_jane_austen_builder_reads_an_r_lazy_load_database(tmp_path, monkeypatch
   assert first["text"] == "sensesensibility chapter 1 first line é\nsecond line 1" and first["chapter"] == 1
   assert first["book"] == "Sense & Sensibility"
   assert {r["chapter"] for r in splits["test"]} == {3} and {r["chapter"] for r in splits["validation"]} == {2}
+
+

@@ -200,20 +200,23 @@ class Model(nn.Module):
 
 
 class CausalLM(nn.Module):
-  """transformers' FlaxLlamaForCausalLMModule: (hidden [B, L, D], logits [B, L, V] in float32, caches)."""
+  """transformers' FlaxLlamaForCausalLMModule: (hidden [B, L, D], logits [B, L, V] in float32, caches);
+  with `logit_positions` [B, P], the logits [B, P, V] at those positions only."""
   config: object
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
 
   @nn.compact
-  def __call__(self, ids_BxL, positions_BxL, visible, caches=None):
+  def __call__(self, ids_BxL, positions_BxL, visible, caches=None, logit_positions_BxP=None):
     h_BxLxD, caches, embed = Model(self.config, self.dtype, self.remat, name="model")(ids_BxL, positions_BxL,
                                                                                        visible, caches)
+    h_BxPxD = (h_BxLxD if logit_positions_BxP is None else
+               jnp.take_along_axis(h_BxLxD, logit_positions_BxP[..., None], axis=1))
     if self.config.tie_word_embeddings:
-      logits_BxLxV = embed.attend(h_BxLxD)
+      logits_BxPxV = embed.attend(h_BxPxD)
     else:
-      logits_BxLxV = _dense(self.config, self.config.vocab_size, self.dtype, "lm_head")(h_BxLxD)
-    return h_BxLxD, logits_BxLxV.astype(jnp.float32), caches
+      logits_BxPxV = _dense(self.config, self.config.vocab_size, self.dtype, "lm_head")(h_BxPxD)
+    return h_BxLxD, logits_BxPxV.astype(jnp.float32), caches
 
 
 def visibility(batch: dict):
@@ -259,7 +262,8 @@ def make_apply(module):
       positions_BxL = jnp.broadcast_to(jnp.arange(ids_BxL.shape[1]), ids_BxL.shape)
     cache = (state or {}).get("cache")
     if cache is None:
-      hidden, logits, _ = module.apply({"params": params}, ids_BxL, positions_BxL, visibility(batch))
+      hidden, logits, _ = module.apply({"params": params}, ids_BxL, positions_BxL, visibility(batch),
+                                       logit_positions_BxP=batch.get("logit_positions"))
       return {"hidden": hidden, "logits": logits, "pooled": None}, state
     visible, valid = _decode_visibility(cache, batch.get("attention_mask", jnp.ones_like(ids_BxL)))
     layers = [{**layer, "index": cache["index"]} for layer in cache["layers"]]
