@@ -1,6 +1,9 @@
 """Where a config's train step spends its time: a jax.profiler trace of the compiled step, summed by op.
 
-  python benchmarks/profile_step.py [CONFIG] [overrides ...] [--batch 32] [--length 128] [--steps 2]
+  python benchmarks/profile_step.py [CONFIG] [overrides ...] [--batch 32] [--length 128] [--steps 2] [--data real]
+
+--data synthetic (default): a [batch, length] batch of random tokens, every position trained; --data real:
+the run's first training batch (packed or bucketed as `jaxft train` makes it; --length is not used).
 
 Each thunk in the trace is matched to its instruction in the optimised HLO and grouped as `dot OUT_SHAPE`
 (matmuls) or `elementwise OUT_SHAPE` (everything else), so the table reads like the profile in
@@ -30,12 +33,13 @@ def main():
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--length", type=int, default=128)
   p.add_argument("--steps", type=int, default=2)
+  p.add_argument("--data", choices=("synthetic", "real"), default="synthetic")
   args = p.parse_args()
   if args.config and "=" in args.config:
     args.overrides, args.config = [args.config] + args.overrides, None
   cfg = load_config(args.config, tuple(args.overrides) + (f"train.batch_size={args.batch}",))
   exp = build(cfg, log=lambda *_: None)
-  batch = bench.synthetic_batch(exp, args.batch, args.length)
+  batch = exp.train_batches()[0] if args.data == "real" else bench.synthetic_batch(exp, args.batch, args.length)
   # One executable both runs and gives the HLO, so the trace's thunk names are its instructions.
   step = jax.jit(exp.train_step(), donate_argnums=0
                  ).lower(exp.state, batch).compile()
@@ -65,7 +69,8 @@ def main():
   for e in events:
     if e.get("ph") == "X" and e["name"] in kind:
       total[kind[e["name"]]] += e.get("dur", 0) / 1e3 / args.steps
-  print(f"{cfg.model.name}: batch {args.batch} x {args.length}; {sum(total.values()):,.0f} ms per step in ops")
+  shape = "x".join(map(str, batch["input_ids"].shape)) if "input_ids" in batch else args.batch
+  print(f"{cfg.model.name}: {args.data} batch {shape}; {sum(total.values()):,.0f} ms per step in ops")
   for group, ms in total.most_common(25):
     print(f"{ms:8.1f} ms  {group}")
 

@@ -1,9 +1,11 @@
 """LoRA (Hu et al. 2021): low-rank adapters beside the targeted Dense kernels; the base stays frozen.
 
 Adapters live in the params tree next to their kernel (`.../query/lora_a` [in, r], `lora_b` [r, out]),
-so freezing, sharding and checkpoints treat them like any param. The model runs unchanged; a flax
-method interceptor adds `dropout(x) @ lora_a @ lora_b * alpha / rank` to each targeted Dense call.
-lora_b starts at zero, so the adapted model starts equal to the base one.
+so freezing, sharding and checkpoints treat them like any param. The model runs unchanged: in training a
+flax method interceptor adds `dropout(x) @ lora_a @ lora_b * alpha / rank` to each targeted Dense call;
+in evaluation and generation the adapters are folded into their kernels first (`merge`, as export
+does), one matmul per layer instead of three. lora_b starts at zero, so the adapted model starts equal
+to the base one.
 """
 import re
 
@@ -49,6 +51,8 @@ def wrap(apply, lcfg):
   scale = lcfg.alpha / lcfg.rank
 
   def lora_apply(params, batch, train=False, rng=None, *rest, **kw):
+    if not train:  # evaluation and generation: the adapters folded into the kernels once, as export does
+      return apply(merge(params, lcfg), batch, train, rng, *rest, **kw)
     flat = rules.flat(params)
     base = rules.merge({p: x for p, x in flat.items() if not is_adapter(p)})
     modules = sorted({p.rsplit("/", 1)[0] for p in flat if is_adapter(p)})

@@ -45,7 +45,8 @@ def test_merge_reproduces_adapted_logits(tiny_cfg):
       lambda k, x: 0.1 * jax.random.normal(jax.random.PRNGKey(len(k)), x.shape) if "lora_b" in str(k) else x,
       exp.state.params)
   batch = next(iter(batching.eval_batches(exp.splits["test"], exp.task.collate, 32, [32])))
-  adapted = exp.apply(params, batch)[0]
+  adapted = exp.apply(params, batch, True)[0]  # training's path: the interceptor (no rng: no dropout)
+  np.testing.assert_allclose(exp.apply(params, batch)[0], adapted, atol=1e-5)  # evaluation's: merged
   base = rules.merge({p: x for p, x in rules.flat(params).items() if "/lora_" not in p})
   base_logits = build(tiny_cfg(), print).apply(base, batch)[0]
   merged = build(tiny_cfg(), print).apply(lora.merge(params, exp.cfg.lora), batch)[0]
