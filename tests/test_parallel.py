@@ -41,10 +41,10 @@ def run_devices(n, root, runs: dict, common=COMMON) -> dict:
   return finish([start(n, root, runs, common)])
 
 
-def assert_close(losses, ref, name):
+def assert_close(losses, ref, name, tol=1e-5):
   rel = np.max(np.abs(np.array(losses) - np.array(ref)) / np.abs(np.array(ref)))
   print(f"{name}: max rel diff {rel:.2e}")
-  assert len(losses) == len(ref) and rel <= 1e-5, (name, rel, losses, ref)
+  assert len(losses) == len(ref) and rel <= tol, (name, rel, losses, ref)
 
 
 @pytest.fixture(scope="module")
