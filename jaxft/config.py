@@ -99,6 +99,8 @@ class TrainConfig:
   cache_features: bool = False  # head-only training: run the frozen backbone once per example
   on_nonfinite: str = "stop"  # a step with a nan / inf loss or gradient (its update is never applied):
   #                             stop (the run, naming the step) | skip_step (go on, counting them)
+  seeds: Optional[int | list[int]] = None  # N: replicas of seeds seed .. seed + N - 1 (or a list of seeds)
+  #                                          trained side by side in one compiled step (replicas.py)
 
 
 @dataclasses.dataclass
@@ -226,7 +228,12 @@ def _coerce(value: Any, tp, key: str) -> Any:
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if value is None or value == "null" or value == "None":
       return None
-    return _coerce(value, args[0], key)
+    for a in args[:-1]:  # the first type that fits (int | list[int]: 5, or [0, 3, 7])
+      try:
+        return _coerce(value, a, key)
+      except JaxftError:
+        pass
+    return _coerce(value, args[-1], key)
   if origin is list or tp is list:
     (item_tp,) = typing.get_args(tp) or (None,)
     if isinstance(value, str):
@@ -416,6 +423,14 @@ def validate(cfg: Config) -> None:
     check(getattr(cfg.train, key) is None and key == "eval_every" or getattr(cfg.train, key) > 0,
           f"config key 'train.{key}' must be > 0")
   check(cfg.train.epochs > 0, "config key 'train.epochs' must be > 0")
+  seeds = cfg.train.seeds
+  check(seeds is None or (seeds >= 1 if isinstance(seeds, int) else len(seeds) >= 1 and len(set(seeds)) == len(seeds)),
+        f"config key 'train.seeds' must be a count >= 1 or a list of distinct seeds, got {seeds!r}")
+  check(seeds is None or cfg.parallel.backend == "jit",
+        "config key 'train.seeds' needs parallel.backend=jit (the replica axis is vmapped, not pmapped)")
+  check(seeds is None or cfg.model.weights != "random",
+        "config key 'train.seeds' needs pretrained weights: replicas share the backbone's initial values "
+        "(model.weights=random would initialise it per seed)")
   check(cfg.freeze_bottom_layers >= 0, "config key 'freeze_bottom_layers' must be >= 0")
   check(cfg.parallel.backend in ("jit", "pmap"),
         f"config key 'parallel.backend' must be jit or pmap, got {cfg.parallel.backend!r}")

@@ -34,6 +34,7 @@ class Experiment:
   best_metric: str  # validation metric that picks the best checkpoint
   lower_is_better: bool
   pack: bool  # training examples share rows (data.pack, where the task and the model can)
+  init_params: Callable[[int], dict]  # seed -> initial params (the state holds those of cfg.seed)
 
   conventions = property(lambda self: self.backbone.conventions)
   labels = property(lambda self: self.phases[0].labels)  # the first phase's, for single-phase runs
@@ -57,18 +58,25 @@ class Experiment:
     return frozenset(p for p in bb.batch_norm
                      if self.cfg.model.bn == "frozen" or labels[f"{bb.key}/{p}/scale"] == "frozen")
 
-  def train_batches(self, shards: int = 1, rows_of=lambda n: slice(None)) -> batching.TrainBatches:
-    """The run's training batches: packed into rows of data.max_length (their count a multiple of 2, of
-    the mesh's `shards` and of the micro-batches) where `pack`, else padded to length buckets."""
+  def initial_state(self, seed: int) -> TrainState:
+    """Phase 0's initial train state for `seed` (its head, adapters and dropout key)."""
+    return init_state(self.init_params(seed), self.phases[0].tx, seed, self.backbone.state)
+
+  def train_batches(self, shards: int = 1, rows_of=lambda n: slice(None), seed: int | None = None
+                    ) -> batching.TrainBatches:
+    """The run's training batches in the data order of `seed` (default: the config's): packed into rows of
+    data.max_length (their count a multiple of 2, of the mesh's `shards` and of the micro-batches) where
+    `pack`, else padded to length buckets."""
     cfg = self.cfg
+    seed = cfg.seed if seed is None else seed
     if self.pack:
       make = functools.partial(batching.collate_packed, task_collate_packed=self.task.collate_packed,
                                length=cfg.data.max_length, slots=PACK_SLOTS,
                                multiple=math.lcm(2, shards * self.micro_steps))
-      return batching.TrainBatches(self.splits["train"], make, cfg.train.batch_size, self.total_steps, cfg.seed,
+      return batching.TrainBatches(self.splits["train"], make, cfg.train.batch_size, self.total_steps, seed,
                                    rows_of, sort_window=1)
     return batching.bucketed(self.splits["train"], self.task.collate, cfg.train.batch_size, self.total_steps,
-                             cfg.seed, self.buckets, rows_of, cfg.data.sort_window)
+                             seed, self.buckets, rows_of, cfg.data.sort_window)
 
   def eval_batches(self, split: str):
     """A split's evaluation batches, every example once: packed into train.eval_batch_size rows of
@@ -120,12 +128,20 @@ def build(cfg, log=print) -> Experiment:
   best = cfg.train.best_metric or task.best_metric
   if best not in task.metrics:
     raise JaxftError(f"config key 'train.best_metric' is {best!r}; {cfg.model.task} reports {', '.join(task.metrics)}")
-  head, reused = _head(task, backbone, cfg.seed)
-  if head is not None:
+  targets = lora.targets(cfg.lora, backbone.conventions)
+
+  def init_params(seed: int) -> dict:
+    """The run's initial params for `seed`: the backbone as loaded, a new head and LoRA adapters."""
+    head, _ = _head(task, backbone, seed)
+    params = {backbone.key: backbone.params, **({task.head_key: head} if head is not None else {})}
+    params = jax.tree.map(lambda x: x.astype(cfg.precision.params) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                          params)
+    return lora.add_adapters(params, targets, cfg.lora, seed) if targets else params
+
+  if task.head_key is not None:
+    reused = _head(task, backbone, cfg.seed)[1]
     log(f"task {cfg.model.task}: head '{task.head_key}' {'from ' + backbone.name if reused else 'newly initialised'}")
-  params = {backbone.key: backbone.params, **({task.head_key: head} if head is not None else {})}
-  params = jax.tree.map(lambda x: x.astype(cfg.precision.params) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                        params)
+  params = init_params(cfg.seed)
 
   def apply(params, batch, train=False, rng=None, model_state=None, frozen_bn=frozenset()):
     rng_backbone, rng_head = jax.random.split(rng) if rng is not None else (None, None)
@@ -139,9 +155,7 @@ def build(cfg, log=print) -> Experiment:
   def head_apply(params, batch, train=False, rng=None, model_state=None):
     return task.head(params[task.head_key], batch["features"], batch, train, rng), model_state
 
-  targets = lora.targets(cfg.lora, backbone.conventions)
   if targets:
-    params = lora.add_adapters(params, targets, cfg.lora, cfg.seed)
     apply = lora.wrap(apply, cfg.lora)
   splits = {s: task.encode(records, s) for s, records in source.splits.items()}
   phases = phases_lib.build(cfg, params, len(splits["train"]), task, backbone.conventions)
@@ -150,7 +164,7 @@ def build(cfg, log=print) -> Experiment:
   state = init_state(params, phases[0].tx, cfg.seed, backbone.state)
   buckets = cfg.data.buckets or batching.derived_buckets(cfg.data.max_length)
   return Experiment(cfg, backbone, task, splits, phases, state, apply, features, head_apply, buckets, best,
-                    best in task.lower_is_better, _packing(cfg.data.pack, task, backbone))
+                    best in task.lower_is_better, _packing(cfg.data.pack, task, backbone), init_params)
 
 
 def setup(exp, log):

@@ -43,6 +43,9 @@ def train(cfg, console: Console | None = None) -> dict:
   ckpt_dir = run_dir / "checkpoints"
   if run_dir.exists() and not run_dir.is_dir():
     raise JaxftError(f"run_dir {run_dir} exists and is not a directory")
+  if cfg.train.seeds is not None:  # never a silent single-seed run
+    raise JaxftError("config key 'train.seeds': the replicated step exists (jaxft/replicas.py), but the training "
+                     "loop does not run replicas yet (issue 16, in progress); leave train.seeds unset")
   exp = build(cfg, log)  # before touching the run dir: a bad config leaves nothing behind
   par, targets = setup(exp, log)
   try:
