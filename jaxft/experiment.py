@@ -130,17 +130,18 @@ def build(cfg, log=print) -> Experiment:
     raise JaxftError(f"config key 'train.best_metric' is {best!r}; {cfg.model.task} reports {', '.join(task.metrics)}")
   targets = lora.targets(cfg.lora, backbone.conventions)
 
+  head, reused = _head(task, backbone, cfg.seed)
+  if head is not None:
+    log(f"task {cfg.model.task}: head '{task.head_key}' {'from ' + backbone.name if reused else 'newly initialised'}")
+
   def init_params(seed: int) -> dict:
     """The run's initial params for `seed`: the backbone as loaded, a new head and LoRA adapters."""
-    head, _ = _head(task, backbone, seed)
-    params = {backbone.key: backbone.params, **({task.head_key: head} if head is not None else {})}
+    h = head if seed == cfg.seed else _head(task, backbone, seed)[0]
+    params = {backbone.key: backbone.params, **({task.head_key: h} if h is not None else {})}
     params = jax.tree.map(lambda x: x.astype(cfg.precision.params) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                           params)
     return lora.add_adapters(params, targets, cfg.lora, seed) if targets else params
 
-  if task.head_key is not None:
-    reused = _head(task, backbone, cfg.seed)[1]
-    log(f"task {cfg.model.task}: head '{task.head_key}' {'from ' + backbone.name if reused else 'newly initialised'}")
   params = init_params(cfg.seed)
 
   def apply(params, batch, train=False, rng=None, model_state=None, frozen_bn=frozenset()):

@@ -47,16 +47,6 @@ def stack(states: list[TrainState], own: frozenset) -> TrainState:
   return rest.replace(params=params)
 
 
-def unstack(state: TrainState, own: frozenset, n: int) -> list[TrainState]:
-  """The per-replica states of a replicated one."""
-  flat = rules.flat(state.params)
-  out = []
-  for k in range(n):
-    params = rules.merge({p: (x[k] if p in own else x) for p, x in flat.items()})
-    out.append(jax.tree.map(lambda x: x[k], state.replace(params={})).replace(params=params))
-  return out
-
-
 def initial_state(exp, seeds: list[int]) -> TrainState:
   """Phase 0's replicated initial state: replica k as the single run with seed seeds[k] starts."""
   return stack([exp.initial_state(s) for s in seeds], owned(exp.phases))
@@ -65,11 +55,6 @@ def initial_state(exp, seeds: list[int]) -> TrainState:
 def vectorize_train(train_step, state_axes: TrainState):
   """(replicated state, batches [R, ...]) -> (state, metrics [R]) of the per-replica step."""
   return jax.vmap(train_step, in_axes=(state_axes, 0), out_axes=(state_axes, 0))
-
-
-def vectorize_eval(eval_step, state_axes: TrainState):
-  """(replicated params, model state, one batch) -> every replica's eval outputs [R, ...] on that batch."""
-  return jax.vmap(eval_step, in_axes=(state_axes.params, state_axes.model_state, None))
 
 
 _INDEX_FILL = -1  # `index` marks empty rows / slots with -1; every other field pads with 0 (weight 0)
