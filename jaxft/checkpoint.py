@@ -47,6 +47,20 @@ class RunRecord:
   best_value: float | None = None
   plateau_best: float | None = None  # the phase's `until` metric: best so far, and evals since then
   plateau_bad: int = 0
+  best_steps: list | None = None  # train.seeds: each replica's best step and value (best_step: the mean's)
+  best_values: list | None = None
+
+  def kept(self) -> set:
+    """The best steps, which checkpoint deletion preserves."""
+    return ({self.best_step} | set(self.best_steps or ())) - {None}
+
+  def forget(self, step: int) -> None:
+    """Drops `step` (a damaged checkpoint) from the bests; evaluations from here on choose anew."""
+    if self.best_step == step:
+      self.best_step = self.best_value = None
+    for r, s in enumerate(self.best_steps or ()):
+      if s == step:
+        self.best_steps[r] = self.best_values[r] = None
 
   @classmethod
   def from_json(cls, d: dict) -> "RunRecord":
@@ -63,7 +77,7 @@ class _KeepSteps(cm.PreservationPolicy):
 
 
 class Checkpointer:
-  """Keeps the last `keep` checkpoints plus `best_step`, which the training loop sets."""
+  """Keeps the last `keep` checkpoints plus the best ones (RunRecord.kept), which the training loop sets."""
 
   def __init__(self, directory, keep: int):
     self.directory = Path(directory).absolute()
@@ -81,8 +95,8 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state, data_state: dict, record: RunRecord):
-    """Saves asynchronously; `record.best_step` is preserved from now on."""
-    self._best.steps = {record.best_step}
+    """Saves asynchronously; the record's best steps are preserved from now on."""
+    self._best.steps = record.kept()
     if step in self.steps():
       return
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),

@@ -32,6 +32,8 @@ def _parse(argv):
     if name == "export":
       p.add_argument("--out", required=True, help="a new directory for the exported model")
       p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the best)")
+    if name in ("export", "generate"):
+      p.add_argument("--replica", type=int, default=None, help="train.seeds runs: which replica (0 .. N-1)")
     if name == "generate":
       p.add_argument("--prompt", required=True, help="the text to continue")
       p.add_argument("--max-new-tokens", type=int, default=None, help="default generate.max_new_tokens")
@@ -81,7 +83,8 @@ def main(argv=None) -> int:
       if args.json:
         print(json.dumps({"split": args.split, **metrics}), flush=True)
       else:
-        print(f"{args.split} " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        from jaxft import replicas
+        print(f"{args.split} " + replicas.line(metrics), flush=True)
     elif args.command == "bench":
       from jaxft import bench
       r = bench.bench(cfg, args.steps, args.warmup, args.length, args.data, config_path or "default",
@@ -92,10 +95,10 @@ def main(argv=None) -> int:
         Console().print(bench.table(r))
     elif args.command == "generate":
       from jaxft.generate import generate_text
-      print(generate_text(cfg, args.prompt, args.max_new_tokens, args.chat, console.print), flush=True)
+      print(generate_text(cfg, args.prompt, args.max_new_tokens, args.chat, console.print, args.replica), flush=True)
     elif args.command == "export":
       from jaxft.export import export
-      export(cfg, args.out, args.step, console.print)
+      export(cfg, args.out, args.step, console.print, args.replica)
     else:
       from jaxft.inspect import report
       from jaxft.experiment import build

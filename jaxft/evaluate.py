@@ -5,10 +5,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxft import parallel
+from jaxft import parallel, replicas
 from jaxft.checkpoint import Checkpointer
 from jaxft.errors import JaxftError
-from jaxft.experiment import build, restore, setup
+from jaxft.experiment import build, restore, restore_best, setup
 
 
 def split_batches(exp, par, split: str, transform=None):
@@ -20,20 +20,31 @@ def split_batches(exp, par, split: str, transform=None):
 
 
 def evaluate(exp, par, eval_step, params, model_state, split: str, transform=None) -> dict:
-  """The task's metrics over `split` (eval_step from Experiment.eval_step, compiled by par)."""
-  sums, kept = None, {}
+  """The task's metrics over `split` (eval_step from Experiment.eval_step, compiled by par). A seed-
+  vectorised run's are each replica's, aggregated (replicas.aggregate: the mean under each metric's name)."""
+  lanes = len(exp.seeds) or 1
+  sums, kept = None, [{} for _ in range(lanes)]
   n = len(exp.splits[split])
   for batch, device_batch in split_batches(exp, par, split, transform):
     out, rows = eval_step(params, model_state, device_batch)
     sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
     if rows:
       rows, index = par.metrics(rows), batch["index"]
-      for name, x in rows.items():  # [B, ...] or, packed, [R, K, ...] like index
-        kept.setdefault(name, [None] * n)
-        x = x.reshape((index.size,) + x.shape[index.ndim:])
-        for r in np.flatnonzero(index.reshape(-1) >= 0):
-          kept[name][index.flat[r]] = x[r]
-  metrics = exp.task.finalize(par.metrics(sums), kept, exp.splits[split])
+      for lane, lane_rows in enumerate(replicas.unstack_tree(rows, lanes) if exp.seeds else [rows]):
+        for name, x in lane_rows.items():  # [B, ...] or, packed, [R, K, ...] like index
+          kept[lane].setdefault(name, [None] * n)
+          x = x.reshape((index.size,) + x.shape[index.ndim:])
+          for r in np.flatnonzero(index.reshape(-1) >= 0):
+            kept[lane][name][index.flat[r]] = x[r]
+  sums = par.metrics(sums)
+  if not exp.seeds:
+    return _finalize(exp, sums, kept[0], params, model_state, split)
+  return replicas.aggregate([_finalize(exp, replicas.take(sums, r), kept[r], replicas.take(params, r, exp.own),
+                                       replicas.take(model_state, r), split) for r in range(lanes)])
+
+
+def _finalize(exp, sums, kept, params, model_state, split: str) -> dict:
+  metrics = exp.task.finalize(sums, kept, exp.splits[split])
   if exp.task.generates:
     from jaxft.generate import generation_metrics
     metrics.update(generation_metrics(exp, params, model_state, split))
@@ -67,12 +78,17 @@ def run_state(cfg, step: int | None = None, using: str = "evaluating", log=print
     untrained = " (a new head is untrained)" if exp.task.head_key is not None else ""
     log(f"no checkpoints in {ckpt_dir}: {using} the model as loaded{untrained}")
     return exp, par, targets, par.put_state(exp.state, targets[0])
-  step = step if step is not None else (ckpt.record(latest).best_step or latest)
-  if step not in ckpt.steps():
+  if step is not None and step not in ckpt.steps():
     raise JaxftError(f"--step {step}: no such checkpoint in {ckpt.directory} "
                      f"(steps: {', '.join(map(str, ckpt.steps()))})")
-  state = restore(ckpt, par, targets, step)[0]
-  log(f"{using} checkpoint {ckpt.directory}/{step}")
+  if step is None and exp.seeds:  # each replica at its own best
+    state, record = restore(ckpt, par, targets, latest)[::2]
+    state = restore_best(exp, ckpt, par, targets, record, state, latest, log)
+    log(f"{using} each replica's best checkpoint in {ckpt.directory} (steps {', '.join(map(str, record.best_steps))})")
+  else:
+    step = step if step is not None else (ckpt.record(latest).best_step or latest)
+    state = restore(ckpt, par, targets, step)[0]
+    log(f"{using} checkpoint {ckpt.directory}/{step}")
   ckpt.close()
   return exp, par, targets, state
 

@@ -12,8 +12,9 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from jaxft import lora, models, parallel, phases as phases_lib, rules, tasks
+from jaxft import lora, models, parallel, phases as phases_lib, replicas, rules, tasks
 from jaxft.data import batching, sources
+from jaxft.checkpoint import RestoreError
 from jaxft.errors import JaxftError
 from jaxft.step import TrainState, init_state, make_eval_step, make_train_step
 from jaxft.tasks.base import Task
@@ -35,6 +36,8 @@ class Experiment:
   lower_is_better: bool
   pack: bool  # training examples share rows (data.pack, where the task and the model can)
   init_params: Callable[[int], dict]  # seed -> initial params (the state holds those of cfg.seed)
+  seeds: list[int]  # train.seeds: the replicas' seeds ([]: a plain run); the state then has a replica axis
+  own: frozenset  # param paths some phase trains: one copy per replica (the rest are shared)
 
   conventions = property(lambda self: self.backbone.conventions)
   labels = property(lambda self: self.phases[0].labels)  # the first phase's, for single-phase runs
@@ -48,8 +51,23 @@ class Experiment:
     """Phase k's pure train step (state, batch) -> (state, metrics); `cached`: on cached features."""
     phase = self.phases[k]
     apply = self.head_apply if cached else functools.partial(self.apply, frozen_bn=self.frozen_bn(k))
-    return make_train_step(apply, self.task.loss, phase.tx, phase.labels, phase.cfg.train.dropout, axis_name,
+    step = make_train_step(apply, self.task.loss, phase.tx, phase.labels, phase.cfg.train.dropout, axis_name,
                            self.micro_steps)
+    return replicas.vectorize_train(step, self.axes(k)) if self.seeds else step
+
+  def state_shapes(self, k: int = 0) -> TrainState:
+    """ShapeDtypeStructs of one run's (one replica's) train state in phase k."""
+    return jax.eval_shape(lambda: init_state(self.init_params(self.cfg.seed), self.phases[k].tx, self.cfg.seed,
+                                             self.backbone.state))
+
+  def axes(self, k: int = 0) -> TrainState:
+    """The replica axis of each leaf of phase k's state (0, or None for shared params)."""
+    return replicas.axes(self.state_shapes(k), self.own)
+
+  def carry_over(self, state: TrainState, k: int) -> TrainState:
+    """Phase k's start from the state phase k - 1 ended with (phases.carry_over), replica by replica."""
+    carry = functools.partial(phases_lib.carry_over, tx=self.phases[k].tx)
+    return jax.vmap(carry, in_axes=(self.axes(k - 1),), out_axes=self.axes(k))(state) if self.seeds else carry(state)
 
   def frozen_bn(self, k: int) -> frozenset:
     """Phase k's BatchNorm layers that keep their running statistics in training: all of them with
@@ -87,8 +105,21 @@ class Experiment:
     return batching.eval_batches(ex, self.task.collate, size, self.buckets)
 
   def eval_step(self, axis_name: str | None = None, cached: bool = False):
-    """The pure eval step (params, model_state, batch) -> (sums, rows)."""
-    return make_eval_step(self.head_apply if cached else self.apply, self.task, axis_name)
+    """The pure eval step (params, model_state, batch) -> (sums, rows); of every replica ([R, ...]) at
+    once in seed-vectorised runs, on the same batch."""
+    step = make_eval_step(self.head_apply if cached else self.apply, self.task, axis_name)
+    return replicas.vectorize_eval(step, self.axes()) if self.seeds else step
+
+  def describe(self, metrics: dict) -> str:
+    """One log line of metrics: the task's, or their mean ± 95% CI over the replicas."""
+    return replicas.describe(self.task.metrics, metrics) if self.seeds else self.task.describe(metrics)
+
+  def cache_features(self, params, model_state, batch):
+    """What the head reads (eval mode), for train.cache_features. Replicas cache one table: a cached phase
+    comes before any phase that trains the backbone (phases.check_cacheable), so theirs are equal."""
+    if self.seeds:
+      params, model_state = replicas.take(params, 0, self.own), replicas.take(model_state, 0)
+    return self.features(params, model_state, batch)
 
 
 PACK_SLOTS = 8  # at most this many examples share a packed row
@@ -160,12 +191,20 @@ def build(cfg, log=print) -> Experiment:
     apply = lora.wrap(apply, cfg.lora)
   splits = {s: task.encode(records, s) for s, records in source.splits.items()}
   phases = phases_lib.build(cfg, params, len(splits["train"]), task, backbone.conventions)
-  for phase in phases:
-    phases_lib.check_cacheable(phase, task)
+  seeds = replicas.seeds_of(cfg)
+  for k, phase in enumerate(phases):
+    phases_lib.check_cacheable(phase, task, phases[:k] if seeds else ())
   state = init_state(params, phases[0].tx, cfg.seed, backbone.state)
   buckets = cfg.data.buckets or batching.derived_buckets(cfg.data.max_length)
-  return Experiment(cfg, backbone, task, splits, phases, state, apply, features, head_apply, buckets, best,
-                    best in task.lower_is_better, _packing(cfg.data.pack, task, backbone), init_params)
+  exp = Experiment(cfg, backbone, task, splits, phases, state, apply, features, head_apply, buckets, best,
+                   best in task.lower_is_better, _packing(cfg.data.pack, task, backbone), init_params, seeds,
+                   replicas.owned(phases))
+  if seeds:
+    exp.state = replicas.initial_state(exp, seeds)
+    shared = sum(x.size for p, x in rules.flat(exp.state.params).items() if p not in exp.own)
+    log(f"train.seeds: {len(seeds)} replicas (seeds {', '.join(map(str, seeds))}) in one step; {shared:,} "
+        "never-trained params held once for all")
+  return exp
 
 
 def setup(exp, log):
@@ -173,10 +212,10 @@ def setup(exp, log):
   cfg = exp.cfg
   par = parallel.Parallel(cfg, parallel.make_mesh(cfg.parallel.mesh), exp.conventions.tensor_parallel)
   log(parallel.describe(par.mesh) + f", backend {cfg.parallel.backend}")
-  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (exp.state.params, exp.state.model_state))
-  targets = [par.abstract_state(jax.eval_shape(lambda p, m, tx=ph.tx: init_state(p, tx, cfg.seed, m), *shapes))
-             for ph in exp.phases]
-  return par, targets
+  shapes = [exp.state_shapes(k) for k in range(len(exp.phases))]
+  if exp.seeds:
+    return par, [replicas.abstract_state(par, s, exp.own, len(exp.seeds)) for s in shapes]
+  return par, [par.abstract_state(s) for s in shapes]
 
 
 def restore(ckpt, par, targets, step):
@@ -184,6 +223,32 @@ def restore(ckpt, par, targets, step):
   k = ckpt.record(step).phase
   state, data_state, record = ckpt.restore(step, targets[k])
   return (par.put_state(state, targets[k]) if par.pmap else state), data_state, record
+
+
+def restore_best(exp, ckpt, par, targets, record, state, step: int, warn) -> TrainState:
+  """`state` (of checkpoint `step`) with the params and model state of the best checkpoint: in a seed-
+  vectorised run, each replica's own. A best checkpoint that cannot be restored is moved aside with a
+  warning; its replicas keep `state`'s params (the record then names `step` for them, or forgets the
+  mean's best)."""
+  wanted = set(record.best_steps or ()) | {record.best_step}
+  states = {step: state}
+  for s in sorted(wanted - {None, step}):
+    try:
+      states[s] = restore(ckpt, par, targets, s)[0]
+    except RestoreError as e:
+      warn(f"the best checkpoint {e.step} cannot be restored ({e.reason}); moved it to {ckpt.move_aside(e.step)}; "
+           f"testing the final params (step {step}) instead")
+      record.forget(s)
+  if not exp.seeds:
+    return states.get(record.best_step, state)
+  n = len(exp.seeds)
+  record.best_steps = [step if s is None else s for s in record.best_steps or [None] * n]
+  record.best_values = record.best_values or [None] * n
+  params = replicas.assemble({s: x.params for s, x in states.items()}, record.best_steps, exp.own)
+  model_state = replicas.assemble({s: x.model_state for s, x in states.items()}, record.best_steps)
+  shardings = jax.tree.map(lambda x: x.sharding, targets[record.phase])
+  return state.replace(params=jax.device_put(params, shardings.params),
+                       model_state=jax.device_put(model_state, shardings.model_state))
 
 
 def save_model(exp: Experiment, params, out_dir, model_state=None) -> None:

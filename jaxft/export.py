@@ -7,13 +7,14 @@ from pathlib import Path
 
 import jax
 
-from jaxft import lora, rules
+from jaxft import lora, replicas, rules
 from jaxft.checkpoint import Checkpointer
 from jaxft.errors import JaxftError
 from jaxft.experiment import build, save_model, setup
 
 
-def export(cfg, out_dir, step: int | None = None, log=print) -> Path:
+def export(cfg, out_dir, step: int | None = None, log=print, replica: int | None = None) -> Path:
+  """replica: of a seed-vectorised run (train.seeds), which replica to write (its best checkpoint by default)."""
   out = Path(out_dir)
   if out.exists() and any(out.iterdir()):
     raise JaxftError(f"export directory {out} exists and is not empty; choose a new one")
@@ -21,15 +22,20 @@ def export(cfg, out_dir, step: int | None = None, log=print) -> Path:
   ckpt = Checkpointer(ckpt_dir, cfg.train.keep)
   if (latest := ckpt.latest_step()) is None:
     raise JaxftError(f"no checkpoints in {ckpt_dir}: train first (same config and run_dir)")
-  step = step if step is not None else (ckpt.record(latest).best_step or latest)
   exp = build(cfg, log)
+  r = replicas.chosen(exp, replica)
+  record = ckpt.record(latest)
+  step = step if step is not None else ((record.best_steps or [])[r:r + 1] or [record.best_step or latest])[0]
   _, targets = setup(exp, log)
   state, _, _ = ckpt.restore(step, targets[ckpt.record(step).phase])
   ckpt.close()
-  params = jax.device_get(state.params)
+  params, model_state = state.params, state.model_state
+  if exp.seeds:
+    params, model_state = replicas.take(params, r, exp.own), replicas.take(model_state, r)
+  params = jax.device_get(params)
   if rules.lora_enabled(cfg.lora):
     params = lora.merge(params, cfg.lora)
   out.mkdir(parents=True, exist_ok=True)
-  save_model(exp, params, out, jax.device_get(state.model_state))
-  log(f"exported step {step} of {ckpt_dir} to {out}" + (" (LoRA adapters merged)" if rules.lora_enabled(cfg.lora) else ""))
+  save_model(exp, params, out, jax.device_get(model_state))
+  log(f"exported step {step}{f' of replica {r}' if exp.seeds else ''} of {ckpt_dir} to {out}" + (" (LoRA adapters merged)" if rules.lora_enabled(cfg.lora) else ""))
   return out

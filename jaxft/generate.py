@@ -103,11 +103,16 @@ def generation_metrics(exp, params, model_state, split: str) -> dict:
   return exp.task.score(texts, ex, index)
 
 
-def generate_text(cfg, prompt: str, max_new_tokens: int | None = None, chat: bool = False, log=print) -> str:
+def generate_text(cfg, prompt: str, max_new_tokens: int | None = None, chat: bool = False, log=print,
+                  replica: int | None = None) -> str:
   """`jaxft generate`: the continuation of `prompt` by the run's best checkpoint, or by model.name as
-  loaded when the run has none (chat: the prompt as a user message through the chat template)."""
+  loaded when the run has none (chat: the prompt as a user message through the chat template). replica:
+  which replica of a seed-vectorised run (at its best checkpoint)."""
+  from jaxft import replicas
   from jaxft.evaluate import run_state
   exp, _, _, state = run_state(cfg, None, "generating with", log)
+  if (r := replicas.chosen(exp, replica)) is not None:
+    state = state.replace(params=replicas.take(state.params, r, exp.own), model_state=replicas.take(state.model_state, r))
   tok = exp.backbone.processor
   if chat:
     if not tok.chat_template:

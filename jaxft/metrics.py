@@ -27,11 +27,12 @@ class MetricWriter:
     if not self.enabled:
       return
     row = {"step": int(step), "split": split, "time": round(time.time(), 3),
-           **{k: float(v) for k, v in metrics.items()}}
+           **{k: [float(x) for x in v] if isinstance(v, list) else float(v) for k, v in metrics.items()}}
     self.jsonl.write(json.dumps(row) + "\n")
     self.jsonl.flush()
-    for k, v in metrics.items():
-      self.tb.add_scalar(f"{split}/{k}", float(v), int(step))
+    for k, v in metrics.items():  # a list: one value per replica (train.seeds), curve r of `k`
+      for tag, x in ([(f"{k}/{r}", x) for r, x in enumerate(v)] if isinstance(v, list) else [(k, v)]):
+        self.tb.add_scalar(f"{split}/{tag}", float(x), int(step))
 
   def close(self):
     if self.enabled:

@@ -99,6 +99,8 @@ class Parallel:
     self.cfg, self.mesh, self.family_rules = cfg, mesh, family_rules
     self.pmap = cfg.parallel.backend == "pmap"
     self.batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
+    # train.seeds: training batches [R, B, ...] hold every replica's; evaluation batches are everyone's
+    self.train_batch_sharding = NamedSharding(mesh, P(None, BATCH_AXES)) if cfg.train.seeds else self.batch_sharding
     self.batch_shards = n_shards = mesh.shape["data"] * mesh.shape["fsdp"]  # pieces of a batch's rows
     for key in ("batch_size", "eval_batch_size", "micro_batch_size"):
       if getattr(cfg.train, key) is None:
@@ -134,19 +136,19 @@ class Parallel:
     """The state as checkpoints hold it: one logical copy (pmap keeps a replica per device)."""
     return jax.tree.map(lambda x: x[0], state) if self.pmap else state
 
-  def put_batch(self, local_batch):
-    """This host's rows of a global batch -> device arrays."""
+  def put_batch(self, local_batch, train: bool = False):
+    """This host's rows of a global batch (a training one: of every replica's) -> device arrays."""
     if self.pmap:
       n = jax.local_device_count()
       return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), local_batch)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x),
-                        local_batch)
+    sharding = self.train_batch_sharding if train else self.batch_sharding
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
 
   def compile_train(self, train_step, target):
     if self.pmap:
       return jax.pmap(train_step, axis_name="batch", donate_argnums=0)
     shardings = _shardings_of(target)
-    return jax.jit(train_step, in_shardings=(shardings, self.batch_sharding),
+    return jax.jit(train_step, in_shardings=(shardings, self.train_batch_sharding),
                    out_shardings=(shardings, NamedSharding(self.mesh, P())), donate_argnums=0)
 
   def compile_eval(self, eval_step, target):

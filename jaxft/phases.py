@@ -104,10 +104,17 @@ def carry_over(state, tx):
   return state.replace(opt_state=opt_state)
 
 
-def check_cacheable(phase: Phase, task) -> None:
-  """train.cache_features needs a task whose head reads cacheable features, and nothing else trainable."""
+def check_cacheable(phase: Phase, task, replicas_before=()) -> None:
+  """train.cache_features needs a task whose head reads cacheable features, and nothing else trainable;
+  in a seed-vectorised run (`replicas_before`: its earlier phases), replicas whose backbones are still
+  the pretrained one (their features one table)."""
   if not phase.cfg.train.cache_features:
     return
+  for before in replicas_before:
+    trained = [p for p, l in rules.flat(before.labels).items() if l == "train" and not re.fullmatch(task.head_regex, p)]
+    if trained:
+      raise JaxftError(f"phase '{phase.name}': train.cache_features with train.seeds needs the replicas' backbones "
+                       f"unchanged, but phase '{before.name}' trains {trained[0]}")
   if not task.cacheable:
     raise JaxftError(f"phase '{phase.name}': train.cache_features is not supported by {phase.cfg.model.task}")
   other = [p for p, l in rules.flat(phase.labels).items() if l == "train" and not re.fullmatch(task.head_regex, p)]

@@ -14,8 +14,10 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxft import rules
+from jaxft.errors import JaxftError
 from jaxft.step import TrainState
 
 
@@ -52,9 +54,33 @@ def initial_state(exp, seeds: list[int]) -> TrainState:
   return stack([exp.initial_state(s) for s in seeds], owned(exp.phases))
 
 
+def abstract_state(par, single, own: frozenset, n: int) -> TrainState:
+  """The replicated state's ShapeDtypeStructs, from one replica's (`single`): owned leaves gain a leading
+  axis of n, unsharded (each replica's leaf is sharded as the single run's is); shared ones keep theirs."""
+  spec = par.abstract_state(single)
+  def widen(x, ax):
+    s = x.sharding
+    return jax.ShapeDtypeStruct((n,) + x.shape, x.dtype, sharding=NamedSharding(s.mesh, P(None, *s.spec)))
+  return jax.tree.map(lambda x, ax: x if ax is None else widen(x, ax), spec, axes(spec, own),
+                      is_leaf=lambda x: x is None)
+
+
+def take(tree, r: int, own: frozenset | None = None):
+  """Replica r of a replicated tree: of params when `own` is given (shared leaves are everyone's), else of
+  a tree whose every leaf has the replica axis (model state)."""
+  if own is None:
+    return jax.tree.map(lambda x: x[r], tree)
+  return rules.merge({p: (x[r] if p in own else x) for p, x in rules.flat(tree).items()})
+
+
 def vectorize_train(train_step, state_axes: TrainState):
   """(replicated state, batches [R, ...]) -> (state, metrics [R]) of the per-replica step."""
   return jax.vmap(train_step, in_axes=(state_axes, 0), out_axes=(state_axes, 0))
+
+
+def vectorize_eval(eval_step, state_axes: TrainState):
+  """(replicated params, model state, one batch for all) -> (sums [R, ...], rows [R, ...])."""
+  return jax.vmap(eval_step, in_axes=(state_axes.params, state_axes.model_state, None))
 
 
 _INDEX_FILL = -1  # `index` marks empty rows / slots with -1; every other field pads with 0 (weight 0)
@@ -95,3 +121,53 @@ def summary(values) -> tuple[float, float]:
   if len(x) < 2:
     return float(x.mean()), math.nan
   return float(x.mean()), float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+
+
+def aggregate(per_replica: list[dict]) -> dict:
+  """One metrics dict of R replicas' ones: each metric's mean, `<metric>_ci` (95% half-width) and
+  `<metric>_seeds` (the replicas' values, in seed order)."""
+  out = {}
+  for key in per_replica[0]:
+    values = [float(m[key]) for m in per_replica]
+    out[key], out[f"{key}_ci"] = summary(values)
+    out[f"{key}_seeds"] = values
+  return out
+
+
+def unstack_tree(tree, n: int) -> list:
+  """A tree whose leaves have the replica axis -> n trees, one per replica."""
+  return [take(tree, r) for r in range(n)]
+
+
+def line(metrics: dict) -> str:
+  """Every metric of a dict, plain or aggregated (mean ± CI, once per metric)."""
+  if not any(k.endswith("_seeds") for k in metrics):
+    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+  return describe([k for k in metrics if f"{k}_seeds" in metrics], metrics)
+
+
+def describe(names, metrics: dict) -> str:
+  """`accuracy 0.8512 ± 0.0043 (5 seeds)` for an aggregated metrics dict."""
+  n = len(metrics[f"{names[0]}_seeds"])
+  return "  ".join(f"{k} {metrics[k]:.4f} ± {metrics[k + '_ci']:.4f}" for k in names) + f" ({n} seeds)"
+
+
+def assemble(trees: dict, steps: list, own: frozenset | None = None):
+  """The replicated tree whose replica r is replica r of trees[steps[r]] (trees: step -> a replicated tree;
+  of params when `own` is given: their shared leaves are the same in all)."""
+  flat = {s: rules.flat(t) for s, t in trees.items()}
+  first = next(iter(flat.values()))
+  return rules.merge({p: (jnp.stack([flat[s][p][r] for r, s in enumerate(steps)]) if own is None or p in own else x)
+                      for p, x in first.items()})
+
+
+def chosen(exp, replica: int | None) -> int | None:
+  """The replica a one-model command (export, generate) uses: --replica, which a seed-vectorised run needs."""
+  if not exp.seeds:
+    if replica is not None:
+      raise JaxftError(f"--replica {replica}: {exp.cfg.run_dir} is a single run (train.seeds is not set)")
+    return None
+  if replica is None or not 0 <= replica < len(exp.seeds):
+    raise JaxftError(f"{exp.cfg.run_dir} holds {len(exp.seeds)} replicas (train.seeds): choose one with --replica K, "
+                     f"0 <= K < {len(exp.seeds)} (seeds {', '.join(map(str, exp.seeds))}), or average them: jaxft soup")
+  return replica

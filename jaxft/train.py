@@ -13,13 +13,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from jaxft import config as config_lib
-from jaxft import faults, parallel, phases as phases_lib, preemption, rules, run_lock
+from jaxft import faults, parallel, phases as phases_lib, preemption, replicas, rules, run_lock
 from jaxft import metrics as metrics_lib
 from jaxft.checkpoint import Checkpointer, RestoreError, RunRecord
 from jaxft.errors import JaxftError, Preempted
 from jaxft.data import batching
 from jaxft.evaluate import evaluate, feature_table
-from jaxft.experiment import build, restore, setup
+from jaxft.experiment import build, restore, restore_best, setup
 
 
 def _compiles(step_fn) -> int:
@@ -43,9 +43,6 @@ def train(cfg, console: Console | None = None) -> dict:
   ckpt_dir = run_dir / "checkpoints"
   if run_dir.exists() and not run_dir.is_dir():
     raise JaxftError(f"run_dir {run_dir} exists and is not a directory")
-  if cfg.train.seeds is not None:  # never a silent single-seed run
-    raise JaxftError("config key 'train.seeds': the replicated step exists (jaxft/replicas.py), but the training "
-                     "loop does not run replicas yet (issue 16, in progress); leave train.seeds unset")
   exp = build(cfg, log)  # before touching the run dir: a bad config leaves nothing behind
   par, targets = setup(exp, log)
   try:
@@ -89,13 +86,13 @@ def _resume(exp, par, targets, ckpt, log):
   if latest is None:
     return par.put_state(exp.state, targets[0]), None, RunRecord(), None
   state, data_state, record = restored
-  if record.best_step not in (None, latest):
+  for best in sorted(record.kept() - {latest}):
     try:
-      restore(ckpt, par, targets, record.best_step)  # read to check it, and dropped
+      restore(ckpt, par, targets, best)  # read to check it, and dropped
     except RestoreError as e:
       warn(f"the best checkpoint so far, {e.step}, cannot be restored ({e.reason}); moved it to "
            f"{ckpt.move_aside(e.step)}; the best is chosen among the evaluations from here on")
-      record.best_step = record.best_value = None
+      record.forget(best)
   log(f"resuming from {ckpt.directory}/{latest} in phase {exp.phases[record.phase].name} (best so far: step "
       f"{record.best_step}, validation {exp.best_metric} {record.best_value})")
   return state, data_state, record, latest
@@ -112,7 +109,9 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
 
   axis = "batch" if par.pmap else None
   eval_step = par.compile_eval(exp.eval_step(axis), targets[0])
-  dataset = batching.train_dataset(exp.train_batches(par.batch_shards, parallel.process_rows), cfg.data.workers)
+  source = (replicas.Batches([exp.train_batches(par.batch_shards, parallel.process_rows, s) for s in exp.seeds])
+            if exp.seeds else exp.train_batches(par.batch_shards, parallel.process_rows))
+  dataset = batching.train_dataset(source, cfg.data.workers)
   batches = iter(dataset)
   if data_state is not None:
     batches.set_state(data_state)
@@ -120,7 +119,7 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
   log(f"{len(exp.phases)} phase(s), at most {exp.total_steps} steps of {tcfg.batch_size} "
       f"({len(exp.splits['train'])} train examples, {exp.task.batch_layout(exp.pack, exp.buckets)})")
 
-  step = int(par.host_view(state).step)
+  step = int(np.max(par.host_view(state).step))  # replicas step together
   progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
                       disable=not is_main)
@@ -135,12 +134,12 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
     log(f"phase {phase.name}: {end}; trainable params {n_train:,} of {rules.count(targets[k].params):,}")
     t_window, window_start, shapes = time.perf_counter(), step, set()
     eval_every = ptcfg.eval_every or batching.steps_for(len(exp.splits["train"]), tcfg.batch_size, 1)  # per epoch
-    skipped = int(jax.device_get(par.host_view(state).skipped))
+    skipped = int(np.sum(jax.device_get(par.host_view(state).skipped)))
     while not phases_lib.ended(phase, record, step):
       step += 1
       batch = transform("train")(next(batches))
       shapes.add(tuple(sorted((key, x.shape) for key, x in batch.items())))
-      state, m = train_step(state, par.put_batch(batch))
+      state, m = train_step(state, par.put_batch(batch, train=True))
       if par.block_each_step:
         jax.block_until_ready(state)
       in_phase = step - record.phase_start
@@ -150,6 +149,7 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
         skipped = _check_finite(state, par, tcfg, ckpt, log, skipped)
       if step % ptcfg.log_every == 0 or last:
         m = par.metrics(m)
+        m = replicas.aggregate(replicas.unstack_tree(m, len(exp.seeds))) if exp.seeds else m
         m["skipped_steps"] = skipped
         dt = time.perf_counter() - t_window
         m["examples_per_s"] = (step - window_start) * tcfg.batch_size / dt
@@ -165,10 +165,9 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
           val = evaluate(exp, par, eval_step_k, state.params, state.model_state, "validation",
                          transform("validation"))
           writer.write(step, "validation", val)
-          if _better(val[exp.best_metric], record.best_value, exp.lower_is_better):
-            record.best_step, record.best_value = step, val[exp.best_metric]
-          phases_lib.update_plateau(phase, record, val, task.lower_is_better)
-          log(f"step {step} ({phase.name}): validation {task.describe(val)}")
+          _note_best(exp, record, val, step)
+          phases_lib.update_plateau(phase, record, val, task.lower_is_better)  # replicas: on their mean
+          log(f"step {step} ({phase.name}): validation {exp.describe(val)}")
         ckpt.save(step, par.host_view(state), batches.get_state(), record)
         t_window, window_start = time.perf_counter(), step
       faults.inject("step", step)
@@ -187,20 +186,14 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
     bar = progress.add_task("train", total=exp.total_steps, completed=step, info="")
     for k in range(record.phase, len(exp.phases)):
       if k != record.phase:  # a new phase: new optimizer, per-param state carried over
-        state = par.put_state(phases_lib.carry_over(par.host_view(state), exp.phases[k].tx), targets[k])
+        state = par.put_state(exp.carry_over(par.host_view(state), k), targets[k])
         record.phase, record.phase_start, record.plateau_best, record.plateau_bad = k, step, None, 0
       state, step = run_phase(k, state, step)
       progress.update(bar, total=step + sum(p.max_steps for p in exp.phases[k + 1:]))
 
-  if record.best_step != step:  # else the last checkpoint commits while the test pass runs
+  if record.kept() != {step}:  # else the last checkpoint commits while the test pass runs
     ckpt.wait()
-  if record.best_step not in (None, step):
-    try:
-      state = restore(ckpt, par, targets, record.best_step)[0]
-    except RestoreError as e:
-      _warn(log, f"the best checkpoint, {e.step}, cannot be restored ({e.reason}); moved it to "
-            f"{ckpt.move_aside(e.step)}; testing the final params (step {step}) instead")
-      record.best_step = None
+  state = restore_best(exp, ckpt, par, targets, record, state, step, lambda msg: _warn(log, msg))
   if record.best_step is None:  # no validation recorded (a resumed finished run), or the best is damaged
     val = evaluate(exp, par, eval_step, state.params, state.model_state, "validation")
     record.best_step, record.best_value = step, val[exp.best_metric]
@@ -210,18 +203,34 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
   writer.write(record.best_step, "test", test)
   writer.close()
   ckpt.close()
-  log(f"test metrics from the best checkpoint (step {record.best_step}, validation "
-      f"{exp.best_metric} {record.best_value:.4f})")
+  where = (f"each replica's best checkpoint (steps {', '.join(map(str, record.best_steps))})" if exp.seeds else
+           f"the best checkpoint (step {record.best_step}, validation {exp.best_metric} {record.best_value:.4f})")
+  log(f"test metrics from {where}")
   if is_main:
-    print("test " + task.describe(test), flush=True)
+    print("test " + exp.describe(test), flush=True)
   return test
+
+
+def _note_best(exp, record, val: dict, step: int) -> None:
+  """Records `step` as the best where validation's train.best_metric improved: its mean's, and each
+  replica's own."""
+  metric, lower = exp.best_metric, exp.lower_is_better
+  if _better(val[metric], record.best_value, lower):
+    record.best_step, record.best_value = step, val[metric]
+  if exp.seeds:
+    record.best_steps = record.best_steps or [None] * len(exp.seeds)
+    record.best_values = record.best_values or [None] * len(exp.seeds)
+    for r, value in enumerate(val[f"{metric}_seeds"]):
+      if _better(value, record.best_values[r], lower):
+        record.best_steps[r], record.best_values[r] = step, value
 
 
 def _check_finite(state, par, tcfg, ckpt, log, reported: int) -> int:
   """The count of steps whose update was dropped for a non-finite loss or gradient; with
   train.on_nonfinite=stop the first one ends the run (params stay those of the step before)."""
   view = par.host_view(state)
-  skipped, first = (int(x) for x in jax.device_get((view.skipped, view.first_skipped)))
+  skipped, first = jax.device_get((view.skipped, view.first_skipped))  # replicas: one each
+  skipped, first = int(np.sum(skipped)), int(np.min(np.where(first >= 0, first, np.iinfo(np.int32).max)))
   if skipped and tcfg.on_nonfinite == "stop":
     ckpt.wait()
     latest = ckpt.latest_step()
@@ -241,7 +250,7 @@ def _phase_steps(exp, k, par, state, target, eval_step, axis, log):
   phase = exp.phases[k]
   if not phase.cfg.train.cache_features:
     return par.compile_train(exp.train_step(k, axis), target), eval_step, lambda split: lambda b: b
-  features = par.compile_eval(exp.features, target)
+  features = par.compile_eval(exp.cache_features, target)
   t0 = time.perf_counter()
   cached = {s: feature_table(exp, par, features, state.params, state.model_state, s) for s in ("train", "validation")}
   log(f"phase {phase.name}: cached {cached['train'].shape[1:]} features of the train and validation splits in "

@@ -31,27 +31,31 @@ def derived_buckets(max_length: int) -> list[int]:
   return [b for b in sorted(series) if b < max_length] + [max_length]
 
 
-def collate(ex, idx, buckets, task_collate, batch_size: int | None = None, epoch: int | None = None) -> dict:
+def collate(ex, idx, buckets, task_collate, batch_size: int | None = None, epoch: int | None = None,
+            seed: int | None = None) -> dict:
   """Examples `idx`, padded by the task to one bucket length; rows past len(idx) (up to batch_size)
   have weight 0 and index -1 (`index`: example positions, for per-example outputs and cached features).
-  epoch: the training epoch, for the task's train-time augmentation; None in evaluation."""
+  epoch, seed: the training epoch and the data order's seed, for the task's train-time augmentation;
+  epoch None in evaluation."""
   batch_size = batch_size or len(idx)
-  batch = task_collate(ex, idx, bucket(max(ex.lengths[i] for i in idx), buckets), batch_size, epoch=epoch)
+  batch = task_collate(ex, idx, bucket(max(ex.lengths[i] for i in idx), buckets), batch_size, epoch=epoch,
+                       seed=seed)
   index_B = np.full((batch_size,), -1, np.int32)
   index_B[:len(idx)] = idx
   return {**batch, "index": index_B}
 
 
-def collate_packed(ex, idx, task_collate_packed, length: int, slots: int, multiple: int, epoch=None) -> dict:
+def collate_packed(ex, idx, task_collate_packed, length: int, slots: int, multiple: int, epoch=None,
+                   seed=None) -> dict:
   """Examples `idx` packed into rows of `length` tokens (a multiple of `multiple` rows); `index` [R, K].
-  (Packing tasks have no train-time augmentation: `epoch` is not used.)"""
+  (Packing tasks have no train-time augmentation: `epoch` and `seed` are not used.)"""
   p = packing.plan(idx, ex.lengths, length, slots, multiple)
   return {**task_collate_packed(ex, p), "index": p.index}
 
 
 class TrainBatches:
   """grain random-access source: item i is (this host's rows of) the i-th global training batch, made
-  by make_batch(examples, idx, epoch=epoch) from the whole global batch, so every host gets the same shape.
+  by make_batch(examples, idx, epoch=epoch, seed=seed) from the whole global batch, so every host gets the same shape.
   rows_of(n): the rows of an n-row global batch this host feeds. sort_window: see the module doc (1 for
   packed batches)."""
 
@@ -81,7 +85,7 @@ class TrainBatches:
 
   def __getitem__(self, i: int):
     epoch, pos = divmod(int(i), self.steps_per_epoch)
-    batch = self.make_batch(self.data, self.epoch_plan(epoch)[pos], epoch=epoch)
+    batch = self.make_batch(self.data, self.epoch_plan(epoch)[pos], epoch=epoch, seed=self.seed)
     rows = self.rows_of(len(batch["index"]))
     return {k: v[rows] for k, v in batch.items()}  # this host's rows of the global batch
 

@@ -64,9 +64,11 @@ class Task:
   def encode(self, records: list[dict], split: str) -> Examples:
     raise NotImplementedError
 
-  def collate(self, ex: Examples, idx: np.ndarray, length: int, batch_size: int, epoch: int | None = None) -> dict:
+  def collate(self, ex: Examples, idx: np.ndarray, length: int, batch_size: int, epoch: int | None = None,
+              seed: int | None = None) -> dict:
     """Examples `idx` padded to `length` tokens and `batch_size` rows (extra rows weigh 0). epoch: the
-    training epoch (train-time augmentation, a pure function of (seed, example, epoch)); None: evaluation."""
+    training epoch (train-time augmentation, a pure function of (seed, example, epoch)); None: evaluation.
+    seed: the data order's seed (a replica's own, in seed-vectorised runs)."""
     raise NotImplementedError
 
   def cannot_pack(self) -> str | None:

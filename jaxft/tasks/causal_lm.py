@@ -108,7 +108,7 @@ class CausalLM(Task):
              f"{'rows of a concatenated stream' if concatenate else 'windows'} of <= {d.max_length}")
     return Examples(np.array([len(c) for c in chunks]), {"ids": chunks, "targets": targets})
 
-  def collate(self, ex, idx, length, batch_size, epoch=None):
+  def collate(self, ex, idx, length, batch_size, epoch=None, seed=None):
     ids_BxL, mask_BxL = pad_tokens(ex.fields["ids"], idx, length, batch_size, self.pad_id)
     targets_BxL, _ = pad_tokens(ex.fields["targets"], idx, length, batch_size, 0)
     return {"input_ids": ids_BxL, "attention_mask": mask_BxL,

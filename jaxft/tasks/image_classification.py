@@ -38,8 +38,8 @@ class ImageClassification(Task):
     return Examples(np.ones(len(records), np.int32), {"images": pictures, "labels": self.classes.index(records, split)},
                     {"split": split})
 
-  def collate(self, ex, idx, length, batch_size, epoch=None):
-    d, seed = self.cfg.data, self.cfg.seed
+  def collate(self, ex, idx, length, batch_size, epoch=None, seed=None):
+    d, seed = self.cfg.data, self.cfg.seed if seed is None else seed
     image_BxSxSx3 = np.zeros((batch_size, self.size, self.size, 3), np.uint8)
     for row, i in enumerate(idx):
       im = images.decode(ex.fields["images"][i], f"{ex.meta['split']} example {i}")

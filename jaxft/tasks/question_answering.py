@@ -156,7 +156,7 @@ class QuestionAnswering(Task):
                           "answers": [[t for t, _ in g] for g in golds],
                           "id": [str(r.get("id", i)) for i, r in enumerate(records)]})
 
-  def collate(self, ex, idx, length, batch_size, epoch=None):
+  def collate(self, ex, idx, length, batch_size, epoch=None, seed=None):
     ids_BxL, mask_BxL = pad_tokens(ex.fields["ids"], idx, length, batch_size, self.pad_id)
     types_BxL, _ = pad_tokens(ex.fields["types"], idx, length, batch_size, 0)
     start_B, end_B, weights_B = (np.zeros((batch_size,), t) for t in (np.int32, np.int32, np.float32))

@@ -82,7 +82,7 @@ class SequenceClassification(Task):
     labels = self.classes.index(records, split)
     return Examples(np.array([len(x) for x in ids]), {"ids": ids, "labels": labels})
 
-  def collate(self, ex, idx, length, batch_size, epoch=None):
+  def collate(self, ex, idx, length, batch_size, epoch=None, seed=None):
     ids_BxL, mask_BxL = pad_tokens(ex.fields["ids"], idx, length, batch_size, self.pad_id)
     labels_B = np.zeros((batch_size,), np.int32)
     labels_B[:len(idx)] = ex.fields["labels"][idx]

@@ -102,7 +102,7 @@ class TokenClassification(Task):
     return Examples(np.array([len(x) for x in ids]), {"ids": ids, "labels": labels},
                     meta={"tags": tags, "first": first})
 
-  def collate(self, ex, idx, length, batch_size, epoch=None):
+  def collate(self, ex, idx, length, batch_size, epoch=None, seed=None):
     ids_BxL, mask_BxL = pad_tokens(ex.fields["ids"], idx, length, batch_size, self.pad_id)
     labels_BxL, _ = pad_tokens(ex.fields["labels"], idx, length, batch_size, -1)
     weights_BxL = (labels_BxL >= 0).astype(np.float32)
