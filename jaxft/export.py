@@ -25,7 +25,8 @@ def export(cfg, out_dir, step: int | None = None, log=print, replica: int | None
   exp = build(cfg, log)
   r = replicas.chosen(exp, replica)
   record = ckpt.record(latest)
-  step = step if step is not None else ((record.best_steps or [])[r:r + 1] or [record.best_step or latest])[0]
+  if step is None:  # the best: a replica's own, or the run's
+    step = record.best_steps[r] if exp.seeds and record.best_steps else (record.best_step or latest)
   _, targets = setup(exp, log)
   state, _, _ = ckpt.restore(step, targets[ckpt.record(step).phase])
   ckpt.close()

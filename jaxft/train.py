@@ -128,10 +128,12 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
     """Steps through phase k until its end; returns (state, step)."""
     phase, ptcfg = exp.phases[k], exp.phases[k].cfg.train
     train_step, eval_step_k, transform = _phase_steps(exp, k, par, state, targets[k], eval_step, axis, log)
-    n_train = rules.count(rules.split(targets[k].params, phase.labels, "train")[0])
+    single = exp.state_shapes(k).params  # one replica's
+    n_train = rules.count(rules.split(single, phase.labels, "train")[0])
     end = (f"until validation {phase.until['metric'][4:]} stops improving for {phase.until['patience']} "
            f"evals, at most {phase.max_steps} steps") if phase.until else f"{phase.max_steps} steps"
-    log(f"phase {phase.name}: {end}; trainable params {n_train:,} of {rules.count(targets[k].params):,}")
+    log(f"phase {phase.name}: {end}; trainable params {n_train:,} of {rules.count(single):,}"
+        + (" per replica" if exp.seeds else ""))
     t_window, window_start, shapes = time.perf_counter(), step, set()
     eval_every = ptcfg.eval_every or batching.steps_for(len(exp.splits["train"]), tcfg.batch_size, 1)  # per epoch
     skipped = int(np.sum(jax.device_get(par.host_view(state).skipped)))
