@@ -13,7 +13,7 @@ def encoded(n=200, seed=0):
   return Examples(np.array([len(x) for x in ids]), {"ids": ids})
 
 
-def collate(ex, idx, length, batch_size, epoch=None):
+def collate(ex, idx, length, batch_size, epoch=None, seed=None):
   ids, mask = pad_tokens(ex.fields["ids"], idx, length, batch_size, 0)
   return {"input_ids": ids, "attention_mask": mask}
 
