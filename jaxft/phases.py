@@ -111,13 +111,16 @@ def check_cacheable(phase: Phase, task, replicas_before=()) -> None:
   if not phase.cfg.train.cache_features:
     return
   for before in replicas_before:
-    trained = [p for p, l in rules.flat(before.labels).items() if l == "train" and not re.fullmatch(task.head_regex, p)]
-    if trained:
+    if trained := _beyond_head(before, task):
       raise JaxftError(f"phase '{phase.name}': train.cache_features with train.seeds needs the replicas' backbones "
                        f"unchanged, but phase '{before.name}' trains {trained[0]}")
   if not task.cacheable:
     raise JaxftError(f"phase '{phase.name}': train.cache_features is not supported by {phase.cfg.model.task}")
-  other = [p for p, l in rules.flat(phase.labels).items() if l == "train" and not re.fullmatch(task.head_regex, p)]
-  if other:
+  if other := _beyond_head(phase, task):
     raise JaxftError(f"phase '{phase.name}': train.cache_features trains the head only, but {other[0]} "
                      f"is trainable too (freeze it, e.g. train_only=[{task.head_regex}])")
+
+
+def _beyond_head(phase: Phase, task) -> list[str]:
+  """The params phase trains outside the task's head."""
+  return [p for p, l in rules.flat(phase.labels).items() if l == "train" and not re.fullmatch(task.head_regex, p)]

@@ -51,7 +51,7 @@ def stack(states: list[TrainState], own: frozenset) -> TrainState:
 
 def initial_state(exp, seeds: list[int]) -> TrainState:
   """Phase 0's replicated initial state: replica k as the single run with seed seeds[k] starts."""
-  return stack([exp.initial_state(s) for s in seeds], owned(exp.phases))
+  return stack([exp.initial_state(s) for s in seeds], exp.own)
 
 
 def abstract_state(par, single, own: frozenset, n: int) -> TrainState:
@@ -169,5 +169,5 @@ def chosen(exp, replica: int | None) -> int | None:
     return None
   if replica is None or not 0 <= replica < len(exp.seeds):
     raise JaxftError(f"{exp.cfg.run_dir} holds {len(exp.seeds)} replicas (train.seeds): choose one with --replica K, "
-                     f"0 <= K < {len(exp.seeds)} (seeds {', '.join(map(str, exp.seeds))}), or average them: jaxft soup")
+                     f"0 <= K < {len(exp.seeds)} (seeds {', '.join(map(str, exp.seeds))})")
   return replica
