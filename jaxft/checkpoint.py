@@ -49,10 +49,11 @@ class RunRecord:
   plateau_bad: int = 0
   best_steps: list | None = None  # train.seeds: each replica's best step and value (best_step: the mean's)
   best_values: list | None = None
+  probe_step: int | None = None  # where a head-only first phase (a linear probe) ended: WiSE-FT's start
 
   def kept(self) -> set:
-    """The best steps, which checkpoint deletion preserves."""
-    return ({self.best_step} | set(self.best_steps or ())) - {None}
+    """The best steps and the probe's end, which checkpoint deletion preserves."""
+    return ({self.best_step, self.probe_step} | set(self.best_steps or ())) - {None}
 
   def forget(self, step: int) -> None:
     """Drops `step` (a damaged checkpoint) from the bests; evaluations from here on choose anew."""

@@ -1,4 +1,5 @@
-"""Command line: `jaxft train|eval|inspect|export|bench|generate [CONFIG] [key=value ...]`."""
+"""Command line: `jaxft train|eval|inspect|export|bench|generate|interpolate|soup [CONFIG] [key=value ...]`,
+`jaxft plot RUN_DIR...`."""
 import argparse
 import os
 import sys
@@ -17,7 +18,10 @@ def _parse(argv):
                       ("export", "write the best checkpoint as a model dir (LoRA merged)"),
                       ("bench", "time the config's train step: step time, throughput, FLOPs, MFU"),
                       ("generate", "continue a prompt with the run's best checkpoint (a causal LM), or with "
-                                   "model.name as loaded when the run has none")):
+                                   "model.name as loaded when the run has none"),
+                      ("interpolate", "WiSE-FT: evaluate (1 - alpha) * pretrained + alpha * fine-tuned weights, "
+                                      "plot the curve into the run dir"),
+                      ("soup", "uniform and greedy model soups of a train.seeds run's replicas")):
     p = sub.add_parser(name, help=help_)
     p.add_argument("args", nargs="*", help="an optional CONFIG.yaml first, then key=value overrides")
     if name == "train":
@@ -34,6 +38,11 @@ def _parse(argv):
       p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the best)")
     if name in ("export", "generate"):
       p.add_argument("--replica", type=int, default=None, help="train.seeds runs: which replica (0 .. N-1)")
+    if name == "interpolate":
+      p.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="comma-separated mixing weights of the "
+                     "fine-tuned weights (0: the pretrained backbone + probe head)")
+    if name == "soup":
+      p.add_argument("--out", default=None, help="also write the greedy soup as a model dir (like export)")
     if name == "generate":
       p.add_argument("--prompt", required=True, help="the text to continue")
       p.add_argument("--max-new-tokens", type=int, default=None, help="default generate.max_new_tokens")
@@ -44,7 +53,12 @@ def _parse(argv):
       p.add_argument("--length", type=int, default=None, help="tokens per example (default data.max_length)")
       p.add_argument("--data", choices=("synthetic", "real"), default="synthetic")
       p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+  p = sub.add_parser("plot", help="draw runs' loss, validation metric, LR, throughput, noise scale (one PNG)")
+  p.add_argument("run_dirs", nargs="+", help="run directories, overlaid")
+  p.add_argument("--out", default=None, help="the PNG (default: RUN_DIR/plot.png of the first)")
   args = parser.parse_args(argv)
+  if args.command == "plot":
+    return args, None
   config_path = None
   if args.args and "=" not in args.args[0]:
     config_path, args.args = args.args[0], args.args[1:]
@@ -60,6 +74,11 @@ def main(argv=None) -> int:
   from rich.console import Console
   console = Console(stderr=True)
   try:
+    if args.command == "plot":
+      from jaxft import plots
+      from pathlib import Path
+      print(plots.runs(args.run_dirs, args.out or Path(args.run_dirs[0]) / "plot.png"), flush=True)
+      return 0
     from jaxft.config import load_config
     overrides = tuple(args.args) + (("resume=false",) if getattr(args, "no_resume", False) else ())
     cfg = load_config(config_path, overrides)
@@ -96,6 +115,16 @@ def main(argv=None) -> int:
     elif args.command == "generate":
       from jaxft.generate import generate_text
       print(generate_text(cfg, args.prompt, args.max_new_tokens, args.chat, console.print, args.replica), flush=True)
+    elif args.command == "interpolate":
+      from jaxft.ensembles import interpolate
+      try:
+        alphas = [float(a) for a in args.alphas.split(",")]
+      except ValueError:
+        raise JaxftError(f"--alphas {args.alphas!r}: expected comma-separated numbers, e.g. 0,0.5,1") from None
+      interpolate(cfg, alphas, console.print)
+    elif args.command == "soup":
+      from jaxft.ensembles import soup
+      soup(cfg, args.out, console.print)
     elif args.command == "export":
       from jaxft.export import export
       export(cfg, args.out, args.step, console.print, args.replica)

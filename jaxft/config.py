@@ -100,6 +100,7 @@ class TrainConfig:
   on_nonfinite: str = "stop"  # a step with a nan / inf loss or gradient (its update is never applied):
   #                             stop (the run, naming the step) | skip_step (go on, counting them)
   seeds: Optional[int | list[int]] = None  # N: replicas of seeds seed .. seed + N - 1 (or a list of seeds)
+  replica_chunk: Optional[int] = None  # replicas per vmapped call (null: all on accelerators, 1 on CPU)
   #                                          trained side by side in one compiled step (replicas.py)
 
 
@@ -426,6 +427,8 @@ def validate(cfg: Config) -> None:
   seeds = cfg.train.seeds
   check(seeds is None or (seeds >= 1 if isinstance(seeds, int) else len(seeds) >= 1 and len(set(seeds)) == len(seeds)),
         f"config key 'train.seeds' must be a count >= 1 or a list of distinct seeds, got {seeds!r}")
+  check(cfg.train.replica_chunk is None or cfg.train.replica_chunk >= 1,
+        f"config key 'train.replica_chunk' must be >= 1 (or null), got {cfg.train.replica_chunk!r}")
   check(seeds is None or cfg.parallel.backend == "jit",
         "config key 'train.seeds' needs parallel.backend=jit (the replica axis is vmapped, not pmapped)")
   check(seeds is None or cfg.model.weights != "random",

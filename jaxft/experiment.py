@@ -12,7 +12,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from jaxft import lora, models, parallel, phases as phases_lib, replicas, rules, tasks
+from jaxft import lora, models, optim, parallel, phases as phases_lib, replicas, rules, tasks
 from jaxft.data import batching, sources
 from jaxft.checkpoint import RestoreError
 from jaxft.errors import JaxftError
@@ -51,14 +51,18 @@ class Experiment:
     """Phase k's pure train step (state, batch) -> (state, metrics); `cached`: on cached features."""
     phase = self.phases[k]
     apply = self.head_apply if cached else functools.partial(self.apply, frozen_bn=self.frozen_bn(k))
+    opt_metrics = None
+    if phase.cfg.optim.name in ("lars", "lamb"):  # their trust ratios, per layer group
+      groups = optim.trust_ratio_groups(self.state_shapes(k).params, self.conventions)
+      opt_metrics = functools.partial(optim.trust_ratio_metrics, groups=groups)
     step = make_train_step(apply, self.task.loss, phase.tx, phase.labels, phase.cfg.train.dropout, axis_name,
-                           self.micro_steps)
-    return replicas.vectorize_train(step, self.axes(k)) if self.seeds else step
+                           self.micro_steps, opt_metrics)
+    return replicas.vectorize_train(step, self.axes(k), replicas.chunk(self.cfg)) if self.seeds else step
 
   def state_shapes(self, k: int = 0) -> TrainState:
     """ShapeDtypeStructs of one run's (one replica's) train state in phase k."""
     return jax.eval_shape(lambda: init_state(self.init_params(self.cfg.seed), self.phases[k].tx, self.cfg.seed,
-                                             self.backbone.state))
+                                             self.backbone.state, self.micro_steps > 1))
 
   def axes(self, k: int = 0) -> TrainState:
     """The replica axis of each leaf of phase k's state (0, or None for shared params)."""
@@ -78,7 +82,7 @@ class Experiment:
 
   def initial_state(self, seed: int) -> TrainState:
     """Phase 0's initial train state for `seed` (its head, adapters and dropout key)."""
-    return init_state(self.init_params(seed), self.phases[0].tx, seed, self.backbone.state)
+    return init_state(self.init_params(seed), self.phases[0].tx, seed, self.backbone.state, self.micro_steps > 1)
 
   def train_batches(self, shards: int = 1, rows_of=lambda n: slice(None), seed: int | None = None
                     ) -> batching.TrainBatches:
@@ -194,13 +198,12 @@ def build(cfg, log=print) -> Experiment:
   seeds = replicas.seeds_of(cfg)
   for k, phase in enumerate(phases):
     phases_lib.check_cacheable(phase, task, phases[:k] if seeds else ())
-  state = init_state(params, phases[0].tx, cfg.seed, backbone.state)
   buckets = cfg.data.buckets or batching.derived_buckets(cfg.data.max_length)
-  exp = Experiment(cfg, backbone, task, splits, phases, state, apply, features, head_apply, buckets, best,
+  exp = Experiment(cfg, backbone, task, splits, phases, None, apply, features, head_apply, buckets, best,
                    best in task.lower_is_better, _packing(cfg.data.pack, task, backbone), init_params, seeds,
                    replicas.owned(phases))
+  exp.state = replicas.initial_state(exp, seeds) if seeds else exp.initial_state(cfg.seed)
   if seeds:
-    exp.state = replicas.initial_state(exp, seeds)
     shared = sum(x.size for p, x in rules.flat(exp.state.params).items() if p not in exp.own)
     log(f"train.seeds: {len(seeds)} replicas (seeds {', '.join(map(str, seeds))}) in one step; {shared:,} "
         "never-trained params held once for all")

@@ -6,7 +6,10 @@ scales, else optim.weight_decay). Leaves with equal (lr multiplier, weight decay
 optimizer; frozen leaves get optax.set_to_zero() and hold no state.
 """
 import re
+from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from jaxft import rules
@@ -60,15 +63,58 @@ def weight_decays(ocfg, params, conv):
   return rules.apply_rules(params, user + no_decay, default=ocfg.weight_decay, strict=False)
 
 
+class TrustRatioState(NamedTuple):
+  ratios: dict  # per param: the trust ratio of the last update
+
+
+def scale_by_trust_ratio(trust_coefficient: float = 1.0, eps: float = 0.0) -> optax.GradientTransformation:
+  """optax.scale_by_trust_ratio that keeps each param's ratio |w| / |u| in its state, to be logged."""
+  inner = optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient, eps=eps)
+
+  def init(params):
+    return TrustRatioState(jax.tree.map(lambda _: jnp.ones((), jnp.float32), params))
+
+  def update(updates, state, params):
+    scaled, _ = inner.update(updates, optax.EmptyState(), params)
+    ratio = lambda s, u: jnp.where(jnp.any(u != 0), optax.tree_utils.tree_norm(s) / jnp.maximum(  # noqa: E731
+        optax.tree_utils.tree_norm(u), 1e-30), 1.0).astype(jnp.float32)
+    return scaled, TrustRatioState(jax.tree.map(ratio, scaled, updates))
+
+  return optax.GradientTransformation(init, update)
+
+
+def trust_ratio_groups(params, conv) -> dict:
+  """{param path: its layer group (embeddings, layer_i, other)} for the trust-ratio metrics."""
+  n = rules.num_layers(params, conv)
+  name = lambda d: "embeddings" if d == 0 else (f"layer_{d - 1}" if d <= n else "other")  # noqa: E731
+  return {p: name(layer_depth(p, n, conv)) for p in rules.flat(params)}
+
+
+def trust_ratio_metrics(opt_state, groups: dict) -> dict:
+  """{`trust_ratio/<group>`: the mean LARS / LAMB trust ratio of the group's params} from an optimizer state
+  ({} for other optimizers)."""
+  found = {}
+  nodes = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=lambda x: isinstance(x, TrustRatioState))[0]
+  for _, node in nodes:
+    if isinstance(node, TrustRatioState):
+      for kp, r in jax.tree_util.tree_flatten_with_path(node.ratios)[0]:
+        path = "/".join(str(k.key) for k in kp if isinstance(k, jax.tree_util.DictKey))
+        found.setdefault(groups.get(path, "other"), []).append(r)
+  return {f"trust_ratio/{g}": jnp.mean(jnp.stack(rs)) for g, rs in sorted(found.items())}
+
+
 def base_optimizer(ocfg, lr, wd: float, trust_mask) -> optax.GradientTransformation:
   return {
       "adamw": lambda: optax.adamw(lr, ocfg.b1, ocfg.b2, ocfg.eps, weight_decay=wd),
       "adam": lambda: optax.adam(lr, ocfg.b1, ocfg.b2, ocfg.eps),
       "sgd": lambda: optax.chain(optax.add_decayed_weights(wd),
                                  optax.sgd(lr, momentum=ocfg.momentum or None, nesterov=ocfg.nesterov)),
-      "lars": lambda: optax.lars(lr, weight_decay=wd, trust_ratio_mask=trust_mask, momentum=ocfg.momentum,
-                                 nesterov=ocfg.nesterov),
-      "lamb": lambda: optax.lamb(lr, ocfg.b1, ocfg.b2, ocfg.eps, weight_decay=wd),
+      # optax.lars and optax.lamb, with trust ratios that the train step logs
+      "lars": lambda: optax.chain(optax.add_decayed_weights(wd), optax.masked(scale_by_trust_ratio(0.001), trust_mask),
+                                  optax.scale_by_learning_rate(lr),
+                                  optax.trace(decay=ocfg.momentum, nesterov=ocfg.nesterov)),
+      "lamb": lambda: optax.chain(optax.scale_by_adam(ocfg.b1, ocfg.b2, ocfg.eps), optax.add_decayed_weights(wd),
+                                  scale_by_trust_ratio(), optax.scale_by_learning_rate(lr)),
       "adafactor": lambda: optax.adafactor(lr, weight_decay_rate=wd or None),
       "lion": lambda: optax.lion(lr, ocfg.b1, ocfg.b2, weight_decay=wd),
   }[ocfg.name]()

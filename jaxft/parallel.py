@@ -88,7 +88,8 @@ def state_specs(state, pspecs):
 
   opt = jax.tree_util.tree_map_with_path(spec_of, state.opt_state)
   return state.replace(step=P(), params=pspecs, opt_state=opt, rng=P(),
-                       model_state=jax.tree.map(lambda _: P(), state.model_state), skipped=P(), first_skipped=P())
+                       model_state=jax.tree.map(lambda _: P(), state.model_state), skipped=P(), first_skipped=P(),
+                       noise=None if state.noise is None else P())
 
 
 class Parallel:

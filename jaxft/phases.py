@@ -86,7 +86,8 @@ def update_plateau(phase: Phase, record: RunRecord, val: dict, lower_is_better) 
 
 def carry_over(state, tx):
   """The state with `tx`'s fresh optimizer state, keeping every per-param leaf (same param, same
-  role, same shape) of the previous optimizer state."""
+  role, same shape) of the previous optimizer state. The gradient noise scale starts over: it is of
+  the phase's trainable params."""
   param_paths = rules.flat(state.params)
 
   def key(keypath):
@@ -101,7 +102,8 @@ def carry_over(state, tx):
     return prev if prev is not None and prev.shape == new.shape and prev.dtype == new.dtype else new
 
   opt_state = jax.tree_util.tree_map_with_path(take, tx.init(state.params))
-  return state.replace(opt_state=opt_state)
+  noise = None if state.noise is None else jax.numpy.zeros_like(state.noise)
+  return state.replace(opt_state=opt_state, noise=noise)
 
 
 def check_cacheable(phase: Phase, task, replicas_before=()) -> None:
@@ -119,6 +121,11 @@ def check_cacheable(phase: Phase, task, replicas_before=()) -> None:
   if other := _beyond_head(phase, task):
     raise JaxftError(f"phase '{phase.name}': train.cache_features trains the head only, but {other[0]} "
                      f"is trainable too (freeze it, e.g. train_only=[{task.head_regex}])")
+
+
+def is_probe(phase: Phase, task) -> bool:
+  """Whether the phase trains the task's head and nothing else (a linear probe)."""
+  return task.head_key is not None and not _beyond_head(phase, task)
 
 
 def _beyond_head(phase: Phase, task) -> list[str]:

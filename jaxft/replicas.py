@@ -29,6 +29,16 @@ def seeds_of(cfg) -> list[int]:
   return list(range(cfg.seed, cfg.seed + s)) if isinstance(s, int) else [int(x) for x in s]
 
 
+def chunk(cfg) -> int | None:
+  """Replicas per vmapped call of the train step (train.replica_chunk; null: all of them on an accelerator,
+  where one replica leaves it mostly idle, and one at a time on CPU, where a vmapped step is slower than a
+  loop of single ones: benchmarks/RESULTS.md)."""
+  n = cfg.train.replica_chunk
+  if n is None:
+    return 1 if jax.default_backend() == "cpu" else None
+  return None if n >= len(seeds_of(cfg)) else n
+
+
 def owned(phases) -> frozenset:
   """Param paths some phase trains: each replica has its own copy of these."""
   return frozenset(p for ph in phases for p, label in rules.flat(ph.labels).items() if label == "train")
@@ -73,9 +83,27 @@ def take(tree, r: int, own: frozenset | None = None):
   return rules.merge({p: (x[r] if p in own else x) for p, x in rules.flat(tree).items()})
 
 
-def vectorize_train(train_step, state_axes: TrainState):
-  """(replicated state, batches [R, ...]) -> (state, metrics [R]) of the per-replica step."""
-  return jax.vmap(train_step, in_axes=(state_axes, 0), out_axes=(state_axes, 0))
+def vectorize_train(train_step, state_axes: TrainState, chunk: int | None = None):
+  """(replicated state, batches [R, ...]) -> (state, metrics [R]) of the per-replica step: all replicas
+  vmapped at once (chunk None), or `chunk` at a time, vmapped, in a jax.lax.map loop inside the one step."""
+  if chunk is None:
+    return jax.vmap(train_step, in_axes=(state_axes, 0), out_axes=(state_axes, 0))
+
+  def step(state, batches):
+    leaves, tree = jax.tree.flatten(state)
+    mapped = [a is not None for a in tree.flatten_up_to(state_axes)]
+    rebuild = lambda own: tree.unflatten([next(own) if m else x for x, m in zip(leaves, mapped)])  # noqa: E731
+
+    def one(xs):  # one replica (or a chunk, vmapped by lax.map); shared leaves are closed over
+      own, batch = xs
+      new, metrics = train_step(rebuild(iter(own)), batch)
+      return [x for x, m in zip(tree.flatten_up_to(new), mapped) if m], metrics
+
+    own = [x for x, m in zip(leaves, mapped) if m]
+    new, metrics = jax.lax.map(one, (own, batches), batch_size=chunk if chunk > 1 else None)
+    return rebuild(iter(new)), metrics
+
+  return step
 
 
 def vectorize_eval(eval_step, state_axes: TrainState):

@@ -154,13 +154,16 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
         m = replicas.aggregate(replicas.unstack_tree(m, len(exp.seeds))) if exp.seeds else m
         m["skipped_steps"] = skipped
         dt = time.perf_counter() - t_window
-        m["examples_per_s"] = (step - window_start) * tcfg.batch_size / dt
+        m["examples_per_s"] = (step - window_start) * tcfg.batch_size * max(1, len(exp.seeds)) / dt  # all replicas
         m["step_ms"] = 1000 * dt / (step - window_start)
         m["lr"] = float(phase.lr(in_phase - 1))
         m["phase"], m["compiles"] = k, _compiles(train_step)
         writer.write(step, "train", m)
+        noise = f"  noise scale {m['noise_scale']:.0f}" if "noise_scale" in m else ""
         progress.update(bar, completed=step, info=f"{phase.name} loss {m['loss']:.4f}  "
-                        f"{m['examples_per_s']:.1f} ex/s")
+                        f"{m['examples_per_s']:.1f} ex/s{noise}")
+        if "noise_scale" in m:
+          last_noise[k] = (step, m)
         t_window, window_start = time.perf_counter(), step
       if is_eval or step % tcfg.checkpoint_every == 0:
         if is_eval:
@@ -184,15 +187,20 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
             "something in the step's inputs changes between steps")
     return state, step
 
+  last_noise = {}  # phase -> (step, metrics) of its last logged gradient noise scale
   with progress:
     bar = progress.add_task("train", total=exp.total_steps, completed=step, info="")
     for k in range(record.phase, len(exp.phases)):
       if k != record.phase:  # a new phase: new optimizer, per-param state carried over
         state = par.put_state(exp.carry_over(par.host_view(state), k), targets[k])
+        if k == 1 and phases_lib.is_probe(exp.phases[0], task):  # kept: jaxft interpolate starts there
+          record.probe_step = step
         record.phase, record.phase_start, record.plateau_best, record.plateau_bad = k, step, None, 0
       state, step = run_phase(k, state, step)
       progress.update(bar, total=step + sum(p.max_steps for p in exp.phases[k + 1:]))
 
+  for k, (at, m) in last_noise.items():
+    log(_noise_report(exp, k, at, m))
   if record.kept() != {step}:  # else the last checkpoint commits while the test pass runs
     ckpt.wait()
   state = restore_best(exp, ckpt, par, targets, record, state, step, lambda msg: _warn(log, msg))
@@ -211,6 +219,19 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
   if is_main:
     print("test " + exp.describe(test), flush=True)
   return test
+
+
+def _noise_report(exp, k: int, step: int, m: dict) -> str:
+  """The critical batch size that phase k's gradient noise scale implies (McCandlish et al. 2018: steps
+  S = S_min (1 + B_noise / B), examples E = E_min (1 + B / B_noise))."""
+  scale, batch = m["noise_scale"], exp.cfg.train.batch_size
+  examples = scale * batch / m["batch_weight"]  # weights (examples, or tokens) -> examples
+  ci = f" ± {m['noise_scale_ci'] * batch / m['batch_weight']:.0f}" if "noise_scale_ci" in m else ""
+  steps, data = 1 + examples / batch, 1 + batch / examples  # x the fewest steps / examples, at this batch
+  return (f"phase {exp.phases[k].name}: gradient noise scale B_simple {examples:.0f}{ci} examples (smoothed, at step "
+          f"{step}; {scale:.0f} in loss weights), the critical batch size it implies. Batch {batch} takes {steps:.2f}x "
+          f"the fewest steps and {data:.2f}x the fewest examples; batch {examples:.0f} would take {steps / 2:.2f}x fewer "
+          f"steps for {2 / data:.2f}x the examples")
 
 
 def _note_best(exp, record, val: dict, step: int) -> None:

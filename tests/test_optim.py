@@ -92,3 +92,31 @@ def test_groups_scale_each_leafs_update():
   for p, u in up.items():
     expected = 0.0 if p.startswith("bert/encoder/layer/0/") else -mult[p] * (1 + wd[p])
     np.testing.assert_allclose(u, expected, rtol=1e-6, err_msg=p)
+
+
+@pytest.mark.parametrize("name", ["lamb", "lars"])
+def test_lamb_and_lars_are_optax_s_and_log_trust_ratios_per_layer(tiny_cfg, name):
+  """jaxft's LAMB / LARS (optax's, with the trust ratio kept in the state) update as optax.lamb / optax.lars
+  do; the train step logs their mean trust ratio per layer group."""
+  import jax.numpy as jnp
+  import optax
+  cfg = load_config(None, (f"optim.name={name}", "optim.weight_decay=0.01"))
+  params = {"a": {"kernel": jnp.arange(6.0).reshape(2, 3) / 7, "bias": jnp.ones(3)}, "b": jnp.linspace(-1, 1, 4)}
+  grads = jax.tree.map(lambda x: jnp.cos(3 * x) + 0.1, params)
+  mask = {"a": {"kernel": True, "bias": False}, "b": True}
+  ours = optim.base_optimizer(cfg.optim, 1e-2, 0.01, mask)
+  theirs = (optax.lamb(1e-2, cfg.optim.b1, cfg.optim.b2, cfg.optim.eps, weight_decay=0.01) if name == "lamb" else
+            optax.lars(1e-2, weight_decay=0.01, trust_ratio_mask=mask, momentum=cfg.optim.momentum))
+  s1, s2 = ours.init(params), theirs.init(params)
+  for _ in range(3):
+    u1, s1 = ours.update(grads, s1, params)
+    u2, s2 = theirs.update(grads, s2, params)
+    for p, x in rules.flat(u2).items():
+      np.testing.assert_allclose(rules.flat(u1)[p], x, rtol=1e-6, err_msg=p)
+  exp = build(tiny_cfg(f"optim.name={name}", f"optim.lr={LR[name]}"), print)
+  batch = batching.bucketed(exp.splits["train"], exp.task.collate, 16, 1, 0, [32])[0]
+  _, m = jax.jit(exp.train_step(0))(exp.state, batch)
+  ratios = {k: float(v) for k, v in m.items() if k.startswith("trust_ratio/")}
+  n = rules.num_layers(exp.state.params, exp.conventions)
+  assert set(ratios) == {f"trust_ratio/layer_{i}" for i in range(n)} | {"trust_ratio/other", "trust_ratio/embeddings"}
+  assert all(np.isfinite(r) and r > 0 for r in ratios.values()) and len(set(ratios.values())) > 1, ratios

@@ -25,12 +25,13 @@ def single_losses(cfg, steps):
   return out
 
 
-@pytest.mark.parametrize("pack", [True, False])
-def test_replica_k_equals_the_single_run_with_seed_k(tiny_cfg, pack):
-  """20 steps, dropout on: packed rows (their counts differ between replicas) or length buckets."""
+@pytest.mark.parametrize("pack,chunk", [(True, "null"), (False, 2)])
+def test_replica_k_equals_the_single_run_with_seed_k(tiny_cfg, pack, chunk):
+  """20 steps, dropout on: packed rows (their counts differ between replicas) or length buckets; the replicas
+  one at a time in a loop inside the step (the CPU default) or vmapped together (train.replica_chunk=2)."""
   seeds, steps = [0, 3], 20
   extra = (f"data.pack={str(pack).lower()}", "train.epochs=3", "freeze_embeddings=true")
-  exp = build(tiny_cfg(*extra, f"train.seeds={seeds}"), **QUIET)
+  exp = build(tiny_cfg(*extra, f"train.seeds={seeds}", f"train.replica_chunk={chunk}"), **QUIET)
   step, state = jax.jit(exp.train_step(0)), exp.state
   feed = replicas.Batches([exp.train_batches(seed=s) for s in seeds])
   losses = []

@@ -1,0 +1,89 @@
+"""PNG plots (matplotlib, the `plot` extra): `jaxft plot RUN_DIR...` draws runs' metrics.jsonl against
+steps, overlaid; `jaxft interpolate` draws its WiSE-FT curve. A seed-vectorised run's curves are the
+replicas' mean, with their 95% confidence band."""
+import json
+from pathlib import Path
+
+import yaml
+
+from jaxft.errors import JaxftError
+
+PANELS = (("train", "loss", "train loss"), ("validation", None, "validation {metric}"),
+          ("train", "lr", "learning rate"), ("train", "examples_per_s", "throughput (examples / s)"),
+          ("train", "noise_scale", "gradient noise scale (loss weights)"))
+
+
+def _pyplot():
+  try:
+    import matplotlib
+  except ImportError:
+    raise JaxftError("plots need matplotlib: pip install 'jaxft[plot]'") from None
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def read_run(run_dir) -> tuple[list[dict], str]:
+  """(the rows of RUN_DIR/metrics.jsonl, its validation metric: train.best_metric or the task's)."""
+  path = Path(run_dir) / "metrics.jsonl"
+  if not path.is_file():
+    raise JaxftError(f"{path} does not exist: not a run directory (jaxft train writes it)")
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) if (Path(run_dir) / "config.yaml").is_file() else {}
+  metric = (cfg.get("train") or {}).get("best_metric")
+  if metric is None:
+    from jaxft import tasks
+    metric = tasks.get((cfg.get("model") or {}).get("task", "sequence_classification")).best_metric
+  return rows, metric
+
+
+def _curve(ax, rows, key, label):
+  pts = [(r["step"], r[key], r.get(f"{key}_ci")) for r in rows if isinstance(r.get(key), (int, float))]
+  if not pts:
+    return False
+  steps, values, ci = zip(*pts)
+  line, = ax.plot(steps, values, label=label, marker="o" if len(pts) < 20 else None, markersize=3)
+  if all(c is not None and c == c for c in ci):  # a seed-vectorised run: mean ± 95% CI
+    ax.fill_between(steps, [v - c for v, c in zip(values, ci)], [v + c for v, c in zip(values, ci)],
+                    color=line.get_color(), alpha=0.2, linewidth=0)
+  return True
+
+
+def runs(run_dirs: list, out) -> Path:
+  """One PNG of the runs' train loss, validation metric, LR, throughput and (if logged) noise scale."""
+  plt = _pyplot()
+  data = [(str(d), *read_run(d)) for d in run_dirs]
+  metric = data[0][2]
+  panels = [p for p in PANELS if p[1] != "noise_scale" or any("noise_scale" in r for _, rows, _ in data for r in rows)]
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+  for ax, (split, key, title) in zip(axes[0], panels):
+    for name, rows, m in data:
+      _curve(ax, [r for r in rows if r.get("split") == split], key or m, name)
+    ax.set_title(title.format(metric=metric))
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  axes[0][0].legend(fontsize=8)
+  return _save(fig, plt, out)
+
+
+def interpolation(rows: list[dict], metric: str, out, title: str = "") -> Path:
+  """The WiSE-FT curve: `metric` against alpha, for validation and test."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(5, 3.8))
+  for split in ("validation", "test"):
+    pts = [{"step": r["alpha"], **r} for r in rows if r["split"] == split]
+    _curve(ax, pts, metric, split)
+  ax.set_xlabel("alpha (0: pretrained + probe head, 1: fine-tuned)")
+  ax.set_ylabel(metric)
+  ax.set_title(title, fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  return _save(fig, plt, out)
+
+
+def _save(fig, plt, out) -> Path:
+  out = Path(out)
+  fig.tight_layout()
+  fig.savefig(out, dpi=110)
+  plt.close(fig)
+  return out
