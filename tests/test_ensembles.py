@@ -76,13 +76,22 @@ def test_soups_of_the_replicas(lp_ft, tmp_path):
     soup(lp_ft, tmp_path / "soup", QUIET)
 
 
-def test_soup_needs_replicas(tiny_cfg):
-  from jaxft.ensembles import soup
+@pytest.fixture(scope="module")
+def accumulated(tiny_bert, tiny_data, tmp_path_factory):
+  """The config of a finished single run with gradient accumulation (4 micro-batches of 4)."""
+  from conftest import tiny_overrides
+  from jaxft.config import load_config
   from jaxft.train import train
-  cfg = tiny_cfg("train.epochs=1")
+  cfg = load_config(None, tiny_overrides(tiny_bert, tiny_data, tmp_path_factory.mktemp("accum") / "run")
+                    + ("train.micro_batch_size=4", "train.epochs=1"))
   train(cfg)
+  return cfg
+
+
+def test_soup_needs_replicas(accumulated):
+  from jaxft.ensembles import soup
   with pytest.raises(JaxftError, match="single run"):
-    soup(cfg, None, QUIET)
+    soup(accumulated, None, QUIET)
 
 
 def test_theta_zero_turns_lora_adapters_off(tiny_cfg):
@@ -101,12 +110,14 @@ def test_theta_zero_turns_lora_adapters_off(tiny_cfg):
       np.testing.assert_array_equal(start[p], flat[p])  # the backbone as loaded
 
 
-def test_plot_draws_runs_overlaid(lp_ft, tiny_cfg, tmp_path):
+def test_accumulated_runs_log_the_noise_scale(accumulated):
+  train_rows = [json.loads(line) for line in open(Path(accumulated.run_dir) / "metrics.jsonl") if '"train"' in line]
+  assert train_rows and all(np.isfinite(r["noise_scale"]) for r in train_rows)
+
+
+def test_plot_draws_runs_overlaid(lp_ft, accumulated, tmp_path):
   from conftest import jaxft
-  other = tiny_cfg("train.micro_batch_size=4", "train.epochs=1")
-  from jaxft.train import train
-  train(other)
-  out = jaxft("plot", lp_ft.run_dir, other.run_dir, "--out", str(tmp_path / "runs.png"))
+  out = jaxft("plot", lp_ft.run_dir, accumulated.run_dir, "--out", str(tmp_path / "runs.png"))
   assert out.returncode == 0, out.stderr
   assert (tmp_path / "runs.png").stat().st_size > 20_000
   bad = jaxft("plot", str(tmp_path / "nothing"))
