@@ -27,7 +27,7 @@ class TrainState:
   model_state: Any = dataclasses.field(default_factory=dict)  # mutable model state (BatchNorm statistics)
   skipped: jax.Array = None  # how many steps had a non-finite loss or gradient (their update skipped)
   first_skipped: jax.Array = None  # the first such step, -1 if none
-  noise: jax.Array = None  # accumulation only: EMA sums [|G|^2, tr(Sigma), their weight] (noise_scale)
+  noise: jax.Array = None  # accumulation only: [EMA sums of |G|^2, tr(Sigma), their weight; phase sums of the same]
 
 
 NOISE_EMA = 0.95  # per-step decay of the gradient noise scale's running estimates
@@ -38,7 +38,7 @@ def init_state(params, tx, seed: int, model_state=None, noise: bool = False) -> 
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=jax.random.PRNGKey(seed), model_state=model_state or {},
                     skipped=jnp.zeros((), jnp.int32), first_skipped=jnp.full((), -1, jnp.int32),
-                    noise=jnp.zeros((3,), jnp.float32) if noise else None)
+                    noise=jnp.zeros((6,), jnp.float32) if noise else None)
 
 
 def noise_estimates(small_sq, b, big_sq, B):
@@ -137,18 +137,21 @@ def make_train_step(apply: Callable, loss: Callable, tx: optax.GradientTransform
 
 
 def _noise_update(ema, small, grads, batch, axis_name):
-  """(new EMA sums, metrics) of the gradient noise scale: this step's (|G|^2, tr(Sigma)) from the micro-batch
-  gradients (small: sum of |g_i|^2, of w_i, count) against the whole batch's gradient `grads`."""
+  """(new noise state, metrics) of the gradient noise scale: this step's (|G|^2, tr(Sigma)) from the micro-batch
+  gradients (small: sum of |g_i|^2, of w_i, count) against the whole batch's gradient `grads`, into an EMA
+  (`noise_scale`) and the phase's sums (`noise_scale_phase`: their ratio over every step so far)."""
   big_weight = jnp.sum(batch["weights"])
   if axis_name:
     big_weight = jax.lax.psum(big_weight, axis_name)
   small_sq, b = small[0] / jnp.maximum(small[2], 1), small[1] / jnp.maximum(small[2], 1)
   g2, trace = noise_estimates(small_sq, b, optax.tree_utils.tree_norm(grads, squared=True), big_weight)
   ok = (small[2] > 1) & (big_weight > b)  # two or more micro-batches that weigh anything
-  ema = jnp.where(ok, NOISE_EMA * ema + (1 - NOISE_EMA) * jnp.stack([g2, trace, 1.0]), ema)
+  now = jnp.stack([g2, trace, 1.0])
+  ema = jnp.where(ok, jnp.concatenate([NOISE_EMA * ema[:3] + (1 - NOISE_EMA) * now, ema[3:] + now]), ema)
   g2_s, trace_s = ema[0] / jnp.maximum(ema[2], 1e-12), ema[1] / jnp.maximum(ema[2], 1e-12)
+  # late in a run |G|^2 can fall within its noise (the EMA's estimate <= 0): the phase's sums still resolve it
   return ema, {"noise_scale": trace_s / g2_s, "noise_grad_sq": g2_s, "noise_trace": trace_s,
-               "batch_weight": big_weight}
+               "noise_scale_phase": ema[4] / ema[3], "batch_weight": big_weight}
 
 
 def make_eval_step(apply: Callable, task, axis_name: str | None = None):

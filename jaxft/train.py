@@ -223,15 +223,21 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
 
 def _noise_report(exp, k: int, step: int, m: dict) -> str:
   """The critical batch size that phase k's gradient noise scale implies (McCandlish et al. 2018: steps
-  S = S_min (1 + B_noise / B), examples E = E_min (1 + B / B_noise))."""
-  scale, batch = m["noise_scale"], exp.cfg.train.batch_size
-  examples = scale * batch / m["batch_weight"]  # weights (examples, or tokens) -> examples
-  ci = f" ± {m['noise_scale_ci'] * batch / m['batch_weight']:.0f}" if "noise_scale_ci" in m else ""
+  S = S_min (1 + B_noise / B), examples E = E_min (1 + B / B_noise)), from the phase's sums of |G|^2 and
+  tr(Sigma) (the EMA's last value can be unresolved: |G|^2 within its noise near convergence)."""
+  scale, batch = m["noise_scale_phase"], exp.cfg.train.batch_size
+  per_example = batch / m["batch_weight"]  # loss weights (examples, or tokens) -> examples
+  name, ema = exp.phases[k].name, m["noise_scale"] * per_example
+  if not scale > 0:
+    return (f"phase {name}: gradient noise scale unresolved (|G|^2 estimated <= 0 over the phase: the gradient's "
+            f"signal is within its noise at batch {batch}; try more micro-batches)")
+  examples = scale * per_example
+  ci = f" ± {m['noise_scale_phase_ci'] * per_example:.0f}" if "noise_scale_phase_ci" in m else ""
   steps, data = 1 + examples / batch, 1 + batch / examples  # x the fewest steps / examples, at this batch
-  return (f"phase {exp.phases[k].name}: gradient noise scale B_simple {examples:.0f}{ci} examples (smoothed, at step "
-          f"{step}; {scale:.0f} in loss weights), the critical batch size it implies. Batch {batch} takes {steps:.2f}x "
-          f"the fewest steps and {data:.2f}x the fewest examples; batch {examples:.0f} would take {steps / 2:.2f}x fewer "
-          f"steps for {2 / data:.2f}x the examples")
+  return (f"phase {name}: gradient noise scale B_simple {examples:.0f}{ci} examples over its steps to {step} "
+          f"({scale:.0f} in loss weights; the last EMA {ema:.0f}), the critical batch size it implies. "
+          f"Batch {batch} takes {steps:.2f}x the fewest steps and {data:.2f}x the fewest examples; batch {examples:.0f} "
+          f"would take {steps / 2:.2f}x fewer steps for {2 / data:.2f}x the examples")
 
 
 def _note_best(exp, record, val: dict, step: int) -> None:

@@ -112,7 +112,7 @@ def test_theta_zero_turns_lora_adapters_off(tiny_cfg):
 
 def test_accumulated_runs_log_the_noise_scale(accumulated):
   train_rows = [json.loads(line) for line in open(Path(accumulated.run_dir) / "metrics.jsonl") if '"train"' in line]
-  assert train_rows and all(np.isfinite(r["noise_scale"]) for r in train_rows)
+  assert train_rows and all(np.isfinite(r["noise_scale"]) and np.isfinite(r["noise_scale_phase"]) for r in train_rows)
 
 
 def test_plot_draws_runs_overlaid(lp_ft, accumulated, tmp_path):
@@ -158,4 +158,5 @@ def test_an_accumulated_step_measures_the_noise_scale(tiny_cfg):
   g2, trace = noise_estimates(np.mean(norms), np.mean(weights), big, sum(weights))
   np.testing.assert_allclose(float(m["noise_scale"]), trace / g2, rtol=1e-3)
   np.testing.assert_allclose(float(m["noise_grad_sq"]), g2, rtol=1e-3)
-  assert state.noise.shape == (3,) and abs(float(state.noise[2]) - (1 - NOISE_EMA)) < 1e-6
+  assert state.noise.shape == (6,) and abs(float(state.noise[2]) - (1 - NOISE_EMA)) < 1e-6
+  np.testing.assert_allclose(float(m["noise_scale_phase"]), trace / g2, rtol=1e-3)  # one step: the same
