@@ -185,16 +185,16 @@ def test_sft_run_learns_generates_and_exports_with_lora(tiny_llama, sft_data, tm
 def test_fsdp_x_tp_on_8_devices_matches_one(tiny_llama, sft_data, tmp_path_factory):
   """The Llama TP rules (column-parallel q/k/v, gate, up; row-parallel o, down; vocab-sharded embeddings)
   with FSDP on top: the same losses as one device, packed and unpacked."""
-  from test_parallel import assert_close, run_devices
+  from test_parallel import assert_close, side_by_side
   root = tmp_path_factory.mktemp("lm_multidevice")
   shutil.copytree(tiny_llama["untied"], root / "tiny_llama")
   shutil.copytree(sft_data, root / "sft_data")
   common = ",".join(o for o in lm_overrides(root / "tiny_llama", root / "sft_data", "x") if not o.startswith("run_dir"))
   common += ",data.buckets=null,train.epochs=1,train.log_every=1,generate.eval_examples=4"
-  one = run_devices(1, root, {"ref": "", "ref_unpacked": "data.pack=false"}, common)
-  eight = run_devices(8, root, {"fsdp_tp": "parallel.mesh.data=1,parallel.mesh.fsdp=4,parallel.mesh.tensor=2",
-                                "dp_tp_unpacked": "parallel.mesh.data=4,parallel.mesh.tensor=2,data.pack=false"},
-                      common)
+  one, eight = side_by_side(root, [
+    (1, {"ref": "", "ref_unpacked": "data.pack=false"}),
+    (8, {"fsdp_tp": "parallel.mesh.data=1,parallel.mesh.fsdp=4,parallel.mesh.tensor=2",
+         "dp_tp_unpacked": "parallel.mesh.data=4,parallel.mesh.tensor=2,data.pack=false"})], common)
   assert len(one["ref"]) >= 10
   assert_close(eight["fsdp_tp"], one["ref"], "fsdp_tp")
   assert_close(eight["dp_tp_unpacked"], one["ref_unpacked"], "dp_tp_unpacked")

@@ -167,7 +167,7 @@ def test_bench_counts_convolution_flops(vision, tmp_path):
 def test_data_parallel_and_fsdp_on_8_devices_match_one(vision, tmp_path):
   """jit + NamedSharding: BatchNorm's batch statistics are over the global batch, so 8 devices equal 1.
   (pmap normalises with each device's own rows, as flax's imagenet example, then averages the statistics.)"""
-  from test_parallel import assert_close, run_devices
+  from test_parallel import assert_close, side_by_side
   data = vision / "images"
   common = ",".join((f"model.name={vision / 'cnn'}", "model.task=image_classification", "model.image_size=32",
                      "data.name=image_folder", *(f"data.{s}={data / s}" for s in ("train", "validation", "test")),
@@ -178,9 +178,9 @@ def test_data_parallel_and_fsdp_on_8_devices_match_one(vision, tmp_path):
                      # (2.6e-3 against 1e-4, relative to float64). And gentle steps: at batch 8 the network is
                      # chaotic, and at the usual LRs float rounding alone grows to 1e-1 within 3 steps.
                      "freeze_bottom_layers=4", "freeze_embeddings=null", "optim.name=sgd", "optim.lr=0.005"))
-  one = run_devices(1, tmp_path, {"ref": ""}, common)
-  eight = run_devices(8, tmp_path, {"dp": "parallel.mesh.data=8", "fsdp": "parallel.mesh.data=1,parallel.mesh.fsdp=8"},
-                      common)
+  one, eight = side_by_side(tmp_path, [
+    (1, {"ref": ""}), (8, {"dp": "parallel.mesh.data=8", "fsdp": "parallel.mesh.data=1,parallel.mesh.fsdp=8"})],
+    common)
   assert len(one["ref"]) == 6
   # 1e-3, not the text tests' 1e-5: the first step agrees to 3e-6, but rounding grows through 6 steps of this
   # network, by 1.8e-4 on an AVX-512 CPU (its reductions run in another order than on AVX2 ones).

@@ -41,6 +41,16 @@ def run_devices(n, root, runs: dict, common=COMMON) -> dict:
   return finish([start(n, root, runs, common)])
 
 
+def side_by_side(root, jobs, common=COMMON) -> list:
+  """[(n devices, runs), ...] run as drivers at once (a 1-device one leaves a core mostly idle): results."""
+  procs = [start(n, root, runs, common) for n, runs in jobs]
+  try:
+    return [finish([p]) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()  # the others, when one failed
+
+
 def assert_close(losses, ref, name, tol=1e-5):
   rel = np.max(np.abs(np.array(losses) - np.array(ref)) / np.abs(np.array(ref)))
   print(f"{name}: max rel diff {rel:.2e}")
@@ -66,10 +76,10 @@ PHASES = "phases=[{name: head, train_only: [classifier/.*], steps: 3}, {name: to
 
 def test_every_strategy_matches_one_device(workdir):
   ner = NER.format(root=workdir)
-  one = run_devices(1, workdir, {"ref": "", "ref_nodrop": "train.dropout=false", "lora": LORA, "phases": PHASES,
-                                 "ner": ner, "ner_nodrop": f"{ner},train.dropout=false"})
-  assert len(one["ref"]) == 10
-  eight = run_devices(8, workdir, {
+  one, eight = side_by_side(workdir, [
+    (1, {"ref": "", "ref_nodrop": "train.dropout=false", "lora": LORA, "phases": PHASES,
+         "ner": ner, "ner_nodrop": f"{ner},train.dropout=false"}),
+    (8, {
       "dp": "parallel.mesh.data=8",
       "fsdp": "parallel.mesh.data=1,parallel.mesh.fsdp=8",
       "tp": "parallel.mesh.data=1,parallel.mesh.tensor=8",
@@ -83,7 +93,8 @@ def test_every_strategy_matches_one_device(workdir):
       # per-token outputs gathered from every device for the host-side entity metrics
       "ner_fsdp": f"parallel.mesh.data=1,parallel.mesh.fsdp=8,{ner}",
       "ner_pmap": f"parallel.backend=pmap,{ner},train.dropout=false",
-  })
+    })])
+  assert len(one["ref"]) == 10
   ref = {"pmap": "ref_nodrop", "lora_dp_tp": "lora", "phases_fsdp_tp": "phases", "ner_fsdp": "ner",
          "ner_pmap": "ner_nodrop"}
   for name, losses in eight.items():
@@ -112,9 +123,9 @@ def test_fsdp_checkpoint_resumes_on_other_meshes(workdir):
   assert len(ref) == 20
   restart_copy(workdir, "fsdp8", "on1")
   restart_copy(workdir, "fsdp8", "on4")
-  assert_close(run_devices(1, workdir, {"on1": ""}, RESUME)["on1"], ref[10:], "resumed on 1 device")
-  assert_close(run_devices(4, workdir, {"on4": "parallel.mesh.data=4"}, RESUME)["on4"], ref[10:],
-               "resumed on 4-device DP")
+  on1, on4 = side_by_side(workdir, [(1, {"on1": ""}), (4, {"on4": "parallel.mesh.data=4"})], RESUME)
+  assert_close(on1["on1"], ref[10:], "resumed on 1 device")
+  assert_close(on4["on4"], ref[10:], "resumed on 4-device DP")
 
 
 def test_two_processes_fsdp_then_single_process_resume(workdir):
