@@ -15,7 +15,10 @@ COMMON = "train.epochs=0.625,train.log_every=1,freeze_embeddings=true,freeze_bot
 
 
 def start(n, root, runs: dict, common=COMMON, env=None):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", **(env or {}))
+  # fake devices are threads sharing 2 cores: on a loaded machine a collective can wait for its slowest
+  # participant longer than XLA's default 40 s before it aborts the process
+  flags = f"--xla_force_host_platform_device_count={n} --xla_cpu_collective_call_terminate_timeout_seconds=600"
+  env = dict(os.environ, XLA_FLAGS=flags, **(env or {}))
   args = [f"{k}={common},{v}" for k, v in runs.items()]
   return subprocess.Popen([sys.executable, str(HERE / "multidevice_run.py"), str(root), *args], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
