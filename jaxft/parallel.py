@@ -34,8 +34,11 @@ def initialize(pcfg) -> None:
     jax.distributed.initialize()
 
 
-def make_mesh(mcfg) -> jax.sharding.Mesh:
-  n = jax.device_count()
+def make_mesh(mcfg, devices=None, slices: int = 1) -> jax.sharding.Mesh:
+  """The (data, fsdp, tensor) mesh over `devices` (default: all); with `slices` > 1 (TPU slices joined by
+  the data-centre network), the data axis spans the slices and the rest stays inside each slice."""
+  devices = jax.devices() if devices is None else devices
+  n = len(devices)
   sizes = {"data": mcfg.data, "fsdp": mcfg.fsdp, "tensor": mcfg.tensor}
   free = [a for a, s in sizes.items() if s == -1]
   known = int(np.prod([s for s in sizes.values() if s != -1]))
@@ -46,8 +49,16 @@ def make_mesh(mcfg) -> jax.sharding.Mesh:
   if free and n % known or not free and known != n:
     need = f"a multiple of {known}" if free else f"{known}"
     raise JaxftError(f"parallel.mesh {sizes} needs {need} devices; there are {n}")
-  return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+  auto = (jax.sharding.AxisType.Auto,) * len(AXES)
+  if slices == 1:
+    return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, axis_types=auto, devices=devices)
+  if sizes["data"] % slices:
+    raise JaxftError(f"parallel.mesh.data={sizes['data']} must be a multiple of the {slices} slices: data "
+                     "parallelism spans the slices")
+  from jax.experimental import mesh_utils
+  ici = (sizes["data"] // slices, sizes["fsdp"], sizes["tensor"])
+  grid = mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1), devices)
+  return jax.sharding.Mesh(grid, AXES, axis_types=auto)
 
 
 def _fit(spec, shape, mesh, path) -> P:
@@ -184,6 +195,6 @@ def shards(spec, mesh) -> int:
 
 
 def describe(mesh) -> str:
-  return (f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
+  return (f"mesh {dict(mesh.shape)} over {mesh.devices.size} {mesh.devices.flat[0].platform} devices, "
           f"{jax.process_count()} process(es)")
 

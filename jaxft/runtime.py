@@ -1,4 +1,4 @@
-"""Process-wide settings for speed, applied by the `jaxft` command before jax starts its threads.
+"""Process-wide settings, applied by the `jaxft` command before jax starts its threads.
 
 glibc's malloc serves large allocations (always those over 32 MiB) with mmap and gives them back with
 munmap when they are freed. XLA's CPU runtime allocates each step's outputs and temporaries afresh, so every step touched
@@ -7,8 +7,13 @@ kernel), 13% of the step's time (benchmarks/NOTES.md, row 12). `tune_malloc` kee
 heap for reuse (one arena, no mmap, no trimming): the same step then faults 0 pages. The cost is that
 the process keeps its peak heap until it exits, which a training process does anyway.
 """
+import contextlib
 import ctypes
 import ctypes.util
+import glob
+import importlib.util
+import os
+import pkgutil
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
@@ -24,3 +29,51 @@ def tune_malloc() -> bool:
     return False
   return all(libc.mallopt(option, value) == 1 for option, value in
              ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2 ** 31 - 1)))
+
+
+# libtpu's settings for its compile-only use (jaxft plan) on a machine that is not a TPU VM: no metadata
+# queries, no init warnings (the accelerator type only quiets one: compile-only topologies name theirs), and no
+# machine-wide lock (/tmp/libtpu_lockfile), which only guards a real TPU against two processes.
+LIBTPU_QUIET = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost", "TPU_ACCELERATOR_TYPE": "v5litepod-4",
+                "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+
+
+def tpu_present() -> bool:
+  """Whether this machine has TPU chips: Google's PCI vendor id (as jax checks it), or /dev/accel* (v2 / v3)."""
+  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+    try:
+      if open(vendor).read().strip() == "0x1ae0":
+        return True
+    except OSError:
+      continue
+  return bool(glob.glob("/dev/accel*"))
+
+
+def quiet_absent_tpu() -> bool:
+  """With libtpu installed on a machine without a TPU, every jax start would try the TPU and print libtpu's
+  init errors. There, unless JAX_PLATFORMS is set, jax skips the TPU (keeping a GPU where a GPU plugin is
+  installed). On a TPU host nothing changes. Call it before jax starts; True where applied."""
+  if importlib.util.find_spec("libtpu") is None or tpu_present():
+    return False
+  plugins = {m.name for m in pkgutil.iter_modules()}
+  gpus = [p for p in ("cuda", "rocm") if any(name.startswith(f"jax_{p}") for name in plugins)]
+  os.environ.setdefault("JAX_PLATFORMS", ",".join(gpus + ["cpu"]))
+  return True
+
+
+@contextlib.contextmanager
+def libtpu_compile_only():
+  """Around libtpu's first load for compile-only topologies, on a machine without a TPU: its quiet settings
+  (restored after: TPU_WORKER_HOSTNAMES would otherwise look like a TPU pod to jax.distributed)."""
+  saved = {key: os.environ.get(key) for key in LIBTPU_QUIET}
+  if not tpu_present():
+    for key, value in LIBTPU_QUIET.items():
+      os.environ.setdefault(key, value)
+  try:
+    yield
+  finally:
+    for key, value in saved.items():
+      if value is None:
+        os.environ.pop(key, None)
+      else:
+        os.environ[key] = value

@@ -83,9 +83,14 @@ class TrainBatches:
     batches = perm.reshape(self.steps_per_epoch, self.batch_size)
     return batches[rng.permutation(self.steps_per_epoch)]
 
-  def __getitem__(self, i: int):
+  def indices(self, i: int) -> np.ndarray:
+    """The examples of global batch i."""
     epoch, pos = divmod(int(i), self.steps_per_epoch)
-    batch = self.make_batch(self.data, self.epoch_plan(epoch)[pos], epoch=epoch, seed=self.seed)
+    return self.epoch_plan(epoch)[pos]
+
+  def __getitem__(self, i: int):
+    epoch = int(i) // self.steps_per_epoch
+    batch = self.make_batch(self.data, self.indices(i), epoch=epoch, seed=self.seed)
     rows = self.rows_of(len(batch["index"]))
     return {k: v[rows] for k, v in batch.items()}  # this host's rows of the global batch
 

@@ -4,7 +4,7 @@ Families transformers has no class for read their own checkpoints: one line in O
 from jaxft import assets
 from jaxft.errors import JaxftError
 from jaxft.models import bert, efficientnet, hf_checkpoint, hf_flax, llama
-from jaxft.models.base import Backbone, max_positions
+from jaxft.models.base import Backbone, max_positions, tokenizer_path
 
 FAMILIES = {"bert": bert}  # model_type -> provider module with supports(config), load(ckpt, mcfg, ...), CONVENTIONS
 # Provider modules that read their checkpoints themselves: claims(path, impl), max_length(path),
@@ -52,7 +52,7 @@ def load(mcfg, seed: int, compute_dtype: str = "float32", pooler: bool = False, 
   if mcfg.impl == "jaxft" and not native:
     raise JaxftError(f"model.impl=jaxft: no jaxft implementation of {config.model_type!r} models "
                      f"({path}); use model.impl=transformers")
-  ckpt = hf_checkpoint.load(path, config, pooler, seed, compute_dtype, random=mcfg.weights == "random")
+  ckpt = hf_checkpoint.load(path, config, pooler, seed, compute_dtype, mcfg.weights, tokenizer_path(mcfg, path))
   provider = family if native else hf_flax
   backbone = provider.load(ckpt, mcfg, compute_dtype, pooler)
   log(f"loaded {config.model_type} from {path} ({'jaxft' if native else 'transformers'} module): {ckpt.report}")

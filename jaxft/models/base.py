@@ -69,6 +69,12 @@ class ImageProcessor:
   std: tuple
 
 
+def tokenizer_path(mcfg, weights_path):
+  """Where the tokenizer is read from: model.tokenizer, else beside the weights."""
+  from jaxft import assets
+  return assets.resolve(mcfg.tokenizer) if mcfg.tokenizer else weights_path
+
+
 def max_positions(config) -> int | None:
   """The longest input a family's config has position embeddings for (None: not bounded by a table)."""
   return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)

@@ -235,14 +235,19 @@ def max_length(path: Path) -> None:
   return None
 
 
+def _variant(path: Path) -> str:
+  """The variant a saved directory's config.json names."""
+  variant = json.loads((path / "config.json").read_text()).get("variant")
+  if variant not in VARIANTS:
+    raise JaxftError(f"{path / 'config.json'}: 'variant' is {variant!r}; known: {', '.join(VARIANTS)}")
+  return variant
+
+
 def read(path: Path) -> tuple[dict, str]:
   """(state dict, variant) of a weights file or a saved directory."""
   if path.is_dir():
-    variant = json.loads((path / "config.json").read_text()).get("variant")
-    if variant not in VARIANTS:
-      raise JaxftError(f"{path / 'config.json'}: 'variant' is {variant!r}; known: {', '.join(VARIANTS)}")
     weights, _ = formats.read(path / "model.safetensors")
-    return weights, variant
+    return weights, _variant(path)
   weights, _ = formats.read(path)
   if "_conv_stem.weight" not in weights:
     raise JaxftError(f"{path}: not an EfficientNet-Lite state dict (no '_conv_stem.weight'; keys like "
@@ -253,9 +258,9 @@ def read(path: Path) -> tuple[dict, str]:
     raise JaxftError(f"{path}: {e}") from None
 
 
-def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0) -> tuple[Backbone, str]:
-  """(the Backbone, a one-line report) from the checkpoint at `path`; model.image_size sets the resolution,
-  model.weights=random keeps only its architecture (flax's initialisers, seeded; statistics 0 / 1)."""
+def _pretrained(path: Path, mcfg, seed: int):
+  """(params, batch_stats, variant, unused checkpoint keys) of the weights at `path` (model.weights=random:
+  flax's initialisers, seeded; statistics 0 / 1)."""
   weights, variant = read(path)
   expected = {name for _, n, kind in _layout(variant)
               for name in ([f"{n}.weight"] if kind == "conv" else
@@ -273,6 +278,19 @@ def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0) -> tup
     raise JaxftError(f"{path}: '_conv_stem.weight' has shape {tuple(weights['_conv_stem.weight'].shape)}, "
                      f"expected (32, 3, 3, 3) (an RGB stem)")
   unused = sorted({k.rsplit(".", 1)[0] for k in weights} - {k.rsplit(".", 1)[0] for k in expected})
+  return params, stats, variant, unused
+
+
+def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0) -> tuple[Backbone, str]:
+  """(the Backbone, a one-line report) from the checkpoint at `path`; model.image_size sets the resolution,
+  model.weights=random keeps only its architecture (flax's initialisers, seeded; statistics 0 / 1)."""
+  if mcfg.weights == "shapes":  # the architecture only: a saved directory's variant, no weights read
+    variant = _variant(path) if path.is_dir() else read(path)[1]
+    init = EfficientNetLite(variant).init
+    fresh = jax.eval_shape(init, jax.random.PRNGKey(seed), jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+    params, stats, unused = fresh["params"], fresh["batch_stats"], []
+  else:
+    params, stats, variant, unused = _pretrained(path, mcfg, seed)
   width, depth, resolution, dropout = VARIANTS[variant]
   size = mcfg.image_size or resolution
   module = EfficientNetLite(variant, 0.2, jnp.dtype(compute_dtype))
@@ -302,5 +320,6 @@ def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0) -> tup
                       batch_norm=batchnorm_paths(stats), forward_flops=forward_flops(variant, size))
   report = (f"{path.name} ({variant}, {size}x{size} inputs); " +
             ("model.weights=random: every param newly initialised" if mcfg.weights == "random" else
+             "model.weights=shapes: the architecture only, no weights read" if mcfg.weights == "shapes" else
              f"unused checkpoint keys: {', '.join(unused) or 'none'}; not in the checkpoint, newly initialised: none"))
   return backbone, report

@@ -55,13 +55,13 @@ def fold(keys: list[str]) -> str:
                    for h, v in groups.items())
 
 
-def _base_model(config, pooler: bool, seed: int, dtype: str):
+def _base_model(config, pooler: bool, seed: int, dtype: str, init: bool = True):
   """transformers' Flax base model for `config`, randomly initialised (without the pooler where the
-  class allows leaving it out)."""
+  class allows leaving it out); init=False: its param shapes only (`params_shape_tree`)."""
   import transformers
   from transformers.utils import logging as hf_logging
   hf_logging.set_verbosity_error()  # its deprecation notice for Flax classes, once per process
-  kwargs = dict(seed=seed, dtype=jnp.dtype(dtype))
+  kwargs = dict(seed=seed, dtype=jnp.dtype(dtype), _do_init=init)
   try:
     return transformers.FlaxAutoModel.from_config(config, add_pooling_layer=pooler, **kwargs)
   except TypeError:  # the class has no optional pooler
@@ -85,11 +85,30 @@ def _checkpoint_keys(weights: dict, kind: str, model) -> dict:
   return flat
 
 
-def load(path: Path, config, pooler: bool, seed: int = 0, dtype: str = "float32", random: bool = False) -> Checkpoint:
+def load(path: Path, config, pooler: bool, seed: int = 0, dtype: str = "float32", weights: str = "pretrained",
+         tokenizer_path: Path | None = None) -> Checkpoint:
   """The base model's params from the checkpoint in `path`; params the checkpoint lacks keep the
-  model's own initialisation and are named in the report. random: none are taken from the checkpoint."""
+  model's own initialisation and are named in the report. weights (model.weights): random: none are taken
+  from the checkpoint; shapes: no weights at all, the params are ShapeDtypeStructs (no file is read).
+  tokenizer_path: where the tokenizer is (default `path`)."""
   import transformers
-  model = _base_model(config, pooler, seed, dtype)
+  tokenizer_path = tokenizer_path or path
+  model = _base_model(config, pooler, seed, dtype, init=weights != "shapes")
+  if weights == "shapes":
+    params, report = model.params_shape_tree, "model.weights=shapes: the architecture only, no weights read"
+  else:
+    params, report = _weights(path, model, weights == "random")
+  try:  # an image model has none (models/hf_flax.py reads its preprocessor_config.json)
+    tokenizer = (None if model.main_input_name == "pixel_values" else
+                 transformers.AutoTokenizer.from_pretrained(tokenizer_path))
+  except (OSError, ValueError, KeyError) as e:
+    where = f" from {tokenizer_path}" if tokenizer_path != path else " (model.tokenizer can name another)"
+    raise JaxftError(f"could not load the tokenizer of {path}{where}: {str(e).splitlines()[0]}") from None
+  return Checkpoint(path, config, model, params, tokenizer, report)
+
+
+def _weights(path: Path, model, random: bool):
+  """(params, one-line report) of the checkpoint file in `path` on `model`'s param tree."""
   file = formats.find(path)
   weights, kind = formats.read(file)
   try:
@@ -107,13 +126,9 @@ def load(path: Path, config, pooler: bool, seed: int = 0, dtype: str = "float32"
   new = ["/".join(k) for k in expected if k not in loaded]
   params = traverse_util.unflatten_dict({k: jnp.asarray(loaded[k]) if k in loaded else x
                                          for k, x in expected.items()})
-  try:  # an image model has none (models/hf_flax.py reads its preprocessor_config.json)
-    tokenizer = None if model.main_input_name == "pixel_values" else transformers.AutoTokenizer.from_pretrained(path)
-  except (OSError, ValueError, KeyError) as e:
-    raise JaxftError(f"could not load the tokenizer of {path}: {str(e).splitlines()[0]}") from None
   report = (f"{file.name} ({kind} names); " + ("model.weights=random: every param newly initialised" if random else
             f"unused checkpoint keys: {fold(unused) or 'none'}; not in the checkpoint, newly initialised: {fold(new) or 'none'}"))
-  return Checkpoint(path, config, model, params, tokenizer, report)
+  return params, report
 
 
 def save(ckpt: Checkpoint, params, out_dir: Path, state=None) -> None:

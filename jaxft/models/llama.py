@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxft import formats
 from jaxft.errors import JaxftError
-from jaxft.models.base import Backbone, Conventions
+from jaxft.models.base import Backbone, Conventions, tokenizer_path
 
 MODEL_TYPE = "llama"
 _ATTN, _MLP = r".*/self_attn/(q_proj|k_proj|v_proj|o_proj)/kernel", r".*/mlp/(gate_proj|up_proj|down_proj)/kernel"
@@ -378,7 +378,9 @@ def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0) -> tup
   ids = jnp.zeros((1, 1), jnp.int32)
   shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(seed), ids, ids, visibility({"input_ids": ids})))
   expected = traverse_util.flatten_dict(shapes["params"], sep="/")
-  if mcfg.weights == "random":
+  if mcfg.weights == "shapes":
+    params, report = shapes["params"], f"{path.name}: model.weights=shapes: the architecture only, no weights read"
+  elif mcfg.weights == "random":
     params = jax.jit(module.init)(jax.random.PRNGKey(seed), ids, ids, visibility({"input_ids": ids}))["params"]
     report = f"{path.name}: model.weights=random: every param newly initialised"
   else:
@@ -394,7 +396,7 @@ def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0) -> tup
     unused = sorted(set(loaded) - set(expected))
     params = traverse_util.unflatten_dict({k: jnp.asarray(loaded[k], jnp.float32) for k in expected}, sep="/")
     report = f"{source}; unused checkpoint keys: {', '.join(unused[:5]) or 'none'}; newly initialised: none"
-  tokenizer = _tokenizer(path)
+  tokenizer = _tokenizer(tokenizer_path(mcfg, path))
 
   def save(params, out_dir, state=None):
     from safetensors.numpy import save_file

@@ -1,0 +1,513 @@
+"""`jaxft plan CONFIG --topology v5p:4x4x4`: the config's real programs compiled ahead of time for a TPU
+topology, on any machine (no TPU, no weights), and what the TPU compiler says of them.
+
+libtpu (the `tpu` extra) compiles for compile-only TPU devices (jax.experimental.topologies). The experiment
+is built with model.weights=shapes (params are ShapeDtypeStructs from the model's config, so a 70B model
+plans on a laptop) and meshed as `jaxft train` meshes it; then every program the run compiles is lowered
+with abstract, sharded arguments and compiled: each phase's train step at every batch shape the run's data
+gives it (length buckets or packed row counts), a cached phase's feature pass, the eval step, and a causal
+LM's generation loop.
+
+Per chip: memory (params, optimizer state, the rest, the peak) against the chip's HBM (chips.py). And, as
+ESTIMATES, never measurements: the step time, which is the compiler's own (cost_analysis `optimal_seconds`)
+where that is valid, else a roofline max(flops / peak FLOP/s, bytes accessed / HBM bandwidth) from the
+compiler's counts (every figure names its source); examples and trained tokens per second per chip; MFU
+(model FLOPs: 6 x matmul params per token plus attention, over the chip's bf16 peak); collectives by kind.
+"""
+import collections
+import copy
+import dataclasses
+import json
+import math
+import re
+import time
+
+import jax
+import numpy as np
+
+from jaxft import chips as chips_lib, parallel, replicas, rules, runtime
+from jaxft.errors import JaxftError
+
+
+@dataclasses.dataclass
+class Program:
+  """One compiled program and the compiler's figures for it (bytes per chip; times per call, estimated)."""
+  name: str  # "train phase 0", "features phase 0", "eval", "generate"
+  shape: str  # its batch, e.g. "32 x 64" (rows x tokens)
+  calls: int  # how many times the run calls it (train: steps; eval: batches of one validation pass)
+  compile_s: float
+  params_bytes: int  # the state's params on one chip (sharded as the run shards them)
+  opt_bytes: int  # optimizer state (and the rest of the train state) on one chip
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int  # outputs written into donated arguments
+  temp_bytes: int
+  code_bytes: int
+  peak_bytes: int  # arguments + outputs - aliased + temporaries + code
+  flops: float  # per chip, as the compiler counts them
+  bytes_accessed: float
+  compiler_s: float | None  # cost_analysis' optimal_seconds, as reported (None: absent)
+  estimate_s: float  # the step time used: the compiler's, or the roofline where that is invalid
+  estimate_source: str  # "compiler" | "roofline (...why...)"
+  collectives: dict  # kind -> [count, result bytes], per call (while loops counted by their trip count)
+  examples: int = 0  # per call (train)
+  tokens: int = 0
+  trained_tokens: float = 0.0
+  model_flops: float = 0.0  # all chips together: 6N x tokens + attention (or 3 x forward for images)
+
+
+@dataclasses.dataclass
+class Plan:
+  config: str
+  topology: str
+  slices: int
+  chip: str
+  chips: int
+  hbm_bytes: int
+  peak_flops: float  # bf16, per chip
+  chip_source: str
+  mesh: dict
+  batch_size: int
+  compute_dtype: str
+  programs: list
+  peak_bytes: int  # the largest program's, per chip
+  fits: bool
+  step_s: float  # ESTIMATE: the run's mean train step (its programs weighted by their steps)
+  step_source: str
+  examples_per_s_per_chip: float  # ESTIMATE
+  trained_tokens_per_s_per_chip: float  # ESTIMATE (0 for images)
+  mfu: float  # ESTIMATE: model FLOPs / (step_s x chips x bf16 peak)
+  compile_s: float
+  notes: list
+
+
+class DoesNotFit(JaxftError):
+  """A program needs more HBM than a chip has (the compiler refused it, or its peak exceeds the chip's)."""
+
+
+# ---- compile-only TPU devices --------------------------------------------------------------------------------
+
+
+def devices(topology: str, slices: int = 1) -> list:
+  """The compile-only devices of a TPU topology ('v5e:2x2', 'v5p:4x4x4', 'v6e:16x16', 'v4:2x2x1'), times
+  `slices` joined by the data-centre network."""
+  try:
+    import libtpu  # noqa: F401
+  except ImportError:
+    raise JaxftError("jaxft plan compiles with libtpu, which is not installed: pip install 'jaxft[tpu]' "
+                     "(the TPU compiler, ~700 MB; it runs on CPU-only machines)") from None
+  from jax.experimental import topologies
+  kwargs = {"num_slices": slices} if slices > 1 else {}
+  if topology.startswith("v4"):  # one device per chip, as TPU v4 VMs run it (otherwise one per TensorCore)
+    kwargs["chip_config_name"] = "megacore"
+  dims = re.fullmatch(r"v\w+:(\d+(?:x\d+)*)", topology)
+  if dims and math.prod(int(d) for d in dims.group(1).split("x")) < 4:  # less than a host: say its bounds
+    bounds = [int(d) for d in dims.group(1).split("x")]
+    kwargs["chips_per_host_bounds"] = tuple(bounds + [1] * (3 - len(bounds)))
+  try:
+    with runtime.libtpu_compile_only():
+      return list(topologies.get_topology_desc(topology, "tpu", **kwargs).devices)
+  except Exception as e:  # noqa: BLE001 (libtpu raises its runtime's error types)
+    raise JaxftError(f"--topology {topology!r}: {str(e).splitlines()[0]} (names look like v5e:2x2, v5p:4x4x4, "
+                     "v6e:16x16, v4:2x2x1)") from None
+
+
+# ---- what the compiler says --------------------------------------------------------------------------------
+
+_COLLECTIVE = re.compile(r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|ragged-all-to-all|collective-permute)"
+                         r"(-start)?\(")
+_ARRAY = re.compile(r"\b(pred|[sufc]\d+|bf16|f8\w*)\[([\d,]*)\]")
+_BITS = {"pred": 8, "bf16": 16}
+
+
+def _array_bytes(text: str) -> list[int]:
+  out = []
+  for dtype, dims in _ARRAY.findall(text):
+    bits = _BITS.get(dtype) or int(re.sub(r"\D", "", dtype)[:2] or 8)
+    out.append(math.prod(int(d) for d in dims.split(",") if d) * bits // 8)
+  return out
+
+
+def collectives(hlo: str) -> dict:
+  """{kind: [count, result bytes]} of the collectives one call of a compiled module runs: those of the entry
+  computation and of what it calls, a while loop's body counted by its known trip count, and a fusion that
+  wraps one counted as that one (libtpu fuses reduce-scatters as 'all-reduce-scatter' fusions)."""
+  comps, current = {}, None
+  for line in hlo.splitlines():
+    head = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+    if head:
+      current = comps.setdefault(head.group(2), {"entry": bool(head.group(1)), "lines": []})
+    elif line.startswith("}"):
+      current = None
+    elif current is not None and " = " in line:
+      current["lines"].append(line)
+
+  def inner_kind(name):  # the collective a fused computation holds
+    if "reduce-scatter" in name:
+      return "reduce-scatter"
+    for line in comps.get(name, {}).get("lines", ()):
+      if m := _COLLECTIVE.search(line.split(" = ", 1)[1]):
+        return m.group(1)
+    return None
+
+  totals = collections.defaultdict(lambda: [0, 0])
+
+  def visit(name, times, depth=0):
+    for line in comps.get(name, {}).get("lines", ()) if depth < 20 else ():
+      rhs = line.split(" = ", 1)[1]
+      result = rhs.split("(", 1)[0] if not rhs.startswith("(") else rhs[:rhs.index(")") + 1]
+      if m := _COLLECTIVE.search(rhs):
+        sizes = _array_bytes(rhs[:m.start()])
+        totals[m.group(1)][0] += times
+        totals[m.group(1)][1] += times * (max(sizes) if m.group(2) else sum(sizes)) if sizes else 0
+      elif " fusion(" in rhs and (called := re.search(r"calls=%([\w.\-]+)", rhs)):
+        if kind := inner_kind(called.group(1)):
+          totals[kind][0] += times
+          totals[kind][1] += times * sum(_array_bytes(result))
+      elif " while(" in rhs:
+        trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', rhs)
+        body = re.search(r"body=%([\w.\-]+)", rhs)
+        if body:
+          visit(body.group(1), times * (int(trips.group(1)) if trips else 1), depth + 1)
+      else:
+        for called in re.findall(r"(?:to_apply|branch_computations=\{|calls)=?%([\w.\-]+)", rhs):
+          if " call(" in rhs or " conditional(" in rhs:
+            visit(called, times, depth + 1)
+
+  for name, comp in comps.items():
+    if comp["entry"]:
+      visit(name, 1)
+  return {k: v for k, v in sorted(totals.items())}
+
+
+def _chip_bytes(tree) -> int:
+  """Bytes of one chip's shards of a tree of sharded ShapeDtypeStructs."""
+  return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def _abstract(batch: dict, sharding) -> dict:
+  return {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=sharding) for k, v in batch.items()}
+
+
+def _shape(batch: dict) -> str:
+  x = batch.get("input_ids", batch.get("image", next(iter(batch.values()))))
+  return " x ".join(map(str, np.shape(x)))
+
+
+def _suggest(cfg, state_bytes: int, hbm: int) -> str:
+  """What would make a program fit, as overrides to try (`jaxft plan --search` tries them)."""
+  tries = []
+  if cfg.parallel.mesh.fsdp == 1 and state_bytes > hbm / 4:
+    tries.append("parallel.mesh.fsdp=-1 parallel.mesh.data=1 (shard params and optimizer state)")
+  if cfg.model.remat == "none":
+    tries.append("model.remat=block")
+  micro = cfg.train.micro_batch_size or cfg.train.batch_size
+  if micro > 1:
+    tries.append(f"train.micro_batch_size={max(1, micro // 2)}")
+  if cfg.precision.compute == "float32":
+    tries.append("precision.compute=bfloat16")
+  if not cfg.lora.targets and not cfg.lora.preset:
+    tries.append("lora.preset=qv (adapters only: no optimizer state for the base)")
+  return "; try " + ", or ".join(tries) if tries else ""
+
+
+class _Compiler:
+  """Compiles programs for the plan's chips and reads the compiler's figures off each."""
+
+  def __init__(self, cfg, spec, log):
+    self.cfg, self.spec, self.log, self.programs = cfg, spec, log, []
+
+  def __call__(self, name, lower, calls, state=None, batch=None, model_flops=0.0, shape="") -> Program:
+    """lower(): the program lowered with abstract arguments; batch: a real batch of its shape."""
+    shape = shape or _shape(batch)
+    t = time.perf_counter()
+    params, opt = (_chip_bytes(state.params), _chip_bytes(state.replace(params={}))) if state is not None else (0, 0)
+    try:
+      compiled = lower().compile()
+    except Exception as e:  # noqa: BLE001 (the runtime's error type)
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      why = next((line.strip().rstrip(".") for line in str(e).splitlines() if "HBM" in line or "memory" in line.lower()),
+                 str(e).splitlines()[0])
+      raise DoesNotFit(f"{name} [{shape}] does not fit a {self.spec.name} chip ({_gib(self.spec.hbm_bytes)} HBM): "
+                       f"{why[:300]}; per chip: params {_gib(params)}, optimizer state {_gib(opt)}"
+                       + _suggest(self.cfg, params + opt, self.spec.hbm_bytes)) from None
+    compile_s = time.perf_counter() - t
+    mem, cost = compiled.memory_analysis(), compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    peak = getattr(mem, "peak_memory_in_bytes", 0) or (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                                       - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
+    peak += mem.generated_code_size_in_bytes
+    flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    reported = cost.get("optimal_seconds")
+    roofline = max(flops / self.spec.bf16_flops, accessed / self.spec.hbm_bytes_per_s)
+    if reported is not None and math.isfinite(reported) and reported > 0 and reported >= roofline / 2:
+      estimate, source = float(reported), "compiler"
+    else:
+      why = ("absent" if reported is None else f"{reported:.3g} s is below the roofline bound" if reported > 0
+             else f"{reported:.3g} s")
+      estimate, source = roofline, f"roofline (compiler estimate {why})"
+    from jaxft import bench
+    examples = tokens = trained = 0
+    if batch is not None:
+      examples = int((np.asarray(batch["index"]) >= 0).sum()) if "index" in batch else 0
+      if "input_ids" in batch:
+        tokens = int(np.size(batch["input_ids"]))
+        trained = bench.trained_tokens(batch)
+    program = Program(name, shape, calls, compile_s, params, opt, mem.argument_size_in_bytes, mem.output_size_in_bytes,
+                      mem.alias_size_in_bytes, mem.temp_size_in_bytes, mem.generated_code_size_in_bytes, peak, flops,
+                      accessed, None if reported is None else float(reported), estimate, source,
+                      collectives(compiled.as_text()), examples, tokens, trained, model_flops)
+    self.log(f"  {name} [{shape}] x{calls}: peak {_gib(peak)} per chip, {flops / 1e9:,.1f} GFLOP, "
+             f"~{1000 * estimate:.3g} ms ({source.split(' ')[0]} estimate), compiled in {compile_s:.1f} s")
+    if peak > self.spec.hbm_bytes:
+      raise DoesNotFit(f"{name} [{shape}] does not fit a {self.spec.name} chip: its peak is {_gib(peak)} per chip, "
+                       f"the chip has {_gib(self.spec.hbm_bytes)} (params {_gib(params)}, optimizer state "
+                       f"{_gib(opt)}, temporaries {_gib(mem.temp_size_in_bytes)})"
+                       + _suggest(self.cfg, params + opt, self.spec.hbm_bytes))
+    self.programs.append(program)
+    return program
+
+
+def _gib(n) -> str:
+  return f"{n / 2 ** 30:,.2f} GiB" if n >= 2 ** 26 else f"{n / 2 ** 20:,.1f} MiB"
+
+
+# ---- the run's programs ----------------------------------------------------------------------------------------
+
+
+def _train_shapes(exp, shards: int, start: int, stop: int):
+  """{batch length (rows or bucket): (steps, first step)} of training steps [start, stop) (replicas: their
+  common, padded shape)."""
+  seeds = exp.seeds or [exp.cfg.seed]
+  sources = [exp.train_batches(shards, seed=s) for s in seeds]
+  out = {}
+  for i in range(start, stop):
+    n = max(exp.batch_length(src.indices(i), shards) for src in sources)
+    count, first = out.get(n, (0, i))
+    out[n] = (count + 1, first)
+  return out, (replicas.Batches(sources) if exp.seeds else sources[0])
+
+
+def _eval_shapes(exp, split: str):
+  """{shape: (batches, a batch)} of one pass over a split's evaluation batches."""
+  out = {}
+  for b in exp.eval_batches(split):
+    key = tuple(np.shape(v) for v in b.values())
+    count, first = out.get(key, (0, b))
+    out[key] = (count + 1, first)
+  return out
+
+
+def _model_flops(exp, params, batch) -> float:
+  from jaxft import bench
+  if "input_ids" not in batch and "image" not in batch:
+    return 0.0
+  x = np.asarray(batch.get("input_ids", batch.get("image")))
+  rows, length = (x.shape[-2], x.shape[-1]) if "input_ids" in batch else (x.shape[-4], 1)
+  lanes = math.prod(x.shape[:-2]) if "input_ids" in batch else math.prod(x.shape[:-4])
+  return lanes * bench.analytic_flops(rules.flat(params), exp.backbone, rows, length)
+
+
+def plan(cfg, topology: str, slices: int = 1, log=print, quick: bool = False) -> Plan:
+  """Compiles every program `jaxft train` would run with `cfg` for `slices` x `topology` TPU chips.
+  quick: only each phase's largest train batch (what --search compares); no eval, no generation."""
+  from jaxft.experiment import build
+  if cfg.parallel.backend != "jit":
+    raise JaxftError("jaxft plan compiles the jit backend (parallel.backend=jit): a pmap program is one "
+                     "device's, with no sharding to plan")
+  devs = devices(topology, slices)
+  spec = chips_lib.chip(devs[0].device_kind)
+  if spec is None:
+    raise JaxftError(f"--topology {topology}: no spec for {devs[0].device_kind!r} chips in jaxft/chips.py")
+  cfg = copy.deepcopy(cfg)
+  cfg.model.weights = "shapes"
+  t0 = time.perf_counter()
+  exp = build(cfg, log)
+  mesh = parallel.make_mesh(cfg.parallel.mesh, devs, slices)
+  par = parallel.Parallel(cfg, mesh, exp.conventions.tensor_parallel)
+  log(f"plan: {slices} x {topology} ({len(devs)} {spec.name} chips), {parallel.describe(mesh)}")
+  compiler, notes = _Compiler(cfg, spec, log), []
+  start, train = 0, []
+  targets = []
+  for k, phase in enumerate(exp.phases):
+    shapes = exp.state_shapes(k)
+    target = (replicas.abstract_state(par, shapes, exp.own, len(exp.seeds)) if exp.seeds else
+              par.abstract_state(shapes))
+    targets.append(target)
+    cached = phase.cfg.train.cache_features
+    step = par.compile_train(exp.train_step(k, cached=cached), target)
+    by_length, source = _train_shapes(exp, par.batch_shards, start, start + phase.max_steps)
+    transform = _cached_transform(exp, par, target, compiler, k) if cached else (lambda b: b)
+    if phase.until:
+      notes.append(f"phase {phase.name} ends on a plateau: planned for its most steps, {phase.max_steps}")
+    if quick:  # the largest batch stands for all of the phase's steps
+      by_length = {max(by_length): (sum(c for c, _ in by_length.values()), by_length[max(by_length)][1])}
+      notes.append(f"quick plan: phase {phase.name}'s largest batch only, standing for all its steps")
+    for n, (count, first) in sorted(by_length.items()):
+      batch = transform(source[first])
+      flops = _model_flops(exp, shapes.params, batch) if not cached else 0.0
+      abstract = _abstract(batch, par.train_batch_sharding)
+      name = "train" if len(exp.phases) == 1 else f"train {phase.name}"
+      train.append(compiler(name, lambda: step.lower(target, abstract), count, target, batch, flops))
+    start += phase.max_steps
+
+  eval_step = par.compile_eval(exp.eval_step(), targets[0])
+  for _, (count, batch) in () if quick else _eval_shapes(exp, "validation").items():
+    args = (targets[0].params, targets[0].model_state, _abstract(batch, par.batch_sharding))
+    compiler("eval", lambda: eval_step.lower(*args), count, batch=batch)
+  if not quick and (exp.task.generates or exp.backbone.new_cache is not None):
+    _plan_generate(exp, par, targets[-1], compiler)
+
+  steps = sum(p.calls for p in train)
+  step_s = sum(p.calls * p.estimate_s for p in train) / steps
+  sources = sorted({p.estimate_source.split(" (")[0] for p in train})
+  n, peak = len(devs), max(p.peak_bytes for p in compiler.programs)
+  model_flops = sum(p.calls * p.model_flops for p in train) / steps
+  examples = cfg.train.batch_size * max(1, len(exp.seeds))
+  trained = sum(p.calls * p.trained_tokens for p in train) / steps
+  return Plan(
+      config="", topology=topology, slices=slices, chip=spec.name, chips=n, hbm_bytes=spec.hbm_bytes,
+      peak_flops=spec.bf16_flops, chip_source=spec.source, mesh=dict(mesh.shape), batch_size=cfg.train.batch_size,
+      compute_dtype=cfg.precision.compute, programs=compiler.programs, peak_bytes=peak, fits=peak <= spec.hbm_bytes,
+      step_s=step_s, step_source=" + ".join(sources), examples_per_s_per_chip=examples / step_s / n,
+      trained_tokens_per_s_per_chip=trained / step_s / n, mfu=model_flops / step_s / (n * spec.bf16_flops),
+      compile_s=time.perf_counter() - t0, notes=notes)
+
+
+def _meshes(n: int, batch: int) -> list[tuple]:
+  """(data, fsdp, tensor) splits of n chips to try: data parallel, FSDP, FSDP x TP 2 / 4, DP 2 x FSDP."""
+  out = [(n, 1, 1), (1, n, 1), (1, n // 2, 2), (1, n // 4, 4), (2, n // 2, 1)]
+  return [m for m in dict.fromkeys(out) if math.prod(m) == n and min(m) >= 1 and batch % (m[0] * m[1]) == 0]
+
+
+def search(cfg, topology: str, slices: int = 1, log=print) -> list:
+  """[(overrides, quick Plan or why it does not fit)] over mesh splits x remat x micro-batch size: for each
+  mesh, no remat and no accumulation first; where that does not fit, remat, then micro-batches halved until
+  something fits. The best fitting one by estimated examples/s comes first."""
+  from jaxft import config as config_lib
+  n, out = len(devices(topology, slices)), []
+  batch = cfg.train.micro_batch_size or cfg.train.batch_size
+  for data, fsdp, tensor in _meshes(n, cfg.train.batch_size):
+    mesh = [f"parallel.mesh.data={data}", f"parallel.mesh.fsdp={fsdp}", f"parallel.mesh.tensor={tensor}"]
+    micro = batch
+    while micro % (data * fsdp) == 0 and micro >= data * fsdp:
+      fitted = False
+      for remat in ("none", "block"):
+        overrides = mesh + [f"model.remat={remat}"] + (
+            [f"train.micro_batch_size={micro}"] if micro != cfg.train.batch_size else [])
+        try:
+          p = plan(config_lib.override(cfg, overrides), topology, slices, lambda *a, **k: None, quick=True)
+        except DoesNotFit as e:
+          out.append((overrides, str(e)))
+          log(f"  {' '.join(overrides)}: does not fit")
+          continue
+        except JaxftError as e:  # a split this model cannot take (e.g. heads the tensor axis does not divide)
+          out.append((overrides, str(e)))
+          log(f"  {' '.join(overrides)}: {e}")
+          continue
+        out.append((overrides, p))
+        log(f"  {' '.join(overrides)}: peak {_gib(p.peak_bytes)}, ~{1000 * p.step_s:,.2f} ms a step, "
+            f"{p.examples_per_s_per_chip:,.1f} examples/s per chip (estimates)")
+        fitted = True
+        break  # recomputing blocks only costs time where the step fits without it
+      if fitted:
+        break
+      micro //= 2
+  return sorted(out, key=lambda r: -r[1].examples_per_s_per_chip if isinstance(r[1], Plan) else 0)
+
+
+def _cached_transform(exp, par, target, compiler, k: int):
+  """A cached phase: plans the feature pass (the frozen backbone once per example, as evaluation runs it) and
+  returns the batch transform its head-only step sees (the backbone's inputs replaced by the features)."""
+  features = par.compile_eval(exp.cache_features, target)
+  per_example = None
+  for _, (count, batch) in _eval_shapes(exp, "train").items():
+    args = (target.params, target.model_state, _abstract(batch, par.batch_sharding))
+    compiler(f"features {exp.phases[k].name}", lambda: features.lower(*args), count, batch=batch)
+    out = jax.eval_shape(exp.cache_features, *args)
+    per_example = (out.shape[np.ndim(batch["index"]):], out.dtype)
+
+  def transform(b):
+    kept = {key: v for key, v in b.items() if key not in exp.backbone.inputs}
+    return {**kept, "features": np.zeros(np.shape(b["index"]) + per_example[0], per_example[1])}
+  return transform
+
+
+def _plan_generate(exp, par, target, compiler) -> None:
+  """A causal LM's generation loop (sft's evaluation, jaxft generate): eval batches of the longest prompt's
+  bucket, generate.max_new_tokens new tokens."""
+  from jaxft import generate as gen
+  from jaxft.data import batching
+  prompts = exp.splits["validation"].meta.get("prompts")
+  longest = max(map(len, prompts)) if prompts else exp.cfg.data.max_length // 2
+  P = batching.bucket(longest, batching.derived_buckets(max(longest, 16)))
+  B, g = exp.cfg.train.eval_batch_size, exp.cfg.generate
+  replicated = jax.sharding.NamedSharding(par.mesh, jax.sharding.PartitionSpec())
+  ids = jax.ShapeDtypeStruct((B, P), np.int32, sharding=replicated)
+  key = jax.ShapeDtypeStruct((2,), np.uint32, sharding=replicated)
+  params, model_state = target.params, target.model_state
+  if exp.seeds:
+    params, model_state = jax.eval_shape(lambda p, s: (replicas.take(p, 0, exp.own), replicas.take(s, 0)),
+                                         params, model_state)
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), params)
+  g_kw = dict(apply=exp.apply, new_cache=exp.backbone.new_cache, max_new=g.max_new_tokens,
+              temperature=float(g.temperature), top_p=float(g.top_p), eos_id=int(exp.task.eos_id))
+  compiler("generate", lambda: gen._generate.lower(params, model_state, ids, ids, key, **g_kw), 1,
+           shape=f"{B} x {P} prompt + {g.max_new_tokens} new")
+
+
+# ---- output --------------------------------------------------------------------------------------------------
+
+
+def to_json(p: Plan) -> str:
+  return json.dumps(dataclasses.asdict(p))
+
+
+def table(p: Plan):
+  from rich.table import Table
+  t = Table(title=f"jaxft plan: {p.slices} x {p.topology} = {p.chips} {p.chip} chips ({_gib(p.hbm_bytes)} HBM, "
+                  f"{p.peak_flops / 1e12:.0f} TFLOP/s bf16 each: {p.chip_source}), mesh {p.mesh}, batch "
+                  f"{p.batch_size}, {p.compute_dtype}")
+  for col in ("program", "batch", "calls", "params", "opt state", "rest", "peak / chip", "GFLOP / chip",
+              "est. ms", "estimate from", "collectives (count, MiB)"):
+    t.add_column(col, justify="left" if col in ("program", "batch", "estimate from", "collectives (count, MiB)")
+                 else "right")
+  for g in p.programs:
+    coll = ", ".join(f"{k} {c} ({b / 2 ** 20:,.0f})" for k, (c, b) in g.collectives.items()) or "none"
+    t.add_row(g.name, g.shape, str(g.calls), _gib(g.params_bytes), _gib(g.opt_bytes),
+              _gib(g.peak_bytes - g.params_bytes - g.opt_bytes), _gib(g.peak_bytes), f"{g.flops / 1e9:,.1f}",
+              f"{1000 * g.estimate_s:,.3f}", g.estimate_source, coll)
+  return t
+
+
+def summary(p: Plan) -> str:
+  fit = (f"fits: peak {_gib(p.peak_bytes)} of {_gib(p.hbm_bytes)} per chip ({100 * p.peak_bytes / p.hbm_bytes:.0f}%)"
+         if p.fits else f"does NOT fit: peak {_gib(p.peak_bytes)} > {_gib(p.hbm_bytes)}")
+  tokens = (f", {p.trained_tokens_per_s_per_chip:,.0f} trained tokens/s per chip"
+            if p.trained_tokens_per_s_per_chip else "")
+  lines = [fit,
+           f"ESTIMATED train step {1000 * p.step_s:,.3f} ms ({p.step_source}): {p.examples_per_s_per_chip:,.1f} "
+           f"examples/s per chip{tokens}, MFU {100 * p.mfu:.1f}% (model FLOPs over the bf16 peak); compiled in "
+           f"{p.compile_s:.0f} s. Estimates from the TPU compiler's cost model, not measurements."]
+  return "\n".join(lines + [f"note: {n}" for n in p.notes])
+
+
+def search_summary(results: list, config_path: str | None) -> str:
+  """The tried settings, best first, and the best as a command to paste."""
+  lines = []
+  for overrides, r in results:
+    what = (f"peak {_gib(r.peak_bytes)}, ~{1000 * r.step_s:,.2f} ms a step, {r.examples_per_s_per_chip:,.1f} "
+            f"examples/s per chip, MFU {100 * r.mfu:.1f}%" if isinstance(r, Plan) else "does not fit"
+            if "does not fit" in r else r)
+    lines.append(f"{' '.join(overrides)}: {what}")
+  best = next(((o, r) for o, r in results if isinstance(r, Plan)), None)
+  if best is None:
+    return "\n".join(lines + ["nothing tried fits: see each line's reason"])
+  return "\n".join(lines + [f"best, by the compiler's estimates (largest batch shape): jaxft train "
+                            f"{config_path or ''} {' '.join(best[0])}".replace("  ", " ")])
+
+
+def search_json(results: list) -> str:
+  return json.dumps([{"overrides": o, **({"plan": dataclasses.asdict(r)} if isinstance(r, Plan) else {"error": r})}
+                     for o, r in results])

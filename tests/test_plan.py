@@ -1,0 +1,164 @@
+"""jaxft plan: the run's programs compiled for TPU topologies with libtpu's compile-only devices (no TPU here),
+memory per chip against the chip's HBM, the compiler's step estimate, collectives; a config that does not
+fit is one line and exit 2; libtpu installed leaves every other verb as quiet as before."""
+import importlib.util
+import json
+
+import pytest
+
+from conftest import jaxft, lm_overrides, tiny_overrides
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="jaxft plan compiles with libtpu: pip install 'jaxft[tpu]' (the test extra has it)")
+
+HLO = """HloModule jit_step, entry_computation_layout={...}
+
+%fused_computation.1 (param_0: f32[8,4]) -> f32[2,4] {
+  %param_0 = f32[8,4]{1,0} parameter(0)
+  %all-reduce.9 = f32[8,4]{1,0} all-reduce(%param_0), channel_id=5, to_apply=%add
+  ROOT %dynamic-slice.1 = f32[2,4]{1,0} dynamic-slice(%all-reduce.9, %c, %c), dynamic_slice_sizes={2,4}
+}
+
+%body.2 (p: (s32[], bf16[16,4])) -> (s32[], bf16[16,4]) {
+  %ag = bf16[16,4]{1,0:T(8,128)(2,1)} all-gather(%x), channel_id=1, dimensions={0}
+  %cps = (bf16[4,4]{1,0}, bf16[4,4]{1,0}, u32[]{:S(2)}) collective-permute-start(%y), channel_id=2
+  ROOT %t = (s32[], bf16[16,4]) tuple(%i, %ag)
+}
+
+ENTRY %main.3 (a: f32[8,4]) -> f32[2,4] {
+  %w = (s32[], bf16[16,4]) while(%init), condition=%cond.2, body=%body.2, backend_config={"known_trip_count":{"n":"3"}}
+  %fusion = f32[2,4]{1,0} fusion(%a), kind=kCustom, calls=%fused_computation.1
+  ROOT %ar = (f32[2,4]{1,0}, f32[4]{0}) all-reduce(%fusion, %b), channel_id=6, to_apply=%add
+}
+"""
+
+
+def test_collectives_counts_loops_and_fused_collectives():
+  from jaxft.plan import collectives
+  # the while body runs 3 times; the fusion wrapping an all-reduce (+ slice) counts once, as its kind; the
+  # all-reduce inside the fused computation is not counted again; a tuple's arrays add up
+  assert collectives(HLO) == {"all-gather": [3, 3 * 16 * 4 * 2], "all-reduce": [2, 2 * 4 * 4 + (8 + 4) * 4],
+                              "collective-permute": [3, 3 * 4 * 4 * 2]}
+
+
+def test_without_libtpu_plan_says_how_to_install_it(monkeypatch):
+  import sys
+
+  from jaxft import plan
+  from jaxft.errors import JaxftError
+  monkeypatch.setitem(sys.modules, "libtpu", None)  # import fails as if it were not installed
+  with pytest.raises(JaxftError, match=r"pip install 'jaxft\[tpu\]'"):
+    plan.devices("v5e:2x2")
+
+
+@needs_libtpu
+def test_unknown_topology_is_one_line():
+  from jaxft import plan
+  from jaxft.errors import JaxftError
+  with pytest.raises(JaxftError, match=r"--topology 'v5e:3x3': .*names look like"):
+    plan.devices("v5e:3x3")
+
+
+def _plan(cfg, topology):
+  from jaxft import plan
+  return plan.plan(cfg, topology, log=lambda *a, **k: None)
+
+
+@needs_libtpu
+@pytest.mark.parametrize("topology,mesh,shards", [
+    ("v5e:2x2", (), 1),  # data parallel: every chip holds all params
+    ("v4:2x2x1", ("parallel.mesh.fsdp=-1", "parallel.mesh.data=1"), 4),  # FSDP over 4 v4 chips (megacore)
+    ("v5e:2x2", ("parallel.mesh.data=2", "parallel.mesh.tensor=2"), 2),  # DP x TP
+])
+def test_plans_tiny_model_on_dp_fsdp_tp_meshes(tiny_cfg, topology, mesh, shards):
+  import jax
+
+  from jaxft import rules
+  from jaxft.experiment import build
+  cfg = tiny_cfg("data.pack=false", "data.buckets=[32]", *mesh)
+  p = _plan(cfg, topology)
+  assert p.chips == 4 and p.fits and p.peak_bytes < p.hbm_bytes
+  names = [g.name for g in p.programs]
+  assert names == ["train", "eval"], names  # one bucket: one train shape, one eval shape
+  train, evaluate = p.programs
+  assert train.shape == "16 x 32" and train.calls == 16 and evaluate.calls == 2
+  cfg.model.weights = "shapes"
+  n = rules.count(build(cfg, lambda *a, **k: None).state.params)
+  # per chip: all params (DP), a quarter (FSDP: dims that 4 does not divide stay whole), or between (TP)
+  if shards == 1:
+    assert train.params_bytes == 4 * n
+  elif shards == 4:
+    assert 4 * n / 4 <= train.params_bytes < 1.1 * 4 * n / 4
+  else:
+    assert 4 * n / 2 <= train.params_bytes < 4 * n
+  assert 1.9 < train.opt_bytes / train.params_bytes < 2.2  # AdamW: two moments of every (trainable) param
+  assert train.peak_bytes > train.params_bytes + train.opt_bytes  # + gradients, activations
+  assert train.argument_bytes >= train.params_bytes + train.opt_bytes and train.alias_bytes > 0  # donated
+  assert train.flops > 0 and train.estimate_s > 0 and train.estimate_source.startswith(("compiler", "roofline"))
+  kinds = set(train.collectives)
+  assert "all-reduce" in kinds  # gradients (DP), partial sums (TP)
+  if shards == 4:
+    assert "all-gather" in kinds  # FSDP gathers weights where they are used
+  assert p.examples_per_s_per_chip == pytest.approx(16 / p.step_s / 4)
+  assert 0 < p.mfu < 1
+  del jax
+
+
+@needs_libtpu
+def test_does_not_fit_is_one_line_with_the_compilers_figures(tmp_path, tiny_llama, sft_data):
+  # a 3.4B-param Llama (4 layers of Llama-70B's width) trained in full with AdamW, replicated on 16 GiB chips
+  from transformers import LlamaConfig
+  big = tmp_path / "big"
+  LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=4, num_attention_heads=64,
+              num_key_value_heads=8, vocab_size=448, max_position_embeddings=128).save_pretrained(big)
+  r = jaxft("plan", *lm_overrides(big, sft_data, tmp_path / "run"), f"model.tokenizer={tiny_llama['tied']}",
+            "--topology", "v5e:2x2")
+  assert r.returncode == 2, r.stderr[-2000:]
+  lines = [line for line in r.stderr.splitlines() if "error:" in line]
+  assert len(lines) == 1 and "does not fit a TPU v5e chip" in lines[0], r.stderr[-2000:]
+  assert "parallel.mesh.fsdp=-1" in lines[0]  # what would make it fit
+  assert not (tmp_path / "run").exists()  # a plan writes no run dir
+
+
+@needs_libtpu
+def test_causal_lm_plans_train_eval_and_generate_as_json(tmp_path, tiny_llama, sft_data):
+  r = jaxft("plan", *lm_overrides(tiny_llama["tied"], sft_data, tmp_path / "run"), "lora.preset=qv",
+            "train.micro_batch_size=8", "--topology", "v6e:2x2", "--json")
+  assert r.returncode == 0, r.stderr[-2000:]
+  p = json.loads(r.stdout)
+  names = [g["name"] for g in p["programs"]]
+  assert names[0] == "train" and "eval" in names and names[-1] == "generate", names
+  assert p["chip"] == "TPU v6e" and p["fits"] and p["trained_tokens_per_s_per_chip"] > 0
+  train = p["programs"][0]
+  assert train["opt_bytes"] < train["params_bytes"] / 4  # LoRA: optimizer state for the adapters only
+  assert "estimate" in p["step_source"] or p["step_source"] in ("compiler", "roofline")
+
+
+def test_jaxft_verbs_stay_quiet_with_libtpu_installed(tmp_path, tiny_bert, tiny_data):
+  """libtpu on a machine without a TPU: jax skips the TPU (no 'TPU accelerator type' / InitGoogle noise)."""
+  r = jaxft("inspect", *tiny_overrides(tiny_bert, tiny_data, tmp_path / "run"))
+  assert r.returncode == 0, r.stderr[-2000:]
+  for noise in ("TPU", "InitGoogle", "libtpu"):
+    assert noise not in r.stderr, r.stderr[:2000]
+
+
+def test_shapes_weights_refuse_to_train(tmp_path, tiny_bert, tiny_data):
+  r = jaxft("train", *tiny_overrides(tiny_bert, tiny_data, tmp_path / "run"), "model.weights=shapes")
+  assert r.returncode == 2 and "model.weights=shapes" in r.stderr and "jaxft plan" in r.stderr
+
+
+@needs_libtpu
+def test_search_prints_the_fitting_settings_best_first(tmp_path, tiny_llama, sft_data):
+  r = jaxft("plan", *lm_overrides(tiny_llama["tied"], sft_data, tmp_path / "run"), "--topology", "v5e:2x2",
+            "--search", "--json")
+  assert r.returncode == 0, r.stderr[-2000:]
+  results = json.loads(r.stdout)
+  meshes = {tuple(o[:3]) for o in (x["overrides"] for x in results)}
+  assert ("parallel.mesh.data=4", "parallel.mesh.fsdp=1", "parallel.mesh.tensor=1") in meshes  # DP
+  assert ("parallel.mesh.data=1", "parallel.mesh.fsdp=4", "parallel.mesh.tensor=1") in meshes  # FSDP
+  fitting = [x["plan"] for x in results if "plan" in x]
+  assert fitting and all(p["fits"] for p in fitting)
+  speeds = [p["examples_per_s_per_chip"] for p in fitting]
+  assert speeds == sorted(speeds, reverse=True)
+  # a tiny model fits everywhere without recomputation: remat is never tried
+  assert all("model.remat=none" in x["overrides"] for x in results)
