@@ -79,7 +79,8 @@ def main(argv=None) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   os.environ.setdefault("USE_TORCH", "0")  # transformers would import an installed torch (1.3 s, its threads)
   from jaxft import runtime
-  runtime.tune_malloc()  # before jax starts its threads
+  if not runtime.accelerator_present():  # a CPU run's step buffers (an accelerator's live in its own memory)
+    runtime.tune_malloc()  # before jax starts its threads
   runtime.quiet_absent_tpu()  # libtpu installed (jaxft plan) on a machine without a TPU
   from rich.console import Console
   console = Console(stderr=True)

@@ -61,7 +61,8 @@ class DataConfig:
   stride: int = 128  # question_answering: context tokens shared by consecutive windows
   max_answer_length: int = 30  # question_answering: longest answer span decoded, in tokens
   sort_window: int = 64  # unpacked train batches per length-sorting window; 1: no sorting (iid batches)
-  workers: int = 1  # threads that make training batches ahead of the step (decoding and augmenting images)
+  workers: Optional[int] = None  # threads that make training batches ahead of the step (decoding and augmenting
+  #                                 images); None: one per core of the host, at most 16
   pack: Optional[bool] = None  # train rows of max_length shared by examples; None: where task and model can
 
 
@@ -421,7 +422,8 @@ def validate(cfg: Config) -> None:
         f"({cfg.data.max_length}), got {buckets}")
   check(len(cfg.data.conll_columns) == 2, "config key 'data.conll_columns' must be [token column, tag column]")
   check(cfg.data.sort_window >= 1, "config key 'data.sort_window' must be >= 1")
-  check(cfg.data.workers >= 1, f"config key 'data.workers' must be >= 1, got {cfg.data.workers}")
+  check(cfg.data.workers is None or cfg.data.workers >= 1,
+        f"config key 'data.workers' must be >= 1 (or null: one per core), got {cfg.data.workers}")
   g = cfg.generate
   check(g.max_new_tokens > 0 and g.temperature >= 0 and 0 < g.top_p <= 1 and (g.eval_examples or 1) > 0,
         f"config keys 'generate.*': max_new_tokens > 0, temperature >= 0, top_p in (0, 1], eval_examples > 0; "

@@ -38,6 +38,7 @@ class Experiment:
   init_params: Callable[[int], dict]  # seed -> initial params (the state holds those of cfg.seed)
   seeds: list[int]  # train.seeds: the replicas' seeds ([]: a plain run); the state then has a replica axis
   own: frozenset  # param paths some phase trains: one copy per replica (the rest are shared)
+  platform: str  # what the steps are compiled for: 'cpu' | 'gpu' | 'tpu' (jaxft plan: the target's)
 
   conventions = property(lambda self: self.backbone.conventions)
   labels = property(lambda self: self.phases[0].labels)  # the first phase's, for single-phase runs
@@ -57,7 +58,7 @@ class Experiment:
       opt_metrics = functools.partial(optim.trust_ratio_metrics, groups=groups)
     step = make_train_step(apply, self.task.loss, phase.tx, phase.labels, phase.cfg.train.dropout, axis_name,
                            self.micro_steps, opt_metrics)
-    return replicas.vectorize_train(step, self.axes(k), replicas.chunk(self.cfg)) if self.seeds else step
+    return replicas.vectorize_train(step, self.axes(k), replicas.chunk(self.cfg, self.platform)) if self.seeds else step
 
   def state_shapes(self, k: int = 0) -> TrainState:
     """ShapeDtypeStructs of one run's (one replica's) train state in phase k."""
@@ -168,12 +169,15 @@ def _head(task, backbone, seed: int):
   return loaded, True
 
 
-def build(cfg, log=print) -> Experiment:
+def build(cfg, log=print, platform: str | None = None) -> Experiment:
+  """platform: what the programs are compiled for (default: this process's devices); some choices differ
+  per platform (models.load, replicas.chunk)."""
+  platform = platform or jax.default_backend()
   source = sources.load(cfg.data, log)
   task_cls = tasks.get(cfg.model.task)
   pooler = task_cls.needs_pooler(cfg, models.pooling_hint(cfg.model))
   models.check_length(cfg.model, cfg.data.max_length, "data.max_length")  # before the weights load
-  backbone = models.load(cfg.model, cfg.seed, cfg.precision.compute, pooler, log)
+  backbone = models.load(cfg.model, cfg.seed, cfg.precision.compute, pooler, log, platform)
   task = task_cls(cfg, backbone, source, log)
   best = cfg.train.best_metric or task.best_metric
   if best not in task.metrics:
@@ -218,7 +222,7 @@ def build(cfg, log=print) -> Experiment:
   buckets = cfg.data.buckets or batching.derived_buckets(cfg.data.max_length)
   exp = Experiment(cfg, backbone, task, splits, phases, None, apply, features, head_apply, buckets, best,
                    best in task.lower_is_better, _packing(cfg.data.pack, task, backbone), init_params, seeds,
-                   replicas.owned(phases))
+                   replicas.owned(phases), platform)
   initial = functools.partial(replicas.initial_state, exp, seeds) if seeds else functools.partial(
       exp.initial_state, cfg.seed)
   exp.state = jax.eval_shape(initial) if abstract else initial()

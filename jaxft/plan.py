@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import re
 import time
 
@@ -26,6 +27,7 @@ import jax
 import numpy as np
 
 from jaxft import chips as chips_lib, parallel, replicas, rules, runtime
+from jaxft.data import batching
 from jaxft.errors import JaxftError
 
 
@@ -79,6 +81,11 @@ class Plan:
   mfu: float  # ESTIMATE: model FLOPs / (step_s x chips x bf16 peak)
   compile_s: float
   notes: list
+  # Feeding the chips: every host makes each whole global batch (and feeds its rows of it)
+  host_workers: int = 0  # data.workers (threads making batches)
+  host_examples_per_s: float = 0.0  # MEASURED on this machine: the training batches' pipeline, no model
+  appetite_examples_per_s: float = 0.0  # ESTIMATE: what the chips take (global batch / estimated step)
+  bottleneck: str = ""  # "chips" | "host input (measured here ...)"
 
 
 class DoesNotFit(JaxftError):
@@ -323,7 +330,7 @@ def plan(cfg, topology: str, slices: int = 1, log=print, quick: bool = False) ->
   cfg = copy.deepcopy(cfg)
   cfg.model.weights = "shapes"
   t0 = time.perf_counter()
-  exp = build(cfg, log)
+  exp = build(cfg, log, platform=devs[0].platform)
   mesh = parallel.make_mesh(cfg.parallel.mesh, devs, slices)
   par = parallel.Parallel(cfg, mesh, exp.conventions.tensor_parallel)
   log(f"plan: {slices} x {topology} ({len(devs)} {spec.name} chips), {parallel.describe(mesh)}")
@@ -361,6 +368,8 @@ def plan(cfg, topology: str, slices: int = 1, log=print, quick: bool = False) ->
 
   steps = sum(p.calls for p in train)
   step_s = sum(p.calls * p.estimate_s for p in train) / steps
+  workers = batching.workers(cfg.data.workers)
+  host = 0.0 if quick else _host_pipeline(_train_shapes(exp, par.batch_shards, 0, 0)[1], workers)
   sources = sorted({p.estimate_source.split(" (")[0] for p in train})
   n, peak = len(devs), max(p.peak_bytes for p in compiler.programs)
   model_flops = sum(p.calls * p.model_flops for p in train) / steps
@@ -372,7 +381,22 @@ def plan(cfg, topology: str, slices: int = 1, log=print, quick: bool = False) ->
       compute_dtype=cfg.precision.compute, programs=compiler.programs, peak_bytes=peak, fits=peak <= spec.hbm_bytes,
       step_s=step_s, step_source=" + ".join(sources), examples_per_s_per_chip=examples / step_s / n,
       trained_tokens_per_s_per_chip=trained / step_s / n, mfu=model_flops / step_s / (n * spec.bf16_flops),
-      compile_s=time.perf_counter() - t0, notes=notes)
+      compile_s=time.perf_counter() - t0, notes=notes, host_workers=workers, host_examples_per_s=host,
+      appetite_examples_per_s=examples / step_s,
+      bottleneck="" if quick else "chips" if host >= examples / step_s else "host input")
+
+
+def _host_pipeline(source, workers: int, seconds: float = 5.0) -> float:
+  """Examples/s of the training batches' pipeline alone (collate, image decoding and augmentation), as
+  `jaxft train` runs it with `workers` threads: timed over up to `seconds` after the first batch."""
+  batches = iter(batching.train_dataset(source, workers))
+  next(batches)  # the threads started
+  t0, examples = time.perf_counter(), 0
+  for batch in batches:
+    examples += int((np.asarray(batch["index"]) >= 0).sum())  # every replica's
+    if time.perf_counter() - t0 > seconds:
+      break
+  return examples / max(time.perf_counter() - t0, 1e-9)
 
 
 def _meshes(n: int, batch: int) -> list[tuple]:
@@ -438,7 +462,6 @@ def _plan_generate(exp, par, target, compiler) -> None:
   """A causal LM's generation loop (sft's evaluation, jaxft generate): eval batches of the longest prompt's
   bucket, generate.max_new_tokens new tokens."""
   from jaxft import generate as gen
-  from jaxft.data import batching
   prompts = exp.splits["validation"].meta.get("prompts")
   longest = max(map(len, prompts)) if prompts else exp.cfg.data.max_length // 2
   P = batching.bucket(longest, batching.derived_buckets(max(longest, 16)))
@@ -490,6 +513,10 @@ def summary(p: Plan) -> str:
            f"ESTIMATED train step {1000 * p.step_s:,.3f} ms ({p.step_source}): {p.examples_per_s_per_chip:,.1f} "
            f"examples/s per chip{tokens}, MFU {100 * p.mfu:.1f}% (model FLOPs over the bf16 peak); compiled in "
            f"{p.compile_s:.0f} s. Estimates from the TPU compiler's cost model, not measurements."]
+  if p.bottleneck:
+    lines.append(f"input: the chips take ~{p.appetite_examples_per_s:,.0f} examples/s (estimate); the batch pipeline "
+                 f"makes {p.host_examples_per_s:,.0f}/s here with {p.host_workers} workers (measured on this machine, "
+                 f"{os.cpu_count()} cores; every host makes the whole global batch): bottleneck {p.bottleneck}")
   return "\n".join(lines + [f"note: {n}" for n in p.notes])
 
 

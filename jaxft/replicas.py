@@ -29,13 +29,13 @@ def seeds_of(cfg) -> list[int]:
   return list(range(cfg.seed, cfg.seed + s)) if isinstance(s, int) else [int(x) for x in s]
 
 
-def chunk(cfg) -> int | None:
+def chunk(cfg, platform: str) -> int | None:
   """Replicas per vmapped call of the train step (train.replica_chunk; null: all of them on an accelerator,
   where one replica leaves it mostly idle, and one at a time on CPU, where a vmapped step is slower than a
   loop of single ones: benchmarks/RESULTS.md)."""
   n = cfg.train.replica_chunk
   if n is None:
-    return 1 if jax.default_backend() == "cpu" else None
+    return 1 if platform == "cpu" else None
   return None if n >= len(seeds_of(cfg)) else n
 
 

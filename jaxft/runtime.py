@@ -5,7 +5,11 @@ munmap when they are freed. XLA's CPU runtime allocates each step's outputs and 
 hundreds of MB of new pages: 93,000 page faults per MiniLM step at [32, 32] (0.36 GB zeroed by the
 kernel), 13% of the step's time (benchmarks/NOTES.md, row 12). `tune_malloc` keeps freed memory in one
 heap for reuse (one arena, no mmap, no trimming): the same step then faults 0 pages. The cost is that
-the process keeps its peak heap until it exits, which a training process does anyway.
+the process keeps its peak heap until it exits, which a training process does anyway. The CLI applies it
+where the steps run on the CPU (no accelerator on the machine).
+
+libtpu installed on a machine without a TPU (for `jaxft plan`) must leave every other verb as it was:
+`quiet_absent_tpu` keeps jax from trying the TPU, and `libtpu_compile_only` quiets libtpu's own start.
 """
 import contextlib
 import ctypes
@@ -47,6 +51,11 @@ def tpu_present() -> bool:
     except OSError:
       continue
   return bool(glob.glob("/dev/accel*"))
+
+
+def accelerator_present() -> bool:
+  """A TPU, or an NVIDIA / AMD GPU (its driver's device files)."""
+  return tpu_present() or bool(glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/kfd"))
 
 
 def quiet_absent_tpu() -> bool:

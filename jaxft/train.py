@@ -111,7 +111,7 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
   eval_step = par.compile_eval(exp.eval_step(axis), targets[0])
   source = (replicas.Batches([exp.train_batches(par.batch_shards, parallel.process_rows, s) for s in exp.seeds])
             if exp.seeds else exp.train_batches(par.batch_shards, parallel.process_rows))
-  dataset = batching.train_dataset(source, cfg.data.workers)
+  dataset = batching.train_dataset(source, batching.workers(cfg.data.workers))
   batches = iter(dataset)
   if data_state is not None:
     batches.set_state(data_state)

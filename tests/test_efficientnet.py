@@ -88,3 +88,20 @@ def test_frozen_batchnorm_uses_and_keeps_running_statistics():
     frozen_out = stem.apply(sv, x, True, mutable=["batch_stats"])[0]
   np.testing.assert_allclose(frozen_out, stem.apply(sv, x, False), rtol=1e-6)
   assert not np.allclose(stem.apply(sv, x, True, mutable=["batch_stats"])[0], frozen_out)
+
+
+@pytest.mark.parametrize("kernel,stride", [(3, 1), (5, 2)])
+def test_depthwise_shifted_copies_equal_grouped_convolution(kernel, stride):
+  """CPU computes depthwise convolutions as shifted copies, accelerators as XLA's grouped convolution
+  (models.load picks by platform): the same outputs and gradients."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 10, 6))
+  params = E.DepthwiseConv(kernel, stride).init(jax.random.PRNGKey(1), x)
+
+  def f(shifted):
+    conv = E.DepthwiseConv(kernel, stride, shifted)
+    return jax.value_and_grad(lambda p, x: jnp.sum(conv.apply(p, x) ** 2), argnums=(0, 1))(params, x)
+
+  (a, grads_a), (b, grads_b) = f(True), f(False)
+  assert a == pytest.approx(float(b), rel=1e-5)
+  for ga, gb in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+    assert jnp.allclose(ga, gb, rtol=1e-4, atol=1e-5)

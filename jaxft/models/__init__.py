@@ -8,7 +8,7 @@ from jaxft.models.base import Backbone, max_positions, tokenizer_path
 
 FAMILIES = {"bert": bert}  # model_type -> provider module with supports(config), load(ckpt, mcfg, ...), CONVENTIONS
 # Provider modules that read their checkpoints themselves: claims(path, impl), max_length(path),
-# load(path, mcfg, dtype, seed), MODEL_TYPE, CONVENTIONS.
+# load(path, mcfg, dtype, seed, platform), MODEL_TYPE, CONVENTIONS.
 OWN_FORMAT = (efficientnet, llama)
 
 
@@ -35,15 +35,17 @@ def check_length(mcfg, length: int, what: str) -> None:
     raise JaxftError(f"{what}={length} is longer than {path} has position embeddings for ({limit})")
 
 
-def load(mcfg, seed: int, compute_dtype: str = "float32", pooler: bool = False, log=print) -> Backbone:
+def load(mcfg, seed: int, compute_dtype: str = "float32", pooler: bool = False, log=print, platform: str = "cpu"
+         ) -> Backbone:
   """The backbone named by `mcfg.name`: jaxft's implementation of its family where it has one and
-  `mcfg.impl` allows it (auto | jaxft), else transformers' Flax module."""
+  `mcfg.impl` allows it (auto | jaxft), else transformers' Flax module. platform: what its programs are
+  compiled for ('cpu', 'gpu', 'tpu'), where a family computes differently per platform."""
   path = assets.resolve(mcfg.name)
   if (own := own_format(path, mcfg.impl)) is not None:
     if mcfg.impl == "transformers":
       raise JaxftError(f"model.impl=transformers: only jaxft's {own.MODEL_TYPE} module reads {path}; use "
                        f"model.impl=auto")
-    backbone, report = own.load(path, mcfg, compute_dtype, seed)
+    backbone, report = own.load(path, mcfg, compute_dtype, seed, platform)
     log(f"loaded {own.MODEL_TYPE} from {path} (jaxft module): {report}")
     return backbone
   config = hf_checkpoint.read_config(path)

@@ -65,17 +65,22 @@ def _bn(train: bool, name: str):
 
 
 class DepthwiseConv(nn.Module):
-  """Depthwise k x k convolution with TF "SAME" padding, computed as k * k shifted, channel-scaled copies of
-  the input: XLA fuses them into one loop, 4-18x faster on CPU (forward and backward) than its grouped
-  convolution (benchmarks/NOTES.md); the same numbers to float rounding. Kernel [k, k, 1, C] as nn.Conv's."""
+  """Depthwise k x k convolution with TF "SAME" padding. shifted: as k * k shifted, channel-scaled copies of
+  the input, which XLA fuses into one loop, 4-18x faster on CPU (forward and backward) than its grouped
+  convolution (benchmarks/NOTES.md); else XLA's grouped convolution, which accelerators run natively (the
+  TPU compiler's estimates: benchmarks/RESULTS.md). The same numbers to float rounding. Kernel [k, k, 1, C]."""
   kernel: int
   stride: int
+  shifted: bool = True
 
   @nn.compact
   def __call__(self, x_BxHxWxC):
     k, s = self.kernel, self.stride
     _, H, W, C = x_BxHxWxC.shape
     w_KxKx1xC = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, C)).astype(x_BxHxWxC.dtype)
+    if not self.shifted:
+      return jax.lax.conv_general_dilated(x_BxHxWxC, w_KxKx1xC, (s, s), "SAME", feature_group_count=C,
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
     oh, ow = -(-H // s), -(-W // s)
     ph, pw = max((oh - 1) * s + k - H, 0), max((ow - 1) * s + k - W, 0)
     xp = jnp.pad(x_BxHxWxC, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
@@ -94,6 +99,7 @@ class MBConv(nn.Module):
   cin: int
   cout: int
   drop_rate: float
+  shifted: bool = True
 
   @nn.compact
   def __call__(self, x_BxHxWxC, train: bool):
@@ -102,7 +108,7 @@ class MBConv(nn.Module):
     if self.expansion != 1:
       h = nn.Conv(mid, (1, 1), use_bias=False, name="expand_conv")(h)
       h = jax.nn.relu6(_bn(train, "bn0")(h))
-    h = DepthwiseConv(self.kernel, self.stride, name="depthwise_conv")(h)
+    h = DepthwiseConv(self.kernel, self.stride, self.shifted, name="depthwise_conv")(h)
     h = jax.nn.relu6(_bn(train, "bn1")(h))
     h = _bn(train, "bn2")(nn.Conv(self.cout, (1, 1), use_bias=False, name="project_conv")(h))
     if self.stride == 1 and self.cin == self.cout:
@@ -130,25 +136,28 @@ class Blocks(nn.Module):
   """The MBConv blocks in order, named 0, 1, ... (`blocks/{i}/...`)."""
   variant: str
   drop_connect: float
+  shifted: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool):
     spec = blocks(self.variant)
     for i, (k, s, e, cin, cout) in enumerate(spec):
-      x = MBConv(k, s, e, cin, cout, self.drop_connect * i / len(spec), name=str(i))(x, train)
+      x = MBConv(k, s, e, cin, cout, self.drop_connect * i / len(spec), self.shifted, name=str(i))(x, train)
     return x
 
 
 class EfficientNetLite(nn.Module):
-  """(final feature map [B, h, w, 1280], its spatial mean [B, 1280])."""
+  """(final feature map [B, h, w, 1280], its spatial mean [B, 1280]); shifted: how depthwise convolutions
+  compute (DepthwiseConv: shifted copies on CPU, grouped convolutions on accelerators)."""
   variant: str = "efficientnet-lite0"
   drop_connect: float = 0.2
   dtype: jnp.dtype = jnp.float32
+  shifted: bool = True
 
   @nn.compact
   def __call__(self, x_BxHxWx3, train: bool = False):
     x = ConvBN(32, 3, 2, name="stem")(x_BxHxWx3.astype(self.dtype), train)
-    x = Blocks(self.variant, self.drop_connect, name="blocks")(x, train)
+    x = Blocks(self.variant, self.drop_connect, self.shifted, name="blocks")(x, train)
     x = ConvBN(1280, 1, 1, name="head")(x, train)
     return x, x.astype(jnp.float32).mean((1, 2))
 
@@ -281,9 +290,11 @@ def _pretrained(path: Path, mcfg, seed: int):
   return params, stats, variant, unused
 
 
-def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0) -> tuple[Backbone, str]:
+def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0, platform: str = "cpu"
+         ) -> tuple[Backbone, str]:
   """(the Backbone, a one-line report) from the checkpoint at `path`; model.image_size sets the resolution,
-  model.weights=random keeps only its architecture (flax's initialisers, seeded; statistics 0 / 1)."""
+  model.weights=random keeps only its architecture (flax's initialisers, seeded; statistics 0 / 1).
+  platform: what the programs are compiled for (depthwise convolutions as shifted copies on CPU only)."""
   if mcfg.weights == "shapes":  # the architecture only: a saved directory's variant, no weights read
     variant = _variant(path) if path.is_dir() else read(path)[1]
     init = EfficientNetLite(variant).init
@@ -293,7 +304,7 @@ def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0) -> tup
     params, stats, variant, unused = _pretrained(path, mcfg, seed)
   width, depth, resolution, dropout = VARIANTS[variant]
   size = mcfg.image_size or resolution
-  module = EfficientNetLite(variant, 0.2, jnp.dtype(compute_dtype))
+  module = EfficientNetLite(variant, 0.2, jnp.dtype(compute_dtype), shifted=platform == "cpu")
 
   def apply(params, batch, train=False, rng=None, state=None, frozen_bn=frozenset()):
     x_BxHxWx3 = (batch["image"].astype(jnp.float32) - MEAN) / STD

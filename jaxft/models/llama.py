@@ -365,7 +365,8 @@ def read_weights(path: Path) -> tuple[dict, str]:
   return weights, f"{file.name} (flax names)"
 
 
-def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0) -> tuple[Backbone, str]:
+def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0, platform: str = "cpu"
+         ) -> tuple[Backbone, str]:
   """(the Backbone, a one-line report) of the Llama checkpoint at `path`."""
   from flax import traverse_util
   path = Path(path)
