@@ -25,6 +25,8 @@ class ModelConfig:
   #                                       | image_classification | causal_lm | sft
   pooling: str = "auto"  # sequence_classification: mean | cls (pooler or first token) | auto (the checkpoint's)
   remat: str = "none"  # none | block: recompute each transformer block in the backward pass
+  scan_layers: bool = False  # llama: the blocks as one scanned body (compiles once, not once per block)
+  layers: Optional[int] = None  # with weights=shapes: this many blocks instead of the config's (jaxft plan)
   impl: str = "auto"  # jaxft (own encoder, BERT family) | transformers (its Flax class) | auto: jaxft where it can
   weights: str = "pretrained"  # pretrained | random: the same network freshly initialised (what pretraining is worth)
   #                               | shapes: the architecture's shapes only, no weights read (jaxft plan, inspect)
@@ -390,6 +392,11 @@ def validate(cfg: Config) -> None:
         f"config key 'data.crop_scale' must be [min, max] area fractions in (0, 1], got {scale}")
   check(0 <= cfg.train.label_smoothing < 1,
         f"config key 'train.label_smoothing' must be in [0, 1), got {cfg.train.label_smoothing}")
+  check(not (cfg.model.scan_layers and (cfg.lora.targets or cfg.lora.preset)),
+        "config key 'model.scan_layers' does not take LoRA adapters yet (they are found per block); set "
+        "model.scan_layers=false")
+  check(cfg.model.layers is None or (cfg.model.weights == "shapes" and cfg.model.layers >= 1),
+        f"config key 'model.layers' sets a depth of model.weights=shapes models only (>= 1), got {cfg.model.layers}")
   check(cfg.model.remat in ("none", "block"),
         f"config key 'model.remat' must be none or block, got {cfg.model.remat!r}")
   for key in ("compute", "params"):

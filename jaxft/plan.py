@@ -187,6 +187,50 @@ def collectives(hlo: str) -> dict:
   return {k: v for k, v in sorted(totals.items())}
 
 
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis() or {}
+  return dict(cost[0] if isinstance(cost, (list, tuple)) else cost)
+
+
+class _Depth:
+  """The cost of scanned blocks (model.scan_layers): the TPU cost model counts a while loop's body once, so a
+  scanned step's flops, bytes and time are those of one block plus the rest. Compiling the same program for
+  1 and 2 unrolled blocks gives the rest and one block; the whole step's are rest + L blocks. Memory stays
+  the scanned program's own."""
+
+  def __init__(self, cfg, devs, slices: int, layers: int):
+    self.cfg, self.devs, self.slices, self.layers, self.built = cfg, devs, slices, layers, {}
+
+  def _program(self, depth: int, kind: str, k: int):
+    if depth not in self.built:
+      from jaxft import config as config_lib
+      from jaxft.experiment import build
+      cfg = config_lib.override(self.cfg, [f"model.layers={depth}", "model.scan_layers=false"])
+      exp = build(cfg, lambda *a, **kw: None, platform=self.devs[0].platform)
+      par = parallel.Parallel(cfg, parallel.make_mesh(cfg.parallel.mesh, self.devs, self.slices),
+                              exp.conventions.tensor_parallel)
+      self.built[depth] = (exp, par)
+    exp, par = self.built[depth]
+    target = (replicas.abstract_state(par, exp.state_shapes(k), exp.own, len(exp.seeds)) if exp.seeds else
+              par.abstract_state(exp.state_shapes(k)))
+    if kind == "train":
+      return par.compile_train(exp.train_step(k, cached=exp.phases[k].cfg.train.cache_features), target), target
+    return par.compile_eval(exp.eval_step(), target), target
+
+  def cost(self, kind: str, k: int, batch) -> tuple[dict, str]:
+    costs = []
+    for depth in (1, 2):
+      step, target = self._program(depth, kind, k)
+      args = (target, batch) if kind == "train" else (target.params, target.model_state, batch)
+      costs.append(_cost(step.lower(*args).compile()))
+    one, two = costs
+    out = {key: one[key] + (self.layers - 1) * (two[key] - one[key]) for key in ("flops", "bytes accessed")}
+    if all(c.get("optimal_seconds", -1) > 0 for c in costs):
+      out["optimal_seconds"] = one["optimal_seconds"] + (self.layers - 1) * (two["optimal_seconds"]
+                                                                           - one["optimal_seconds"])
+    return out, f", scanned blocks: from 1- and 2-block compiles x {self.layers} blocks"
+
+
 def _chip_bytes(tree) -> int:
   """Bytes of one chip's shards of a tree of sharded ShapeDtypeStructs."""
   return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
@@ -224,8 +268,9 @@ class _Compiler:
   def __init__(self, cfg, spec, log):
     self.cfg, self.spec, self.log, self.programs = cfg, spec, log, []
 
-  def __call__(self, name, lower, calls, state=None, batch=None, model_flops=0.0, shape="") -> Program:
-    """lower(): the program lowered with abstract arguments; batch: a real batch of its shape."""
+  def __call__(self, name, lower, calls, state=None, batch=None, model_flops=0.0, shape="", cost=None) -> Program:
+    """lower(): the program lowered with abstract arguments; batch: a real batch of its shape; cost(): the
+    program's (cost analysis, how it was found) where the compiled program's own undercounts it."""
     shape = shape or _shape(batch)
     t = time.perf_counter()
     params, opt = (_chip_bytes(state.params), _chip_bytes(state.replace(params={}))) if state is not None else (0, 0)
@@ -240,11 +285,13 @@ class _Compiler:
                        f"{why[:300]}; per chip: params {_gib(params)}, optimizer state {_gib(opt)}"
                        + _suggest(self.cfg, params + opt, self.spec.hbm_bytes)) from None
     compile_s = time.perf_counter() - t
-    mem, cost = compiled.memory_analysis(), compiled.cost_analysis() or {}
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    mem, cost, cost_of = compiled.memory_analysis(), _cost(compiled), cost
     peak = getattr(mem, "peak_memory_in_bytes", 0) or (mem.argument_size_in_bytes + mem.output_size_in_bytes
                                                        - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
     peak += mem.generated_code_size_in_bytes
+    how = ""
+    if cost_of is not None:
+      cost, how = cost_of()
     flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
     reported = cost.get("optimal_seconds")
     roofline = max(flops / self.spec.bf16_flops, accessed / self.spec.hbm_bytes_per_s)
@@ -254,6 +301,7 @@ class _Compiler:
       why = ("absent" if reported is None else f"{reported:.3g} s is below the roofline bound" if reported > 0
              else f"{reported:.3g} s")
       estimate, source = roofline, f"roofline (compiler estimate {why})"
+    source += how
     from jaxft import bench
     examples = tokens = trained = 0
     if batch is not None:
@@ -266,7 +314,7 @@ class _Compiler:
                       accessed, None if reported is None else float(reported), estimate, source,
                       collectives(compiled.as_text()), examples, tokens, trained, model_flops)
     self.log(f"  {name} [{shape}] x{calls}: peak {_gib(peak)} per chip, {flops / 1e9:,.1f} GFLOP, "
-             f"~{1000 * estimate:.3g} ms ({source.split(' ')[0]} estimate), compiled in {compile_s:.1f} s")
+             f"~{1000 * estimate:.3g} ms ({source.split(' (')[0].split(',')[0]} estimate), compiled in {compile_s:.1f} s")
     if peak > self.spec.hbm_bytes:
       raise DoesNotFit(f"{name} [{shape}] does not fit a {self.spec.name} chip: its peak is {_gib(peak)} per chip, "
                        f"the chip has {_gib(self.spec.hbm_bytes)} (params {_gib(params)}, optimizer state "
@@ -335,6 +383,7 @@ def plan(cfg, topology: str, slices: int = 1, log=print, quick: bool = False) ->
   par = parallel.Parallel(cfg, mesh, exp.conventions.tensor_parallel)
   log(f"plan: {slices} x {topology} ({len(devs)} {spec.name} chips), {parallel.describe(mesh)}")
   compiler, notes = _Compiler(cfg, spec, log), []
+  depth = _Depth(cfg, devs, slices, exp.backbone.num_layers) if cfg.model.scan_layers else None
   start, train = 0, []
   targets = []
   for k, phase in enumerate(exp.phases):
@@ -356,13 +405,15 @@ def plan(cfg, topology: str, slices: int = 1, log=print, quick: bool = False) ->
       flops = _model_flops(exp, shapes.params, batch) if not cached else 0.0
       abstract = _abstract(batch, par.train_batch_sharding)
       name = "train" if len(exp.phases) == 1 else f"train {phase.name}"
-      train.append(compiler(name, lambda: step.lower(target, abstract), count, target, batch, flops))
+      cost = (lambda: depth.cost("train", k, abstract)) if depth else None
+      train.append(compiler(name, lambda: step.lower(target, abstract), count, target, batch, flops, cost=cost))
     start += phase.max_steps
 
   eval_step = par.compile_eval(exp.eval_step(), targets[0])
   for _, (count, batch) in () if quick else _eval_shapes(exp, "validation").items():
     args = (targets[0].params, targets[0].model_state, _abstract(batch, par.batch_sharding))
-    compiler("eval", lambda: eval_step.lower(*args), count, batch=batch)
+    cost = (lambda: depth.cost("eval", 0, args[2])) if depth else None
+    compiler("eval", lambda: eval_step.lower(*args), count, batch=batch, cost=cost)
   if not quick and (exp.task.generates or exp.backbone.new_cache is not None):
     _plan_generate(exp, par, targets[-1], compiler)
 
@@ -370,7 +421,7 @@ def plan(cfg, topology: str, slices: int = 1, log=print, quick: bool = False) ->
   step_s = sum(p.calls * p.estimate_s for p in train) / steps
   workers = batching.workers(cfg.data.workers)
   host = 0.0 if quick else _host_pipeline(_train_shapes(exp, par.batch_shards, 0, 0)[1], workers)
-  sources = sorted({p.estimate_source.split(" (")[0] for p in train})
+  sources = sorted({p.estimate_source.split(" (")[0].split(",")[0] for p in train})
   n, peak = len(devs), max(p.peak_bytes for p in compiler.programs)
   model_flops = sum(p.calls * p.model_flops for p in train) / steps
   examples = cfg.train.batch_size * max(1, len(exp.seeds))

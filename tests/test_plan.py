@@ -162,3 +162,37 @@ def test_search_prints_the_fitting_settings_best_first(tmp_path, tiny_llama, sft
   assert speeds == sorted(speeds, reverse=True)
   # a tiny model fits everywhere without recomputation: remat is never tried
   assert all("model.remat=none" in x["overrides"] for x in results)
+
+
+@needs_libtpu
+def test_scanned_blocks_cost_the_whole_step(tmp_path, sft_data):
+  """model.scan_layers: the TPU cost model counts a scanned body once; plan extrapolates the whole step's
+  flops from 1- and 2-block compiles, close to what the unrolled program counts."""
+  from conftest import make_tiny_llama
+  from jaxft.config import load_config
+  model = make_tiny_llama(tmp_path / "deep", num_hidden_layers=6)
+  base = lm_overrides(model, sft_data, tmp_path / "run") + ("train.micro_batch_size=null",)
+  unrolled, scanned = (_plan(load_config(None, base + (f"model.scan_layers={s}",)), "v5e:2x2") for s in ("false", "true"))
+  u, s = unrolled.programs[0], scanned.programs[0]
+  assert s.name == u.name == "train" and s.estimate_source.endswith("scanned blocks: from 1- and 2-block compiles x 6 blocks")
+  assert s.flops == pytest.approx(u.flops, rel=0.03)
+  assert s.estimate_s == pytest.approx(u.estimate_s, rel=0.5)
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_llama_8b_shape_plans_on_a_v5p_slice(tmp_path, tiny_llama, sft_data):
+  """No weights: the 8B config alone, FSDP over 4 v5p chips, blocks scanned (train step only: --search's
+  quick plan). Per chip: a quarter of the 8.03B f32 params, twice that of AdamW state."""
+  from jaxft import plan
+  from jaxft.config import load_config
+  cfg = load_config(None, lm_overrides("configs/shapes/llama-3.1-8b", sft_data, tmp_path / "run") + (
+      f"model.tokenizer={tiny_llama['tied']}", "parallel.mesh.fsdp=-1", "parallel.mesh.data=1",
+      "precision.compute=bfloat16", "model.remat=block", "model.scan_layers=true"))
+  p = plan.plan(cfg, "v5p:2x2x1", log=lambda *a, **k: None, quick=True)
+  train = p.programs[0]
+  n = 8_030_261_248  # Llama-3.1-8B's params
+  assert p.fits and train.params_bytes == pytest.approx(4 * n / 4, rel=0.01)
+  assert train.opt_bytes == pytest.approx(2 * train.params_bytes, rel=0.01)
+  tokens = 8 * 64  # rows x length of the step's batch
+  assert 6 * n * tokens < train.flops * 4 < 10 * n * tokens  # 6N per token, plus the recomputed forward

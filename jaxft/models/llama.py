@@ -168,12 +168,20 @@ class Layer(nn.Module):
 
 
 class Layers(nn.Module):
+  """The blocks, params `layers/0`, `layers/1`, ... (transformers' names). scan (model.scan_layers), in training
+  and evaluation: their params stacked and the blocks run as one jax.lax.scan body, which compiles once
+  instead of once per block (the TPU compiler takes minutes on a deep model's unrolled step). It costs a copy
+  of the blocks' params in the step, and the backward pass then computes every block's gradients, frozen
+  ones too."""
   config: object
   dtype: jnp.dtype
   remat: bool
+  scan: bool = False
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, visible, caches):
+    if self.scan and caches is None and not self.is_initializing():
+      return self.scanned(x_BxLxD, positions_BxL, visible), None
     block = nn.remat(Layer) if self.remat else Layer
     out = []
     for i in range(self.config.num_hidden_layers):
@@ -182,12 +190,23 @@ class Layers(nn.Module):
       out.append(cache)
     return x_BxLxD, None if caches is None else out
 
+  def scanned(self, x_BxLxD, positions_BxL, visible):
+    n, layers = self.config.num_hidden_layers, self.variables["params"]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[layers[str(i)] for i in range(n)])
+    layer = Layer(self.config, self.dtype, parent=None)
+
+    def body(x_BxLxD, params):
+      return layer.apply({"params": params}, x_BxLxD, positions_BxL, visible, None)[0], None
+
+    return jax.lax.scan(jax.checkpoint(body) if self.remat else body, x_BxLxD, stacked)[0]
+
 
 class Model(nn.Module):
   """transformers' FlaxLlamaModule: ids -> final-norm hidden states [B, L, D] (and the KV caches)."""
   config: object
   dtype: jnp.dtype
   remat: bool = False
+  scan: bool = False
 
   @nn.compact
   def __call__(self, ids_BxL, positions_BxL, visible, caches=None):
@@ -195,7 +214,8 @@ class Model(nn.Module):
     embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, name="embed_tokens",
                      embedding_init=jax.nn.initializers.normal(c.initializer_range))
     x_BxLxD = embed(ids_BxL)
-    x_BxLxD, caches = Layers(c, self.dtype, self.remat, name="layers")(x_BxLxD, positions_BxL, visible, caches)
+    x_BxLxD, caches = Layers(c, self.dtype, self.remat, self.scan, name="layers")(x_BxLxD, positions_BxL, visible,
+                                                                                  caches)
     return RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x_BxLxD), caches, embed
 
 
@@ -205,11 +225,12 @@ class CausalLM(nn.Module):
   config: object
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
+  scan: bool = False  # Layers.scan
 
   @nn.compact
   def __call__(self, ids_BxL, positions_BxL, visible, caches=None, logit_positions_BxP=None):
-    h_BxLxD, caches, embed = Model(self.config, self.dtype, self.remat, name="model")(ids_BxL, positions_BxL,
-                                                                                       visible, caches)
+    h_BxLxD, caches, embed = Model(self.config, self.dtype, self.remat, self.scan, name="model")(
+        ids_BxL, positions_BxL, visible, caches)
     h_BxPxD = (h_BxLxD if logit_positions_BxP is None else
                jnp.take_along_axis(h_BxLxD, logit_positions_BxP[..., None], axis=1))
     if self.config.tie_word_embeddings:
@@ -371,11 +392,13 @@ def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0, platfo
   from flax import traverse_util
   path = Path(path)
   config = read_config(path)
+  if mcfg.layers:  # a shapes-only variant of another depth (jaxft plan)
+    config.num_hidden_layers = mcfg.layers
   if not supports(config):
     raise JaxftError(f"{path}: jaxft's llama module does not compute this config (hidden_act "
                      f"{config.hidden_act!r}, rope_scaling {getattr(config, 'rope_scaling', None)}); "
                      f"use model.impl=transformers")
-  module = CausalLM(config, jnp.dtype(compute_dtype), mcfg.remat == "block")
+  module = CausalLM(config, jnp.dtype(compute_dtype), mcfg.remat == "block", mcfg.scan_layers)
   ids = jnp.zeros((1, 1), jnp.int32)
   shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(seed), ids, ids, visibility({"input_ids": ids})))
   expected = traverse_util.flatten_dict(shapes["params"], sep="/")
