@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft import chips, models, parallel, rules
+from jaxft import chips, models, parallel, replicas, rules
 from jaxft.data import batching
 from jaxft.experiment import build
 
@@ -118,21 +118,24 @@ def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data
   length = exp.backbone.processor.size if images else length
   tcfg, phase = cfg.train, exp.phases[0]
   par = parallel.Parallel(cfg, parallel.make_mesh(cfg.parallel.mesh), exp.conventions.tensor_parallel)
-  target = par.abstract_state(exp.state)
+  lanes = max(1, len(exp.seeds))  # train.seeds: every replica trains on (here) the same batch in one step
+  target = (replicas.abstract_state(par, exp.state_shapes(0), exp.own, lanes) if exp.seeds else
+            par.abstract_state(exp.state))
   state = par.put_state(exp.state, target)
   step = par.compile_train(exp.train_step(0, "batch" if par.pmap else None), target)
   rows = parallel.process_rows(tcfg.batch_size)
   if data == "synthetic":
     host = [{k: v[rows] for k, v in synthetic_batch(exp, tcfg.batch_size, length, i).items()} for i in range(4)]
-    source = lambda i: host[i % len(host)]  # noqa: E731
+    made = lambda i: host[i % len(host)]  # noqa: E731
   else:
-    source = real_batches(exp, tcfg.batch_size, length, warmup + steps, rows)
+    made = real_batches(exp, tcfg.batch_size, length, warmup + steps, rows)
+  stack = (lambda b: replicas.stack_batches([b] * lanes)) if exp.seeds else (lambda b: b)  # noqa: E731
 
   t0 = time.perf_counter()
   if par.pmap:  # pmap compiles on its first call
-    compiled, first = step, par.put_batch(source(0))
+    compiled, first = step, par.put_batch(stack(made(0)), train=True)
   else:
-    first = par.put_batch(source(0))
+    first = par.put_batch(stack(made(0)), train=True)
     compiled = step.lower(state, first).compile()
   compile_s = time.perf_counter() - t0
   xla_flops = 0.0
@@ -153,11 +156,11 @@ def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data
     jax.block_until_ready((state, metrics))
     step_times.append(time.perf_counter() - t)
     t = time.perf_counter()
-    host_batch = source(i + 1)
-    batch = par.put_batch(host_batch)
+    host_batch = made(i + 1)
+    batch = par.put_batch(stack(host_batch), train=True)
     jax.block_until_ready(batch)
     if i + 1 >= warmup:
-      trained.append(trained_tokens(host_batch))
+      trained.append(lanes * trained_tokens(host_batch))
     host_times.append(time.perf_counter() - t)
   if par.pmap:
     compile_s += step_times[0]  # pmap compiled inside its first step
@@ -172,19 +175,21 @@ def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data
   peak, peak_source = spec_peak(kind, dtype), "spec sheet"
   if peak is None or jax.default_backend() == "cpu":
     peak, peak_source = matmul_peak(dtype), "jnp.dot measured in this run"
-  params = rules.flat(target.params)
-  n_train = rules.count(rules.split(target.params, phase.labels, "train")[0])
-  flops = xla_flops or analytic_flops(params, exp.backbone, tcfg.batch_size, length)
-  analytic = analytic_flops(params, exp.backbone, tcfg.batch_size, length)
-  all_tokens = tcfg.batch_size * (1 if images else length)
+  single = exp.state_shapes(0).params  # one replica's
+  params = rules.flat(single)
+  n_train = rules.count(rules.split(single, phase.labels, "train")[0])
+  analytic = lanes * analytic_flops(params, exp.backbone, tcfg.batch_size, length)
+  flops = xla_flops or analytic
+  all_tokens = lanes * tcfg.batch_size * (1 if images else length)
   trained_per_step = float(np.mean(trained)) if trained else float(all_tokens)
   return Result(
       config=name, device=kind, devices=jax.device_count(), dtype=dtype, batch_size=tcfg.batch_size,
-      length=length, data=data, trainable_params=n_train, params=rules.count(target.params),
+      length=length, data=data, trainable_params=n_train, params=rules.count(single),
       compile_s=compile_s, step_ms_median=1000 * median,
       step_ms_p10=1000 * float(np.percentile(timed, 10)), step_ms_p90=1000 * float(np.percentile(timed, 90)),
       host_ms_median=1000 * float(np.median(host_times[warmup:])),
-      examples_per_s=tcfg.batch_size / median, tokens_per_s=0.0 if images else tcfg.batch_size * length / median,
+      examples_per_s=lanes * tcfg.batch_size / median,
+      tokens_per_s=0.0 if images else lanes * tcfg.batch_size * length / median,
       trained_tokens_per_step=0.0 if images else trained_per_step,
       trained_tokens_per_s=0.0 if images else trained_per_step / median,
       xla_flops_per_step=xla_flops, analytic_flops_per_step=analytic,

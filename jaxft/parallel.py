@@ -7,6 +7,7 @@
 
 `train.batch_size` is always the global batch; each host feeds its rows of it.
 """
+import contextvars
 import os
 
 import jax
@@ -103,6 +104,29 @@ def state_specs(state, pspecs):
                        noise=None if state.noise is None else P())
 
 
+_BATCH_SHARDING = contextvars.ContextVar("batch_sharding", default=None)
+
+
+def shard_batch(x):
+  """Activations [B, ...] pinned to the mesh's batch axes (data, fsdp), inside a step that Parallel compiles
+  (elsewhere x as is). Model families call it on their residual stream at each block: without it, XLA's
+  partitioner may keep FSDP-sharded weights where they are and move activations instead (a 64-chip
+  Llama-3.1-8B step: 964 GB of all-reduces and 66 GiB per chip, benchmarks/RESULTS.md)."""
+  sharding = _BATCH_SHARDING.get()
+  return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
+def _on_mesh(step, sharding):
+  """`step`, traced with shard_batch pinning activations to `sharding`."""
+  def traced(*args):
+    token = _BATCH_SHARDING.set(sharding)
+    try:
+      return step(*args)
+    finally:
+      _BATCH_SHARDING.reset(token)
+  return traced
+
+
 class Parallel:
   """Holds the mesh and turns the pure steps into compiled, sharded (or pmapped) ones."""
 
@@ -160,7 +184,7 @@ class Parallel:
     if self.pmap:
       return jax.pmap(train_step, axis_name="batch", donate_argnums=0)
     shardings = _shardings_of(target)
-    return jax.jit(train_step, in_shardings=(shardings, self.train_batch_sharding),
+    return jax.jit(_on_mesh(train_step, self.batch_sharding), in_shardings=(shardings, self.train_batch_sharding),
                    out_shardings=(shardings, NamedSharding(self.mesh, P())), donate_argnums=0)
 
   def compile_eval(self, eval_step, target):
@@ -168,7 +192,8 @@ class Parallel:
     if self.pmap:
       return jax.pmap(eval_step, axis_name="batch")
     shardings = _shardings_of(target)
-    return jax.jit(eval_step, in_shardings=(shardings.params, shardings.model_state, self.batch_sharding),
+    return jax.jit(_on_mesh(eval_step, self.batch_sharding),
+                   in_shardings=(shardings.params, shardings.model_state, self.batch_sharding),
                    out_shardings=NamedSharding(self.mesh, P()))
 
   def metrics(self, m):

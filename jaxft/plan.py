@@ -192,43 +192,74 @@ def _cost(compiled) -> dict:
   return dict(cost[0] if isinstance(cost, (list, tuple)) else cost)
 
 
-class _Depth:
-  """The cost of scanned blocks (model.scan_layers): the TPU cost model counts a while loop's body once, so a
-  scanned step's flops, bytes and time are those of one block plus the rest. Compiling the same program for
-  1 and 2 unrolled blocks gives the rest and one block; the whole step's are rest + L blocks. Memory stays
-  the scanned program's own."""
+class _Loops:
+  """The whole cost of programs with loops: the TPU cost model counts a while loop's body once, so a step
+  that scans its blocks (model.scan_layers, L of them) or its micro-batches (train.micro_batch_size, k of them)
+  reports the cost of one block or micro-batch plus the rest. The same program compiled without those loops
+  at 1 and 2 blocks (and 1 and 2 micro-batches) gives the rest and one of each; the whole step's cost is
+  extrapolated to L blocks and k micro-batches (bilinearly where both loop). Memory stays the program's own."""
 
-  def __init__(self, cfg, devs, slices: int, layers: int):
-    self.cfg, self.devs, self.slices, self.layers, self.built = cfg, devs, slices, layers, {}
+  def __init__(self, cfg, devs, slices: int, layers: int | None, micro_steps: int):
+    self.cfg, self.devs, self.slices, self.built = cfg, devs, slices, {}
+    self.layers, self.micro = layers, micro_steps
 
-  def _program(self, depth: int, kind: str, k: int):
-    if depth not in self.built:
+  def _program(self, depth, micro, kind: str, k: int):
+    key = (depth, micro if kind == "train" else None)
+    if key not in self.built:
       from jaxft import config as config_lib
       from jaxft.experiment import build
-      cfg = config_lib.override(self.cfg, [f"model.layers={depth}", "model.scan_layers=false"])
+      overrides = [f"model.layers={depth}", "model.scan_layers=false"] if depth else []
+      if key[1]:  # m micro-batches' rows in one batch, without accumulation (no loop)
+        overrides += [f"train.batch_size={micro * self.cfg.train.micro_batch_size}", "train.micro_batch_size=null"]
+      cfg = config_lib.override(self.cfg, overrides)
       exp = build(cfg, lambda *a, **kw: None, platform=self.devs[0].platform)
       par = parallel.Parallel(cfg, parallel.make_mesh(cfg.parallel.mesh, self.devs, self.slices),
                               exp.conventions.tensor_parallel)
-      self.built[depth] = (exp, par)
-    exp, par = self.built[depth]
+      self.built[key] = (exp, par)
+    exp, par = self.built[key]
     target = (replicas.abstract_state(par, exp.state_shapes(k), exp.own, len(exp.seeds)) if exp.seeds else
               par.abstract_state(exp.state_shapes(k)))
     if kind == "train":
       return par.compile_train(exp.train_step(k, cached=exp.phases[k].cfg.train.cache_features), target), target
     return par.compile_eval(exp.eval_step(), target), target
 
+  def _batch(self, batch, micro):
+    """The run's batch cut to `micro` of its micro-batches (rows; a replicated run's second axis)."""
+    if not micro:
+      return batch
+    axis = 1 if self.cfg.train.seeds else 0
+
+    def cut(x):
+      shape = list(x.shape)
+      shape[axis] = shape[axis] * micro // self.micro
+      return jax.ShapeDtypeStruct(tuple(shape), x.dtype, sharding=x.sharding)
+    return {key: cut(x) for key, x in batch.items()}
+
   def cost(self, kind: str, k: int, batch) -> tuple[dict, str]:
-    costs = []
-    for depth in (1, 2):
-      step, target = self._program(depth, kind, k)
-      args = (target, batch) if kind == "train" else (target.params, target.model_state, batch)
-      costs.append(_cost(step.lower(*args).compile()))
-    one, two = costs
-    out = {key: one[key] + (self.layers - 1) * (two[key] - one[key]) for key in ("flops", "bytes accessed")}
-    if all(c.get("optimal_seconds", -1) > 0 for c in costs):
-      out["optimal_seconds"] = one["optimal_seconds"] + (self.layers - 1) * (two["optimal_seconds"]
-                                                                           - one["optimal_seconds"])
-    return out, f", scanned blocks: from 1- and 2-block compiles x {self.layers} blocks"
+    depths = (1, 2) if self.layers else (None,)
+    micros = (1, 2) if self.micro > 1 and kind == "train" else (None,)
+    c = {}
+    for d in depths:
+      for m in micros:
+        step, target = self._program(d, m, kind, k)
+        b = self._batch(batch, m)
+        c[d, m] = _cost(step.lower(*((target, b) if kind == "train" else (target.params, target.model_state, b)))
+                        .compile())
+    L, K = (self.layers or 1) - 1, (self.micro if micros[0] else 1) - 1
+    d0, m0 = depths[0], micros[0]
+    d1, m1 = depths[-1], micros[-1]
+
+    def whole(key):
+      if any(key not in x for x in c.values()):
+        return None
+      v = lambda d, m: c[d, m][key]  # noqa: E731
+      return (v(d0, m0) + L * (v(d1, m0) - v(d0, m0)) + K * (v(d0, m1) - v(d0, m0))
+              + L * K * (v(d1, m1) - v(d1, m0) - v(d0, m1) + v(d0, m0)))
+    out = {key: whole(key) for key in ("flops", "bytes accessed")}
+    if all(x.get("optimal_seconds", -1) > 0 for x in c.values()):
+      out["optimal_seconds"] = whole("optimal_seconds")
+    how = [f"{self.layers} scanned blocks" if self.layers else "", f"{self.micro} micro-batches" if K else ""]
+    return out, f", extrapolated to {' x '.join(h for h in how if h)} from compiles of 1 and 2"
 
 
 def _chip_bytes(tree) -> int:
@@ -383,7 +414,11 @@ def plan(cfg, topology: str, slices: int = 1, log=print, quick: bool = False) ->
   par = parallel.Parallel(cfg, mesh, exp.conventions.tensor_parallel)
   log(f"plan: {slices} x {topology} ({len(devs)} {spec.name} chips), {parallel.describe(mesh)}")
   compiler, notes = _Compiler(cfg, spec, log), []
-  depth = _Depth(cfg, devs, slices, exp.backbone.num_layers) if cfg.model.scan_layers else None
+  loops = (_Loops(cfg, devs, slices, exp.backbone.num_layers if cfg.model.scan_layers else None, exp.micro_steps)
+           if cfg.model.scan_layers or exp.micro_steps > 1 else None)
+  if exp.seeds and replicas.chunk(cfg, exp.platform):
+    notes.append("train.replica_chunk loops over the replicas: the compiler counts that loop's body once, so the "
+                 "train step's estimate is low")
   start, train = 0, []
   targets = []
   for k, phase in enumerate(exp.phases):
@@ -405,14 +440,14 @@ def plan(cfg, topology: str, slices: int = 1, log=print, quick: bool = False) ->
       flops = _model_flops(exp, shapes.params, batch) if not cached else 0.0
       abstract = _abstract(batch, par.train_batch_sharding)
       name = "train" if len(exp.phases) == 1 else f"train {phase.name}"
-      cost = (lambda: depth.cost("train", k, abstract)) if depth else None
+      cost = (lambda: loops.cost("train", k, abstract)) if loops else None
       train.append(compiler(name, lambda: step.lower(target, abstract), count, target, batch, flops, cost=cost))
     start += phase.max_steps
 
   eval_step = par.compile_eval(exp.eval_step(), targets[0])
   for _, (count, batch) in () if quick else _eval_shapes(exp, "validation").items():
     args = (targets[0].params, targets[0].model_state, _abstract(batch, par.batch_sharding))
-    cost = (lambda: depth.cost("eval", 0, args[2])) if depth else None
+    cost = (lambda: loops.cost("eval", 0, args[2])) if loops and cfg.model.scan_layers else None
     compiler("eval", lambda: eval_step.lower(*args), count, batch=batch, cost=cost)
   if not quick and (exp.task.generates or exp.backbone.new_cache is not None):
     _plan_generate(exp, par, targets[-1], compiler)

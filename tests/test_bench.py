@@ -4,6 +4,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from jaxft import bench
 from jaxft.cli import main
 from jaxft.config import dump
@@ -30,6 +32,15 @@ def test_analytic_flops_agree_with_xla(tiny_cfg):
                                                                        r.xla_flops_per_step)
 
 
+def test_bench_times_seed_vectorised_steps(tiny_cfg):
+  """train.seeds=2: one step trains both replicas; examples and FLOPs count every replica's."""
+  one = bench.bench(tiny_cfg(), steps=2, warmup=1, length=32)
+  two = bench.bench(tiny_cfg("train.seeds=2"), steps=2, warmup=1, length=32)
+  assert two.params == one.params and two.analytic_flops_per_step == 2 * one.analytic_flops_per_step
+  assert two.examples_per_s == pytest.approx(2 * 16 / (two.step_ms_median / 1000))
+  assert 1.5 < two.xla_flops_per_step / one.xla_flops_per_step < 2.5
+
+
 def test_training_compiles_once_per_bucket(tiny_cfg):
   cfg = tiny_cfg("train.epochs=2", "train.log_every=1", "data.buckets=[8,16,32]")
   train(cfg)
@@ -52,3 +63,16 @@ def test_lm_bench_counts_loss_bearing_tokens(tiny_llama, sft_data, tmp_path):
   assert r.tokens_per_s > 0 and 0 < r.trained_tokens_per_step < 0.5 * r.batch_size * r.length
   assert 0 < r.mfu_trained < 0.5 * r.mfu
   assert 0.5 < r.analytic_flops_per_step / r.xla_flops_per_step < 2  # the tied output layer counted
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_prints_the_table():
+  """benchmarks/gpu_check.sh (GPU figures need a GPU): its commands and table, at toy sizes on CPU."""
+  import subprocess
+  root = Path(__file__).resolve().parents[1]
+  r = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=root, capture_output=True, text=True,
+                     timeout=1800)
+  assert r.returncode == 0, r.stderr[-3000:]
+  for run in ("bert_base", "smollm2_sft", "efficientnet_lite0", "minilm_1_seed", "minilm_n_seeds"):
+    assert f"\n{run} " in r.stdout, r.stdout
+  assert "2 seeds in one step:" in r.stdout and "jaxft gpu_check on 1 x cpu (float32" in r.stdout

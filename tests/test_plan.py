@@ -174,9 +174,22 @@ def test_scanned_blocks_cost_the_whole_step(tmp_path, sft_data):
   base = lm_overrides(model, sft_data, tmp_path / "run") + ("train.micro_batch_size=null",)
   unrolled, scanned = (_plan(load_config(None, base + (f"model.scan_layers={s}",)), "v5e:2x2") for s in ("false", "true"))
   u, s = unrolled.programs[0], scanned.programs[0]
-  assert s.name == u.name == "train" and s.estimate_source.endswith("scanned blocks: from 1- and 2-block compiles x 6 blocks")
+  assert s.name == u.name == "train" and s.estimate_source.endswith("extrapolated to 6 scanned blocks from compiles of 1 and 2")
   assert s.flops == pytest.approx(u.flops, rel=0.03)
   assert s.estimate_s == pytest.approx(u.estimate_s, rel=0.5)
+
+
+@needs_libtpu
+def test_accumulated_micro_batches_cost_the_whole_step(tmp_path, tiny_llama, sft_data):
+  """train.micro_batch_size: the step scans its micro-batches, which the cost model counts once; plan's
+  flops are those of the whole batch, as without accumulation."""
+  from jaxft.config import load_config
+  base = lm_overrides(tiny_llama["tied"], sft_data, tmp_path / "run") + ("data.pack=false", "data.buckets=[64]")
+  whole, micro = (_plan(load_config(None, base + (f"train.micro_batch_size={m}",)), "v5e:2x2") for m in ("null", "4"))
+  w, m = whole.programs[0], micro.programs[0]
+  assert m.estimate_source.endswith("extrapolated to 4 micro-batches from compiles of 1 and 2")
+  assert m.flops == pytest.approx(w.flops, rel=0.1)
+  assert m.peak_bytes < w.peak_bytes  # a quarter of the activations live at once
 
 
 @needs_libtpu

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxft import parallel
 from jaxft.models import hf_checkpoint
 from jaxft.models.base import Backbone, Conventions
 
@@ -153,9 +154,9 @@ class Layers(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD, bias_Bx1xQxL, train: bool):
     block = nn.remat(Layer, static_argnums=(3,)) if self.remat else Layer
-    for i in range(self.config.num_hidden_layers):
-      x_BxLxD = block(self.config, self.dtype, name=str(i))(x_BxLxD, bias_Bx1xQxL, train)
-    return x_BxLxD
+    for i in range(self.config.num_hidden_layers):  # the residual stream stays split by batch (parallel.shard_batch)
+      x_BxLxD = block(self.config, self.dtype, name=str(i))(parallel.shard_batch(x_BxLxD), bias_Bx1xQxL, train)
+    return parallel.shard_batch(x_BxLxD)
 
 
 class Encoder(nn.Module):

@@ -96,8 +96,10 @@ def load(path: Path, config, pooler: bool, seed: int = 0, dtype: str = "float32"
   model = _base_model(config, pooler, seed, dtype, init=weights != "shapes")
   if weights == "shapes":
     params, report = model.params_shape_tree, "model.weights=shapes: the architecture only, no weights read"
+  elif weights == "random":  # the config's network, freshly initialised: no weights file needed
+    params, report = model.params, "model.weights=random: every param newly initialised"
   else:
-    params, report = _weights(path, model, weights == "random")
+    params, report = _weights(path, model)
   try:  # an image model has none (models/hf_flax.py reads its preprocessor_config.json)
     tokenizer = (None if model.main_input_name == "pixel_values" else
                  transformers.AutoTokenizer.from_pretrained(tokenizer_path))
@@ -107,7 +109,7 @@ def load(path: Path, config, pooler: bool, seed: int = 0, dtype: str = "float32"
   return Checkpoint(path, config, model, params, tokenizer, report)
 
 
-def _weights(path: Path, model, random: bool):
+def _weights(path: Path, model):
   """(params, one-line report) of the checkpoint file in `path` on `model`'s param tree."""
   file = formats.find(path)
   weights, kind = formats.read(file)
@@ -120,15 +122,12 @@ def _weights(path: Path, model, random: bool):
     if k in expected and tuple(x.shape) != tuple(expected[k].shape):
       raise JaxftError(f"{file}: '{'/'.join(k)}' has shape {tuple(x.shape)}, the model expects "
                        f"{tuple(expected[k].shape)}")
-  if random:
-    loaded = {}
   unused = ["/".join(k) for k in loaded if k not in expected]
   new = ["/".join(k) for k in expected if k not in loaded]
   params = traverse_util.unflatten_dict({k: jnp.asarray(loaded[k]) if k in loaded else x
                                          for k, x in expected.items()})
-  report = (f"{file.name} ({kind} names); " + ("model.weights=random: every param newly initialised" if random else
-            f"unused checkpoint keys: {fold(unused) or 'none'}; not in the checkpoint, newly initialised: {fold(new) or 'none'}"))
-  return params, report
+  return params, (f"{file.name} ({kind} names); unused checkpoint keys: {fold(unused) or 'none'}; not in the "
+                  f"checkpoint, newly initialised: {fold(new) or 'none'}")
 
 
 def save(ckpt: Checkpoint, params, out_dir: Path, state=None) -> None:

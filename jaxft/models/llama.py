@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft import formats
+from jaxft import formats, parallel
 from jaxft.errors import JaxftError
 from jaxft.models.base import Backbone, Conventions, tokenizer_path
 
@@ -185,9 +185,10 @@ class Layers(nn.Module):
     block = nn.remat(Layer) if self.remat else Layer
     out = []
     for i in range(self.config.num_hidden_layers):
-      x_BxLxD, cache = block(self.config, self.dtype, name=str(i))(x_BxLxD, positions_BxL, visible,
-                                                                   None if caches is None else caches[i])
+      x_BxLxD, cache = block(self.config, self.dtype, name=str(i))(parallel.shard_batch(x_BxLxD), positions_BxL,
+                                                                   visible, None if caches is None else caches[i])
       out.append(cache)
+    x_BxLxD = parallel.shard_batch(x_BxLxD)
     return x_BxLxD, None if caches is None else out
 
   def scanned(self, x_BxLxD, positions_BxL, visible):
@@ -196,9 +197,9 @@ class Layers(nn.Module):
     layer = Layer(self.config, self.dtype, parent=None)
 
     def body(x_BxLxD, params):
-      return layer.apply({"params": params}, x_BxLxD, positions_BxL, visible, None)[0], None
+      return parallel.shard_batch(layer.apply({"params": params}, x_BxLxD, positions_BxL, visible, None)[0]), None
 
-    return jax.lax.scan(jax.checkpoint(body) if self.remat else body, x_BxLxD, stacked)[0]
+    return jax.lax.scan(jax.checkpoint(body) if self.remat else body, parallel.shard_batch(x_BxLxD), stacked)[0]
 
 
 class Model(nn.Module):

