@@ -14,7 +14,7 @@ import numpy as np
 
 from jaxft import chips, models, parallel, replicas, rules
 from jaxft.data import batching
-from jaxft.experiment import build
+from jaxft.experiment import build, setup
 
 def spec_peak(device_kind: str, dtype: str) -> float | None:
   spec = chips.chip(device_kind)
@@ -117,10 +117,8 @@ def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data
   images = exp.backbone.forward_flops is not None  # an image model: `length` is its resolution
   length = exp.backbone.processor.size if images else length
   tcfg, phase = cfg.train, exp.phases[0]
-  par = parallel.Parallel(cfg, parallel.make_mesh(cfg.parallel.mesh), exp.conventions.tensor_parallel)
+  par, (target, *_) = setup(exp, log)
   lanes = max(1, len(exp.seeds))  # train.seeds: every replica trains on (here) the same batch in one step
-  target = (replicas.abstract_state(par, exp.state_shapes(0), exp.own, lanes) if exp.seeds else
-            par.abstract_state(exp.state))
   state = par.put_state(exp.state, target)
   step = par.compile_train(exp.train_step(0, "batch" if par.pmap else None), target)
   rows = parallel.process_rows(tcfg.batch_size)

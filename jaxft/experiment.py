@@ -233,10 +233,11 @@ def build(cfg, log=print, platform: str | None = None) -> Experiment:
   return exp
 
 
-def setup(exp, log):
-  """(Parallel, the restore target of each phase's checkpoints): its optimizer state, on the mesh."""
+def setup(exp, log, devices=None, slices: int = 1):
+  """(Parallel, the restore target of each phase's checkpoints): its optimizer state, on the mesh over
+  `devices` (default: all of this process's; jaxft plan: a TPU topology's, `slices` of them)."""
   cfg = exp.cfg
-  par = parallel.Parallel(cfg, parallel.make_mesh(cfg.parallel.mesh), exp.conventions.tensor_parallel)
+  par = parallel.Parallel(cfg, parallel.make_mesh(cfg.parallel.mesh, devices, slices), exp.conventions.tensor_parallel)
   log(parallel.describe(par.mesh) + f", backend {cfg.parallel.backend}")
   shapes = [exp.state_shapes(k) for k in range(len(exp.phases))]
   if exp.seeds:

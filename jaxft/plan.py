@@ -26,7 +26,7 @@ import time
 import jax
 import numpy as np
 
-from jaxft import chips as chips_lib, parallel, replicas, rules, runtime
+from jaxft import bench, chips as chips_lib, replicas, rules, runtime
 from jaxft.data import batching
 from jaxft.errors import JaxftError
 
@@ -34,7 +34,7 @@ from jaxft.errors import JaxftError
 @dataclasses.dataclass
 class Program:
   """One compiled program and the compiler's figures for it (bytes per chip; times per call, estimated)."""
-  name: str  # "train phase 0", "features phase 0", "eval", "generate"
+  name: str  # "train" (several phases: "train PHASE"), "features PHASE", "eval", "generate"
   shape: str  # its batch, e.g. "32 x 64" (rows x tokens)
   calls: int  # how many times the run calls it (train: steps; eval: batches of one validation pass)
   compile_s: float
@@ -207,18 +207,15 @@ class _Loops:
     key = (depth, micro if kind == "train" else None)
     if key not in self.built:
       from jaxft import config as config_lib
-      from jaxft.experiment import build
+      from jaxft.experiment import build, setup
       overrides = [f"model.layers={depth}", "model.scan_layers=false"] if depth else []
       if key[1]:  # m micro-batches' rows in one batch, without accumulation (no loop)
         overrides += [f"train.batch_size={micro * self.cfg.train.micro_batch_size}", "train.micro_batch_size=null"]
-      cfg = config_lib.override(self.cfg, overrides)
-      exp = build(cfg, lambda *a, **kw: None, platform=self.devs[0].platform)
-      par = parallel.Parallel(cfg, parallel.make_mesh(cfg.parallel.mesh, self.devs, self.slices),
-                              exp.conventions.tensor_parallel)
-      self.built[key] = (exp, par)
-    exp, par = self.built[key]
-    target = (replicas.abstract_state(par, exp.state_shapes(k), exp.own, len(exp.seeds)) if exp.seeds else
-              par.abstract_state(exp.state_shapes(k)))
+      quiet = lambda *a, **kw: None  # noqa: E731
+      exp = build(config_lib.override(self.cfg, overrides), quiet, platform=self.devs[0].platform)
+      self.built[key] = (exp, *setup(exp, quiet, self.devs, self.slices))
+    exp, par, targets = self.built[key]
+    target = targets[k]
     if kind == "train":
       return par.compile_train(exp.train_step(k, cached=exp.phases[k].cfg.train.cache_features), target), target
     return par.compile_eval(exp.eval_step(), target), target
@@ -299,9 +296,10 @@ class _Compiler:
   def __init__(self, cfg, spec, log):
     self.cfg, self.spec, self.log, self.programs = cfg, spec, log, []
 
-  def __call__(self, name, lower, calls, state=None, batch=None, model_flops=0.0, shape="", cost=None) -> Program:
-    """lower(): the program lowered with abstract arguments; batch: a real batch of its shape; cost(): the
-    program's (cost analysis, how it was found) where the compiled program's own undercounts it."""
+  def __call__(self, name, lower, calls, state=None, batch=None, model_flops=0.0, shape="", whole_cost=None
+               ) -> Program:
+    """lower(): the program lowered with abstract arguments; batch: a real batch of its shape; whole_cost():
+    the program's (cost analysis, how it was found) where the compiled program's own undercounts it."""
     shape = shape or _shape(batch)
     t = time.perf_counter()
     params, opt = (_chip_bytes(state.params), _chip_bytes(state.replace(params={}))) if state is not None else (0, 0)
@@ -316,13 +314,11 @@ class _Compiler:
                        f"{why[:300]}; per chip: params {_gib(params)}, optimizer state {_gib(opt)}"
                        + _suggest(self.cfg, params + opt, self.spec.hbm_bytes)) from None
     compile_s = time.perf_counter() - t
-    mem, cost, cost_of = compiled.memory_analysis(), _cost(compiled), cost
+    mem = compiled.memory_analysis()
     peak = getattr(mem, "peak_memory_in_bytes", 0) or (mem.argument_size_in_bytes + mem.output_size_in_bytes
                                                        - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
     peak += mem.generated_code_size_in_bytes
-    how = ""
-    if cost_of is not None:
-      cost, how = cost_of()
+    cost, how = whole_cost() if whole_cost else (_cost(compiled), "")
     flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
     reported = cost.get("optimal_seconds")
     roofline = max(flops / self.spec.bf16_flops, accessed / self.spec.hbm_bytes_per_s)
@@ -333,7 +329,6 @@ class _Compiler:
              else f"{reported:.3g} s")
       estimate, source = roofline, f"roofline (compiler estimate {why})"
     source += how
-    from jaxft import bench
     examples = tokens = trained = 0
     if batch is not None:
       examples = int((np.asarray(batch["index"]) >= 0).sum()) if "index" in batch else 0
@@ -362,17 +357,21 @@ def _gib(n) -> str:
 # ---- the run's programs ----------------------------------------------------------------------------------------
 
 
-def _train_shapes(exp, shards: int, start: int, stop: int):
+def _train_sources(exp, shards: int):
+  """(the run's training batches, as `jaxft train` feeds them; each replica's data order)."""
+  sources = [exp.train_batches(shards, seed=s) for s in exp.seeds or [exp.cfg.seed]]
+  return (replicas.Batches(sources) if exp.seeds else sources[0]), sources
+
+
+def _train_shapes(exp, sources, shards: int, start: int, stop: int) -> dict:
   """{batch length (rows or bucket): (steps, first step)} of training steps [start, stop) (replicas: their
   common, padded shape)."""
-  seeds = exp.seeds or [exp.cfg.seed]
-  sources = [exp.train_batches(shards, seed=s) for s in seeds]
   out = {}
   for i in range(start, stop):
     n = max(exp.batch_length(src.indices(i), shards) for src in sources)
     count, first = out.get(n, (0, i))
     out[n] = (count + 1, first)
-  return out, (replicas.Batches(sources) if exp.seeds else sources[0])
+  return out
 
 
 def _eval_shapes(exp, split: str):
@@ -386,7 +385,6 @@ def _eval_shapes(exp, split: str):
 
 
 def _model_flops(exp, params, batch) -> float:
-  from jaxft import bench
   if "input_ids" not in batch and "image" not in batch:
     return 0.0
   x = np.asarray(batch.get("input_ids", batch.get("image")))
@@ -398,7 +396,7 @@ def _model_flops(exp, params, batch) -> float:
 def plan(cfg, topology: str, slices: int = 1, log=print, quick: bool = False) -> Plan:
   """Compiles every program `jaxft train` would run with `cfg` for `slices` x `topology` TPU chips.
   quick: only each phase's largest train batch (what --search compares); no eval, no generation."""
-  from jaxft.experiment import build
+  from jaxft.experiment import build, setup
   if cfg.parallel.backend != "jit":
     raise JaxftError("jaxft plan compiles the jit backend (parallel.backend=jit): a pmap program is one "
                      "device's, with no sharding to plan")
@@ -410,9 +408,9 @@ def plan(cfg, topology: str, slices: int = 1, log=print, quick: bool = False) ->
   cfg.model.weights = "shapes"
   t0 = time.perf_counter()
   exp = build(cfg, log, platform=devs[0].platform)
-  mesh = parallel.make_mesh(cfg.parallel.mesh, devs, slices)
-  par = parallel.Parallel(cfg, mesh, exp.conventions.tensor_parallel)
-  log(f"plan: {slices} x {topology} ({len(devs)} {spec.name} chips), {parallel.describe(mesh)}")
+  log(f"plan: {slices} x {topology}, {len(devs)} {spec.name} chips")
+  par, targets = setup(exp, log, devs, slices)
+  source, sources = _train_sources(exp, par.batch_shards)
   compiler, notes = _Compiler(cfg, spec, log), []
   loops = (_Loops(cfg, devs, slices, exp.backbone.num_layers if cfg.model.scan_layers else None, exp.micro_steps)
            if cfg.model.scan_layers or exp.micro_steps > 1 else None)
@@ -420,15 +418,10 @@ def plan(cfg, topology: str, slices: int = 1, log=print, quick: bool = False) ->
     notes.append("train.replica_chunk loops over the replicas: the compiler counts that loop's body once, so the "
                  "train step's estimate is low")
   start, train = 0, []
-  targets = []
-  for k, phase in enumerate(exp.phases):
-    shapes = exp.state_shapes(k)
-    target = (replicas.abstract_state(par, shapes, exp.own, len(exp.seeds)) if exp.seeds else
-              par.abstract_state(shapes))
-    targets.append(target)
+  for k, (phase, target) in enumerate(zip(exp.phases, targets)):
     cached = phase.cfg.train.cache_features
     step = par.compile_train(exp.train_step(k, cached=cached), target)
-    by_length, source = _train_shapes(exp, par.batch_shards, start, start + phase.max_steps)
+    by_length = _train_shapes(exp, sources, par.batch_shards, start, start + phase.max_steps)
     transform = _cached_transform(exp, par, target, compiler, k) if cached else (lambda b: b)
     if phase.until:
       notes.append(f"phase {phase.name} ends on a plateau: planned for its most steps, {phase.max_steps}")
@@ -437,25 +430,26 @@ def plan(cfg, topology: str, slices: int = 1, log=print, quick: bool = False) ->
       notes.append(f"quick plan: phase {phase.name}'s largest batch only, standing for all its steps")
     for n, (count, first) in sorted(by_length.items()):
       batch = transform(source[first])
-      flops = _model_flops(exp, shapes.params, batch) if not cached else 0.0
+      flops = _model_flops(exp, exp.state_shapes(k).params, batch) if not cached else 0.0
       abstract = _abstract(batch, par.train_batch_sharding)
       name = "train" if len(exp.phases) == 1 else f"train {phase.name}"
       cost = (lambda: loops.cost("train", k, abstract)) if loops else None
-      train.append(compiler(name, lambda: step.lower(target, abstract), count, target, batch, flops, cost=cost))
+      train.append(compiler(name, lambda: step.lower(target, abstract), count, target, batch, flops,
+                            whole_cost=cost))
     start += phase.max_steps
 
   eval_step = par.compile_eval(exp.eval_step(), targets[0])
   for _, (count, batch) in () if quick else _eval_shapes(exp, "validation").items():
     args = (targets[0].params, targets[0].model_state, _abstract(batch, par.batch_sharding))
     cost = (lambda: loops.cost("eval", 0, args[2])) if loops and cfg.model.scan_layers else None
-    compiler("eval", lambda: eval_step.lower(*args), count, batch=batch, cost=cost)
+    compiler("eval", lambda: eval_step.lower(*args), count, batch=batch, whole_cost=cost)
   if not quick and (exp.task.generates or exp.backbone.new_cache is not None):
     _plan_generate(exp, par, targets[-1], compiler)
 
   steps = sum(p.calls for p in train)
   step_s = sum(p.calls * p.estimate_s for p in train) / steps
   workers = batching.workers(cfg.data.workers)
-  host = 0.0 if quick else _host_pipeline(_train_shapes(exp, par.batch_shards, 0, 0)[1], workers)
+  host = 0.0 if quick else _host_pipeline(source, workers)
   sources = sorted({p.estimate_source.split(" (")[0].split(",")[0] for p in train})
   n, peak = len(devs), max(p.peak_bytes for p in compiler.programs)
   model_flops = sum(p.calls * p.model_flops for p in train) / steps
@@ -463,7 +457,7 @@ def plan(cfg, topology: str, slices: int = 1, log=print, quick: bool = False) ->
   trained = sum(p.calls * p.trained_tokens for p in train) / steps
   return Plan(
       config="", topology=topology, slices=slices, chip=spec.name, chips=n, hbm_bytes=spec.hbm_bytes,
-      peak_flops=spec.bf16_flops, chip_source=spec.source, mesh=dict(mesh.shape), batch_size=cfg.train.batch_size,
+      peak_flops=spec.bf16_flops, chip_source=spec.source, mesh=dict(par.mesh.shape), batch_size=cfg.train.batch_size,
       compute_dtype=cfg.precision.compute, programs=compiler.programs, peak_bytes=peak, fits=peak <= spec.hbm_bytes,
       step_s=step_s, step_source=" + ".join(sources), examples_per_s_per_chip=examples / step_s / n,
       trained_tokens_per_s_per_chip=trained / step_s / n, mfu=model_flops / step_s / (n * spec.bf16_flops),

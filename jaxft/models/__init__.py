@@ -41,19 +41,17 @@ def load(mcfg, seed: int, compute_dtype: str = "float32", pooler: bool = False, 
   `mcfg.impl` allows it (auto | jaxft), else transformers' Flax module. platform: what its programs are
   compiled for ('cpu', 'gpu', 'tpu'), where a family computes differently per platform."""
   path = assets.resolve(mcfg.name)
-  if (own := own_format(path, mcfg.impl)) is not None:
+  own = own_format(path, mcfg.impl)
+  if (mcfg.scan_layers or mcfg.layers) and getattr(own, "MODEL_TYPE", None) != "llama":
+    key = "scan_layers" if mcfg.scan_layers else "layers"
+    raise JaxftError(f"model.{key}: only jaxft's llama family takes it yet; {path} is not a Llama model")
+  if own is not None:
     if mcfg.impl == "transformers":
       raise JaxftError(f"model.impl=transformers: only jaxft's {own.MODEL_TYPE} module reads {path}; use "
                        f"model.impl=auto")
-    if (mcfg.scan_layers or mcfg.layers) and own.MODEL_TYPE != "llama":
-      key = "scan_layers" if mcfg.scan_layers else "layers"
-      raise JaxftError(f"model.{key}: only jaxft's llama family takes it yet, not {own.MODEL_TYPE}")
     backbone, report = own.load(path, mcfg, compute_dtype, seed, platform)
     log(f"loaded {own.MODEL_TYPE} from {path} (jaxft module): {report}")
     return backbone
-  if mcfg.scan_layers or mcfg.layers:
-    key = "scan_layers" if mcfg.scan_layers else "layers"
-    raise JaxftError(f"model.{key}: only jaxft's llama family takes it yet; {path} is not a Llama model")
   config = hf_checkpoint.read_config(path)
   family = FAMILIES.get(config.model_type)
   native = mcfg.impl != "transformers" and family is not None and family.supports(config)
