@@ -104,8 +104,8 @@ def bucketed(data, task_collate, batch_size, num_steps, seed, buckets, rows_of=l
 
 
 def workers(n: int | None) -> int:
-  """data.workers: n, or (None) one per core of the host, at most 16 (on a 2-core CPU the vision config trains
-  at 281 examples/s with 2 and 202 with 1: benchmarks/RESULTS.md)."""
+  """data.workers: n, or (None) one per core of the host, at most 16 (on this project's 2-core CPU the vision
+  config trained at 281 examples/s with 2 and 202 with 1, as measured for issue 30; not re-measured here)."""
   return n or min(16, os.cpu_count() or 1)
 
 
