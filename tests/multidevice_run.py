@@ -5,6 +5,7 @@
 DIR holds tiny_bert/ and tiny_data/ (written by the test); each NAME=a,b,c runs `train` with those
 overrides and reports the per-step train losses from its metrics.jsonl, and as NAME/test its test metrics.
 """
+import faulthandler
 import json
 import os
 import sys
@@ -33,6 +34,8 @@ def split_overrides(text: str) -> tuple:
 
 
 def main():
+  if "JAXFT_TEST_DUMP_AFTER" in os.environ:  # where every thread is, should the run hang (the test kills it later)
+    faulthandler.dump_traceback_later(float(os.environ["JAXFT_TEST_DUMP_AFTER"]), exit=False)
   root = Path(sys.argv[1])
   tiny_bert = {"pt": root / "tiny_bert" / "pt"}
   out = {}
@@ -44,6 +47,7 @@ def main():
       jax.config.update("jax_num_cpu_devices", int(os.environ["JAXFT_TEST_CPU_DEVICES"]))
       parallel.initialize(cfg.parallel)
     train(cfg)
+    print(f"run {name} done", flush=True)
     if jax.process_index() != 0:
       continue
     rows = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]

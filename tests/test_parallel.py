@@ -14,18 +14,22 @@ HERE = Path(__file__).parent
 COMMON = "train.epochs=0.625,train.log_every=1,freeze_embeddings=true,freeze_bottom_layers=1"
 
 
+TIMEOUT = 900  # s per driver process; it dumps its threads' stacks 60 s before (tests/multidevice_run.py)
+
+
 def start(n, root, runs: dict, common=COMMON, env=None):
   # fake devices are threads sharing 2 cores: on a loaded machine a collective can wait for its slowest
   # participant longer than XLA's default 40 s before it aborts the process
   flags = f"--xla_force_host_platform_device_count={n} --xla_cpu_collective_call_terminate_timeout_seconds=600"
-  env = dict(os.environ, XLA_FLAGS=flags, **(env or {}))
+  env = dict(os.environ, XLA_FLAGS=flags, JAXFT_TEST_DUMP_AFTER=str(TIMEOUT - 60), **(env or {}))
   args = [f"{k}={common},{v}" for k, v in runs.items()]
   return subprocess.Popen([sys.executable, str(HERE / "multidevice_run.py"), str(root), *args], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def finish(procs, timeout=600) -> dict:
-  """Waits for the driver processes; SIGKILLs all of them if any hangs. Returns process 0's result."""
+def finish(procs, timeout=TIMEOUT) -> dict:
+  """Waits for the driver processes; SIGKILLs all of them if any hangs (failing with what each printed: the
+  runs it finished and, from faulthandler, where its threads were). Returns process 0's result."""
   outs = []
   try:
     for p in procs:
@@ -33,7 +37,8 @@ def finish(procs, timeout=600) -> dict:
   except subprocess.TimeoutExpired:
     for p in procs:
       p.kill()  # SIGKILL: a hung jax.distributed process ignores SIGTERM
-    pytest.fail("a multi-device run hung and was killed")
+    printed = "\n".join(f"--- process {i}:\n{p.communicate()[0][-4000:]}" for i, p in enumerate(procs))
+    pytest.fail(f"a multi-device run hung and was killed after {timeout} s\n{printed}")
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
   return json.loads(next(l for l in outs[0].splitlines() if l.startswith("RESULT "))[7:])

@@ -59,6 +59,30 @@ def test_unknown_topology_is_one_line():
     plan.devices("v5e:3x3")
 
 
+# backbone params of each configs/shapes model as published (the heads are the task's): a wrong or misspelt
+# config field fails here, not in somebody's plan. EfficientNet-Lite0's 4.7M counts its ImageNet head (1.28M).
+SHAPES = {"bert-base-uncased": 109.5e6, "bert-large-uncased": 335e6, "vit-base-patch16-224": 85.8e6,
+          "efficientnet-lite0-224": 4.65e6 - 1.281e6, "smollm2-135m": 134.5e6, "llama-3.2-1b": 1.236e9,
+          "llama-3.1-8b": 8.03e9, "llama-3.1-70b": 70.55e9}
+
+
+def test_every_shapes_config_builds_the_published_model(tiny_bert):
+  import math
+  from pathlib import Path
+
+  import jax
+
+  from jaxft import config, models
+  shapes = Path(__file__).parent.parent / "configs" / "shapes"
+  assert sorted(d.name for d in shapes.iterdir() if d.is_dir()) == sorted(SHAPES)
+  for name, published in SHAPES.items():
+    cfg = config.load_config(None, (f"model.name={shapes / name}", "model.weights=shapes",
+                                    f"model.tokenizer={tiny_bert['pt']}"))
+    params = models.load(cfg.model, 0, log=lambda *a: None).params
+    count = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    assert abs(count / published - 1) < 0.01, (name, count, published)
+
+
 def _plan(cfg, topology):
   from jaxft import plan
   return plan.plan(cfg, topology, log=lambda *a, **k: None)

@@ -295,10 +295,13 @@ def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0, platfo
   """(the Backbone, a one-line report) from the checkpoint at `path`; model.image_size sets the resolution,
   model.weights=random keeps only its architecture (flax's initialisers, seeded; statistics 0 / 1).
   platform: what the programs are compiled for (depthwise convolutions as shifted copies on CPU only)."""
-  if mcfg.weights == "shapes":  # the architecture only: a saved directory's variant, no weights read
+  if mcfg.weights == "shapes" or mcfg.weights == "random" and path.is_dir():
+    # the architecture only: a directory's config.json names the variant, no weights read
     variant = _variant(path) if path.is_dir() else read(path)[1]
     init = EfficientNetLite(variant).init
-    fresh = jax.eval_shape(init, jax.random.PRNGKey(seed), jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+    dummy = jnp.zeros((1, 32, 32, 3))
+    fresh = jax.eval_shape(init, jax.random.PRNGKey(seed), dummy) if mcfg.weights == "shapes" else \
+        jax.jit(init)(jax.random.PRNGKey(seed), dummy)
     params, stats, unused = fresh["params"], fresh["batch_stats"], []
   else:
     params, stats, variant, unused = _pretrained(path, mcfg, seed)
