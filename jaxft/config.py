@@ -27,6 +27,7 @@ class ModelConfig:
   remat: str = "none"  # none | block: recompute each transformer block in the backward pass
   scan_layers: bool = False  # llama: the blocks as one scanned body (compiles once, not once per block)
   layers: Optional[int] = None  # with weights=shapes: this many blocks instead of the config's (jaxft plan)
+  attention: str = "auto"  # llama: auto = the splash kernel on TPU where its tiles fit, XLA's elsewhere; xla
   impl: str = "auto"  # jaxft (own encoder, BERT family) | transformers (its Flax class) | auto: jaxft where it can
   weights: str = "pretrained"  # pretrained | random: the same network freshly initialised (what pretraining is worth)
   #                               | shapes: the architecture's shapes only, no weights read (jaxft plan, inspect)
@@ -392,6 +393,8 @@ def validate(cfg: Config) -> None:
         f"config key 'data.crop_scale' must be [min, max] area fractions in (0, 1], got {scale}")
   check(0 <= cfg.train.label_smoothing < 1,
         f"config key 'train.label_smoothing' must be in [0, 1), got {cfg.train.label_smoothing}")
+  check(cfg.model.attention in ("auto", "xla"),
+        f"config key 'model.attention' must be auto or xla, got {cfg.model.attention!r}")
   check(not (cfg.model.scan_layers and (cfg.lora.targets or cfg.lora.preset)),
         "config key 'model.scan_layers' does not take LoRA adapters yet (they are found per block); set "
         "model.scan_layers=false")

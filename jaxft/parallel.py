@@ -116,6 +116,12 @@ def shard_batch(x):
   return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
+def batch_sharding():
+  """The batch axes' NamedSharding inside a step that Parallel compiles (kernels that run per shard under
+  shard_map take their mesh from it), else None."""
+  return _BATCH_SHARDING.get()
+
+
 def _on_mesh(step, sharding):
   """`step`, traced with shard_batch pinning activations to `sharding`."""
   def traced(*args):

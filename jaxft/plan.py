@@ -46,7 +46,7 @@ class Program:
   temp_bytes: int
   code_bytes: int
   peak_bytes: int  # arguments + outputs - aliased + temporaries + code
-  flops: float  # per chip, as the compiler counts them
+  flops: float  # per chip, as the compiler counts them (and the kernels it cannot see, counted analytically)
   bytes_accessed: float
   compiler_s: float | None  # cost_analysis' optimal_seconds, as reported (None: absent)
   estimate_s: float  # the step time used: the compiler's, or the roofline where that is invalid
@@ -56,6 +56,7 @@ class Program:
   tokens: int = 0
   trained_tokens: float = 0.0
   model_flops: float = 0.0  # all chips together: 6N x tokens + attention (or 3 x forward for images)
+  kernels: dict = dataclasses.field(default_factory=dict)  # kernel -> [calls, flops, bytes], counted analytically
 
 
 @dataclasses.dataclass
@@ -135,19 +136,66 @@ def _array_bytes(text: str) -> list[int]:
   return out
 
 
-def collectives(hlo: str) -> dict:
-  """{kind: [count, result bytes]} of the collectives one call of a compiled module runs: those of the entry
-  computation and of what it calls, a while loop's body counted by its known trip count, and a fusion that
-  wraps one counted as that one (libtpu fuses reduce-scatters as 'all-reduce-scatter' fusions)."""
+def _computations(hlo: str) -> dict:
+  """{name: {"entry": bool, "lines": [instructions]}} of an HLO module's text (an instruction whose attributes
+  run over several lines, as a kernel's metadata does, joined into one)."""
   comps, current = {}, None
   for line in hlo.splitlines():
     head = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
     if head:
       current = comps.setdefault(head.group(2), {"entry": bool(head.group(1)), "lines": []})
-    elif line.startswith("}"):
+    elif line.rstrip() == "}":
       current = None
-    elif current is not None and " = " in line:
+    elif current is not None and re.match(r"\s+(ROOT )?%?[\w.\-]+ = ", line):
       current["lines"].append(line)
+    elif current is not None and current["lines"]:
+      current["lines"][-1] += line
+  return comps
+
+
+def _executed(comps: dict, leaf):
+  """Calls leaf(name, right-hand side, times) for each instruction one call of the module runs: the entry
+  computation's and, through calls and conditionals, what they call; a while loop's body by its trip count.
+  leaf returns True where it accounted for the instruction (a fusion is not looked into)."""
+  def visit(name, times, depth=0):
+    for line in comps.get(name, {}).get("lines", ()) if depth < 20 else ():
+      lhs, rhs = line.split(" = ", 1)
+      if leaf(lhs.strip().lstrip("%"), rhs, times):
+        continue
+      if " while(" in rhs:
+        body = re.search(r"body=%([\w.\-]+)", rhs)
+        if body:
+          visit(body.group(1), times * _trips(comps, rhs), depth + 1)
+      elif " call(" in rhs or " conditional(" in rhs:
+        for called in re.findall(r"(?:to_apply|branch_computations=\{|calls)=?%([\w.\-]+)", rhs):
+          visit(called, times, depth + 1)
+
+  for name, comp in comps.items():
+    if comp["entry"]:
+      visit(name, 1)
+
+
+def _trips(comps: dict, rhs: str) -> int:
+  """A while loop's trip count: its known_trip_count, else the bound of a condition `i < N` (jax's loops count
+  from 0 by 1), else 1."""
+  if known := re.search(r'"known_trip_count":\{"n":"(\d+)"', rhs):
+    return int(known.group(1))
+  cond = re.search(r"condition=%([\w.\-]+)", rhs)
+  lines = comps.get(cond.group(1), {}).get("lines", []) if cond else []
+  root = next((line for line in lines if line.lstrip().startswith("ROOT ")), "")
+  bound = re.search(r"compare\(%[\w.\-]+, %([\w.\-]+)\), direction=LT", root)
+  for line in lines if bound else ():
+    if m := re.match(rf"\s*%{re.escape(bound.group(1))} = s32\[\]\S* constant\((\d+)\)", line):
+      return int(m.group(1))
+  return 1
+
+
+def collectives(hlo: str) -> dict:
+  """{kind: [count, result bytes]} of the collectives one call of a compiled module runs (while loops by
+  their trip count); a fusion that wraps one counts as that one (libtpu fuses reduce-scatters as
+  'all-reduce-scatter' fusions)."""
+  comps = _computations(hlo)
+  totals = collections.defaultdict(lambda: [0, 0])
 
   def inner_kind(name):  # the collective a fused computation holds
     if "reduce-scatter" in name:
@@ -157,33 +205,45 @@ def collectives(hlo: str) -> dict:
         return m.group(1)
     return None
 
-  totals = collections.defaultdict(lambda: [0, 0])
+  def leaf(_, rhs, times):
+    result = rhs.split("(", 1)[0] if not rhs.startswith("(") else rhs[:rhs.index(")") + 1]
+    if m := _COLLECTIVE.search(rhs):
+      sizes = _array_bytes(rhs[:m.start()])
+      totals[m.group(1)][0] += times
+      totals[m.group(1)][1] += times * (max(sizes) if m.group(2) else sum(sizes)) if sizes else 0
+      return True
+    if " fusion(" in rhs and (called := re.search(r"calls=%([\w.\-]+)", rhs)):
+      if kind := inner_kind(called.group(1)):
+        totals[kind][0] += times
+        totals[kind][1] += times * sum(_array_bytes(result))
+      return True
+    return False
 
-  def visit(name, times, depth=0):
-    for line in comps.get(name, {}).get("lines", ()) if depth < 20 else ():
-      rhs = line.split(" = ", 1)[1]
-      result = rhs.split("(", 1)[0] if not rhs.startswith("(") else rhs[:rhs.index(")") + 1]
-      if m := _COLLECTIVE.search(rhs):
-        sizes = _array_bytes(rhs[:m.start()])
-        totals[m.group(1)][0] += times
-        totals[m.group(1)][1] += times * (max(sizes) if m.group(2) else sum(sizes)) if sizes else 0
-      elif " fusion(" in rhs and (called := re.search(r"calls=%([\w.\-]+)", rhs)):
-        if kind := inner_kind(called.group(1)):
-          totals[kind][0] += times
-          totals[kind][1] += times * sum(_array_bytes(result))
-      elif " while(" in rhs:
-        trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', rhs)
-        body = re.search(r"body=%([\w.\-]+)", rhs)
-        if body:
-          visit(body.group(1), times * (int(trips.group(1)) if trips else 1), depth + 1)
-      else:
-        for called in re.findall(r"(?:to_apply|branch_computations=\{|calls)=?%([\w.\-]+)", rhs):
-          if " call(" in rhs or " conditional(" in rhs:
-            visit(called, times, depth + 1)
+  _executed(comps, leaf)
+  return {k: v for k, v in sorted(totals.items())}
 
-  for name, comp in comps.items():
-    if comp["entry"]:
-      visit(name, 1)
+
+def kernels(hlo: str) -> dict:
+  """{kernel: [calls, flops, bytes]} of the Mosaic kernels one call of a compiled module runs whose cost jaxft
+  knows (the splash attention's fwd, dq and dkv; models/splash.py), counted from their operand shapes: the TPU
+  cost model does not see inside a kernel."""
+  from jaxft.models import splash
+  totals = collections.defaultdict(lambda: [0, 0.0, 0.0])
+
+  def leaf(name, rhs, times):
+    if 'custom_call_target="tpu_custom_call"' not in rhs:
+      return False
+    kind = re.search(r"splash_mh?a_(fwd|dq|dkv)", name)
+    layout = re.search(r"operand_layout_constraints=\{(.*?)\}, \w+=", rhs)
+    if kind and layout:
+      (dtype, q), (_, k) = [(dtype, [int(d) for d in dims.split(",")]) for dtype, dims in _ARRAY.findall(
+          layout.group(1)) if dtype in ("bf16", "f32") and dims.count(",") >= 2][:2]  # the mask tables are s8
+      flops, accessed = splash.cost(kind.group(1), q, k, 2 if dtype == "bf16" else 4)
+      for i, x in enumerate((1, flops, accessed)):
+        totals[kind.group(1)][i] += times * x
+    return True
+
+  _executed(_computations(hlo), leaf)
   return {k: v for k, v in sorted(totals.items())}
 
 
@@ -319,16 +379,24 @@ class _Compiler:
                                                        - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
     peak += mem.generated_code_size_in_bytes
     cost, how = whole_cost() if whole_cost else (_cost(compiled), "")
-    flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    hlo = compiled.as_text()
+    # the kernels the cost model cannot see into, counted analytically and added (each at its roofline)
+    fused = kernels(hlo)
+    kernel_s = sum(max(f / self.spec.bf16_flops, b / self.spec.hbm_bytes_per_s) for _, f, b in fused.values())
+    flops = float(cost.get("flops", 0.0)) + sum(f for _, f, _ in fused.values())
+    accessed = float(cost.get("bytes accessed", 0.0)) + sum(b for _, _, b in fused.values())
     reported = cost.get("optimal_seconds")
     roofline = max(flops / self.spec.bf16_flops, accessed / self.spec.hbm_bytes_per_s)
-    if reported is not None and math.isfinite(reported) and reported > 0 and reported >= roofline / 2:
-      estimate, source = float(reported), "compiler"
+    if reported is not None and math.isfinite(reported) and reported > 0 and reported + kernel_s >= roofline / 2:
+      estimate, source = float(reported) + kernel_s, "compiler"
     else:
       why = ("absent" if reported is None else f"{reported:.3g} s is below the roofline bound" if reported > 0
              else f"{reported:.3g} s")
       estimate, source = roofline, f"roofline (compiler estimate {why})"
     source += how
+    if fused:
+      source += (f", with {sum(c for c, _, _ in fused.values()):,} splash attention kernel calls counted "
+                 f"analytically (~{1000 * kernel_s:.3g} ms at their roofline)")
     examples = tokens = trained = 0
     if batch is not None:
       examples = int((np.asarray(batch["index"]) >= 0).sum()) if "index" in batch else 0
@@ -338,7 +406,7 @@ class _Compiler:
     program = Program(name, shape, calls, compile_s, params, opt, mem.argument_size_in_bytes, mem.output_size_in_bytes,
                       mem.alias_size_in_bytes, mem.temp_size_in_bytes, mem.generated_code_size_in_bytes, peak, flops,
                       accessed, None if reported is None else float(reported), estimate, source,
-                      collectives(compiled.as_text()), examples, tokens, trained, model_flops)
+                      collectives(hlo), examples, tokens, trained, model_flops, fused)
     self.log(f"  {name} [{shape}] x{calls}: peak {_gib(peak)} per chip, {flops / 1e9:,.1f} GFLOP, "
              f"~{1000 * estimate:.3g} ms ({source.split(' (')[0].split(',')[0]} estimate), compiled in {compile_s:.1f} s")
     if peak > self.spec.hbm_bytes:

@@ -41,6 +41,31 @@ def test_collectives_counts_loops_and_fused_collectives():
                               "collective-permute": [3, 3 * 4 * 4 * 2]}
 
 
+def test_a_loop_without_a_known_trip_count_runs_to_its_conditions_bound():
+  from jaxft.plan import collectives
+  hlo = """HloModule jit_step
+
+%cond.7 (p: (s32[])) -> pred[] {
+  %constant.5 = s32[]{:T(128)} constant(5)
+  %p = (s32[]) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt.9 = pred[]{:T(512)} compare(%i, %constant.5), direction=LT, metadata={op_name="while/cond/lt"}
+}
+
+%body.7 (p: (s32[])) -> (s32[]) {
+  %ag = bf16[16,4]{1,0} all-gather(%x), channel_id=1, dimensions={0}, frontend_attributes={kernel_metadata={
+"note":"an attribute over several lines"
+}}, metadata={op_name="ag"}
+  ROOT %t = (s32[]) tuple(%i)
+}
+
+ENTRY %main.3 (a: f32[8,4]) -> (s32[]) {
+  ROOT %w = (s32[]) while(%init), condition=%cond.7, body=%body.7
+}
+"""
+  assert collectives(hlo) == {"all-gather": [5, 5 * 16 * 4 * 2]}
+
+
 def test_without_libtpu_plan_says_how_to_install_it(monkeypatch):
   import sys
 
@@ -201,6 +226,28 @@ def test_scanned_blocks_cost_the_whole_step(tmp_path, sft_data):
   assert s.name == u.name == "train" and s.estimate_source.endswith("extrapolated to 6 scanned blocks from compiles of 1 and 2")
   assert s.flops == pytest.approx(u.flops, rel=0.03)
   assert s.estimate_s == pytest.approx(u.estimate_s, rel=0.5)
+
+
+@needs_libtpu
+@pytest.mark.parametrize("scan", ["false", "true"])
+def test_splash_attention_is_in_the_tpu_step_and_counted(tmp_path, sft_data, scan):
+  """Compiled for TPU, Llama blocks attend with the splash kernel (rows of 128 tokens, heads of 128): each
+  block's fwd, dq and dkv kernels are in the train step (a scanned body's by its trip count), and plan adds
+  their analytic flops, which the cost model cannot see, to the compiler's."""
+  from conftest import make_tiny_llama
+  from jaxft.config import load_config
+  from jaxft.models import splash
+  model = make_tiny_llama(tmp_path / "wide", num_attention_heads=2, num_key_value_heads=1, hidden_size=256,
+                          max_position_embeddings=256)
+  cfg = load_config(None, lm_overrides(model, sft_data, tmp_path / "run") + (
+      "data.max_length=128", "train.batch_size=8", f"model.scan_layers={scan}"))
+  from jaxft import plan
+  train = plan.plan(cfg, "v5e:2x2", log=lambda *a, **k: None, quick=True).programs[0]
+  assert {kind: calls for kind, (calls, _, _) in train.kernels.items()} == {"fwd": 2, "dq": 2, "dkv": 2}
+  rows = int(train.shape.split(" x ")[0]) // 4  # packed rows per chip
+  fwd = splash.cost("fwd", (rows * 2, 128, 128), (rows * 2, 128, 128), 4)[0]  # f32 compute, 2 heads a row
+  assert train.kernels["fwd"][1] == pytest.approx(2 * fwd)
+  assert "6 splash attention kernel calls counted analytically" in train.estimate_source
 
 
 @needs_libtpu

@@ -27,6 +27,7 @@ import numpy as np
 
 from jaxft import formats, parallel
 from jaxft.errors import JaxftError
+from jaxft.models import splash
 from jaxft.models.base import Backbone, Conventions, tokenizer_path
 
 MODEL_TYPE = "llama"
@@ -115,8 +116,9 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, visible, cache):
-    """visible: key lengths [B] for padded rows (causal), else a bool mask [B, 1, L, S]. cache: None, or this
-    layer's {"k", "v"} [B, S, K, H] and the slot `index` where the L new tokens go (`visible` over S slots)."""
+    """visible: key lengths [B] for padded rows (causal), segment ids [B, L] (causal within each; the splash
+    kernel), else a bool mask [B, 1, L, S]. cache: None, or this layer's {"k", "v"} [B, S, K, H] and the slot
+    `index` where the L new tokens go (`visible` over S slots)."""
     c = self.config
     N, K, H = c.num_attention_heads, c.num_key_value_heads, head_dim(c)
     bias = getattr(c, "attention_bias", False)
@@ -132,7 +134,9 @@ class Attention(nn.Module):
       v_BxSxKxH = jax.lax.dynamic_update_slice(cache["v"], v_BxLxKxH.astype(cache["v"].dtype), at)
       cache = {"k": k_BxSxKxH, "v": v_BxSxKxH}
       k_BxLxKxH, v_BxLxKxH = k_BxSxKxH.astype(self.dtype), v_BxSxKxH.astype(self.dtype)
-    if visible.ndim == 1:  # padded rows: causal, keys up to each row's length
+    if visible.ndim == 2:  # segment ids (TPU): the splash kernel
+      o_BxLxNxH = splash.attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, visible)
+    elif visible.ndim == 1:  # padded rows: causal, keys up to each row's length
       o_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, is_causal=True,
                                                key_value_seq_lengths=visible)
     else:
@@ -241,9 +245,15 @@ class CausalLM(nn.Module):
     return h_BxLxD, logits_BxPxV.astype(jnp.float32), caches
 
 
-def visibility(batch: dict):
+def visibility(batch: dict, segments: bool = False):
   """What attends to what in a training / evaluation batch: packed rows (segment_ids) a [B, 1, L, L] mask,
-  causal and inside each segment; padded rows (attention_mask): their lengths [B] (causal attention)."""
+  causal and inside each segment; padded rows (attention_mask): their lengths [B] (causal attention).
+  segments: segment ids [B, L] for the splash kernel instead (packed rows' own, 0 for padding; padded rows: 1
+  for tokens, 0 for padding)."""
+  if segments:
+    ids_BxL = batch["input_ids"]
+    segments_BxL = batch.get("segment_ids", batch.get("attention_mask"))
+    return (jnp.ones_like(ids_BxL) if segments_BxL is None else segments_BxL).astype(jnp.int32)
   if "segment_ids" in batch:
     seg_BxL = batch["segment_ids"]
     L = seg_BxL.shape[1]
@@ -274,17 +284,19 @@ def _decode_visibility(cache, mask_BxL):
   return (valid_BxS[:, None, :] & slot_LxS[None])[:, None], valid_BxS
 
 
-def make_apply(module):
-  """Backbone.apply: ({"hidden", "logits", "pooled": None}, state); state {"cache": ...} while generating."""
+def make_apply(module, kernel: bool = False):
+  """Backbone.apply: ({"hidden", "logits", "pooled": None}, state); state {"cache": ...} while generating.
+  kernel: training and evaluation attend with the splash kernel (TPU) where its tiles fit (models/splash.py)."""
 
   def apply(params, batch, train=False, rng=None, state=None):
     ids_BxL = batch["input_ids"]
+    use_splash = kernel and splash.fits(ids_BxL.shape[1], head_dim(module.config))
     positions_BxL = batch.get("position_ids")
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(ids_BxL.shape[1]), ids_BxL.shape)
     cache = (state or {}).get("cache")
     if cache is None:
-      hidden, logits, _ = module.apply({"params": params}, ids_BxL, positions_BxL, visibility(batch),
+      hidden, logits, _ = module.apply({"params": params}, ids_BxL, positions_BxL, visibility(batch, use_splash),
                                        logit_positions_BxP=batch.get("logit_positions"))
       return {"hidden": hidden, "logits": logits, "pooled": None}, state
     visible, valid = _decode_visibility(cache, batch.get("attention_mask", jnp.ones_like(ids_BxL)))
@@ -433,10 +445,11 @@ def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0, platfo
               metadata={"format": "pt"})
     tokenizer.save_pretrained(out)
 
+  kernel = platform == "tpu" and mcfg.attention == "auto"  # splash attention
   backbone = Backbone(
-      name=str(path), key=MODEL_TYPE, params=params, apply=make_apply(module), processor=tokenizer, config=config,
-      conventions=CONVENTIONS, save=save, hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
-      init_scale=config.initializer_range, head_dropout=0.0, packs=True,
+      name=str(path), key=MODEL_TYPE, params=params, apply=make_apply(module, kernel), processor=tokenizer,
+      config=config, conventions=CONVENTIONS, save=save, hidden_size=config.hidden_size,
+      num_layers=config.num_hidden_layers, init_scale=config.initializer_range, head_dropout=0.0, packs=True,
       inputs=("input_ids", "attention_mask", "position_ids", "segment_ids"),
       new_cache=lambda batch, length: new_cache(config, batch, length, jnp.dtype(compute_dtype)))
   return backbone, report
