@@ -62,6 +62,8 @@ def _parse(argv):
       p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
       p.add_argument("--search", action="store_true", help="try mesh splits, remat and micro-batch sizes; print "
                      "the fitting settings with the best estimated throughput as overrides")
+      p.add_argument("--quick", action="store_true", help="each phase's largest train batch only (what --search "
+                     "compares): no eval, no generation, no host pipeline")
   p = sub.add_parser("plot", help="draw runs' loss, validation metric, LR, throughput, noise scale (one PNG)")
   p.add_argument("run_dirs", nargs="+", help="run directories, overlaid")
   p.add_argument("--out", default=None, help="the PNG (default: RUN_DIR/plot.png of the first)")
@@ -149,7 +151,7 @@ def main(argv=None) -> int:
         results = plan.search(cfg, args.topology, args.slices, log)
         print(plan.search_json(results) if args.json else plan.search_summary(results, config_path), flush=True)
         return 0 if any(isinstance(r, plan.Plan) for _, r in results) else 2
-      result = plan.plan(cfg, args.topology, args.slices, log)
+      result = plan.plan(cfg, args.topology, args.slices, log, quick=args.quick)
       result.config = config_path or "default"
       if args.json:
         print(plan.to_json(result), flush=True)

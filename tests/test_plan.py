@@ -235,19 +235,20 @@ def test_splash_attention_is_in_the_tpu_step_and_counted(tmp_path, sft_data, sca
   block's fwd, dq and dkv kernels are in the train step (a scanned body's by its trip count), and plan adds
   their analytic flops, which the cost model cannot see, to the compiler's."""
   from conftest import make_tiny_llama
-  from jaxft.config import load_config
   from jaxft.models import splash
   model = make_tiny_llama(tmp_path / "wide", num_attention_heads=2, num_key_value_heads=1, hidden_size=256,
                           max_position_embeddings=256)
-  cfg = load_config(None, lm_overrides(model, sft_data, tmp_path / "run") + (
-      "data.max_length=128", "train.batch_size=8", f"model.scan_layers={scan}"))
-  from jaxft import plan
-  train = plan.plan(cfg, "v5e:2x2", log=lambda *a, **k: None, quick=True).programs[0]
-  assert {kind: calls for kind, (calls, _, _) in train.kernels.items()} == {"fwd": 2, "dq": 2, "dkv": 2}
-  rows = int(train.shape.split(" x ")[0]) // 4  # packed rows per chip
+  r = jaxft("plan", *lm_overrides(model, sft_data, tmp_path / "run"), "data.max_length=128", "train.batch_size=8",
+            f"model.scan_layers={scan}", "--topology", "v5e:2x2", "--quick", "--json")
+  assert r.returncode == 0, r.stderr[-2000:]
+  programs = json.loads(r.stdout)["programs"]
+  train = programs[0]
+  assert [g["name"] for g in programs] == ["train"]  # --quick: the train step only
+  assert {kind: calls for kind, (calls, _, _) in train["kernels"].items()} == {"fwd": 2, "dq": 2, "dkv": 2}
+  rows = int(train["shape"].split(" x ")[0]) // 4  # packed rows per chip
   fwd = splash.cost("fwd", (rows * 2, 128, 128), (rows * 2, 128, 128), 4)[0]  # f32 compute, 2 heads a row
-  assert train.kernels["fwd"][1] == pytest.approx(2 * fwd)
-  assert "6 splash attention kernel calls counted analytically" in train.estimate_source
+  assert train["kernels"]["fwd"][1] == pytest.approx(2 * fwd)
+  assert "6 splash attention kernel calls counted analytically" in train["estimate_source"]
 
 
 @needs_libtpu
