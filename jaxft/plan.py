@@ -233,7 +233,7 @@ def kernels(hlo: str) -> dict:
   def leaf(name, rhs, times):
     if 'custom_call_target="tpu_custom_call"' not in rhs:
       return False
-    kind = re.search(r"splash_mh?a_(fwd|dq|dkv)", name)
+    kind = re.search(r"splash_m[hq]a_(fwd|dq|dkv)", name)  # mha (jaxft's) or mqa
     layout = re.search(r"operand_layout_constraints=\{(.*?)\}, \w+=", rhs)
     if kind and layout:
       (dtype, q), (_, k) = [(dtype, [int(d) for d in dims.split(",")]) for dtype, dims in _ARRAY.findall(
