@@ -5,9 +5,11 @@ never deleted. A save that fails (full disk, no permission) is a JaxftError; ear
 """
 import contextlib
 import dataclasses
+import logging
 import os
 import re
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -77,6 +79,23 @@ class _KeepSteps(cm.PreservationPolicy):
     return [c.step in self.steps for c in checkpoints]
 
 
+def _drop_closed_loop_reports(u):
+  """After a failed save, TensorStore still completes the writes orbax abandoned and reports each to an
+  event loop orbax has closed: hundreds of 'Event loop is closed' tracebacks, nothing lost. Dropped."""
+  if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+    _default_unraisablehook(u)
+
+
+_default_unraisablehook = sys.unraisablehook
+
+
+def _one_line(record: logging.LogRecord) -> bool:
+  """orbax logs each writer thread's failure with its traceback; the run reports that failure itself."""
+  if "orbax" in record.pathname:
+    record.exc_info, record.exc_text = None, None
+  return True
+
+
 class Checkpointer:
   """Keeps the last `keep` checkpoints plus the best ones (RunRecord.kept), which the training loop sets."""
 
@@ -88,6 +107,9 @@ class Checkpointer:
                                            cleanup_tmp_directories=True)  # saves cut short by a kill
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._pending = None  # the step whose async save may still be in flight
+    sys.unraisablehook = _drop_closed_loop_reports
+    if _one_line not in logging.getLogger("absl").filters:
+      logging.getLogger("absl").addFilter(_one_line)
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -113,6 +135,7 @@ class Checkpointer:
       return fn(*args, **kw)
     except Exception as e:  # noqa: BLE001 (orbax raises anything from its writer threads)
       self._pending = None
+      logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # the abandoned writes' 'never retrieved'
       # On disk: orbax's own list already lacks the steps it was to delete once this save committed.
       kept = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
       raise JaxftError(f"cannot write checkpoint {self.directory}/{step} ({_reason(e)}); the earlier checkpoints "
