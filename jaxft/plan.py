@@ -96,6 +96,16 @@ class DoesNotFit(JaxftError):
 # ---- compile-only TPU devices --------------------------------------------------------------------------------
 
 
+def wraparound(dims: list[int]) -> tuple[bool, bool, bool]:
+  """Which axes of a slice close into a ring (torus links), as Google builds them: a v4 / v5p slice whose
+  every side is a multiple of 4 (4x4x4 and up, full cubes) on all three; a v5e / v6e slice on a side of 16
+  (its whole pod). libtpu lowers collectives for the links it is told of: without them, a 64-chip slice's FSDP
+  gathers compile as all-reduces (twice the traffic), which is not what that slice runs."""
+  if len(dims) == 3:
+    return (all(d % 4 == 0 for d in dims),) * 3
+  return tuple(d == 16 for d in dims) + (False,) * (3 - len(dims))
+
+
 def devices(topology: str, slices: int = 1) -> list:
   """The compile-only devices of a TPU topology ('v5e:2x2', 'v5p:4x4x4', 'v6e:16x16', 'v4:2x2x1'), times
   `slices` joined by the data-centre network."""
@@ -112,6 +122,8 @@ def devices(topology: str, slices: int = 1) -> list:
   if dims and math.prod(int(d) for d in dims.group(1).split("x")) < 4:  # less than a host: say its bounds
     bounds = [int(d) for d in dims.group(1).split("x")]
     kwargs["chips_per_host_bounds"] = tuple(bounds + [1] * (3 - len(bounds)))
+  if dims:
+    kwargs["wrap"] = wraparound([int(d) for d in dims.group(1).split("x")])
   try:
     with runtime.libtpu_compile_only():
       return list(topologies.get_topology_desc(topology, "tpu", **kwargs).devices)
@@ -193,8 +205,11 @@ def _trips(comps: dict, rhs: str) -> int:
 def collectives(hlo: str) -> dict:
   """{kind: [count, result bytes]} of the collectives one call of a compiled module runs (while loops by
   their trip count); a fusion that wraps one counts as that one (libtpu fuses reduce-scatters as
-  'all-reduce-scatter' fusions)."""
+  'all-reduce-scatter' fusions). libtpu lowers some all-gathers (FSDP's weight gathers over a torus) as an
+  all-reduce of the shard written into zeros: those count as 'all-gather (as all-reduce)'."""
   comps = _computations(hlo)
+  defined = {line.split(" = ", 1)[0].split()[-1].lstrip("%"): line.split(" = ", 1)[1]
+             for comp in comps.values() for line in comp["lines"]}
   totals = collections.defaultdict(lambda: [0, 0])
 
   def inner_kind(name):  # the collective a fused computation holds
@@ -205,12 +220,24 @@ def collectives(hlo: str) -> dict:
         return m.group(1)
     return None
 
+  def zero_padded(operand, depth=0):  # a dynamic-update-slice, or a fusion whose root is one (through copies)
+    rhs = defined.get(operand, "")
+    if depth < 4 and (moved := re.search(r"\s(?:copy-done|copy-start|copy|bitcast)\(%([\w.\-]+)\)", rhs)):
+      return zero_padded(moved.group(1), depth + 1)
+    if called := re.search(r" fusion\(.*calls=%([\w.\-]+)", rhs):
+      rhs = next((line for line in comps.get(called.group(1), {}).get("lines", ()) if "ROOT " in line), "")
+    return re.search(r"\sdynamic-update-slice\(", rhs) is not None
+
   def leaf(_, rhs, times):
     result = rhs.split("(", 1)[0] if not rhs.startswith("(") else rhs[:rhs.index(")") + 1]
     if m := _COLLECTIVE.search(rhs):
       sizes = _array_bytes(rhs[:m.start()])
-      totals[m.group(1)][0] += times
-      totals[m.group(1)][1] += times * (max(sizes) if m.group(2) else sum(sizes)) if sizes else 0
+      kind = m.group(1)
+      operands = re.findall(r"%([\w.\-]+)", rhs[m.end():rhs.index(")", m.end())])
+      if kind == "all-reduce" and operands and all(map(zero_padded, operands)):
+        kind = "all-gather (as all-reduce)"
+      totals[kind][0] += times
+      totals[kind][1] += times * (max(sizes) if m.group(2) else sum(sizes)) if sizes else 0
       return True
     if " fusion(" in rhs and (called := re.search(r"calls=%([\w.\-]+)", rhs)):
       if kind := inner_kind(called.group(1)):
@@ -272,7 +299,12 @@ class _Loops:
       if key[1]:  # m micro-batches' rows in one batch, without accumulation (no loop)
         overrides += [f"train.batch_size={micro * self.cfg.train.micro_batch_size}", "train.micro_batch_size=null"]
       quiet = lambda *a, **kw: None  # noqa: E731
-      exp = build(config_lib.override(self.cfg, overrides), quiet, platform=self.devs[0].platform)
+      loop_cfg = config_lib.override(self.cfg, overrides)
+      if depth:  # the scanned body differentiates every block, frozen ones too: each costs a trainable block
+        loop_cfg.freeze_bottom_layers = 0
+        loop_cfg.phases = [{**ph, "freeze_bottom_layers": 0} if "freeze_bottom_layers" in ph else ph
+                           for ph in loop_cfg.phases]
+      exp = build(loop_cfg, quiet, platform=self.devs[0].platform)
       self.built[key] = (exp, *setup(exp, quiet, self.devs, self.slices))
     exp, par, targets = self.built[key]
     target = targets[k]
@@ -452,13 +484,14 @@ def _eval_shapes(exp, split: str):
   return out
 
 
-def _model_flops(exp, params, batch) -> float:
+def _model_flops(exp, k: int, batch) -> float:
   if "input_ids" not in batch and "image" not in batch:
     return 0.0
   x = np.asarray(batch.get("input_ids", batch.get("image")))
   rows, length = (x.shape[-2], x.shape[-1]) if "input_ids" in batch else (x.shape[-4], 1)
   lanes = math.prod(x.shape[:-2]) if "input_ids" in batch else math.prod(x.shape[:-4])
-  return lanes * bench.analytic_flops(rules.flat(params), exp.backbone, rows, length)
+  trained = {p for p, label in rules.flat(exp.phases[k].labels).items() if label != "frozen"}
+  return lanes * bench.analytic_flops(rules.flat(exp.state_shapes(k).params), exp.backbone, rows, length, trained)
 
 
 def plan(cfg, topology: str, slices: int = 1, log=print, quick: bool = False) -> Plan:
@@ -498,7 +531,7 @@ def plan(cfg, topology: str, slices: int = 1, log=print, quick: bool = False) ->
       notes.append(f"quick plan: phase {phase.name}'s largest batch only, standing for all its steps")
     for n, (count, first) in sorted(by_length.items()):
       batch = transform(source[first])
-      flops = _model_flops(exp, exp.state_shapes(k).params, batch) if not cached else 0.0
+      flops = _model_flops(exp, k, batch) if not cached else 0.0
       abstract = _abstract(batch, par.train_batch_sharding)
       name = "train" if len(exp.phases) == 1 else f"train {phase.name}"
       cost = (lambda: loops.cost("train", k, abstract)) if loops else None

@@ -66,6 +66,54 @@ ENTRY %main.3 (a: f32[8,4]) -> (s32[]) {
   assert collectives(hlo) == {"all-gather": [5, 5 * 16 * 4 * 2]}
 
 
+def test_an_all_reduce_of_zero_padded_shards_is_an_all_gather():
+  from jaxft.plan import collectives
+  hlo = """HloModule jit_step
+
+%fused_dus (p0: bf16[64,16], p1: bf16[1,16]) -> bf16[64,16] {
+  %p0 = bf16[64,16]{1,0} parameter(0)
+  %p1 = bf16[1,16]{1,0} parameter(1)
+  ROOT %dynamic-update-slice.3 = bf16[64,16]{1,0} dynamic-update-slice(%p0, %p1, %i, %j)
+}
+
+ENTRY %main.3 (a: bf16[1,16]) -> bf16[64,16] {
+  %zeros_dus_fusion = bf16[64,16]{1,0} fusion(%z, %a), kind=kLoop, calls=%fused_dus
+  %copy-start.1 = (bf16[64,16]{1,0}, bf16[64,16]{1,0}, u32[]) copy-start(%zeros_dus_fusion)
+  %copy-done.1 = bf16[64,16]{1,0} copy-done(%copy-start.1)
+  %gathered = bf16[64,16]{1,0} all-reduce(%copy-done.1), channel_id=1, to_apply=%add
+  ROOT %grad = bf16[64,16]{1,0} all-reduce(%g), channel_id=2, to_apply=%add
+}
+"""
+  # libtpu's lowering of an FSDP weight gather: the shard written into zeros (through copies), then summed
+  assert collectives(hlo) == {"all-gather (as all-reduce)": [1, 64 * 16 * 2], "all-reduce": [1, 64 * 16 * 2]}
+
+
+def test_slices_have_the_torus_links_google_builds():
+  from jaxft.plan import wraparound
+  assert wraparound([4, 4, 4]) == wraparound([4, 8, 12]) == (True, True, True)  # v4 / v5p full cubes
+  assert wraparound([2, 2, 1]) == wraparound([2, 4, 4]) == (False, False, False)
+  assert wraparound([16, 16]) == (True, True, False) and wraparound([8, 16]) == (False, True, False)  # v5e / v6e
+  assert wraparound([2, 2]) == (False, False, False)
+
+
+@needs_libtpu
+def test_fsdp_gathers_on_a_64_chip_torus_are_all_gathers():
+  """Told of a v5p-128's wraparound links, libtpu gathers FSDP weights with all-gathers; without them it
+  compiled all-reduces of zero-padded shards (twice the traffic) for the same program."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jaxft import plan
+  devs = plan.devices("v5p:4x4x4")
+  mesh = jax.make_mesh((64,), ("fsdp",), devices=devs, axis_types=(jax.sharding.AxisType.Auto,))
+  w = jax.ShapeDtypeStruct((256, 512), jnp.float32, sharding=NamedSharding(mesh, P("fsdp", None)))
+  x = jax.ShapeDtypeStruct((64, 128, 256), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp")))
+  loss = lambda w, x: jnp.sum((x @ w.astype(jnp.bfloat16)).astype(jnp.float32) ** 2)  # noqa: E731
+  grad = jax.jit(jax.grad(loss), out_shardings=NamedSharding(mesh, P("fsdp", None)))
+  kinds = plan.collectives(grad.lower(w, x).compile().as_text())
+  assert "all-gather" in kinds and "all-gather (as all-reduce)" not in kinds, kinds
+
+
 def test_without_libtpu_plan_says_how_to_install_it(monkeypatch):
   import sys
 
@@ -147,7 +195,7 @@ def test_plans_tiny_model_on_dp_fsdp_tp_meshes(tiny_cfg, topology, mesh, shards)
   kinds = set(train.collectives)
   assert "all-reduce" in kinds  # gradients (DP), partial sums (TP)
   if shards == 4:
-    assert "all-gather" in kinds  # FSDP gathers weights where they are used
+    assert {"all-gather", "all-gather (as all-reduce)"} & kinds  # FSDP gathers weights where they are used
   assert p.examples_per_s_per_chip == pytest.approx(16 / p.step_s / 4)
   assert 0 < p.mfu < 1
   del jax
