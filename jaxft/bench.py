@@ -35,18 +35,24 @@ def matmul_peak(dtype: str, n: int | None = None, reps: int = 10) -> float:
   return 2 * n ** 3 / float(np.median(times))
 
 
-def analytic_flops(params, backbone, batch: int, length: int) -> float:
+def analytic_flops(params, backbone, batch: int, length: int, trained=None) -> float:
   """An image model: 3 x its forward FLOPs (forward, and twice that backward) per example. A token model:
-  6 * (matmul params) * tokens + attention (QK^T and AV, forward and backward: 12 * L * B * S^2 * D)."""
+  per token 2 (forward) + 2 (gradients of the activations) + 2 (of the weights) FLOPs per matmul param, the
+  last only for `trained` paths (default: all: 6N), + attention (QK^T and AV, forward and backward:
+  12 * L * B * S^2 * D). A LoRA or partly frozen step does no weight gradients for its frozen matmuls."""
   if backbone.forward_flops is not None:
     return 3 * backbone.forward_flops * batch
   model_config = backbone.config
-  n_matmul = sum(x.size for p, x in rules.flat(params).items() if x.ndim == 2 and "embedding" not in p)
+  matmul = {p: x.size for p, x in rules.flat(params).items() if x.ndim == 2 and "embedding" not in p}
+  n_matmul = sum(matmul.values())
+  n_trained = n_matmul if trained is None else sum(n for p, n in matmul.items() if p in trained)
   if backbone.new_cache is not None and getattr(model_config, "tie_word_embeddings", False):
-    n_matmul += model_config.vocab_size * model_config.hidden_size  # the tied output layer is a matmul
+    tied = model_config.vocab_size * model_config.hidden_size  # the tied output layer is a matmul
+    n_matmul += tied
+    n_trained += tied if trained is None or any("embedding" in p for p in trained) else 0
   layers = getattr(model_config, "num_hidden_layers", 0)
   hidden = getattr(model_config, "hidden_size", 0)
-  return 6 * n_matmul * batch * length + 12 * layers * batch * length ** 2 * hidden
+  return (4 * n_matmul + 2 * n_trained) * batch * length + 12 * layers * batch * length ** 2 * hidden
 
 
 def synthetic_batch(exp, batch: int, length: int, seed: int = 0) -> dict:
@@ -176,7 +182,8 @@ def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data
   single = exp.state_shapes(0).params  # one replica's
   params = rules.flat(single)
   n_train = rules.count(rules.split(single, phase.labels, "train")[0])
-  analytic = lanes * analytic_flops(params, exp.backbone, tcfg.batch_size, length)
+  trained_paths = {p for p, label in rules.flat(phase.labels).items() if label != "frozen"}
+  analytic = lanes * analytic_flops(params, exp.backbone, tcfg.batch_size, length, trained_paths)
   flops = xla_flops or analytic
   all_tokens = lanes * tcfg.batch_size * (1 if images else length)
   trained_per_step = float(np.mean(trained)) if trained else float(all_tokens)

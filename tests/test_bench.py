@@ -32,6 +32,17 @@ def test_analytic_flops_agree_with_xla(tiny_cfg):
                                                                        r.xla_flops_per_step)
 
 
+def test_analytic_flops_skip_frozen_weight_gradients(tiny_cfg):
+  """Frozen encoder blocks do no weight gradients: the analytic count drops by 2 FLOPs per frozen matmul
+  param per token, as XLA's does (6N -> 4N + 2N_trained)."""
+  full = bench.bench(tiny_cfg(), steps=2, warmup=1, length=32)
+  frozen = bench.bench(tiny_cfg("freeze_bottom_layers=2"), steps=2, warmup=1, length=32)
+  assert frozen.analytic_flops_per_step < 0.95 * full.analytic_flops_per_step
+  analytic, xla = (frozen.analytic_flops_per_step / full.analytic_flops_per_step,
+                   frozen.xla_flops_per_step / full.xla_flops_per_step)
+  assert abs(analytic - xla) < 0.1, (analytic, xla)
+
+
 def test_bench_times_seed_vectorised_steps(tiny_cfg):
   """train.seeds=2: one step trains both replicas; examples and FLOPs count every replica's."""
   one = bench.bench(tiny_cfg(), steps=2, warmup=1, length=32)
