@@ -12,7 +12,7 @@ Per chip: memory (params, optimizer state, the rest, the peak) against the chip'
 ESTIMATES, never measurements: the step time, which is the compiler's own (cost_analysis `optimal_seconds`)
 where that is valid, else a roofline max(flops / peak FLOP/s, bytes accessed / HBM bandwidth) from the
 compiler's counts (every figure names its source); examples and trained tokens per second per chip; MFU
-(model FLOPs: 6 x matmul params per token plus attention, over the chip's bf16 peak); collectives by kind.
+(model FLOPs: 6 x matmul params per token, 4 for frozen ones, plus attention, over the chip's bf16 peak); collectives by kind.
 """
 import collections
 import copy
@@ -55,7 +55,7 @@ class Program:
   examples: int = 0  # per call (train)
   tokens: int = 0
   trained_tokens: float = 0.0
-  model_flops: float = 0.0  # all chips together: 6N x tokens + attention (or 3 x forward for images)
+  model_flops: float = 0.0  # all chips together: (4N + 2N_trained) x tokens + attention (or 3 x forward for images)
   kernels: dict = dataclasses.field(default_factory=dict)  # kernel -> [calls, flops, bytes], counted analytically
 
 
