@@ -17,6 +17,7 @@ compiler's counts (every figure names its source); examples and trained tokens p
 import collections
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -148,6 +149,7 @@ def _array_bytes(text: str) -> list[int]:
   return out
 
 
+@functools.lru_cache(maxsize=2)  # collectives and kernels read the same program
 def _computations(hlo: str) -> dict:
   """{name: {"entry": bool, "lines": [instructions]}} of an HLO module's text (an instruction whose attributes
   run over several lines, as a kernel's metadata does, joined into one)."""
