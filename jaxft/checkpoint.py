@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import threading
 from pathlib import Path
 
@@ -79,23 +78,6 @@ class _KeepSteps(cm.PreservationPolicy):
     return [c.step in self.steps for c in checkpoints]
 
 
-def _drop_closed_loop_reports(u):
-  """After a failed save, TensorStore still completes the writes orbax abandoned and reports each to an
-  event loop orbax has closed: hundreds of 'Event loop is closed' tracebacks, nothing lost. Dropped."""
-  if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
-    _default_unraisablehook(u)
-
-
-_default_unraisablehook = sys.unraisablehook
-
-
-def _one_line(record: logging.LogRecord) -> bool:
-  """orbax logs each writer thread's failure with its traceback; the run reports that failure itself."""
-  if "orbax" in record.pathname:
-    record.exc_info, record.exc_text = None, None
-  return True
-
-
 class Checkpointer:
   """Keeps the last `keep` checkpoints plus the best ones (RunRecord.kept), which the training loop sets."""
 
@@ -107,9 +89,6 @@ class Checkpointer:
                                            cleanup_tmp_directories=True)  # saves cut short by a kill
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._pending = None  # the step whose async save may still be in flight
-    sys.unraisablehook = _drop_closed_loop_reports
-    if _one_line not in logging.getLogger("absl").filters:
-      logging.getLogger("absl").addFilter(_one_line)
 
   def latest_step(self):
     return self.manager.latest_step()

@@ -84,6 +84,7 @@ def main(argv=None) -> int:
   if not runtime.accelerator_present():  # a CPU run's step buffers (an accelerator's live in its own memory)
     runtime.tune_malloc()  # before jax starts its threads
   runtime.quiet_absent_tpu()  # libtpu installed (jaxft plan) on a machine without a TPU
+  runtime.quiet_abandoned_writes()  # a failed save's library noise: the run reports the failure in one line
   from rich.console import Console
   console = Console(stderr=True)
   try:

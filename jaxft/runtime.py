@@ -16,8 +16,10 @@ import ctypes
 import ctypes.util
 import glob
 import importlib.util
+import logging
 import os
 import pkgutil
+import sys
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
@@ -86,3 +88,23 @@ def libtpu_compile_only():
         os.environ.pop(key, None)
       else:
         os.environ[key] = value
+
+
+def quiet_abandoned_writes() -> None:
+  """For a process that saves checkpoints (the CLI): after a failed orbax save, TensorStore still completes the writes orbax
+  abandoned and reports each to an event loop orbax has closed (hundreds of 'Event loop is closed' tracebacks,
+  nothing lost), and orbax logs each writer thread's failure with its traceback, which the run reports itself.
+  Drops the first and keeps one line of the second."""
+  default = sys.unraisablehook
+
+  def hook(u):
+    if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+      default(u)
+
+  def one_line(record: logging.LogRecord) -> bool:
+    if "orbax" in record.pathname:
+      record.exc_info, record.exc_text = None, None
+    return True
+  sys.unraisablehook = hook
+  from absl import logging as absl_logging  # orbax logs through it (its own logger class: import it first)
+  absl_logging.get_absl_logger().addFilter(one_line)
