@@ -35,14 +35,15 @@ def matmul_peak(dtype: str, n: int | None = None, reps: int = 10) -> float:
   return 2 * n ** 3 / float(np.median(times))
 
 
-def analytic_flops(params, backbone, batch: int, length: int, trained=None) -> float:
+def analytic_flops(params, backbone, batch: int, length: int, labels=None) -> float:
   """An image model: 3 x its forward FLOPs (forward, and twice that backward) per example. A token model:
   per token 2 (forward) + 2 (gradients of the activations) + 2 (of the weights) FLOPs per matmul param, the
-  last only for `trained` paths (default: all: 6N), + attention (QK^T and AV, forward and backward:
-  12 * L * B * S^2 * D). A LoRA or partly frozen step does no weight gradients for its frozen matmuls."""
+  last only for params `labels` does not mark frozen (default: all: 6N), + attention (QK^T and AV, forward and
+  backward: 12 * L * B * S^2 * D). A LoRA or partly frozen step does no weight gradients for its frozen matmuls."""
   if backbone.forward_flops is not None:
     return 3 * backbone.forward_flops * batch
   model_config = backbone.config
+  trained = None if labels is None else {p for p, label in rules.flat(labels).items() if label != "frozen"}
   matmul = {p: x.size for p, x in rules.flat(params).items() if x.ndim == 2 and "embedding" not in p}
   n_matmul = sum(matmul.values())
   n_trained = n_matmul if trained is None else sum(n for p, n in matmul.items() if p in trained)
@@ -182,8 +183,7 @@ def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data
   single = exp.state_shapes(0).params  # one replica's
   params = rules.flat(single)
   n_train = rules.count(rules.split(single, phase.labels, "train")[0])
-  trained_paths = {p for p, label in rules.flat(phase.labels).items() if label != "frozen"}
-  analytic = lanes * analytic_flops(params, exp.backbone, tcfg.batch_size, length, trained_paths)
+  analytic = lanes * analytic_flops(params, exp.backbone, tcfg.batch_size, length, phase.labels)
   flops = xla_flops or analytic
   all_tokens = lanes * tcfg.batch_size * (1 if images else length)
   trained_per_step = float(np.mean(trained)) if trained else float(all_tokens)

@@ -120,11 +120,11 @@ def devices(topology: str, slices: int = 1) -> list:
   if topology.startswith("v4"):  # one device per chip, as TPU v4 VMs run it (otherwise one per TensorCore)
     kwargs["chip_config_name"] = "megacore"
   dims = re.fullmatch(r"v\w+:(\d+(?:x\d+)*)", topology)
-  if dims and math.prod(int(d) for d in dims.group(1).split("x")) < 4:  # less than a host: say its bounds
-    bounds = [int(d) for d in dims.group(1).split("x")]
-    kwargs["chips_per_host_bounds"] = tuple(bounds + [1] * (3 - len(bounds)))
   if dims:
-    kwargs["wrap"] = wraparound([int(d) for d in dims.group(1).split("x")])
+    sides = [int(d) for d in dims.group(1).split("x")]
+    kwargs["wrap"] = wraparound(sides)
+    if math.prod(sides) < 4:  # less than a host: say its bounds
+      kwargs["chips_per_host_bounds"] = tuple(sides + [1] * (3 - len(sides)))
   try:
     with runtime.libtpu_compile_only():
       return list(topologies.get_topology_desc(topology, "tpu", **kwargs).devices)
@@ -492,8 +492,8 @@ def _model_flops(exp, k: int, batch) -> float:
   x = np.asarray(batch.get("input_ids", batch.get("image")))
   rows, length = (x.shape[-2], x.shape[-1]) if "input_ids" in batch else (x.shape[-4], 1)
   lanes = math.prod(x.shape[:-2]) if "input_ids" in batch else math.prod(x.shape[:-4])
-  trained = {p for p, label in rules.flat(exp.phases[k].labels).items() if label != "frozen"}
-  return lanes * bench.analytic_flops(rules.flat(exp.state_shapes(k).params), exp.backbone, rows, length, trained)
+  return lanes * bench.analytic_flops(rules.flat(exp.state_shapes(k).params), exp.backbone, rows, length,
+                                      exp.phases[k].labels)
 
 
 def plan(cfg, topology: str, slices: int = 1, log=print, quick: bool = False) -> Plan:
