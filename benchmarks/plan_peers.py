@@ -202,35 +202,32 @@ def _venv(path: Path, packages: list[str]) -> Path:
   return python
 
 
+def _peers() -> Path:
+  return Path(os.environ.get("JAXFT_CACHE", Path.home() / ".cache/jaxft")) / "peers"
+
+
 def maxtext(args):
-  cache = Path(os.environ.get("JAXFT_CACHE", Path.home() / ".cache/jaxft")) / "peers"
-  mt = _venv(cache / "maxtext", ["maxtext[tpu]==0.2.5"])
+  mt = _venv(_peers() / "maxtext", ["maxtext[tpu]==0.2.5"])
   versions = json.loads(subprocess.run([str(mt), "-c", "import jax, jaxlib, importlib.metadata as m, json; print(json.dumps("
                                         "{'jax': jax.__version__, 'libtpu': m.version('libtpu')}))"],
                                        capture_output=True, text=True, check=True).stdout)
-  jx = _venv(cache / "jaxft", ["-e", str(ROOT), f"jax=={versions['jax']}", f"jaxlib=={versions['jax']}",
-                               f"libtpu=={versions['libtpu']}"])
+  jx = _venv(_peers() / "jaxft", ["-e", str(ROOT), f"jax=={versions['jax']}", f"jaxlib=={versions['jax']}",
+                                  f"libtpu=={versions['libtpu']}"])
   print(f"both under jax {versions['jax']}, libtpu {versions['libtpu']}")
-  base = next((cache / "maxtext").glob("lib/python3.12/site-packages/maxtext/configs/base.yml"))
-  env = {**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
-         "TPU_ACCELERATOR_TYPE": "v5litepod-4", "JAX_PLATFORMS": "cpu"}
   runs = {"MaxText, scanned layers (its memory)": ["scan_layers=true"],
           "MaxText, unrolled layers (its whole-step cost)": ["scan_layers=false"]}
   rows = []
+  from jaxft import chips, plan
+  v5p = chips.CHIPS["TPU v5"]
   for name, extra in runs.items():
-    out = cache / f"maxtext_{extra[0].split('=')[1]}.json"
-    cmd = [str(mt), str(ROOT / "benchmarks/maxtext_aot.py"), str(base), "compile_topology=v5p-128",
-           "compile_topology_num_slices=1", "model_name=llama3.1-8b", "per_device_batch_size=1",
-           f"max_target_length={args.length}", "run_name=plan_peers", "base_output_directory=/tmp/mt_out",
-           "jax_cache_dir=", *extra]
-    hlo = out.with_suffix(".hlo.txt")
-    subprocess.run(cmd, env={**env, "MT_AOT_JSON": str(out), "MT_AOT_HLO": str(hlo)}, check=True, capture_output=True)
-    r = json.loads(out.read_text())
+    r = _maxtext_aot(["compile_topology=v5p-128", "compile_topology_num_slices=1", "per_device_batch_size=1",
+                      f"max_target_length={args.length}", *extra], f"maxtext_{extra[0].split('=')[1]}", hlo=True)
+    if "error" in r:
+      rows.append(f"| {name} | {r['error'][:160]} | | | | |")
+      continue
     c, m = r["cost_analysis"], r["memory_analysis"]
     # its splash kernels, which its cost model cannot see either, counted as jaxft plan counts jaxft's
-    from jaxft import chips, plan
-    v5p = chips.CHIPS["TPU v5"]
-    kernel_s = sum(max(f / v5p.bf16_flops, b / v5p.hbm_bytes_per_s) for _, f, b in plan.kernels(hlo.read_text()).values())
+    kernel_s = sum(max(f / v5p.bf16_flops, b / v5p.hbm_bytes_per_s) for _, f, b in plan.kernels(r["hlo"]).values())
     for label, step in (("compiler", c["optimal_seconds"]), ("compiler + its kernels", c["optimal_seconds"] + kernel_s)):
       rows.append(f"| {name} | {1000 * step:,.2f} ({label}) | {64 / step / 64:,.2f} | "
                   f"{m['peak_memory_in_bytes'] / 2 ** 30:,.2f} | "
@@ -254,20 +251,22 @@ RECIPE_V6E8 = ["per_device_batch_size=3", "max_target_length=8192", "ici_fsdp_pa
                                           "block_kv_dkv_compute", "block_q_dq", "block_kv_dq")]]
 
 
-def _maxtext_aot(overrides, name):
-  """MaxText 0.2.5's AOT compile (its venv; see maxtext()): its result JSON, or {'error': the last line}."""
-  cache = Path(os.environ.get("JAXFT_CACHE", Path.home() / ".cache/jaxft")) / "peers"
-  mt = _venv(cache / "maxtext", ["maxtext[tpu]==0.2.5"])
-  base = next((cache / "maxtext").glob("lib/python3.12/site-packages/maxtext/configs/base.yml"))
-  out = cache / f"{name}.json"
-  env = {**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
-         "TPU_ACCELERATOR_TYPE": "v5litepod-4", "JAX_PLATFORMS": "cpu", "MT_AOT_JSON": str(out)}
+def _maxtext_aot(overrides, name, hlo: bool = False):
+  """MaxText 0.2.5's AOT compile of Llama-3.1-8B in its venv (Python 3.12): its result JSON (with its compiled
+  program's text under "hlo" if asked), or {'error': the last error line}."""
+  mt = _venv(_peers() / "maxtext", ["maxtext[tpu]==0.2.5"])
+  base = next((_peers() / "maxtext").glob("lib/python3.12/site-packages/maxtext/configs/base.yml"))
+  out = _peers() / f"{name}.json"
+  # its own venv's libtpu: jax in this process (imported with jaxft) points TPU_LIBRARY_PATH at ours
+  env = {**{k: v for k, v in os.environ.items() if k != "TPU_LIBRARY_PATH"}, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
+         "TPU_ACCELERATOR_TYPE": "v5litepod-4", "JAX_PLATFORMS": "cpu", "MT_AOT_JSON": str(out),
+         **({"MT_AOT_HLO": str(out.with_suffix(".hlo.txt"))} if hlo else {})}
   r = subprocess.run([str(mt), str(ROOT / "benchmarks/maxtext_aot.py"), str(base), "model_name=llama3.1-8b",
                       "run_name=plan_peers", "base_output_directory=/tmp/mt_out", "jax_cache_dir=", *overrides],
                      env=env, capture_output=True, text=True)
   if r.returncode:
     return {"error": next((line for line in reversed(r.stderr.splitlines()) if "Error" in line), "?")}
-  return json.loads(out.read_text())
+  return {**json.loads(out.read_text()), **({"hlo": out.with_suffix(".hlo.txt").read_text()} if hlo else {})}
 
 
 def published(args):
