@@ -38,16 +38,16 @@ def evaluate(exp, par, eval_step, params, model_state, split: str, transform=Non
             kept[lane][name][index.flat[r]] = x[r]
   sums = par.metrics(sums)
   if not exp.seeds:
-    return _finalize(exp, sums, kept[0], params, model_state, split)
-  return replicas.aggregate([_finalize(exp, replicas.take(sums, r), kept[r], replicas.take(params, r, exp.own),
+    return _finalize(exp, par, sums, kept[0], params, model_state, split)
+  return replicas.aggregate([_finalize(exp, par, replicas.take(sums, r), kept[r], replicas.take(params, r, exp.own),
                                        replicas.take(model_state, r), split) for r in range(lanes)])
 
 
-def _finalize(exp, sums, kept, params, model_state, split: str) -> dict:
+def _finalize(exp, par, sums, kept, params, model_state, split: str) -> dict:
   metrics = exp.task.finalize(sums, kept, exp.splits[split])
   if exp.task.generates:
     from jaxft.generate import generation_metrics
-    metrics.update(generation_metrics(exp, params, model_state, split))
+    metrics.update(generation_metrics(exp, params, model_state, split, par))
   return metrics
 
 

@@ -5,7 +5,6 @@ Prompts are left-padded to a common length (a bucket, so few shapes compile), ru
 emitted EOS or `max_new_tokens` are made. The model is the experiment's apply (backbone + task head, LoRA
 adapters included), the cache its model state (models/llama.py).
 """
-import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,8 +28,10 @@ def sample(logits_BxV, rng, temperature: float, top_p: float):
   return jax.random.categorical(rng, logits_BxV).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("apply", "new_cache", "max_new", "temperature", "top_p", "eos_id"))
-def _generate(params, model_state, ids_BxP, mask_BxP, rng, *, apply, new_cache, max_new, temperature, top_p, eos_id):
+STATIC = ("apply", "new_cache", "max_new", "temperature", "top_p", "eos_id")
+
+
+def _loop(params, model_state, ids_BxP, mask_BxP, rng, *, apply, new_cache, max_new, temperature, top_p, eos_id):
   B, P = ids_BxP.shape
   cache = new_cache(B, P + max_new)
   positions_BxP = jnp.maximum(jnp.cumsum(mask_BxP, -1) - 1, 0)
@@ -58,9 +59,20 @@ def _generate(params, model_state, ids_BxP, mask_BxP, rng, *, apply, new_cache, 
   return jax.lax.while_loop(cond, body, carry)[4]
 
 
+_whole = jax.jit(_loop, static_argnames=STATIC)  # every device runs the whole batch
+
+
+def program(par, batch_size: int):
+  """(the compiled generation loop, the prompts' sharding or None): on `par`'s mesh the prompts' rows are
+  split over its batch axes where `batch_size` divides among them; else each device runs the whole batch."""
+  step = par.compile_generate(_loop, STATIC, batch_size) if par is not None else None
+  return (step, par.batch_sharding) if step is not None else (_whole, None)
+
+
 def generate(exp, params, model_state, prompts: list, max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, batch_size: int = 32) -> list[list[int]]:
-  """The tokens generated after each prompt (a list of token ids), EOS excluded."""
+             top_p: float = 1.0, seed: int = 0, batch_size: int = 32, par=None) -> list[list[int]]:
+  """The tokens generated after each prompt (a list of token ids), EOS excluded; par: the run's Parallel (its
+  mesh splits each batch of prompts)."""
   bb = exp.backbone
   if bb.new_cache is None:
     raise JaxftError(f"{bb.name} is not a causal LM: it has nothing to generate with")
@@ -69,6 +81,7 @@ def generate(exp, params, model_state, prompts: list, max_new_tokens: int, tempe
   order = np.argsort([len(p) for p in prompts], kind="stable")
   out = [None] * len(prompts)
   rng = jax.random.PRNGKey(seed)
+  step, rows = program(par, batch_size)
   for s in range(0, len(order), batch_size):
     idx = order[s:s + batch_size]
     longest = max(len(prompts[i]) for i in idx)
@@ -81,9 +94,11 @@ def generate(exp, params, model_state, prompts: list, max_new_tokens: int, tempe
       ids_BxP[row, P - len(prompts[i]):] = prompts[i]
       mask_BxP[row, P - len(prompts[i]):] = 1
     mask_BxP[len(idx):, -1] = 1  # padding rows: one token, so that nothing is fully masked
-    tokens = _generate(params, model_state, ids_BxP, mask_BxP, jax.random.fold_in(rng, s), apply=exp.apply,
-                       new_cache=bb.new_cache, max_new=max_new_tokens, temperature=float(temperature),
-                       top_p=float(top_p), eos_id=int(eos_id))
+    if rows is not None:
+      ids_BxP, mask_BxP = par.put_rows(ids_BxP), par.put_rows(mask_BxP)
+    tokens = step(params, model_state, ids_BxP, mask_BxP, jax.random.fold_in(rng, s), apply=exp.apply,
+                  new_cache=bb.new_cache, max_new=max_new_tokens, temperature=float(temperature),
+                  top_p=float(top_p), eos_id=int(eos_id))
     tokens = np.asarray(tokens)
     for row, i in enumerate(idx):
       t = tokens[row].tolist()
@@ -91,14 +106,14 @@ def generate(exp, params, model_state, prompts: list, max_new_tokens: int, tempe
   return out
 
 
-def generation_metrics(exp, params, model_state, split: str) -> dict:
+def generation_metrics(exp, params, model_state, split: str, par=None) -> dict:
   """The task's score of answers generated (generate.* settings) from the prompts of a split's first
   generate.eval_examples examples."""
   g, ex = exp.cfg.generate, exp.splits[split]
   n = len(ex) if g.eval_examples is None else min(g.eval_examples, len(ex))
   index = list(range(n))
   tokens = generate(exp, params, model_state, [ex.meta["prompts"][i] for i in index], g.max_new_tokens,
-                    g.temperature, g.top_p, exp.cfg.seed, exp.cfg.train.eval_batch_size)
+                    g.temperature, g.top_p, exp.cfg.seed, exp.cfg.train.eval_batch_size, par)
   texts = exp.backbone.processor.batch_decode(tokens, skip_special_tokens=True)
   return exp.task.score(texts, ex, index)
 
@@ -110,7 +125,7 @@ def generate_text(cfg, prompt: str, max_new_tokens: int | None = None, chat: boo
   which replica of a seed-vectorised run (at its best checkpoint)."""
   from jaxft import replicas
   from jaxft.evaluate import run_state
-  exp, _, _, state = run_state(cfg, None, "generating with", log)
+  exp, par, _, state = run_state(cfg, None, "generating with", log)
   if (r := replicas.chosen(exp, replica)) is not None:
     state = state.replace(params=replicas.take(state.params, r, exp.own), model_state=replicas.take(state.model_state, r))
   tok = exp.backbone.processor
@@ -122,5 +137,5 @@ def generate_text(cfg, prompt: str, max_new_tokens: int | None = None, chat: boo
     ids = tok(prompt)["input_ids"]
   g = cfg.generate
   tokens = generate(exp, state.params, state.model_state, [ids], max_new_tokens or g.max_new_tokens, g.temperature,
-                    g.top_p, cfg.seed, batch_size=1)[0]
+                    g.top_p, cfg.seed, batch_size=1, par=par)[0]
   return tok.decode(tokens, skip_special_tokens=True)

@@ -124,10 +124,10 @@ def batch_sharding():
 
 def _on_mesh(step, sharding):
   """`step`, traced with shard_batch pinning activations to `sharding`."""
-  def traced(*args):
+  def traced(*args, **kwargs):
     token = _BATCH_SHARDING.set(sharding)
     try:
-      return step(*args)
+      return step(*args, **kwargs)
     finally:
       _BATCH_SHARDING.reset(token)
   return traced
@@ -152,6 +152,7 @@ class Parallel:
                          f"data shards of the mesh {dict(mesh.shape)}")
     # CPU collectives deadlock when multi-device steps are dispatched back to back (DESIGN.md).
     self.block_each_step = jax.default_backend() == "cpu" and jax.device_count() > 1
+    self._generate = {}
 
   def shardings(self, state):
     """NamedSharding tree for the train state (jit backend)."""
@@ -201,6 +202,22 @@ class Parallel:
     return jax.jit(_on_mesh(eval_step, self.batch_sharding),
                    in_shardings=(shardings.params, shardings.model_state, self.batch_sharding),
                    out_shardings=NamedSharding(self.mesh, P()))
+
+  def compile_generate(self, generate_loop, static_argnames: tuple, batch_size: int):
+    """generate_loop(params, model_state, ids, mask, rng, **static) with the prompts' rows split over the batch
+    axes (activations and KV caches follow them) and the tokens returned to every host; None where the rows
+    cannot be split (pmap, or a batch that the batch shards do not divide: every device then runs it whole)."""
+    if self.pmap or batch_size % self.batch_shards:
+      return None
+    key = (generate_loop, static_argnames)
+    if key not in self._generate:  # one jit per run, so that each evaluation reuses its compiled programs
+      self._generate[key] = jax.jit(_on_mesh(generate_loop, self.batch_sharding), static_argnames=static_argnames,
+                                    out_shardings=NamedSharding(self.mesh, P()))
+    return self._generate[key]
+
+  def put_rows(self, x):
+    """An array that every host holds whole (generation's prompts) -> its rows split over the batch axes."""
+    return jax.make_array_from_callback(np.shape(x), self.batch_sharding, lambda index: x[index])
 
   def metrics(self, m):
     """Device metrics -> host numpy (pmap: the first replica; they are pmean-ed / psum-ed)."""

@@ -649,8 +649,9 @@ def _plan_generate(exp, par, target, compiler) -> None:
   longest = max(map(len, prompts)) if prompts else exp.cfg.data.max_length // 2
   P = batching.bucket(longest, batching.derived_buckets(max(longest, 16)))
   B, g = exp.cfg.train.eval_batch_size, exp.cfg.generate
+  step, rows = gen.program(par, B)
   replicated = jax.sharding.NamedSharding(par.mesh, jax.sharding.PartitionSpec())
-  ids = jax.ShapeDtypeStruct((B, P), np.int32, sharding=replicated)
+  ids = jax.ShapeDtypeStruct((B, P), np.int32, sharding=rows or replicated)
   key = jax.ShapeDtypeStruct((2,), np.uint32, sharding=replicated)
   params, model_state = target.params, target.model_state
   if exp.seeds:
@@ -659,7 +660,7 @@ def _plan_generate(exp, par, target, compiler) -> None:
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), params)
   g_kw = dict(apply=exp.apply, new_cache=exp.backbone.new_cache, max_new=g.max_new_tokens,
               temperature=float(g.temperature), top_p=float(g.top_p), eos_id=int(exp.task.eos_id))
-  compiler("generate", lambda: gen._generate.lower(params, model_state, ids, ids, key, **g_kw), 1,
+  compiler("generate", lambda: step.lower(params, model_state, ids, ids, key, **g_kw), 1,
            shape=f"{B} x {P} prompt + {g.max_new_tokens} new")
 
 

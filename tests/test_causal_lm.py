@@ -254,3 +254,36 @@ def test_jane_austen_builder_reads_an_r_lazy_load_database(tmp_path, monkeypatch
   assert {r["chapter"] for r in splits["test"]} == {3} and {r["chapter"] for r in splits["validation"]} == {2}
 
 
+
+
+SHARDED_GENERATION = """
+import json, sys
+from jaxft import generate as gen
+from jaxft.config import load_config
+from jaxft.evaluate import run_state
+cfg = load_config(None, tuple(sys.argv[1:]))
+exp, par, _, state = run_state(cfg, log=lambda *a: None)
+prompts = exp.splits["validation"].meta["prompts"][:8]
+split = gen.generate(exp, state.params, state.model_state, prompts, 6, batch_size=8, par=par)
+whole = gen.generate(exp, state.params, state.model_state, prompts, 6, batch_size=8)
+print(json.dumps({"same": split == whole, "tokens": sum(map(len, split)),
+                  "rows": [list(a) for a in gen.program(par, 8)[1].spec], "one_prompt": gen.program(par, 1)[1] is None}))
+"""
+
+
+def test_generation_splits_prompts_over_the_mesh(tiny_llama, sft_data, tmp_path):
+  """On a mesh (here data 2 x fsdp 2, fake CPU devices) each batch of prompts is split over the batch axes, as
+  evaluation batches are, instead of every device generating the whole batch: the same tokens as one program
+  running it whole. A batch the batch shards do not divide (jaxft generate's single prompt) runs whole."""
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  overrides = lm_overrides(tiny_llama["untied"], sft_data, tmp_path / "run") + (
+      "parallel.mesh.data=2", "parallel.mesh.fsdp=2")
+  out = subprocess.run([sys.executable, "-c", SHARDED_GENERATION, *overrides], env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  got = json.loads(out.stdout.strip().splitlines()[-1])
+  assert got == {"same": True, "tokens": got["tokens"], "rows": [["data", "fsdp"]], "one_prompt": True}
+  assert got["tokens"] > 8  # something was generated

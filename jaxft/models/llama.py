@@ -197,7 +197,9 @@ class Layers(nn.Module):
 
   def scanned(self, x_BxLxD, positions_BxL, visible):
     n, layers = self.config.num_hidden_layers, self.variables["params"]
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[layers[str(i)] for i in range(n)])
+    # every block param is used in the compute dtype (Dense and RMSNorm cast it): cast before stacking, so that
+    # the stacked copy and its gradient are half the size in bf16, with the same values and gradients
+    stacked = jax.tree.map(lambda *xs: jnp.stack([x.astype(self.dtype) for x in xs]), *[layers[str(i)] for i in range(n)])
     layer = Layer(self.config, self.dtype, parent=None)
 
     def body(x_BxLxD, params):
