@@ -9,6 +9,7 @@ or a roofline where that is invalid), never a measurement. hf-bert and seeds pla
   python benchmarks/plan_peers.py maxtext [--lora] [--maxtext-topology v6e:16x16]  # Llama-3.1-8B: MaxText's AOT step vs jaxft
   python benchmarks/plan_peers.py depthwise      # EfficientNet-Lite0's train step on one v5e chip, depthwise both ways
   python benchmarks/plan_peers.py published      # MaxText's estimate for its published v6e-8 Llama-3.1-8B recipe
+  python benchmarks/plan_peers.py generation     # Llama-3.1-8B's generation loop on v5p:2x2x1
 
 `maxtext` needs Python 3.12 (maxtext 0.2.5 needs jax >= 0.11): it makes two venvs under
 $JAXFT_CACHE/peers (maxtext[tpu]==0.2.5; jaxft with the same jax and libtpu), compiles MaxText's train step
@@ -158,6 +159,25 @@ def llama_memory(args):
                                  quick=True)) for name, o in runs.items()]
   print(HEADER)
   print("\n".join(rows))
+
+
+def generation(args):
+  """Llama-3.1-8B's generation loop alone, as `jaxft plan` compiles it (eval batch 8, the config's prompt length,
+  generate.max_new_tokens new tokens) on `--topology`."""
+  from jaxft import chips, plan
+  from jaxft.config import load_config
+  from jaxft.experiment import build, setup
+  cfg = load_config(str(ROOT / "configs/plan_llama8b.yaml"), ("train.eval_batch_size=8", "train.batch_size=8"))
+  cfg.model.weights = "shapes"
+  devs = plan.devices(args.topology)
+  quiet = lambda *a, **k: None  # noqa: E731
+  exp = build(cfg, quiet, platform=devs[0].platform)
+  par, targets = setup(exp, quiet, devs)
+  compiler = plan._Compiler(cfg, chips.chip(devs[0].device_kind), print)
+  plan._plan_generate(exp, par, targets[-1], compiler)
+  g = compiler.programs[0]
+  print(f"| generation loop, 8B, {args.topology}, {g.shape} | {g.peak_bytes / 2 ** 30:.2f} GiB | "
+        f"{g.temp_bytes / 2 ** 30:.2f} GiB | {g.flops / 1e12:.1f} TFLOP | {1000 * g.estimate_s:.1f} ms |")
 
 
 def depthwise(args, batch=128, size=224):
@@ -349,14 +369,15 @@ def published(args):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("which", choices=("hf-bert", "seeds", "llama-memory", "maxtext", "depthwise", "published"))
-  parser.add_argument("--topology", default="v5p:2x2x1", help="llama-memory's")
+  parser.add_argument("which", choices=("hf-bert", "seeds", "llama-memory", "maxtext", "depthwise", "published",
+                                        "generation"))
+  parser.add_argument("--topology", default="v5p:2x2x1", help="llama-memory's and generation's")
   parser.add_argument("--length", type=int, default=2048, help="maxtext: tokens per sequence")
   parser.add_argument("--maxtext-topology", default="v5p:4x4x4", choices=sorted(MAXTEXT_TOPOLOGY), help="maxtext's")
   parser.add_argument("--lora", action="store_true", help="maxtext: LoRA (rank 8 on every projection) on both sides")
   args = parser.parse_args()
   {"hf-bert": hf_bert, "seeds": seeds, "llama-memory": llama_memory, "maxtext": maxtext,
-   "depthwise": depthwise, "published": published}[args.which](args)
+   "depthwise": depthwise, "published": published, "generation": generation}[args.which](args)
 
 
 if __name__ == "__main__":
