@@ -8,7 +8,8 @@ class MetricWriter:
   """Appends {"step", "split", ...} lines to metrics.jsonl and scalars to TensorBoard.
 
   resume_step: the step the run restarts from (None: from scratch). Rows an interrupted run wrote
-  past it, and earlier test rows, are dropped first, so a resumed run's file reads like one run's."""
+  past it, and earlier test rows, are dropped first, so a resumed run's file reads like one run's; TensorBoard
+  is told to drop its events past it (a purge marker at resume_step + 1, or 0 from scratch)."""
 
   def __init__(self, run_dir: Path, enabled: bool = True, resume_step: int | None = None):
     self.enabled = enabled
@@ -21,7 +22,10 @@ class MetricWriter:
         tmp.write_text("".join(keep))
         tmp.replace(path)  # atomic: a crash here leaves the old file or the new one
       self.jsonl = open(path, "a")
-      self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+      # TensorBoard hides events at or after purge_step that earlier event files hold (an interrupted run's tail);
+      # the suffix keeps a resume within the same second from overwriting the earlier file (named by the second)
+      self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=0 if resume_step is None else resume_step + 1,
+                              filename_suffix=f".{time.time_ns()}")
 
   def write(self, step: int, split: str, metrics: dict):
     if not self.enabled:
