@@ -224,3 +224,13 @@ def test_real_legacy_pickle_efficientnet_lite0():
     assert weights[name].shape == shape and hashlib.sha256(weights[name].tobytes()).hexdigest() == digest, name
   assert all(np.isfinite(a).all() for a in weights.values())
   assert all((a >= 0).all() for n, a in weights.items() if n.endswith("running_var"))  # dead channels: 0
+
+
+def test_gguf_too_old_to_decode_fields_is_named():
+  """gguf < 0.16 has no ReaderField.contents(): one clear error, not every field read as missing."""
+  from types import SimpleNamespace
+
+  from jaxft.formats import gguf as gguf_format
+  old_field = SimpleNamespace(parts=[], types=[])  # what an old gguf's ReaderField offers instead
+  with pytest.raises(JaxftError, match=r"needs gguf >= 0\.16"):
+    gguf_format.metadata(SimpleNamespace(fields={"general.architecture": old_field}))

@@ -41,8 +41,12 @@ def metadata(reader) -> dict:
       continue
     try:
       out[key] = field.contents()
-    except Exception:  # a field type the package cannot decode: not one jaxft reads
-      continue
+    except AttributeError:  # gguf < 0.16: without this, every field read as missing ("architecture None")
+      from importlib.metadata import version
+      raise JaxftError(f"gguf {version('gguf')} cannot decode GGUF fields (ReaderField.contents() needs gguf >= 0.16): "
+                       f"pip install -U 'gguf>=0.16'") from None
+    except (ValueError, TypeError, IndexError, NotImplementedError, UnicodeDecodeError):
+      continue  # a field type the package cannot decode: not one jaxft reads
   return out
 
 
