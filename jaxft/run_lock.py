@@ -1,7 +1,10 @@
-"""One run per run directory: RUN_DIR/.lock names the process that holds it.
+"""One run per run directory: the OS lock on RUN_DIR/.lock.flock, and RUN_DIR/.lock naming its holder.
 
-A second `jaxft train` on the same directory refuses with the holder's host and pid. A lock whose process
-is gone (on this host) is stale and taken over; one held from another host can only be judged by a person.
+A second `jaxft train` on the same directory refuses with the holder's host and pid. The OS releases the lock
+when its process ends, however it ends, so there is no stale lock to judge on one host (judging one by its
+pid raced: a lock file not yet written read as stale, and two processes could both take over the same one).
+A `.lock` naming another host whose lock this host does not see (a file system without shared locks) can
+only be judged by a person.
 """
 import contextlib
 import json
@@ -9,48 +12,46 @@ import os
 import socket
 from pathlib import Path
 
+import filelock
+
 from jaxft.errors import JaxftError
 
 
-def _alive(pid: int) -> bool:
+def _holder(path: Path) -> dict:
   try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # exists, owned by someone else
-    return True
-  return True
+    return json.loads(path.read_text())
+  except (OSError, ValueError):  # absent, or being written
+    return {}
 
 
-def acquire(run_dir: Path) -> Path:
+def acquire(run_dir: Path) -> tuple[filelock.BaseFileLock, Path]:
   path, me = Path(run_dir) / ".lock", {"host": socket.gethostname(), "pid": os.getpid()}
-  for _ in range(3):
-    try:
-      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-      try:
-        holder = json.loads(path.read_text())
-      except (OSError, ValueError):  # removed meanwhile, or half-written by a process that died
-        holder = {}
-      if holder and (holder.get("host") != me["host"] or _alive(int(holder.get("pid", -1)))):
-        raise JaxftError(f"run_dir {run_dir} is in use by process {holder.get('pid')} on {holder.get('host')} "
-                         f"(lock {path}); wait for that run, or remove the lock if it is gone") from None
-      with contextlib.suppress(FileNotFoundError):  # stale: its process is gone
-        path.unlink()
-      continue
-    with os.fdopen(fd, "w") as f:
-      f.write(json.dumps(me))
-    return path
-  raise JaxftError(f"could not take the lock {path}: other processes keep taking it")
+  lock = filelock.FileLock(str(path) + ".flock")
+  try:
+    lock.acquire(timeout=0)
+  except filelock.Timeout:
+    holder = _holder(path)
+    raise JaxftError(f"run_dir {run_dir} is in use by process {holder.get('pid', '?')} on {holder.get('host', '?')} "
+                     f"(lock {path}); wait for that run") from None
+  holder = _holder(path)
+  if holder and holder.get("host") != me["host"]:  # a lock this host's OS cannot see may still be held
+    lock.release()
+    raise JaxftError(f"run_dir {run_dir} is in use by process {holder.get('pid')} on {holder.get('host')} "
+                     f"(lock {path}); wait for that run, or remove the lock if it is gone")
+  tmp = path.with_name(f".lock.{os.getpid()}.tmp")
+  tmp.write_text(json.dumps(me))
+  tmp.replace(path)  # whole, never half-written
+  return lock, path
 
 
 @contextlib.contextmanager
 def held(run_dir: Path, enabled: bool = True):
   """Holds the run dir's lock for the block (only process 0 of a multi-host run takes it)."""
-  path = acquire(run_dir) if enabled else None
+  lock, path = acquire(run_dir) if enabled else (None, None)
   try:
     yield
   finally:
-    if path is not None:
+    if lock is not None:
       with contextlib.suppress(FileNotFoundError):
         path.unlink()
+      lock.release()

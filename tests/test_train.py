@@ -81,21 +81,24 @@ def test_unrestorable_checkpoint_stops_instead_of_restarting(tiny_cfg):
 
 
 def test_one_run_per_directory(tiny_cfg):
-  """A live holder of RUN_DIR/.lock makes a second run refuse (touching nothing); a stale one is taken over."""
-  import socket
+  """A live holder of the run dir's lock makes a second run refuse (touching nothing); once the holder is killed,
+  the lock it left is taken over."""
   import subprocess
   import sys
   cfg = tiny_cfg("train.epochs=0.5")
   lock = Path(cfg.run_dir) / ".lock"
   lock.parent.mkdir(parents=True)
-  holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from jaxft import run_lock; "
+                             "lock = run_lock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(60)", cfg.run_dir],
+                            stdout=subprocess.PIPE, text=True)
   try:
-    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid}))
+    assert holder.stdout.readline().strip() == "held"
     with pytest.raises(JaxftError, match=rf"run_dir .* is in use by process {holder.pid} on "):
       train(cfg)
     assert not (Path(cfg.run_dir) / "checkpoints").exists() and lock.exists()
   finally:
-    holder.kill()
+    holder.kill()  # SIGKILL: it leaves its .lock behind
     holder.wait()
-  train(cfg)  # the holder is gone: its lock is stale
+  assert json.loads(lock.read_text())["pid"] == holder.pid
+  train(cfg)  # the holder is gone: the OS released its lock
   assert not lock.exists() and (Path(cfg.run_dir) / "checkpoints").exists()
