@@ -27,17 +27,18 @@ def _holder(path: Path) -> dict:
 def acquire(run_dir: Path) -> tuple[filelock.BaseFileLock, Path]:
   path, me = Path(run_dir) / ".lock", {"host": socket.gethostname(), "pid": os.getpid()}
   lock = filelock.FileLock(str(path) + ".flock")
+
+  def in_use(holder: dict, hint: str = "") -> JaxftError:
+    return JaxftError(f"run_dir {run_dir} is in use by process {holder.get('pid', '?')} on {holder.get('host', '?')} "
+                      f"(lock {path}); wait for that run{hint}")
   try:
     lock.acquire(timeout=0)
   except filelock.Timeout:
-    holder = _holder(path)
-    raise JaxftError(f"run_dir {run_dir} is in use by process {holder.get('pid', '?')} on {holder.get('host', '?')} "
-                     f"(lock {path}); wait for that run") from None
+    raise in_use(_holder(path)) from None
   holder = _holder(path)
   if holder and holder.get("host") != me["host"]:  # a lock this host's OS cannot see may still be held
     lock.release()
-    raise JaxftError(f"run_dir {run_dir} is in use by process {holder.get('pid')} on {holder.get('host')} "
-                     f"(lock {path}); wait for that run, or remove the lock if it is gone")
+    raise in_use(holder, ", or remove the lock if it is gone")
   tmp = path.with_name(f".lock.{os.getpid()}.tmp")
   tmp.write_text(json.dumps(me))
   tmp.replace(path)  # whole, never half-written

@@ -254,8 +254,6 @@ def test_jane_austen_builder_reads_an_r_lazy_load_database(tmp_path, monkeypatch
   assert {r["chapter"] for r in splits["test"]} == {3} and {r["chapter"] for r in splits["validation"]} == {2}
 
 
-
-
 SHARDED_GENERATION = """
 import json, sys
 from jaxft import generate as gen

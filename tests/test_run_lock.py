@@ -1,6 +1,9 @@
 """run_lock: of many processes starting on one run dir at once, exactly one holds it, however they interleave."""
+import json
+import socket
 import subprocess
 import sys
+import time
 
 TRY = """
 import sys, time
@@ -17,7 +20,6 @@ except JaxftError as e:
 
 
 def test_many_processes_one_holder(tmp_path):
-  import time
   for round_ in range(3):  # a stale .lock from the round before is there from round 2 on
     start = time.time() + 4
     procs = [subprocess.Popen([sys.executable, "-c", TRY, str(tmp_path), str(start)], stdout=subprocess.PIPE,
@@ -25,4 +27,4 @@ def test_many_processes_one_holder(tmp_path):
     outs = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
     assert outs == ["refused"] * 7 + ["took"], (round_, outs)
     if round_ == 0:  # leave a stale lock file, as a killed holder would
-      (tmp_path / ".lock").write_text('{"host": "%s", "pid": 999999}' % __import__("socket").gethostname())
+      (tmp_path / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": 999999}))
