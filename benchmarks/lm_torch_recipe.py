@@ -30,6 +30,7 @@ def torch_model(exp):
   """transformers' LlamaForCausalLM holding the experiment's (dequantised) weights."""
   import torch
   import transformers
+
   from jaxft import rules
   from jaxft.models import llama
   flat = llama.to_torch_names({k: np.asarray(v) for k, v in rules.flat(exp.state.params[exp.backbone.key]).items()})
@@ -76,6 +77,7 @@ def main():
   os.environ.setdefault("USE_TORCH", "1")
   import jax
   import torch
+
   from jaxft.config import load_config
   from jaxft.data import batching
   from jaxft.experiment import PACK_SLOTS, build

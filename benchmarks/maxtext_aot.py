@@ -18,9 +18,9 @@ T0 = time.time()
 
 import jax  # noqa: E402
 from flax.core.spmd import logical_axis_rules as axis_rules  # noqa: E402
-
 from maxtext.configs import pyconfig  # noqa: E402
-from maxtext.trainers.pre_train import train, train_compile as tc  # noqa: E402
+from maxtext.trainers.pre_train import train  # noqa: E402
+from maxtext.trainers.pre_train import train_compile as tc
 from maxtext.utils import max_utils, maxtext_utils, sharding  # noqa: E402
 
 

@@ -35,8 +35,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from jaxft import assets, bench  # noqa: E402
-from jaxft.data import batching  # noqa: E402
 from jaxft.config import DEFAULT_MODEL, load_config  # noqa: E402
+from jaxft.data import batching  # noqa: E402
 from jaxft.experiment import build  # noqa: E402
 
 LR = 2e-5
@@ -204,7 +204,7 @@ def main():
     runners[name] = (jaxft_step(build(jaxft_config(args.batch, args.length, dtype, *overrides), log=quiet)), "bucketed")
 
   times = {name: [] for name in runners}
-  for name, (run, kind) in runners.items():
+  for run, kind in runners.values():
     for shape in {b["input_ids"].shape: b for b in data[kind]}.values():
       run(shape)  # compile every shape, warm up
   for _ in range(args.reps):

@@ -69,7 +69,8 @@ def hf_bert_step(topology="v5e:2x4", batch=256, length=128, dtype="float32"):
   import numpy as np
   import optax
   from flax.training import train_state
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
   from transformers import BertConfig, FlaxBertForSequenceClassification
 
   from jaxft import plan
@@ -186,6 +187,7 @@ def depthwise(args, batch=128, size=224):
   import jax
   import jax.numpy as jnp
   import optax
+
   from jaxft import plan
   from jaxft.models.efficientnet import EfficientNetLite, forward_flops
   device = plan.devices("v5e:1x1")[0]

@@ -18,6 +18,7 @@ import re
 import tempfile
 
 from jaxft import runtime
+
 runtime.tune_malloc()
 import jax
 

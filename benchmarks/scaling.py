@@ -25,9 +25,9 @@ STRATEGIES = {  # name -> (overrides, minimum devices)
 def worker(n_steps, overrides):
   import jax
   import numpy as np
-  from jaxft import parallel
+
+  from jaxft import bench, parallel
   from jaxft.config import load_config
-  from jaxft import bench
   from jaxft.experiment import build
   cfg = load_config(None, tuple(overrides))
   exp = build(cfg, log=lambda *_: None)

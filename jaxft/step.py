@@ -8,7 +8,8 @@ Freezing happens here in two ways that together make it both exact and fast:
     and frozen leaves are passed through untouched, so they stay bitwise identical.
 """
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax

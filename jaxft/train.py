@@ -13,11 +13,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from jaxft import config as config_lib
-from jaxft import faults, parallel, phases as phases_lib, preemption, replicas, rules, run_lock
+from jaxft import faults, parallel, preemption, replicas, rules, run_lock
 from jaxft import metrics as metrics_lib
+from jaxft import phases as phases_lib
 from jaxft.checkpoint import Checkpointer, RestoreError, RunRecord
-from jaxft.errors import JaxftError, Preempted
 from jaxft.data import batching
+from jaxft.errors import JaxftError, Preempted
 from jaxft.evaluate import evaluate, feature_table
 from jaxft.experiment import build, restore, restore_best, setup
 

@@ -10,6 +10,7 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from jaxft import runtime  # noqa: E402
+
 runtime.quiet_absent_tpu()  # libtpu installed (the test extra has it) on a machine without a TPU: jax skips it
 
 WORDS = ["good", "great", "fine", "love", "fun", "bad", "awful", "boring", "hate", "dull",

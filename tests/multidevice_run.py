@@ -15,6 +15,7 @@ import jax
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_overrides  # noqa: E402
+
 from jaxft import parallel  # noqa: E402
 from jaxft.config import load_config  # noqa: E402
 from jaxft.train import train  # noqa: E402

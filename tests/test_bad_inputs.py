@@ -5,8 +5,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import jaxft, tiny_overrides
+
 from jaxft import formats
 
 CASES = [  # (command, overrides, text the error line must hold)

@@ -68,6 +68,7 @@ def test_training_compiles_once_per_bucket(tiny_cfg):
 def test_lm_bench_counts_loss_bearing_tokens(tiny_llama, sft_data, tmp_path):
   """SFT on real batches: only response tokens bear loss, so their MFU is a fraction of the plain one."""
   from conftest import lm_overrides
+
   from jaxft.config import load_config
   cfg = load_config(None, lm_overrides(tiny_llama["tied"], sft_data, tmp_path / "run"))
   r = bench.bench(cfg, steps=3, warmup=1, length=64, data="real")

@@ -3,8 +3,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import bert_config
+
 from jaxft import models
 from jaxft.config import load_config
 from jaxft.errors import JaxftError

@@ -6,13 +6,13 @@ import shutil
 import jax
 import numpy as np
 import pytest
-
 from conftest import jaxft, lm_overrides
+from test_packing import grads_and_loss
+
 from jaxft.config import load_config
 from jaxft.data import batching
 from jaxft.errors import JaxftError
 from jaxft.experiment import PACK_SLOTS, build
-from test_packing import grads_and_loss
 
 QUIET = dict(log=lambda *_: None)
 
@@ -136,7 +136,6 @@ def test_causal_lm_documents_packed_or_concatenated(lm_cfg, tiny_data):
 
 def test_loss_is_the_token_mean_over_micro_batches(lm_cfg):
   """Micro-batches of unequal token counts: the accumulated step equals the whole batch's."""
-  from jaxft import parallel
   results = []
   for micro in (None, 4):
     exp = build(lm_cfg("data.pack=false", "train.dropout=false", f"train.micro_batch_size={micro or 'null'}"),
@@ -229,6 +228,7 @@ def test_jane_austen_builder_reads_an_r_lazy_load_database(tmp_path, monkeypatch
   import gzip
   import struct
   import zlib
+
   from jaxft.data.sources import builtin
   from jaxft.data.sources.builders import jane_austen
   header = b"X\n" + struct.pack(">iii", 2, 0x040000, 0x020300)

@@ -23,6 +23,7 @@ def lp_ft(tiny_bert, tiny_data, tmp_path_factory):
   """The config of a finished 2-seed run: a linear probe, then a fine-tune (keep=1: only the bests and the
   probe's end survive)."""
   from conftest import tiny_overrides
+
   from jaxft.config import load_config
   from jaxft.train import train
   cfg = load_config(None, tiny_overrides(tiny_bert, tiny_data, tmp_path_factory.mktemp("lp_ft") / "run") + PHASED
@@ -80,6 +81,7 @@ def test_soups_of_the_replicas(lp_ft, tmp_path):
 def accumulated(tiny_bert, tiny_data, tmp_path_factory):
   """The config of a finished single run with gradient accumulation (4 micro-batches of 4)."""
   from conftest import tiny_overrides
+
   from jaxft.config import load_config
   from jaxft.train import train
   cfg = load_config(None, tiny_overrides(tiny_bert, tiny_data, tmp_path_factory.mktemp("accum") / "run")

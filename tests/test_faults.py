@@ -14,13 +14,13 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
 from conftest import jaxft, tiny_overrides
+from torture import RUN, STEPS, params_at, resumed_from, torture
+
 from jaxft.checkpoint import Checkpointer
 from jaxft.errors import JaxftError
 from jaxft.experiment import build
 from jaxft.train import train
-from torture import RUN, STEPS, params_at, resumed_from, torture
 
 
 def steps(run_dir) -> list[int]:

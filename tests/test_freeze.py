@@ -51,6 +51,7 @@ def test_frozen_step_compiles_to_fewer_flops(tiny_cfg):
 
 def test_unmatched_freeze_rule_is_an_error(tiny_cfg):
   import pytest
+
   from jaxft.errors import JaxftError
   with pytest.raises(JaxftError, match="freeze rule 'bert/encoder/layers/.*' matches no parameter path"):
     build(tiny_cfg("freeze=[bert/encoder/layers/.*]"), print)

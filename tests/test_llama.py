@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import jaxft, llama_config, make_tiny_llama
+
 from jaxft.config import ModelConfig
 from jaxft.errors import JaxftError
 from jaxft.models import llama

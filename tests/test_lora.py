@@ -8,8 +8,8 @@ from jaxft import lora, parallel, rules
 from jaxft.cli import main
 from jaxft.data import batching
 from jaxft.errors import JaxftError
-from jaxft.step import make_train_step
 from jaxft.experiment import build
+from jaxft.step import make_train_step
 
 LORA = ("lora.targets=[.*/attention/self/(query|value)/kernel]", "lora.rank=4", "lora.alpha=8")
 

@@ -28,6 +28,7 @@ def test_pytorch_safetensors_and_flax_msgpack_load_the_same_weights(tiny_bert):
 
 def test_checkpoint_without_a_param_reports_it_new(tiny_bert, tmp_path):
   import shutil
+
   from safetensors.numpy import load_file, save_file
   shutil.copytree(tiny_bert["pt"], tmp_path / "m")
   weights = load_file(tmp_path / "m" / "model.safetensors")

@@ -6,9 +6,9 @@ import pytest
 from jaxft import optim, rules
 from jaxft.config import load_config
 from jaxft.data import batching
-from jaxft.step import make_train_step
 from jaxft.experiment import build
 from jaxft.models.bert import CONVENTIONS as CONV
+from jaxft.step import make_train_step
 
 LR = {"adamw": 3e-3, "adam": 3e-3, "lamb": 3e-2, "adafactor": 3e-2, "lion": 3e-4, "sgd": 0.1, "lars": 0.3}
 

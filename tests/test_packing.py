@@ -2,11 +2,11 @@
 import jax
 import numpy as np
 import pytest
+from test_token_classification import write_ner
 
 from jaxft.data import batching, packing
 from jaxft.errors import JaxftError
 from jaxft.experiment import PACK_SLOTS, build
-from test_token_classification import write_ner
 
 
 def test_plan_places_every_example_once_within_rows():

@@ -157,6 +157,7 @@ def test_two_processes_fsdp_then_single_process_resume(workdir):
 def test_param_specs_follow_rules_and_fsdp(monkeypatch):
   import jax
   import jax.numpy as jnp
+
   from jaxft import parallel
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), parallel.AXES)
   params = {"bert": {"encoder": {"layer": {"0": {
@@ -187,8 +188,15 @@ def test_fit_adds_fsdp_on_largest_divisible_dim():
 
 def test_builtin_rules_cover_gpt2_llama_vit():
   """Column-parallel in-projections, row-parallel out-projections, on the real transformers layouts."""
-  from transformers import (FlaxGPT2LMHeadModel, FlaxLlamaForCausalLM, FlaxViTForImageClassification,
-                            GPT2Config, LlamaConfig, ViTConfig)
+  from transformers import (
+    FlaxGPT2LMHeadModel,
+    FlaxLlamaForCausalLM,
+    FlaxViTForImageClassification,
+    GPT2Config,
+    LlamaConfig,
+    ViTConfig,
+  )
+
   from jaxft import parallel
   from jaxft.models import hf_flax
 

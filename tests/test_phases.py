@@ -12,8 +12,8 @@ from jaxft import phases, rules
 from jaxft.checkpoint import Checkpointer
 from jaxft.data import batching
 from jaxft.errors import JaxftError
-from jaxft.step import init_state, make_train_step
 from jaxft.experiment import build
+from jaxft.step import init_state, make_train_step
 from jaxft.train import train
 
 TWO_PHASES = "phases=[{name: probe, train_only: [classifier/.*], steps: 4}, " \

@@ -5,7 +5,6 @@ import importlib.util
 import json
 
 import pytest
-
 from conftest import jaxft, lm_overrides, tiny_overrides
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -102,7 +101,9 @@ def test_fsdp_gathers_on_a_64_chip_torus_are_all_gathers():
   compiled all-reduces of zero-padded shards (twice the traffic) for the same program."""
   import jax
   import jax.numpy as jnp
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
   from jaxft import plan
   devs = plan.devices("v5p:4x4x4")
   mesh = jax.make_mesh((64,), ("fsdp",), devices=devs, axis_types=(jax.sharding.AxisType.Auto,))
@@ -266,6 +267,7 @@ def test_scanned_blocks_cost_the_whole_step(tmp_path, sft_data):
   """model.scan_layers: the TPU cost model counts a scanned body once; plan extrapolates the whole step's
   flops from 1- and 2-block compiles, close to what the unrolled program counts."""
   from conftest import make_tiny_llama
+
   from jaxft.config import load_config
   model = make_tiny_llama(tmp_path / "deep", num_hidden_layers=6)
   base = lm_overrides(model, sft_data, tmp_path / "run") + ("train.micro_batch_size=null",)
@@ -283,6 +285,7 @@ def test_splash_attention_is_in_the_tpu_step_and_counted(tmp_path, sft_data, sca
   block's fwd, dq and dkv kernels are in the train step (a scanned body's by its trip count), and plan adds
   their analytic flops, which the cost model cannot see, to the compiler's."""
   from conftest import make_tiny_llama
+
   from jaxft.models import splash
   model = make_tiny_llama(tmp_path / "wide", num_attention_heads=2, num_key_value_heads=1, hidden_size=256,
                           max_position_embeddings=256)

@@ -5,8 +5,8 @@ import numpy as np
 
 from jaxft import rules
 from jaxft.data import batching
-from jaxft.step import make_train_step
 from jaxft.experiment import build
+from jaxft.step import make_train_step
 
 
 def two_steps(exp):

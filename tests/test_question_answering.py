@@ -8,8 +8,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import NEGATIVE, POSITIVE, WORDS
+
 from jaxft.data.sources import Source
 from jaxft.errors import JaxftError
 from jaxft.tasks.question_answering import QuestionAnswering, best_span, normalize_answer, squad_scores

@@ -87,12 +87,14 @@ def runs(tiny_bert, tiny_data, tmp_path_factory):
   """Run dirs of: a 2-seed run; the single runs of its seeds; the 2-seed run stopped by SIGTERM after step 7
   and resumed; and its test line."""
   from conftest import tiny_overrides
+
   from jaxft.config import load_config
   from jaxft.train import train
   root = tmp_path_factory.mktemp("replicas")
   cfg = lambda name, *extra: load_config(None, tiny_overrides(tiny_bert, tiny_data, root / name) + RUN + extra)  # noqa: E731
   out = {}
-  import contextlib, io
+  import contextlib
+  import io
   printed = io.StringIO()
   with contextlib.redirect_stdout(printed):
     train(cfg("seeds", "train.seeds=[0, 3]"))

@@ -70,7 +70,7 @@ def toy_dir(tmp_path_factory):
 
 
 def _strip_vec(splits):
-  for split, rows in splits.items():
+  for rows in splits.values():
     for i, r in enumerate(rows):
       vec = r.pop("vec")
       assert isinstance(vec, np.ndarray) and vec.dtype == np.float32
@@ -143,6 +143,7 @@ def test_prepare_is_atomic(tmp_path):
 def _vader_raw():
   """The raw (texts, labels) of the vaderSentiment file, read directly, in file order."""
   import tarfile
+
   from jaxft import assets
   from jaxft.data.sources.builders import vader_movie_reviews as v
   with tarfile.open(assets.resolve(v.ASSET)) as t:

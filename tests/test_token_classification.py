@@ -7,8 +7,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import NEGATIVE, POSITIVE, WORDS
+
 from jaxft.data.sources import Source
 from jaxft.errors import JaxftError
 from jaxft.tasks.token_classification import TokenClassification, entities, entity_scores
@@ -138,6 +138,7 @@ def test_accumulation_weights_micro_batches_by_their_tokens(tiny_cfg, tmp_path):
   """Micro-batches hold different numbers of tagged tokens: accumulated, the step is still the whole
   batch's token mean (as it is across devices under pmap: tests/test_parallel.py)."""
   import jax
+
   from jaxft.data import batching
   from jaxft.experiment import build
   from jaxft.step import make_train_step

@@ -1,14 +1,14 @@
 """ResNet and ViT through transformers' Flax classes, on tiny random checkpoints the tests write: logits equal
 FlaxResNetForImageClassification's / FlaxViTForImageClassification's, and ResNet's BatchNorm statistics
 train (or stay, in frozen stages) like EfficientNet's."""
-import numpy as np
 import jax
+import numpy as np
 import pytest
+from test_image_classification import cfg_for, vision  # noqa: F401  (the image folders fixture)
 
 from jaxft import rules
 from jaxft.data import batching
 from jaxft.experiment import build
-from test_image_classification import cfg_for, vision  # noqa: F401  (the image folders fixture)
 
 
 def tiny(kind, root):

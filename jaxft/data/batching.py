@@ -71,7 +71,7 @@ class TrainBatches:
   def __len__(self):
     return self.num_steps
 
-  @functools.lru_cache(maxsize=2)
+  @functools.lru_cache(maxsize=2)  # noqa: B019 (one sampler per run: holding it is fine)
   def epoch_plan(self, epoch: int) -> np.ndarray:
     """[steps_per_epoch, batch_size] example indices for one epoch."""
     rng = np.random.default_rng([self.seed, epoch])

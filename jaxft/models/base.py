@@ -5,7 +5,8 @@ family's `CONVENTIONS`. The task adds its head under its own key beside `Backbon
 """
 import contextlib
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 

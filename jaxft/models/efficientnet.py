@@ -19,10 +19,10 @@ import math
 from pathlib import Path
 
 import flax.linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from jaxft import formats
 from jaxft.errors import JaxftError

@@ -71,7 +71,7 @@ def load(ckpt: hf_checkpoint.Checkpoint, mcfg, compute_dtype: str, pooler: bool)
                 dropout_rng=rng, train=train and rng is not None)
     return {"hidden": out.last_hidden_state, "pooled": getattr(out, "pooler_output", None)}, state
 
-  hidden = getattr(c, "hidden_size", None) or getattr(c, "dim", None) or getattr(c, "n_embd")
+  hidden = getattr(c, "hidden_size", None) or getattr(c, "dim", None) or c.n_embd
   layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layers", None) or getattr(c, "n_layer", 0)
   rate = getattr(c, "classifier_dropout", None)
   rate = rate if rate is not None else getattr(c, "hidden_dropout_prob", getattr(c, "dropout", 0.1))

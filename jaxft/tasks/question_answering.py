@@ -20,8 +20,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft.errors import JaxftError
-from jaxft.tasks.base import (Examples, Task, column, dense_head, new_dense, nll, pad_tokens, require_columns,
-                              require_fast_tokenizer, where)
+from jaxft.tasks.base import (
+  Examples,
+  Task,
+  column,
+  dense_head,
+  new_dense,
+  nll,
+  pad_tokens,
+  require_columns,
+  require_fast_tokenizer,
+  where,
+)
 
 NEG = -1e9  # the logit of padding tokens
 

@@ -14,8 +14,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft.data import packing
-from jaxft.tasks.base import (ClassLabels, Examples, Task, column, dense_head, new_dense, nll, packed_tokens,
-                              pad_tokens, require_columns)
+from jaxft.tasks.base import (
+  ClassLabels,
+  Examples,
+  Task,
+  column,
+  dense_head,
+  new_dense,
+  nll,
+  packed_tokens,
+  pad_tokens,
+  require_columns,
+)
 
 
 def cross_entropy(logits_BxC, labels_B, weights_B):

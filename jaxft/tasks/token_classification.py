@@ -9,10 +9,22 @@ conlleval-style (an I-X not continuing an X entity starts one), matched on span 
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft.errors import JaxftError
 from jaxft.data import packing
-from jaxft.tasks.base import (Examples, Task, column, dense_head, new_dense, nll, packed_tokens, pad_tokens,
-                              require_classes, require_columns, require_fast_tokenizer, where)
+from jaxft.errors import JaxftError
+from jaxft.tasks.base import (
+  Examples,
+  Task,
+  column,
+  dense_head,
+  new_dense,
+  nll,
+  packed_tokens,
+  pad_tokens,
+  require_classes,
+  require_columns,
+  require_fast_tokenizer,
+  where,
+)
 
 
 def entities(tags: list[str]) -> list[tuple[str, int, int]]:

@@ -19,7 +19,7 @@ NAMES = ("vader_movie_reviews", "wnut16", "fashion_mnist", "mnist_5k", "jane_aus
 
 def builder(name: str):
   """The TFDS builder class of built-in `name` (imports tensorflow_datasets, so only when needed)."""
-  return getattr(importlib.import_module(f"jaxft.data.sources.builders.{name}"), "Builder")
+  return importlib.import_module(f"jaxft.data.sources.builders.{name}").Builder
 
 
 def load(name: str, data_dir: Path, log=print) -> tuple[dict[str, list[dict]], dict[str, list[str]]]:
