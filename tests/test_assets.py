@@ -1,4 +1,8 @@
 import hashlib
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -34,7 +38,7 @@ def test_pypi_fetch_unpack_once_and_sha256(tmp_path, monkeypatch):
   with pytest.raises(JaxftError, match="sha256 mismatch for six-1.16.0-py2.py3-none-any.whl") as e:
     assets.resolve("pypi:six==1.16.0/six.py#sha256=" + "0" * 64)
   pypi_cache = tmp_path / "cache" / "pypi"
-  assert not pypi_cache.exists() or not any(pypi_cache.iterdir())  # nothing half-unpacked left behind
+  assert [p.name for p in pypi_cache.iterdir()] == [".six-1.16.0-wheel.lock"]  # nothing half-unpacked left behind
   digest = str(e.value).split()[-1]
   path = assets.resolve(f"pypi:six==1.16.0/six.py#sha256={digest}")
   assert path.name == "six.py" and "Benjamin Peterson" in path.read_text()
@@ -44,3 +48,28 @@ def test_pypi_fetch_unpack_once_and_sha256(tmp_path, monkeypatch):
     assets.resolve("pypi:six==1.16.0/six.py#sha256=" + hashlib.sha256(b"").hexdigest())
   with pytest.raises(JaxftError, match="no 'nope.py' inside the wheel of six==1.16.0"):
     assets.resolve("pypi:six==1.16.0/nope.py")
+
+
+FETCH = """
+import sys, time
+from jaxft import assets
+time.sleep(max(0.0, float(sys.argv[1]) - time.time()))  # all start together
+path = assets.resolve("pypi:six==1.16.0/six.py")
+ok = 0
+for _ in range(200):  # read it while any later fetch would be replacing the directory
+  ok += "Benjamin Peterson" in path.read_text()
+  time.sleep(0.01)
+print(ok, flush=True)
+"""
+
+
+def test_first_fetches_at_once_take_turns(tmp_path):
+  """8 processes resolve one uncached asset together: one fetches, the rest wait for it; no reader loses the file."""
+  env = {**os.environ, "JAXFT_CACHE": str(tmp_path / "cache")}
+  start = time.time() + 4
+  procs = [subprocess.Popen([sys.executable, "-c", FETCH, str(start)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env) for _ in range(8)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0] * 8, [err[-300:] for _, err in outs]
+  assert [out.strip() for out, _ in outs] == ["200"] * 8
+  assert sum("fetched six-1.16.0" in err for _, err in outs) == 1
