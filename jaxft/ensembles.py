@@ -14,11 +14,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxft import lora, replicas, rules
-from jaxft.checkpoint import Checkpointer
+from jaxft import lora, replicas, rules, runs
 from jaxft.errors import JaxftError
-from jaxft.evaluate import evaluate, run_state
-from jaxft.experiment import restore, save_model
+from jaxft.evaluate import evaluate
+from jaxft.experiment import save_model
 
 SPLITS = ("validation", "test")
 
@@ -50,25 +49,18 @@ def theta_zero(exp, params, model_state, probe_params=None):
   return params0, state0
 
 
-def _record(cfg):
-  ckpt = Checkpointer(Path(cfg.run_dir) / "checkpoints", cfg.train.keep)
-  if (latest := ckpt.latest_step()) is None:
-    raise JaxftError(f"no checkpoints in {ckpt.directory}: train first (same config and run_dir)")
-  return ckpt, ckpt.record(latest)
-
-
 def interpolate(cfg, alphas: list[float], log=print) -> list[dict]:
   """`jaxft interpolate`: metrics of theta(alpha) on validation and test for each alpha, written to
   RUN_DIR/interpolate.jsonl and drawn into RUN_DIR/interpolate.png; returns the rows."""
-  ckpt, record = _record(cfg)
-  exp, par, targets, state = run_state(cfg, None, "interpolating from", log)
+  probe_step = runs.record(cfg).probe_step
+  exp, par, targets, state = runs.open_state(cfg, None, "interpolating from", log, required=True)
   probe = None
-  if record.probe_step is not None:
-    probe = restore(ckpt, par, targets, record.probe_step)[0].params
-    log(f"theta_0: the backbone as loaded, with the linear probe's head (checkpoint {record.probe_step})")
+  if probe_step is not None:
+    with runs.checkpoints(cfg) as ckpt:
+      probe = runs.restore(ckpt, par, targets, probe_step)[0].params
+    log(f"theta_0: the backbone as loaded, with the linear probe's head (checkpoint {probe_step})")
   else:
     log("theta_0: the backbone as loaded, with the fine-tuned head (the run has no head-only first phase)")
-  ckpt.close()
   params0, state0 = theta_zero(exp, state.params, state.model_state, probe)
   eval_step = par.compile_eval(exp.eval_step("batch" if par.pmap else None), targets[0])
   rows = []
@@ -94,7 +86,7 @@ def soup(cfg, out_dir=None, log=print) -> list[dict]:
   test (RUN_DIR/soup.jsonl); `out_dir`: the greedy soup written as a model dir (as `jaxft export` does)."""
   if out_dir is not None and Path(out_dir).exists() and any(Path(out_dir).iterdir()):
     raise JaxftError(f"soup directory {out_dir} exists and is not empty; choose a new one")
-  exp, par, targets, state = run_state(cfg, None, "souping", log)
+  exp, par, targets, state = runs.open_state(cfg, None, "souping", log, required=True)
   if not exp.seeds:
     raise JaxftError(f"jaxft soup: {cfg.run_dir} is a single run; a soup mixes the replicas of a train.seeds run")
   single = dataclasses.replace(exp, seeds=[])

@@ -1,14 +1,10 @@
 """Evaluation over a whole split (the task's eval sums and per-example rows -> its finalize), and the
 cached-feature tables of head-only phases. Every example is seen exactly once; each host feeds its rows."""
-from pathlib import Path
-
 import jax
 import numpy as np
 
-from jaxft import parallel, replicas
-from jaxft.checkpoint import Checkpointer
-from jaxft.errors import JaxftError
-from jaxft.experiment import build, restore, restore_best, setup
+from jaxft import parallel, replicas, runs
+from jaxft.generate import generation_metrics
 
 
 def split_batches(exp, par, split: str, transform=None):
@@ -46,7 +42,6 @@ def evaluate(exp, par, eval_step, params, model_state, split: str, transform=Non
 def _finalize(exp, par, sums, kept, params, model_state, split: str) -> dict:
   metrics = exp.task.finalize(sums, kept, exp.splits[split])
   if exp.task.generates:
-    from jaxft.generate import generation_metrics
     metrics.update(generation_metrics(exp, params, model_state, split, par))
   return metrics
 
@@ -64,38 +59,9 @@ def feature_table(exp, par, features, params, model_state, split: str) -> np.nda
   return table
 
 
-def run_state(cfg, step: int | None = None, using: str = "evaluating", log=print):
-  """(experiment, Parallel, restore targets, state on the devices) of checkpoint `step` of the run (default:
-  its best), or, when the run has no checkpoints, of the model as loaded. `using` names the use in the log."""
-  exp = build(cfg, log)
-  par, targets = setup(exp, log)
-  ckpt_dir = Path(cfg.run_dir) / "checkpoints"
-  ckpt = Checkpointer(ckpt_dir, cfg.train.keep) if ckpt_dir.is_dir() else None
-  latest = ckpt.latest_step() if ckpt else None
-  if latest is None:
-    if step is not None:
-      raise JaxftError(f"--step {step}: no checkpoints in {ckpt_dir}")
-    untrained = " (a new head is untrained)" if exp.task.head_key is not None else ""
-    log(f"no checkpoints in {ckpt_dir}: {using} the model as loaded{untrained}")
-    return exp, par, targets, par.put_state(exp.state, targets[0])
-  if step is not None and step not in ckpt.steps():
-    raise JaxftError(f"--step {step}: no such checkpoint in {ckpt.directory} "
-                     f"(steps: {', '.join(map(str, ckpt.steps()))})")
-  if step is None and exp.seeds:  # each replica at its own best
-    state, record = restore(ckpt, par, targets, latest)[::2]
-    state = restore_best(exp, ckpt, par, targets, record, state, latest, log)
-    log(f"{using} each replica's best checkpoint in {ckpt.directory} (steps {', '.join(map(str, record.best_steps))})")
-  else:
-    step = step if step is not None else (ckpt.record(latest).best_step or latest)
-    state = restore(ckpt, par, targets, step)[0]
-    log(f"{using} checkpoint {ckpt.directory}/{step}")
-  ckpt.close()
-  return exp, par, targets, state
-
-
 def evaluate_run(cfg, split: str = "test", step: int | None = None, log=print) -> dict:
   """`jaxft eval`: the task's metrics on `split` for checkpoint `step` of the run (default: its best),
   or, when the run has no checkpoints, for the pretrained model as loaded (a zero-shot baseline)."""
-  exp, par, targets, state = run_state(cfg, step, "evaluating", log)
+  exp, par, targets, state = runs.open_state(cfg, step, "evaluating", log)
   eval_step = par.compile_eval(exp.eval_step("batch" if par.pmap else None), targets[0])
   return evaluate(exp, par, eval_step, state.params, state.model_state, split)

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 
 from jaxft import lora, models, optim, parallel, replicas, rules, tasks
 from jaxft import phases as phases_lib
-from jaxft.checkpoint import RestoreError
 from jaxft.data import batching, packing, sources
 from jaxft.errors import JaxftError
 from jaxft.step import TrainState, init_state, make_eval_step, make_train_step
@@ -245,39 +244,6 @@ def setup(exp, log, devices=None, slices: int = 1):
   if exp.seeds:
     return par, [replicas.abstract_state(par, s, exp.own, len(exp.seeds)) for s in shapes]
   return par, [par.abstract_state(s) for s in shapes]
-
-
-def restore(ckpt, par, targets, step):
-  """(state on the devices, data position, run record) of checkpoint `step`, in its phase's layout."""
-  k = ckpt.record(step).phase
-  state, data_state, record = ckpt.restore(step, targets[k])
-  return (par.put_state(state, targets[k]) if par.pmap else state), data_state, record
-
-
-def restore_best(exp, ckpt, par, targets, record, state, step: int, warn) -> TrainState:
-  """`state` (of checkpoint `step`) with the params and model state of the best checkpoint: in a seed-
-  vectorised run, each replica's own. A best checkpoint that cannot be restored is moved aside with a
-  warning; its replicas keep `state`'s params (the record then names `step` for them, or forgets the
-  mean's best)."""
-  wanted = set(record.best_steps or ()) | {record.best_step}
-  states = {step: state}
-  for s in sorted(wanted - {None, step}):
-    try:
-      states[s] = restore(ckpt, par, targets, s)[0]
-    except RestoreError as e:
-      warn(f"the best checkpoint {e.step} cannot be restored ({e.reason}); moved it to {ckpt.move_aside(e.step)}; "
-           f"testing the final params (step {step}) instead")
-      record.forget(s)
-  if not exp.seeds:
-    return states.get(record.best_step, state)
-  n = len(exp.seeds)
-  record.best_steps = [step if s is None else s for s in record.best_steps or [None] * n]
-  record.best_values = record.best_values or [None] * n
-  params = replicas.assemble({s: x.params for s, x in states.items()}, record.best_steps, exp.own)
-  model_state = replicas.assemble({s: x.model_state for s, x in states.items()}, record.best_steps)
-  shardings = jax.tree.map(lambda x: x.sharding, targets[record.phase])
-  return state.replace(params=jax.device_put(params, shardings.params),
-                       model_state=jax.device_put(model_state, shardings.model_state))
 
 
 def save_model(exp: Experiment, params, out_dir, model_state=None) -> None:

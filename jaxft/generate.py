@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxft import runs
 from jaxft.data import batching
 from jaxft.errors import JaxftError
 
@@ -123,11 +124,7 @@ def generate_text(cfg, prompt: str, max_new_tokens: int | None = None, chat: boo
   """`jaxft generate`: the continuation of `prompt` by the run's best checkpoint, or by model.name as
   loaded when the run has none (chat: the prompt as a user message through the chat template). replica:
   which replica of a seed-vectorised run (at its best checkpoint)."""
-  from jaxft import replicas
-  from jaxft.evaluate import run_state
-  exp, par, _, state = run_state(cfg, None, "generating with", log)
-  if (r := replicas.chosen(exp, replica)) is not None:
-    state = state.replace(params=replicas.take(state.params, r, exp.own), model_state=replicas.take(state.model_state, r))
+  exp, par, _, state = runs.open_state(cfg, None, "generating with", log, one_model=True, replica=replica)
   tok = exp.backbone.processor
   if chat:
     if not tok.chat_template:

@@ -1,8 +1,6 @@
 """The training loop: data -> jitted step -> metrics / eval -> orbax checkpoints -> test, phase by phase
 (see phases.py; a run without `phases` is one phase). What runs is built by experiment.build.
 """
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -13,22 +11,18 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from jaxft import config as config_lib
-from jaxft import faults, parallel, preemption, replicas, rules, run_lock
+from jaxft import faults, parallel, preemption, replicas, rules, runs
 from jaxft import metrics as metrics_lib
 from jaxft import phases as phases_lib
-from jaxft.checkpoint import Checkpointer, RestoreError, RunRecord
 from jaxft.data import batching
 from jaxft.errors import JaxftError, Preempted
 from jaxft.evaluate import evaluate, feature_table
-from jaxft.experiment import build, restore, restore_best, setup
+from jaxft.experiment import build, setup
 
 
 def _compiles(step_fn) -> int:
   """How many executables a jitted step holds (its compile count); 0 where unknown (pmap)."""
   return step_fn._cache_size() if hasattr(step_fn, "_cache_size") else 0
-
-
-_CLOSE_TIMEOUT_S = 60  # after an error, how long a save in flight may take to commit before exiting anyway
 
 
 def _better(value, best, lower_is_better: bool):
@@ -38,72 +32,23 @@ def _better(value, best, lower_is_better: bool):
 def train(cfg, console: Console | None = None) -> dict:
   """Runs (or resumes) the experiment; returns the test metrics of the best checkpoint."""
   console = console or Console(stderr=True)
-  is_main = jax.process_index() == 0
-  log = console.print if is_main else (lambda *a, **k: None)
-  run_dir = Path(cfg.run_dir)
-  ckpt_dir = run_dir / "checkpoints"
-  if run_dir.exists() and not run_dir.is_dir():
-    raise JaxftError(f"run_dir {run_dir} exists and is not a directory")
+  log = console.print if jax.process_index() == 0 else (lambda *a, **k: None)
+  runs.check_dir(cfg)
   exp = build(cfg, log)  # before touching the run dir: a bad config leaves nothing behind
   par, targets = setup(exp, log)
-  try:
-    run_dir.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise JaxftError(f"cannot create run_dir {run_dir}: {e.strerror}") from None
-  with run_lock.held(run_dir, enabled=is_main):
-    if not cfg.resume and ckpt_dir.exists():
-      log(f"--no-resume: removing the previous checkpoints in {ckpt_dir}")
-      if is_main:
-        shutil.rmtree(ckpt_dir)
-    if is_main:
-      _check_writable(ckpt_dir)
-    ckpt = Checkpointer(ckpt_dir, cfg.train.keep)
-    try:
-      with preemption.Watcher() as watcher:
-        return _run(exp, par, targets, ckpt, watcher, console, log)
-    except BaseException:  # exit promptly: never wait long on a save in flight after an error
-      ckpt.close(timeout=_CLOSE_TIMEOUT_S)
-      raise
+  with runs.for_training(cfg, log) as ckpt, preemption.Watcher() as watcher:
+    return _run(exp, par, targets, ckpt, watcher, console, log)
 
 
 def _warn(log, msg: str) -> None:
   log(f"[bold red]warning:[/] {escape(msg)}")
 
 
-def _check_writable(ckpt_dir: Path) -> None:
-  """A checkpoint dir that cannot be written fails the run now, not at its first save."""
-  try:
-    ckpt_dir.mkdir(exist_ok=True)
-    tempfile.TemporaryFile(dir=ckpt_dir).close()
-  except OSError as e:
-    raise JaxftError(f"cannot write checkpoints to {ckpt_dir}: {e.strerror}") from None
-
-
-def _resume(exp, par, targets, ckpt, log):
-  """(state, data position, run record, step) of the newest checkpoint that restores (damaged newer ones
-  are moved aside), or of a fresh start. The best checkpoint is checked now, not when the test needs it."""
-  warn = lambda msg: _warn(log, msg)  # noqa: E731
-  latest, restored = ckpt.restore_newest(lambda step: restore(ckpt, par, targets, step), warn)
-  if latest is None:
-    return par.put_state(exp.state, targets[0]), None, RunRecord(), None
-  state, data_state, record = restored
-  for best in sorted(record.kept() - {latest}):
-    try:
-      restore(ckpt, par, targets, best)  # read to check it, and dropped
-    except RestoreError as e:
-      warn(f"the best checkpoint so far, {e.step}, cannot be restored ({e.reason}); moved it to "
-           f"{ckpt.move_aside(e.step)}; the best is chosen among the evaluations from here on")
-      record.forget(best)
-  log(f"resuming from {ckpt.directory}/{latest} in phase {exp.phases[record.phase].name} (best so far: step "
-      f"{record.best_step}, validation {exp.best_metric} {record.best_value})")
-  return state, data_state, record, latest
-
-
 def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
   """The loop of `train`, holding the run dir's lock."""
   cfg, tcfg, task, is_main = exp.cfg, exp.cfg.train, exp.task, jax.process_index() == 0
   run_dir = Path(cfg.run_dir)
-  state, data_state, record, latest = _resume(exp, par, targets, ckpt, log)
+  state, data_state, record, latest = runs.resume(exp, par, targets, ckpt, log, lambda msg: _warn(log, msg))
   exp.state = None  # the devices hold the state now
   if is_main:
     (run_dir / "config.yaml").write_text(config_lib.dump(cfg))
@@ -204,7 +149,7 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
     log(_noise_report(exp, k, at, m))
   if record.kept() != {step}:  # else the last checkpoint commits while the test pass runs
     ckpt.wait()
-  state = restore_best(exp, ckpt, par, targets, record, state, step, lambda msg: _warn(log, msg))
+  state = runs.restore_best(exp, ckpt, par, targets, record, state, step, lambda msg: _warn(log, msg))
   if record.best_step is None:  # no validation recorded (a resumed finished run), or the best is damaged
     val = evaluate(exp, par, eval_step, state.params, state.model_state, "validation")
     record.best_step, record.best_value = step, val[exp.best_metric]

@@ -258,9 +258,9 @@ SHARDED_GENERATION = """
 import json, sys
 from jaxft import generate as gen
 from jaxft.config import load_config
-from jaxft.evaluate import run_state
+from jaxft.runs import open_state
 cfg = load_config(None, tuple(sys.argv[1:]))
-exp, par, _, state = run_state(cfg, log=lambda *a: None)
+exp, par, _, state = open_state(cfg, log=lambda *a: None)
 prompts = exp.splits["validation"].meta["prompts"][:8]
 split = gen.generate(exp, state.params, state.model_state, prompts, 6, batch_size=8, par=par)
 whole = gen.generate(exp, state.params, state.model_state, prompts, 6, batch_size=8)

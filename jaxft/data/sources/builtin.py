@@ -1,7 +1,7 @@
 """Built-in datasets: jaxft's own TFDS builders, prepared into a TFDS data dir on first use.
 
 `load(name, data_dir)` -> ({split: [record, ...]}, {feature_key: [label names]}), as `tfds.load`.
-A built-in is a builder module in builders/ and one line in NAMES.
+A built-in is a builder module in builders/ and its name in builders.NAMES.
 """
 import contextlib
 import importlib
@@ -12,9 +12,8 @@ import time
 from pathlib import Path
 
 from jaxft.data.sources import tfds as tfds_source
+from jaxft.data.sources.builders import NAMES
 from jaxft.errors import JaxftError
-
-NAMES = ("vader_movie_reviews", "wnut16", "fashion_mnist", "mnist_5k", "jane_austen")
 
 
 def builder(name: str):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxft.data.sources.builders import NAMES
 from jaxft.errors import JaxftError
 
 _NAME = re.compile(r"(?P<name>[a-z0-9_]+)(?:/(?P<config>[\w.\-]+))?(?::(?P<version>\d+\.\d+\.\d+))?$")
@@ -67,7 +68,6 @@ def _builder(name: str, data_dir: Path):
   vdir = prepared_dir(name, data_dir)
   if vdir is None:
     m = _parse(name)
-    from jaxft.data.sources.builtin import NAMES
     full = m["name"] + (f"/{m['config']}" if m["config"] else "")
     how = (f"'{full}' is a jaxft built-in, prepared on first use by data.name={full}" if full in NAMES else
            f"prepare it with `tfds build {full} --data_dir {data_dir} --file_format array_record`")
