@@ -37,13 +37,13 @@ def time_variant(overrides, batch_size, length, steps):
     features, feats, times = jax.jit(exp.features), [], []
     for b in batches:
       t = time.perf_counter()
-      feats.append(jax.block_until_ready(features(exp.state.params, exp.state.model_state, b)))
+      feats.append(jax.block_until_ready(features(exp.initial_state().params, exp.initial_state().model_state, b)))
       times.append(time.perf_counter() - t)
     note = f"the one-time feature pass costs {1000 * np.median(times[1:]):.0f} ms per batch (eval-mode forward)"
     batches = [{"features": f, "labels": b["labels"], "weights": b["weights"]} for f, b in zip(feats, batches)]
   step = jax.jit(exp.train_step(0, cached=cached), donate_argnums=0)
-  flops = step.lower(exp.state, batches[0]).compile().cost_analysis()["flops"]
-  state, times = exp.state, []
+  flops = step.lower(exp.initial_state(), batches[0]).compile().cost_analysis()["flops"]
+  state, times = exp.initial_state(), []
   for batch in batches:
     t = time.perf_counter()
     state, m = step(state, batch)

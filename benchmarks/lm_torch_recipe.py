@@ -33,7 +33,7 @@ def torch_model(exp):
 
   from jaxft import rules
   from jaxft.models import llama
-  flat = llama.to_torch_names({k: np.asarray(v) for k, v in rules.flat(exp.state.params[exp.backbone.key]).items()})
+  flat = llama.to_torch_names({k: np.asarray(v) for k, v in rules.flat(exp.initial_state().params[exp.backbone.key]).items()})
   model = transformers.LlamaForCausalLM(exp.backbone.config)
   missing, unexpected = model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in flat.items()}, strict=False)
   assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
@@ -108,10 +108,10 @@ def main():
     del model, opt
   jax_step = jax.jit(exp.train_step(0), donate_argnums=0)
   for mode, batches in modes.items():
-    first[mode, "jaxft"] = float(exp.task.loss(exp.apply(exp.state.params, batches[0])[0], batches[0])[0])
+    first[mode, "jaxft"] = float(exp.task.loss(exp.apply(exp.initial_state().params, batches[0])[0], batches[0])[0])
     for shape in {b["input_ids"].shape: b for b in batches}.values():  # compile every shape before timing
-      jax.block_until_ready(jax_step(jax.tree.map(lambda x: x.copy(), exp.state), shape))
-    state = jax.tree.map(lambda x: x.copy(), exp.state)
+      jax.block_until_ready(jax_step(jax.tree.map(lambda x: x.copy(), exp.initial_state()), shape))
+    state = jax.tree.map(lambda x: x.copy(), exp.initial_state())
     times[mode, "jaxft"] = []
     for b in batches:
       t = time.perf_counter()

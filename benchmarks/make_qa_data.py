@@ -1,4 +1,4 @@
-"""A generated extractive-QA set in SQuAD format, for demonstrating `model.task=question_answering` offline
+"""A generated extractive-QA set in SQuAD format, for demonstrating `task.name=question_answering` offline
 (no real QA data set is reachable from this machine's registries).
 
   python benchmarks/make_qa_data.py OUT_DIR [--train 2000] [--test 300] [--unanswerable 0.2] [--seed 0]

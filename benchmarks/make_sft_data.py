@@ -1,4 +1,4 @@
-"""The movie-review sentiment task as SFT data: prompt / response JSONL for `model.task=sft` (no instruction
+"""The movie-review sentiment task as SFT data: prompt / response JSONL for `task.name=sft` (no instruction
 data set is reachable from this machine's registries; DESIGN.md).
 
   python benchmarks/make_sft_data.py OUT_DIR

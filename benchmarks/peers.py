@@ -73,7 +73,7 @@ def hf_flax(model_dir, dtype):
 
 def jaxft_config(batch_size, length, dtype, *overrides):
   buckets = sorted({b for b in (16, 24, 32, 40, 48, 64, 96, 128) if b < length} | {length})
-  return load_config(None, ("model.pooling=cls", f"precision.compute={dtype}", f"optim.lr={LR}",
+  return load_config(None, ("task.pooling=cls", f"precision.compute={dtype}", f"optim.lr={LR}",
                             "optim.warmup_ratio=0", "optim.schedule=constant", "freeze_embeddings=false",
                             f"train.batch_size={batch_size}", f"data.max_length={length}",
                             f"data.buckets={buckets}") + overrides)
@@ -81,7 +81,7 @@ def jaxft_config(batch_size, length, dtype, *overrides):
 
 def jaxft_step(exp):
   step = jax.jit(exp.train_step(), donate_argnums=0)
-  carry = [exp.state]
+  carry = [exp.initial_state()]
 
   def run(batch):
     carry[0], m = step(carry[0], batch)

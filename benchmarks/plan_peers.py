@@ -133,7 +133,7 @@ def hf_bert(args):
     common = ["model.name=configs/shapes/bert-base-uncased", f"model.tokenizer={MINILM}", "train.batch_size=256",
               "train.eval_batch_size=256", "data.max_length=128", "freeze_embeddings=false", f"precision.compute={dtype}"]
     for pack in ("true", "false"):  # a packed row holds several examples: mean pooling, not the first token's
-      p = _jaxft_plan(common + [f"data.pack={pack}", f"model.pooling={'mean' if pack == 'true' else 'cls'}"],
+      p = _jaxft_plan(common + [f"data.pack={pack}", f"task.pooling={'mean' if pack == 'true' else 'cls'}"],
                       "v5e:2x4", quick=True)
       rows.append(_row(f"jaxft, the default data (movie reviews), {'packed rows, mean pooling' if pack == 'true' else 'length buckets, CLS'}, "
                        f"{dtype}", p))

@@ -43,9 +43,9 @@ def main():
   batch = exp.train_batches()[0] if args.data == "real" else bench.synthetic_batch(exp, args.batch, args.length)
   # One executable both runs and gives the HLO, so the trace's thunk names are its instructions.
   step = jax.jit(exp.train_step(), donate_argnums=0
-                 ).lower(exp.state, batch).compile()
+                 ).lower(exp.initial_state(), batch).compile()
   hlo = step.as_text()
-  state = exp.state
+  state = exp.initial_state()
   for _ in range(2):  # warm up
     state, m = step(state, batch)
   jax.block_until_ready(m)

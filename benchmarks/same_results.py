@@ -31,7 +31,7 @@ RUNS = {  # config -> overrides: one run of each task's shipped config
 def run(tree: Path, config: str, overrides: list, run_dir: Path) -> str:
   if (run_dir / "metrics.jsonl").exists() and (run_dir / "stdout.txt").exists():
     return (run_dir / "stdout.txt").read_text()
-  args = [] if config == "default" else [str(REPO / "configs" / f"{config}.yaml")]
+  args = [] if config == "default" else [str(tree / "configs" / f"{config}.yaml")]
   env = {**os.environ, "PYTHONPATH": str(tree)}
   cmd = [sys.executable, "-m", "jaxft.cli", "train", *args, *overrides, f"run_dir={run_dir}", "resume=false"]
   t = time.time()

@@ -32,9 +32,9 @@ def worker(n_steps, overrides):
   cfg = load_config(None, tuple(overrides))
   exp = build(cfg, log=lambda *_: None)
   par = parallel.Parallel(cfg, parallel.make_mesh(cfg.parallel.mesh), exp.conventions.tensor_parallel)
-  target = par.abstract_state(exp.state)
+  target = par.abstract_state(exp.initial_state())
   step = par.compile_train(exp.train_step(0, "batch" if par.pmap else None), target)
-  state = par.put_state(exp.state, target)
+  state = par.put_state(exp.initial_state(), target)
   src = bench.real_batches(exp, cfg.train.batch_size, cfg.data.max_length, n_steps + 1)
   times = []
   for i in range(n_steps + 1):

@@ -8,11 +8,11 @@ same images, same resolution, epochs, optimizer and schedule; a torchvision-styl
     eps 1e-3 / momentum 0.01, ReLU6, drop connect 0.2 x block / blocks, dropout 0.2 before a new Linear head;
   - the data: jaxft's own source (the same seeded subset of Fashion-MNIST, and the same validation split),
     decoded and augmented with torchvision's algorithms re-implemented on PIL (torchvision's PyPI wheel is
-    a CUDA build that does not load against the CPU torch here): RandomResizedCrop(scale=data.crop_scale,
+    a CUDA build that does not load against the CPU torch here): RandomResizedCrop(scale=task.crop_scale,
     bicubic) + RandomHorizontalFlip for training, the centred square resized for evaluation, grey -> RGB,
     (x - 127) / 128; a DataLoader with 1 worker process (the machine has 2 cores);
   - torch.optim.AdamW(lr, weight_decay on every param, as model.parameters() gives them), linear warmup then
-    cosine decay per step (LambdaLR), clip_grad_norm_(1.0), cross-entropy with train.label_smoothing,
+    cosine decay per step (LambdaLR), clip_grad_norm_(1.0), cross-entropy with task.label_smoothing,
     batch 32, drop_last; eager mode, float32.
 Prints the per-step time (mean over steps 20..end, data loading included, as a user's loop sees it), the
 wall time, and validation / test accuracy.
@@ -127,7 +127,7 @@ def main():
   src = sources.load(cfg.data, log=lambda *a: None)
   names = src.label_names["label"]
   size, bsz = cfg.model.image_size, cfg.train.batch_size
-  sets = {s: Images(r, [x["label"] for x in r], size, s == "train", tuple(cfg.data.crop_scale), cfg.seed)
+  sets = {s: Images(r, [x["label"] for x in r], size, s == "train", tuple(cfg.task.crop_scale), cfg.seed)
           for s, r in src.splits.items()}
   train = torch.utils.data.DataLoader(sets["train"], bsz, shuffle=True, drop_last=True, num_workers=1,
                                       persistent_workers=True, worker_init_fn=lambda w: None)
@@ -152,7 +152,7 @@ def main():
   while step < steps:
     t0 = time.perf_counter()
     for x, y in train:
-      loss = F.cross_entropy(model(x), y, label_smoothing=cfg.train.label_smoothing)
+      loss = F.cross_entropy(model(x), y, label_smoothing=cfg.task.label_smoothing)
       opt.zero_grad(set_to_none=True)
       loss.backward()
       nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_norm)

@@ -127,8 +127,8 @@ def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data
   tcfg, phase = cfg.train, exp.phases[0]
   par, (target, *_) = setup(exp, log)
   lanes = max(1, len(exp.seeds))  # train.seeds: every replica trains on (here) the same batch in one step
-  state = par.put_state(exp.state, target)
-  step = par.compile_train(exp.train_step(0, "batch" if par.pmap else None), target)
+  state = par.put_state(exp.initial_state(), target)
+  step = par.compile_train(exp.train_step(0, par.axis_name), target)
   rows = parallel.process_rows(tcfg.batch_size)
   if data == "synthetic":
     host = [{k: v[rows] for k, v in synthetic_batch(exp, tcfg.batch_size, length, i).items()} for i in range(4)]

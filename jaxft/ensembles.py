@@ -62,7 +62,7 @@ def interpolate(cfg, alphas: list[float], log=print) -> list[dict]:
   else:
     log("theta_0: the backbone as loaded, with the fine-tuned head (the run has no head-only first phase)")
   params0, state0 = theta_zero(exp, state.params, state.model_state, probe)
-  eval_step = par.compile_eval(exp.eval_step("batch" if par.pmap else None), targets[0])
+  eval_step = par.compile_eval(exp.eval_step(par.axis_name), targets[0])
   rows = []
   for alpha in alphas:
     params, model_state = mix(params0, state.params, alpha), mix(state0, state.model_state, alpha)

@@ -50,9 +50,8 @@ def feature_table(exp, par, features, params, model_state, split: str) -> np.nda
   """[N, ...] head inputs of every example of a split, computed once (eval mode)."""
   rows, table = parallel.process_rows(exp.cfg.train.eval_batch_size), None
   for batch, device_batch in split_batches(exp, par, split):
-    out = np.asarray(features(params, model_state, device_batch))
-    index = batch["index"][rows] if par.pmap else batch["index"]  # [B] or, packed, [R, K]
-    out = out.reshape((index.size,) + out.shape[index.ndim + (1 if par.pmap else 0):])  # pmap: [devices, ...]
+    out, index = par.per_example(features(params, model_state, device_batch), batch["index"], rows)
+    out = out.reshape((index.size,) + out.shape[index.ndim:])  # index: [B] or, packed, [R, K]
     index = index.reshape(-1)
     table = np.zeros((len(exp.splits[split]),) + out.shape[1:], np.float32) if table is None else table
     table[index[index >= 0]] = out[index >= 0]
@@ -63,5 +62,5 @@ def evaluate_run(cfg, split: str = "test", step: int | None = None, log=print) -
   """`jaxft eval`: the task's metrics on `split` for checkpoint `step` of the run (default: its best),
   or, when the run has no checkpoints, for the pretrained model as loaded (a zero-shot baseline)."""
   exp, par, targets, state = runs.open_state(cfg, step, "evaluating", log)
-  eval_step = par.compile_eval(exp.eval_step("batch" if par.pmap else None), targets[0])
+  eval_step = par.compile_eval(exp.eval_step(par.axis_name), targets[0])
   return evaluate(exp, par, eval_step, state.params, state.model_state, split)

@@ -13,7 +13,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from jaxft import lora, models, optim, parallel, replicas, rules, tasks
+from jaxft import lora, models, noise_scale, optim, parallel, replicas, rules, tasks
 from jaxft import phases as phases_lib
 from jaxft.data import batching, packing, sources
 from jaxft.errors import JaxftError
@@ -28,7 +28,6 @@ class Experiment:
   task: Task
   splits: dict  # "train" | "validation" | "test" -> tasks.base.Examples
   phases: list  # phases_lib.Phase
-  state: TrainState  # initial, for phase 0
   apply: Callable  # (params, batch, train, rng, model_state) -> (outputs, model_state): backbone + head
   features: Callable  # (params, model_state, batch) -> what the head reads (eval mode), for caching
   head_apply: Callable  # apply on cached features: batch["features"] -> outputs
@@ -48,6 +47,8 @@ class Experiment:
   total_steps = property(lambda self: sum(p.max_steps for p in self.phases))
   micro_steps = property(lambda self: self.cfg.train.batch_size // (self.cfg.train.micro_batch_size
                                                                      or self.cfg.train.batch_size))
+  # what else reads the micro-batches' gradients: the gradient noise scale (with accumulation)
+  hooks = property(lambda self: (noise_scale.NoiseScale(),) if self.micro_steps > 1 else ())
 
   def train_step(self, k: int = 0, axis_name: str | None = None, cached: bool = False):
     """Phase k's pure train step (state, batch) -> (state, metrics); `cached`: on cached features."""
@@ -58,13 +59,13 @@ class Experiment:
       groups = optim.trust_ratio_groups(self.state_shapes(k).params, self.conventions)
       opt_metrics = functools.partial(optim.trust_ratio_metrics, groups=groups)
     step = make_train_step(apply, self.task.loss, phase.tx, phase.labels, phase.cfg.train.dropout, axis_name,
-                           self.micro_steps, opt_metrics)
+                           self.micro_steps, opt_metrics, self.hooks)
     return replicas.vectorize_train(step, self.axes(k), replicas.chunk(self.cfg, self.platform)) if self.seeds else step
 
   def state_shapes(self, k: int = 0) -> TrainState:
     """ShapeDtypeStructs of one run's (one replica's) train state in phase k."""
     return jax.eval_shape(lambda: init_state(self.init_params(self.cfg.seed), self.phases[k].tx, self.cfg.seed,
-                                             self.backbone.state, self.micro_steps > 1))
+                                             self.backbone.state, self.hooks))
 
   def axes(self, k: int = 0) -> TrainState:
     """The replica axis of each leaf of phase k's state (0, or None for shared params)."""
@@ -82,9 +83,16 @@ class Experiment:
     return frozenset(p for p in bb.batch_norm
                      if self.cfg.model.bn == "frozen" or labels[f"{bb.key}/{p}/scale"] == "frozen")
 
-  def initial_state(self, seed: int) -> TrainState:
-    """Phase 0's initial train state for `seed` (its head, adapters and dropout key)."""
-    return init_state(self.init_params(seed), self.phases[0].tx, seed, self.backbone.state, self.micro_steps > 1)
+  def initial_state(self) -> TrainState:
+    """Phase 0's initial train state, on the host: every replica's where train.seeds (replicas.initial_state);
+    ShapeDtypeStructs for model.weights=shapes. Made on each call: nothing keeps a host copy."""
+    make = (functools.partial(replicas.initial_state, self, self.seeds) if self.seeds else
+            functools.partial(self.seed_state, self.cfg.seed))
+    return jax.eval_shape(make) if self.cfg.model.weights == "shapes" else make()
+
+  def seed_state(self, seed: int) -> TrainState:
+    """Phase 0's initial train state of one run with `seed` (its head, adapters and dropout key)."""
+    return init_state(self.init_params(seed), self.phases[0].tx, seed, self.backbone.state, self.hooks)
 
   def train_batches(self, shards: int = 1, rows_of=lambda n: slice(None), seed: int | None = None
                     ) -> batching.TrainBatches:
@@ -175,19 +183,19 @@ def build(cfg, log=print, platform: str | None = None) -> Experiment:
   per platform (models.load, replicas.chunk)."""
   platform = platform or jax.default_backend()
   source = sources.load(cfg.data, log)
-  task_cls = tasks.get(cfg.model.task)
+  task_cls = tasks.get(cfg.task.name)
   pooler = task_cls.needs_pooler(cfg, models.pooling_hint(cfg.model))
   models.check_length(cfg.model, cfg.data.max_length, "data.max_length")  # before the weights load
   backbone = models.load(cfg.model, cfg.seed, cfg.precision.compute, pooler, log, platform)
   task = task_cls(cfg, backbone, source, log)
   best = cfg.train.best_metric or task.best_metric
   if best not in task.metrics:
-    raise JaxftError(f"config key 'train.best_metric' is {best!r}; {cfg.model.task} reports {', '.join(task.metrics)}")
+    raise JaxftError(f"config key 'train.best_metric' is {best!r}; {cfg.task.name} reports {', '.join(task.metrics)}")
   targets = lora.targets(cfg.lora, backbone.conventions)
 
   head, reused = _head(task, backbone, cfg.seed)
   if head is not None:
-    log(f"task {cfg.model.task}: head '{task.head_key}' {'from ' + backbone.name if reused else 'newly initialised'}")
+    log(f"task {cfg.task.name}: head '{task.head_key}' {'from ' + backbone.name if reused else 'newly initialised'}")
 
   def init_params(seed: int) -> dict:
     """The run's initial params for `seed`: the backbone as loaded, a new head and LoRA adapters.
@@ -221,14 +229,12 @@ def build(cfg, log=print, platform: str | None = None) -> Experiment:
   for k, phase in enumerate(phases):
     phases_lib.check_cacheable(phase, task, phases[:k] if seeds else ())
   buckets = cfg.data.buckets or batching.derived_buckets(cfg.data.max_length)
-  exp = Experiment(cfg, backbone, task, splits, phases, None, apply, features, head_apply, buckets, best,
-                   best in task.lower_is_better, _packing(cfg.data.pack, task, backbone), init_params, seeds,
-                   replicas.owned(phases), platform)
-  initial = functools.partial(replicas.initial_state, exp, seeds) if seeds else functools.partial(
-      exp.initial_state, cfg.seed)
-  exp.state = jax.eval_shape(initial) if abstract else initial()
+  exp = Experiment(cfg=cfg, backbone=backbone, task=task, splits=splits, phases=phases, apply=apply,
+                   features=features, head_apply=head_apply, buckets=buckets, best_metric=best,
+                   lower_is_better=best in task.lower_is_better, pack=_packing(cfg.data.pack, task, backbone),
+                   init_params=init_params, seeds=seeds, own=replicas.owned(phases), platform=platform)
   if seeds:
-    shared = sum(x.size for p, x in rules.flat(exp.state.params).items() if p not in exp.own)
+    shared = sum(x.size for p, x in rules.flat(exp.state_shapes().params).items() if p not in exp.own)
     log(f"train.seeds: {len(seeds)} replicas (seeds {', '.join(map(str, seeds))}) in one step; {shared:,} "
         "never-trained params held once for all")
   return exp

@@ -19,7 +19,7 @@ def fold_key(path: str, depth: int | None) -> str:
 def leaf_stats(exp, mesh) -> tuple[dict, int]:
   """Per param path: size, label, spec, bytes and per-device bytes of the param and of its
   optimizer state; plus optimizer bytes tied to no param (step counters)."""
-  state, mb = exp.state, lambda x: x.size * x.dtype.itemsize
+  state, mb = jax.eval_shape(exp.initial_state), lambda x: x.size * x.dtype.itemsize
   pspecs = parallel.param_specs(state.params, exp.cfg.sharding.rules, exp.conventions.tensor_parallel, mesh)
   specs, labels = rules.flat(pspecs), rules.flat(exp.labels)
   stats = {p: {"params": x.size, "label": labels[p], "spec": specs[p], "shape": x.shape, "bytes": mb(x),
@@ -54,7 +54,7 @@ def report(exp, mesh, depth: int | None = None, per_param: bool = False, console
   mib = lambda b: f"{b / 2**20:,.2f}"
   tot = {k: sum(r[k] for r in rows.values()) for k in keys}
   n_train = sum(st["params"] for st in stats.values() if st["label"] == "train")
-  table = Table(title=f"{exp.backbone.name} + {exp.cfg.model.task} head", show_footer=True)
+  table = Table(title=f"{exp.backbone.name} + {exp.cfg.task.name} head", show_footer=True)
   for name, footer, right in (
       ("subtree", "total", False), ("params", f"{tot['params']:,}", True),
       ("status", f"{n_train:,} trainable", False), ("param MiB", mib(tot["bytes"]), True),
@@ -77,11 +77,11 @@ def report(exp, mesh, depth: int | None = None, per_param: bool = False, console
   console.print(f"{parallel.describe(mesh)}; {exp.total_steps} train steps; optimizer {exp.cfg.optim.name}")
   if exp.backbone.batch_norm:  # model state beside the params
     kept = exp.frozen_bn(0)
-    console.print(f"BatchNorm: {len(exp.backbone.batch_norm)} layers, {rules.count(exp.state.model_state):,} running "
+    console.print(f"BatchNorm: {len(exp.backbone.batch_norm)} layers, {rules.count(exp.state_shapes().model_state):,} running "
                   f"statistics; in training {len(kept)} keep theirs (model.bn={exp.cfg.model.bn}"
                   f"{', and the frozen layers' if exp.cfg.model.bn == 'train' else ''}), the others update")
   if len(exp.phases) > 1:  # the table shows the first phase
     console.print("phases: " + ", ".join(
-        f"{p.name} (<= {p.max_steps} steps, {rules.count(rules.split(exp.state.params, p.labels, 'train')[0]):,} "
+        f"{p.name} (<= {p.max_steps} steps, {rules.count(rules.split(exp.state_shapes().params, p.labels, 'train')[0]):,} "
         f"trainable, {p.cfg.optim.name} lr {p.cfg.optim.lr:g})" for p in exp.phases))
   return rows

@@ -21,6 +21,9 @@ def is_adapter(path: str) -> bool:
   return re.fullmatch(rules.ADAPTER_RE, path) is not None
 
 
+PRESETS = ("qv", "attention", "all")  # lora.preset: each family says which it has (its conventions' lora)
+
+
 def targets(lcfg, conv) -> list[str]:
   """lora.targets, after the model family's preset `lora.preset` (qv | attention | all)."""
   if lcfg.preset and lcfg.preset not in conv.lora:

@@ -103,6 +103,9 @@ def trust_ratio_metrics(opt_state, groups: dict) -> dict:
   return {f"trust_ratio/{g}": jnp.mean(jnp.stack(rs)) for g, rs in sorted(found.items())}
 
 
+OPTIMIZERS = ("adamw", "adam", "sgd", "lars", "lamb", "adafactor", "lion")  # optim.name
+
+
 def base_optimizer(ocfg, lr, wd: float, trust_mask) -> optax.GradientTransformation:
   return {
       "adamw": lambda: optax.adamw(lr, ocfg.b1, ocfg.b2, ocfg.eps, weight_decay=wd),

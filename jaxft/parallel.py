@@ -102,7 +102,7 @@ def state_specs(state, pspecs):
   opt = jax.tree_util.tree_map_with_path(spec_of, state.opt_state)
   return state.replace(step=P(), params=pspecs, opt_state=opt, rng=P(),
                        model_state=jax.tree.map(lambda _: P(), state.model_state), skipped=P(), first_skipped=P(),
-                       noise=None if state.noise is None else P())
+                       hooks=jax.tree.map(lambda _: P(), state.hooks))
 
 
 _BATCH_SHARDING = contextvars.ContextVar("batch_sharding", default=None)
@@ -141,6 +141,7 @@ class Parallel:
     """family_rules: the model family's tensor-parallel rules, after the config's sharding.rules."""
     self.cfg, self.mesh, self.family_rules = cfg, mesh, family_rules
     self.pmap = cfg.parallel.backend == "pmap"
+    self.axis_name = "batch" if self.pmap else None  # what the steps' collectives reduce over (jit: none, XLA's)
     self.batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
     # train.seeds: training batches [R, B, ...] hold every replica's; evaluation batches are everyone's
     self.train_batch_sharding = NamedSharding(mesh, P(None, BATCH_AXES)) if cfg.train.seeds else self.batch_sharding
@@ -168,6 +169,18 @@ class Parallel:
       n = jax.local_device_count()
       return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), host_state)
     return jax.device_put(host_state, _shardings_of(target))
+
+  def restored(self, state, target):
+    """A state restored onto `target` (a checkpoint's), on the devices as the steps take it."""
+    return self.put_state(state, target) if self.pmap else state
+
+  def per_example(self, out, index, rows: slice):
+    """(outputs, example indices) of the rows a per-example output holds here: jit's the whole batch's
+    (replicated on every host), pmap's this host's `rows`, behind a leading device axis."""
+    out = np.asarray(out)
+    if self.pmap:
+      out, index = out.reshape((-1,) + out.shape[2:]), index[rows]
+    return out, index
 
   def abstract_state(self, state):
     """ShapeDtypeStructs carrying the target shardings: what checkpoints restore onto."""

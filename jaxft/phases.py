@@ -29,10 +29,15 @@ class Phase:
   until: dict | None  # {metric, patience}: end early when validation stops improving
 
 
+PRESETS = ("lp_ft", "gradual_unfreeze")  # phases_preset
+
+
 def preset(name: str, cfg, params, task, conv) -> list[dict]:
+  if name not in PRESETS:
+    raise JaxftError(f"config key 'phases_preset' must be one of {', '.join(PRESETS)}, got {name!r}")
   if name == "lp_ft":  # Kumar et al. 2022: linear probe to convergence, then fine-tune gently
     if task.head_regex is None:
-      raise JaxftError(f"phases_preset=lp_ft: {cfg.model.task} adds no head to probe")
+      raise JaxftError(f"phases_preset=lp_ft: {cfg.task.name} adds no head to probe")
     return [{"name": "linear_probe", "train_only": [task.head_regex],
              "optim": {"lr": 1e-3, "schedule": "constant", "warmup_ratio": 0.0, "weight_decay": 0.0},
              "train": {"cache_features": task.cacheable, "eval_every": 100},  # cached: cheap plateau checks
@@ -86,8 +91,8 @@ def update_plateau(phase: Phase, record: RunRecord, val: dict, lower_is_better) 
 
 def carry_over(state, tx):
   """The state with `tx`'s fresh optimizer state, keeping every per-param leaf (same param, same
-  role, same shape) of the previous optimizer state. The gradient noise scale starts over: it is of
-  the phase's trainable params."""
+  role, same shape) of the previous optimizer state. The step hooks' state starts over (the gradient noise
+  scale is of the phase's trainable params)."""
   param_paths = rules.flat(state.params)
 
   def key(keypath):
@@ -102,8 +107,7 @@ def carry_over(state, tx):
     return prev if prev is not None and prev.shape == new.shape and prev.dtype == new.dtype else new
 
   opt_state = jax.tree_util.tree_map_with_path(take, tx.init(state.params))
-  noise = None if state.noise is None else jax.numpy.zeros_like(state.noise)
-  return state.replace(opt_state=opt_state, noise=noise)
+  return state.replace(opt_state=opt_state, hooks=jax.tree.map(jax.numpy.zeros_like, state.hooks))
 
 
 def check_cacheable(phase: Phase, task, replicas_before=()) -> None:
@@ -117,7 +121,7 @@ def check_cacheable(phase: Phase, task, replicas_before=()) -> None:
       raise JaxftError(f"phase '{phase.name}': train.cache_features with train.seeds needs the replicas' backbones "
                        f"unchanged, but phase '{before.name}' trains {trained[0]}")
   if not task.cacheable:
-    raise JaxftError(f"phase '{phase.name}': train.cache_features is not supported by {phase.cfg.model.task}")
+    raise JaxftError(f"phase '{phase.name}': train.cache_features is not supported by {phase.cfg.task.name}")
   if other := _beyond_head(phase, task):
     raise JaxftError(f"phase '{phase.name}': train.cache_features trains the head only, but {other[0]} "
                      f"is trainable too (freeze it, e.g. train_only=[{task.head_regex}])")

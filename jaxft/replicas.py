@@ -62,7 +62,7 @@ def stack(states: list[TrainState], own: frozenset) -> TrainState:
 
 def initial_state(exp, seeds: list[int]) -> TrainState:
   """Phase 0's replicated initial state: replica k as the single run with seed seeds[k] starts."""
-  return stack([exp.initial_state(s) for s in seeds], exp.own)
+  return stack([exp.seed_state(s) for s in seeds], exp.own)
 
 
 def abstract_state(par, single, own: frozenset, n: int) -> TrainState:

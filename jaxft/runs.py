@@ -67,7 +67,7 @@ def restore(ckpt, par, targets, step):
   """(state on the devices, data position, run record) of checkpoint `step`, in its phase's layout."""
   k = ckpt.record(step).phase
   state, data_state, record = ckpt.restore(step, targets[k])
-  return (par.put_state(state, targets[k]) if par.pmap else state), data_state, record
+  return par.restored(state, targets[k]), data_state, record
 
 
 def resume(exp, par, targets, ckpt, log, warn):
@@ -75,7 +75,7 @@ def resume(exp, par, targets, ckpt, log, warn):
   are moved aside), or of a fresh start. The best checkpoint is checked now, not when the test needs it."""
   latest, restored = ckpt.restore_newest(lambda step: restore(ckpt, par, targets, step), warn)
   if latest is None:
-    return par.put_state(exp.state, targets[0]), None, RunRecord(), None
+    return par.put_state(exp.initial_state(), targets[0]), None, RunRecord(), None
   state, data_state, record = restored
   for best in sorted(record.kept() - {latest}):
     try:
@@ -154,7 +154,7 @@ def open_state(cfg, step: int | None = None, using: str = "evaluating", log=prin
         raise JaxftError(f"--step {step}: no checkpoints in {Path(cfg.run_dir) / 'checkpoints'}")
       untrained = " (a new head is untrained)" if exp.task.head_key is not None else ""
       log(f"no checkpoints in {Path(cfg.run_dir) / 'checkpoints'}: {using} the model as loaded{untrained}")
-      return exp, par, targets, _replica(exp, par.put_state(exp.state, targets[0]), r)
+      return exp, par, targets, _replica(exp, par.put_state(exp.initial_state(), targets[0]), r)
     latest = ckpt.latest_step()
     if step is not None and step not in ckpt.steps():
       raise JaxftError(f"--step {step}: no such checkpoint in {ckpt.directory} "

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from jaxft import config as config_lib
-from jaxft import faults, parallel, preemption, replicas, rules, runs
+from jaxft import faults, noise_scale, parallel, preemption, replicas, rules, runs
 from jaxft import metrics as metrics_lib
 from jaxft import phases as phases_lib
 from jaxft.data import batching
@@ -49,11 +49,10 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
   cfg, tcfg, task, is_main = exp.cfg, exp.cfg.train, exp.task, jax.process_index() == 0
   run_dir = Path(cfg.run_dir)
   state, data_state, record, latest = runs.resume(exp, par, targets, ckpt, log, lambda msg: _warn(log, msg))
-  exp.state = None  # the devices hold the state now
   if is_main:
     (run_dir / "config.yaml").write_text(config_lib.dump(cfg))
 
-  axis = "batch" if par.pmap else None
+  axis = par.axis_name
   eval_step = par.compile_eval(exp.eval_step(axis), targets[0])
   source = (replicas.Batches([exp.train_batches(par.batch_shards, parallel.process_rows, s) for s in exp.seeds])
             if exp.seeds else exp.train_batches(par.batch_shards, parallel.process_rows))
@@ -146,7 +145,7 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
       progress.update(bar, total=step + sum(p.max_steps for p in exp.phases[k + 1:]))
 
   for k, (at, m) in last_noise.items():
-    log(_noise_report(exp, k, at, m))
+    log(noise_scale.report(exp.phases[k].name, exp.cfg.train.batch_size, at, m))
   if record.kept() != {step}:  # else the last checkpoint commits while the test pass runs
     ckpt.wait()
   state = runs.restore_best(exp, ckpt, par, targets, record, state, step, lambda msg: _warn(log, msg))
@@ -166,24 +165,6 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
     print("test " + exp.describe(test), flush=True)
   return test
 
-
-def _noise_report(exp, k: int, step: int, m: dict) -> str:
-  """The critical batch size that phase k's gradient noise scale implies (McCandlish et al. 2018: steps
-  S = S_min (1 + B_noise / B), examples E = E_min (1 + B / B_noise)), from the phase's sums of |G|^2 and
-  tr(Sigma) (the EMA's last value can be unresolved: |G|^2 within its noise near convergence)."""
-  scale, batch = m["noise_scale_phase"], exp.cfg.train.batch_size
-  per_example = batch / m["batch_weight"]  # loss weights (examples, or tokens) -> examples
-  name, ema = exp.phases[k].name, m["noise_scale"] * per_example
-  if not scale > 0:
-    return (f"phase {name}: gradient noise scale unresolved (|G|^2 estimated <= 0 over the phase: the gradient's "
-            f"signal is within its noise at batch {batch}; try more micro-batches)")
-  examples = scale * per_example
-  ci = f" ± {m['noise_scale_phase_ci'] * per_example:.0f}" if "noise_scale_phase_ci" in m else ""
-  steps, data = 1 + examples / batch, 1 + batch / examples  # x the fewest steps / examples, at this batch
-  return (f"phase {name}: gradient noise scale B_simple {examples:.0f}{ci} examples over its steps to {step} "
-          f"({scale:.0f} in loss weights; the last EMA {ema:.0f}), the critical batch size it implies. "
-          f"Batch {batch} takes {steps:.2f}x the fewest steps and {data:.2f}x the fewest examples; batch {examples:.0f} "
-          f"would take {steps / 2:.2f}x fewer steps for {2 / data:.2f}x the examples")
 
 
 def _note_best(exp, record, val: dict, step: int) -> None:

@@ -94,12 +94,19 @@ def jaxft(*args, fault: str | None = None, timeout: float = 300) -> subprocess.C
                         timeout=timeout)
 
 
-def tiny_overrides(tiny_bert, tiny_data, run_dir, fmt="pt"):
-  """Overrides for a fast run on the tiny checkpoint and data."""
+def tiny_overrides(tiny_bert, tiny_data, run_dir, fmt="pt", *extra):
+  """Overrides for a fast run on the tiny checkpoint and data, then `extra` (with another task.name, the
+  sentiment task's task.pooling is left out: a key the task lacks is an error)."""
+  other_task = any(e.startswith("task.name=") and e != "task.name=sequence_classification" for e in extra)
+  return tuple(o for o in _tiny_base(tiny_bert, tiny_data, run_dir, fmt) if not (other_task and
+                                                                                   o.startswith("task.pooling="))) + extra
+
+
+def _tiny_base(tiny_bert, tiny_data, run_dir, fmt):
   return (f"model.name={tiny_bert[fmt]}", "data.name=files", f"data.train={tiny_data / 'train.jsonl'}",
           f"data.validation={tiny_data / 'validation.jsonl'}", f"data.test={tiny_data / 'test.jsonl'}",
           "data.max_length=32", "data.buckets=[16,32]", "train.batch_size=16", "train.eval_batch_size=32",
-          f"run_dir={run_dir}", "train.log_every=2", "optim.lr=3e-3", "model.pooling=mean",
+          f"run_dir={run_dir}", "train.log_every=2", "optim.lr=3e-3", "task.pooling=mean",
           "freeze_embeddings=false", "train.eval_every=100", "train.checkpoint_every=100")
 
 
@@ -107,7 +114,7 @@ def tiny_overrides(tiny_bert, tiny_data, run_dir, fmt="pt"):
 def tiny_cfg(tiny_bert, tiny_data, tmp_path):
   """A function: extra overrides -> Config for the tiny model and data in a fresh run dir."""
   from jaxft.config import load_config
-  return lambda *extra: load_config(None, tiny_overrides(tiny_bert, tiny_data, tmp_path / "run") + extra)
+  return lambda *extra: load_config(None, tiny_overrides(tiny_bert, tiny_data, tmp_path / "run", "pt", *extra))
 
 
 # ---- tiny Llama-family causal LMs ---------------------------------------------------------------------------
@@ -180,7 +187,7 @@ def sft_data(tmp_path_factory):
 
 def lm_overrides(model: Path, data: Path, run_dir, task: str = "sft"):
   """Overrides for a fast causal-LM run of the tiny Llama on JSONL files (text for causal_lm)."""
-  return (f"model.name={model}", f"model.task={task}", "data.name=files", f"data.train={data / 'train.jsonl'}",
+  return (f"model.name={model}", f"task.name={task}", "data.name=files", f"data.train={data / 'train.jsonl'}",
           f"data.validation={data / 'validation.jsonl'}", f"data.test={data / 'test.jsonl'}",
           "data.max_length=64", "train.batch_size=16", "train.eval_batch_size=16", f"run_dir={run_dir}",
           "train.log_every=2", "optim.lr=3e-3", "train.eval_every=100", "train.checkpoint_every=100",

@@ -21,15 +21,16 @@ CASES = [  # (command, overrides, text the error line must hold)
     ("inspect", ("parallel.mesh.fsdp=4",), "needs a multiple of 4 devices; there are 1"),
     ("inspect", ("parallel.mesh.data=2",), "needs 2 devices; there are 1"),
     ("inspect", ("optim.learning_rate=1e-3",), "unknown config key 'optim.learning_rate'; did you mean 'optim.lr'?"),
-    ("inspect", ("model.task=ner",), "config key 'model.task' must be one of sequence_classification"),
+    ("inspect", ("task.name=ner",), "config key 'task.name' must be one of sequence_classification"),
+    ("inspect", ("phases_preset=lpft",), "config key 'phases_preset' must be one of lp_ft, gradual_unfreeze, got 'lpft'"),
     ("inspect", ("train.best_metric=f1",), "'train.best_metric' is 'f1'; sequence_classification reports loss"),
-    ("inspect", ("data.text_column=review",), "the training data has no column 'review' (columns: text, label)"),
+    ("inspect", ("task.text_column=review",), "the training data has no column 'review' (columns: text, label)"),
     ("bench", ("--length=100",), "bench --length=100 is longer than"),
     ("train", ("run_dir=/proc/jaxft_x/run",), "cannot create run_dir /proc/jaxft_x/run: No such file or directory"),
 ]
 
 
-TORCH_ZIP = Path(__file__).parent / "data" / "torch_pickles" / "pytorch_model.bin"  # torch.save's zip format
+TORCH_ZIP = Path(__file__).parent / "fixtures" / "torch_pickles" / "pytorch_model.bin"  # torch.save's zip format
 
 
 def half(path: Path) -> bytes:
@@ -46,7 +47,7 @@ WEIGHTS = [  # (fixture dir, weights file written in its place, its bytes from t
 
 GOOD_ROWS = '{"text": "good movie", "label": "pos"}\n{"text": "bad film", "label": "neg"}\n'
 ONE_CLASS = '{"text": "good", "label": "pos"}\n' * 20
-NER = ("model.task=token_classification", "data.validation=null", "data.test=null")
+NER = ("task.name=token_classification", "data.validation=null", "data.test=null")
 DATA = [  # (file, its text or bytes, overrides, the error line's text)
     ("t.jsonl", GOOD_ROWS.encode() + b'{"text": "\xe9", "label": "pos"}\n', (), "{path}:3: not UTF-8 text (byte 0xe9)"),
     ("t.csv", b"text,label\ngood,pos\nbad \xff,neg\n", (), "{path}:3: not UTF-8 text (byte 0xff)"),
@@ -58,9 +59,9 @@ DATA = [  # (file, its text or bytes, overrides, the error line's text)
     ("t.jsonl", GOOD_ROWS + '{"text": ["fun"], "label": "neg"}\n', (), "{path}:3: 'text' is a list (['fun'])"),
     ("t.csv", "text,label\ngood,pos\nbad film\nfun,pos\n", (), "{path}:3: 1 field(s) where the header has 2"),
     ("t.jsonl", ONE_CLASS, ("data.validation=null", "data.test=null"),
-     "data.label_column 'label' has one class only, 'pos', in every split: nothing to learn"),
-    ("t.jsonl", ONE_CLASS, (), "one class only in data.label_column 'label': 'pos' (validation / test have ['neg'])"),
-    ("t.conll", "good O\nfilm O\n\nbad O\n", NER, "data.tags_column 'tags' has one class only, 'O', in every split"),
+     "task.label_column 'label' has one class only, 'pos', in every split: nothing to learn"),
+    ("t.jsonl", ONE_CLASS, (), "one class only in task.label_column 'label': 'pos' (validation / test have ['neg'])"),
+    ("t.conll", "good O\nfilm O\n\nbad O\n", NER, "task.tags_column 'tags' has one class only, 'O', in every split"),
 ]
 
 
@@ -106,7 +107,7 @@ def test_damaged_weights_name_the_file(tiny_bert, tiny_data, tmp_path, fmt, name
 def test_bad_data_file_names_file_and_line(tiny_bert, tiny_data, tmp_path, name, content, overrides, message):
   path = tmp_path / name
   (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
-  r = jaxft("inspect", *tiny_overrides(tiny_bert, tiny_data, tmp_path / "run"), f"data.train={path}", *overrides)
+  r = jaxft("inspect", *tiny_overrides(tiny_bert, tiny_data, tmp_path / "run", "pt", f"data.train={path}", *overrides))
   assert_one_line_error(r, message.format(path=path))
 
 
@@ -114,6 +115,6 @@ def test_one_class_in_train_with_label_names_is_a_warning(tiny_bert, tiny_data, 
   """The label names list the class that validation / test bring: the run may be meant, so it goes on."""
   (tmp_path / "t.jsonl").write_text(ONE_CLASS)
   r = jaxft("inspect", *tiny_overrides(tiny_bert, tiny_data, tmp_path / "run"), f"data.train={tmp_path / 't.jsonl'}",
-            "data.label_names=[neg, pos]")
+            "task.label_names=[neg, pos]")
   assert r.returncode == 0, r.stderr[-2000:]
-  assert "warning: the training data has one class only in data.label_column 'label'" in " ".join(r.stderr.split())
+  assert "warning: the training data has one class only in task.label_column 'label'" in " ".join(r.stderr.split())

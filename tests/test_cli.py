@@ -1,5 +1,6 @@
 """The command line as a user meets it: exit codes, one-line errors, inspect output."""
 
+import pytest
 from conftest import jaxft, tiny_overrides
 
 
@@ -37,3 +38,11 @@ def test_error_text_is_printed_verbatim():
   r = jaxft("eval", "data.name=files", "data.train=nope.jsonl")
   assert r.returncode == 2
   assert r.stderr.strip() == "error: asset not found: nope.jsonl (a local path, pypi:NAME==VER[/sub] or hf:ORG/NAME)"
+
+
+def test_overrides_may_follow_the_options():
+  from jaxft.cli import _parse
+  args, config = _parse(["plan", "configs/lm.yaml", "a.b=1", "--topology", "v5e:2x2", "c.d=2", "--quick"])
+  assert (config, args.args, args.topology, args.quick) == ("configs/lm.yaml", ["a.b=1", "c.d=2"], "v5e:2x2", True)
+  with pytest.raises(SystemExit):
+    _parse(["plan", "--topology", "v5e:2x2", "a.b=1", "--bogus"])

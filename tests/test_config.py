@@ -17,10 +17,10 @@ def test_default_yaml_is_the_embedded_default():
 
 def test_overrides_are_typed():
   cfg = load_config(None, ("optim.lr=3e-5", "train.epochs=1", "freeze=[a.*, b.*]", "freeze_embeddings=true",
-                           "data.label_names=[neg, pos]", "data.validation=null"))
+                           "task.label_names=[neg, pos]", "data.validation=null"))
   assert cfg.optim.lr == 3e-5 and isinstance(cfg.optim.lr, float)
   assert cfg.train.epochs == 1.0 and cfg.freeze == ["a.*", "b.*"] and cfg.freeze_embeddings is True
-  assert cfg.data.label_names == ["neg", "pos"] and cfg.data.validation is None
+  assert cfg.task.label_names == ["neg", "pos"] and cfg.data.validation is None
 
 
 @pytest.mark.parametrize("override,message", [
@@ -35,9 +35,8 @@ def test_overrides_are_typed():
     ("optim.layer_decay=1.5", "config key 'optim.layer_decay' must be in (0, 1], got 1.5"),
     ("precision.compute=fp8", "config key 'precision.compute' must be float32 or bfloat16, got 'fp8'"),
     ("lora.rank=0", "config keys 'lora.rank' and 'lora.alpha' must be > 0"),
-    ("phases_preset=lpft", "config key 'phases_preset' must be lp_ft or gradual_unfreeze, got 'lpft'"),
     ("phases=[{until: {metric: loss}}]", "config key 'phases[0].until' must be {metric: val_<metric>"),
-    ("model.task=ner", "config key 'model.task' must be one of sequence_classification"),
+    ("task.name=ner", "config key 'task.name' must be one of sequence_classification"),
 ])
 def test_bad_overrides_name_the_key(override, message):
   with pytest.raises(JaxftError) as e:
@@ -60,3 +59,34 @@ def test_yaml_file_errors(tmp_path):
 def test_every_config_in_configs_dir_loads():
   for path in (ROOT / "configs").glob("*.yaml"):
     assert dataclasses.is_dataclass(load_config(str(path)))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (("model.task=sft",), "config key 'model.task' is now 'task.name'"),
+    (("data.text_column=review",), "config key 'data.text_column' is now 'task.text_column'"),
+    (("train.label_smoothing=0.1",), "config key 'train.label_smoothing' is now 'task.label_smoothing'"),
+    (("task.stride=8",), "config key 'task.stride' is not a key of task.name=sequence_classification; it is a key "
+                         "of question_answering (set task.name to it)"),
+    (("task.stride=8", "task.name=image_classification"), "'task.stride' is not a key of task.name=image_classification"),
+    (("task.poolin=mean",), "unknown config key 'task.poolin'; did you mean 'task.pooling'?"),
+    (("task.name=question_answering", "task.max_answer_length=0"), "'task.max_answer_length' must be >= 1, got 0"),
+])
+def test_task_keys_are_the_tasks_own(overrides, message):
+  with pytest.raises(JaxftError) as e:
+    load_config(None, overrides)
+  assert message in str(e.value)
+
+
+def test_task_section_follows_task_name_in_any_order(tmp_path):
+  """task.name picks the section's keys, wherever it stands; keys both tasks share carry over."""
+  cfg = load_config(None, ("task.stride=8", "task.name=question_answering"))
+  assert (cfg.task.name, cfg.task.stride, cfg.task.max_answer_length) == ("question_answering", 8, 30)
+  path = tmp_path / "c.yaml"
+  path.write_text("task: {label_names: [a, b], name: token_classification}\n")
+  cfg = load_config(str(path))
+  assert (cfg.task.name, cfg.task.label_names, cfg.task.tags_column) == ("token_classification", ["a", "b"], "tags")
+  again = tmp_path / "again.yaml"
+  again.write_text(dump(cfg))  # a run dir's config.yaml loads back as it was
+  assert load_config(str(again)) == cfg
+  with pytest.raises(JaxftError, match="'task.label_names' is set, but task.name=question_answering has no such key"):
+    load_config(str(path), ("task.name=question_answering",))

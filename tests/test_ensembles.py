@@ -10,7 +10,7 @@ import pytest
 from jaxft import rules
 from jaxft.checkpoint import Checkpointer
 from jaxft.errors import JaxftError
-from jaxft.step import noise_estimates
+from jaxft.noise_scale import estimates as noise_estimates
 
 QUIET = lambda *_: None  # noqa: E731
 PHASED = ("phases=[{name: probe, train_only: [classifier/.*], steps: 6}, {name: tune, optim: {lr: 1e-3}, steps: 6}]",
@@ -100,7 +100,7 @@ def test_theta_zero_turns_lora_adapters_off(tiny_cfg):
   from jaxft.ensembles import theta_zero
   from jaxft.experiment import build
   exp = build(tiny_cfg("lora.preset=qv"), QUIET)
-  flat = rules.flat(exp.state.params)
+  flat = rules.flat(exp.initial_state().params)
   tuned = rules.merge({p: x + 1.0 for p, x in flat.items()})
   start = rules.flat(theta_zero(exp, tuned, {})[0])
   lora_b = [p for p in flat if p.endswith("lora_b")]
@@ -144,21 +144,22 @@ def test_an_accumulated_step_measures_the_noise_scale(tiny_cfg):
   """The step's estimate is the formula applied to the micro-batches' gradient norms, each measured alone
   (micro-batch i: rows i, i + k, ...)."""
   from jaxft.experiment import build
-  from jaxft.step import NOISE_EMA
+  from jaxft.noise_scale import EMA as NOISE_EMA
   exp = build(tiny_cfg("train.micro_batch_size=4", "train.dropout=false", "data.pack=false"), QUIET)
   batch = exp.train_batches()[0]
-  state, m = jax.jit(exp.train_step(0))(exp.state, batch)
+  state, m = jax.jit(exp.train_step(0))(exp.initial_state(), batch)
   one = build(tiny_cfg("train.dropout=false", "data.pack=false"), QUIET)
   step = jax.jit(one.train_step(0))
   k = 4
   norms, weights = [], []
   for i in range(k):
     mb = jax.tree.map(lambda x: x[i::k], batch)
-    norms.append(float(step(one.state, mb)[1]["grad_norm"]) ** 2)
+    norms.append(float(step(one.initial_state(), mb)[1]["grad_norm"]) ** 2)
     weights.append(float(np.sum(mb["weights"])))
-  big = float(step(one.state, batch)[1]["grad_norm"]) ** 2
+  big = float(step(one.initial_state(), batch)[1]["grad_norm"]) ** 2
   g2, trace = noise_estimates(np.mean(norms), np.mean(weights), big, sum(weights))
   np.testing.assert_allclose(float(m["noise_scale"]), trace / g2, rtol=1e-3)
   np.testing.assert_allclose(float(m["noise_grad_sq"]), g2, rtol=1e-3)
-  assert state.noise.shape == (6,) and abs(float(state.noise[2]) - (1 - NOISE_EMA)) < 1e-6
+  noise = state.hooks["noise"]
+  assert noise.shape == (6,) and abs(float(noise[2]) - (1 - NOISE_EMA)) < 1e-6
   np.testing.assert_allclose(float(m["noise_scale_phase"]), trace / g2, rtol=1e-3)  # one step: the same

@@ -196,7 +196,7 @@ def test_nonfinite_loss_stops_the_run_naming_the_step(tiny_cfg):
                  "train.keep=100", "train.eval_every=1000")
   with pytest.raises(JaxftError, match=r"step (\d+): the loss or gradient norm is not finite .* Newest checkpoint: "):
     train(cfg)
-  like = build(cfg, print).state
+  like = build(cfg, print).initial_state()
   ckpt = Checkpointer(Path(cfg.run_dir) / "checkpoints", 100)
   for step in ckpt.manager.all_steps():
     params = jax.device_get(ckpt.restore(step, like)[0].params)

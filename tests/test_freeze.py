@@ -11,7 +11,7 @@ from jaxft.experiment import build
 def run_steps(exp, n):
   step = jax.jit(exp.train_step(), donate_argnums=0)
   source = batching.bucketed(exp.splits["train"], exp.task.collate, exp.cfg.train.batch_size, n, 0, exp.buckets)
-  state = exp.state
+  state = exp.initial_state()
   before = jax.device_get(state.params)
   for i in range(n):
     state, _ = step(state, source[i])
@@ -43,7 +43,7 @@ def test_frozen_step_compiles_to_fewer_flops(tiny_cfg):
     exp = build(tiny_cfg(*overrides), print)
     batch = batching.bucketed(exp.splits["train"], exp.task.collate, 16, 1, 0, [32])[0]
     step = jax.jit(exp.train_step())
-    return step.lower(exp.state, batch).compile().cost_analysis()["flops"]
+    return step.lower(exp.initial_state(), batch).compile().cost_analysis()["flops"]
   full, bottom, head = flops(), flops("freeze_embeddings=true", "freeze_bottom_layers=3"), \
       flops("train_only=[classifier/.*]")
   assert head < 0.5 * full and bottom < 0.75 * full, (full, bottom, head)

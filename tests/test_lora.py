@@ -20,13 +20,13 @@ def test_only_adapters_and_head_train(tiny_cfg):
   trainable = {p for p, l in labels.items() if l == "train"}
   assert trainable == {p for p in labels if "/lora_" in p} | {"classifier/kernel", "classifier/bias"}
   assert len([p for p in trainable if "/lora_" in p]) == 2 * 2 * 4  # (a, b) x (query, value) x 4 layers
-  flat = rules.flat(jax.device_get(exp.state.params))
+  flat = rules.flat(jax.device_get(exp.initial_state().params))
   assert flat["bert/encoder/layer/0/attention/self/query/lora_a"].shape == (32, 4)
   assert flat["bert/encoder/layer/0/attention/self/query/lora_b"].shape == (4, 32)
 
   step = jax.jit(make_train_step(exp.apply, exp.task.loss, exp.tx, exp.labels), donate_argnums=0)
   batches = batching.bucketed(exp.splits["train"], exp.task.collate, 16, 3, 0, [32])
-  state = exp.state
+  state = exp.initial_state()
   for i in range(3):
     state, m = step(state, batches[i])
   after = rules.flat(jax.device_get(state.params))
@@ -43,7 +43,7 @@ def test_merge_reproduces_adapted_logits(tiny_cfg):
   # random (non-zero) lora_b, so the adapters change the output
   params = jax.tree_util.tree_map_with_path(
       lambda k, x: 0.1 * jax.random.normal(jax.random.PRNGKey(len(k)), x.shape) if "lora_b" in str(k) else x,
-      exp.state.params)
+      exp.initial_state().params)
   batch = next(iter(batching.eval_batches(exp.splits["test"], exp.task.collate, 32, [32])))
   adapted = exp.apply(params, batch, True)[0]  # training's path: the interceptor (no rng: no dropout)
   np.testing.assert_allclose(exp.apply(params, batch)[0], adapted, atol=1e-5)  # evaluation's: merged
@@ -57,7 +57,7 @@ def test_merge_reproduces_adapted_logits(tiny_cfg):
 def test_adapters_follow_kernel_sharding(tiny_cfg):
   exp = build(tiny_cfg(*LORA), print)
   mesh = jax.make_mesh((1, 1, 1), parallel.AXES)
-  specs = rules.flat(parallel.param_specs(exp.state.params, [], exp.conventions.tensor_parallel, mesh))
+  specs = rules.flat(parallel.param_specs(exp.initial_state().params, [], exp.conventions.tensor_parallel, mesh))
   q = "bert/encoder/layer/0/attention/self/query"
   assert tuple(specs[f"{q}/kernel"]) == (None, "tensor")
   assert tuple(specs[f"{q}/lora_a"]) == (None, None) and tuple(specs[f"{q}/lora_b"]) == (None, "tensor")
@@ -77,11 +77,11 @@ def test_train_then_export_loads_back(tiny_cfg, tmp_path):
   from jaxft.checkpoint import Checkpointer
   ckpt = Checkpointer(tmp_path / "run" / "checkpoints", 2)
   step = ckpt.record(ckpt.latest_step()).best_step
-  state = ckpt.restore(step, trained.state)[0]
+  state = ckpt.restore(step, trained.initial_state())[0]
   ckpt.close()
   reloaded = build(tiny_cfg(f"model.name={out}"), print)
   batch = next(iter(batching.eval_batches(trained.splits["test"], trained.task.collate, 32, [32])))
-  np.testing.assert_allclose(reloaded.apply(reloaded.state.params, batch)[0],
+  np.testing.assert_allclose(reloaded.apply(reloaded.initial_state().params, batch)[0],
                              trained.apply(state.params, batch)[0], atol=1e-5)
 
 

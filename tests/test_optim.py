@@ -15,7 +15,7 @@ LR = {"adamw": 3e-3, "adam": 3e-3, "lamb": 3e-2, "adafactor": 3e-2, "lion": 3e-4
 
 def losses(exp, batches, micro_steps=1):
   step = jax.jit(make_train_step(exp.apply, exp.task.loss, exp.tx, exp.labels, dropout=False, micro_steps=micro_steps))
-  state, out = exp.state, []
+  state, out = exp.initial_state(), []
   for b in batches:
     state, m = step(state, b)
     out.append(float(m["loss"]))
@@ -115,8 +115,8 @@ def test_lamb_and_lars_are_optax_s_and_log_trust_ratios_per_layer(tiny_cfg, name
       np.testing.assert_allclose(rules.flat(u1)[p], x, rtol=1e-6, err_msg=p)
   exp = build(tiny_cfg(f"optim.name={name}", f"optim.lr={LR[name]}"), print)
   batch = batching.bucketed(exp.splits["train"], exp.task.collate, 16, 1, 0, [32])[0]
-  _, m = jax.jit(exp.train_step(0))(exp.state, batch)
+  _, m = jax.jit(exp.train_step(0))(exp.initial_state(), batch)
   ratios = {k: float(v) for k, v in m.items() if k.startswith("trust_ratio/")}
-  n = rules.num_layers(exp.state.params, exp.conventions)
+  n = rules.num_layers(exp.initial_state().params, exp.conventions)
   assert set(ratios) == {f"trust_ratio/layer_{i}" for i in range(n)} | {"trust_ratio/other", "trust_ratio/embeddings"}
   assert all(np.isfinite(r) and r > 0 for r in ratios.values()) and len(set(ratios.values())) > 1, ratios

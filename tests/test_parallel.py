@@ -14,7 +14,7 @@ HERE = Path(__file__).parent
 COMMON = "train.epochs=0.625,train.log_every=1,freeze_embeddings=true,freeze_bottom_layers=1"
 
 
-TIMEOUT = 900  # s per driver process; it dumps its threads' stacks 60 s before (tests/multidevice_run.py)
+TIMEOUT = 900  # s per driver process; it dumps its threads' stacks 60 s before (tests/helpers/multidevice_run.py)
 
 
 def start(n, root, runs: dict, common=COMMON, env=None):
@@ -23,7 +23,7 @@ def start(n, root, runs: dict, common=COMMON, env=None):
   flags = f"--xla_force_host_platform_device_count={n} --xla_cpu_collective_call_terminate_timeout_seconds=600"
   env = dict(os.environ, XLA_FLAGS=flags, JAXFT_TEST_DUMP_AFTER=str(TIMEOUT - 60), **(env or {}))
   args = [f"{k}={common},{v}" for k, v in runs.items()]
-  return subprocess.Popen([sys.executable, str(HERE / "multidevice_run.py"), str(root), *args], env=env,
+  return subprocess.Popen([sys.executable, str(HERE / "helpers" / "multidevice_run.py"), str(root), *args], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -45,7 +45,7 @@ def finish(procs, timeout=TIMEOUT) -> dict:
 
 
 def run_devices(n, root, runs: dict, common=COMMON) -> dict:
-  """Runs tests/multidevice_run.py with n fake CPU devices."""
+  """Runs tests/helpers/multidevice_run.py with n fake CPU devices."""
   return finish([start(n, root, runs, common)])
 
 
@@ -77,7 +77,7 @@ def workdir(tiny_bert, tiny_data, tmp_path_factory):
 
 
 LORA = "lora.targets=[.*/attention/self/(query|value)/kernel]"
-NER = ("model.task=token_classification,train.epochs=8," + ",".join(f"data.{s}={{root}}/tiny_data/{s}.conll"
+NER = ("task.name=token_classification,train.epochs=8," + ",".join(f"data.{s}={{root}}/tiny_data/{s}.conll"
                                                                     for s in ("train", "validation", "test")))
 PHASES = "phases=[{name: head, train_only: [classifier/.*], steps: 3}, {name: top, freeze_bottom_layers: 2, steps: 7}]"
 

@@ -24,7 +24,7 @@ def params_at(cfg, step):
   exp = build(cfg, print)
   ckpt = Checkpointer(Path(cfg.run_dir) / "checkpoints", 20)
   k = ckpt.record(step).phase
-  state = ckpt.restore(step, init_state(exp.state.params, exp.phases[k].tx, 0))[0]
+  state = ckpt.restore(step, init_state(exp.initial_state().params, exp.phases[k].tx, 0))[0]
   ckpt.close()
   return rules.flat(jax.device_get(state.params))
 
@@ -35,7 +35,7 @@ def changed(a, b):
 
 def test_phases_switch_what_trains_and_resume_mid_phase(tiny_cfg):
   cfg = tiny_cfg(TWO_PHASES, "train.checkpoint_every=2", "train.keep=20")
-  initial = rules.flat(jax.device_get(build(cfg, print).state.params))
+  initial = rules.flat(jax.device_get(build(cfg, print).initial_state().params))
   train(cfg)
   at4, at12 = params_at(cfg, 4), params_at(cfg, 12)
   assert changed(initial, at4) == {"classifier/kernel", "classifier/bias"}
@@ -59,7 +59,7 @@ def test_carry_over_keeps_moments_of_params_trainable_in_both(tiny_cfg):
   exp = build(tiny_cfg(TWO_PHASES), print)
   step = jax.jit(make_train_step(exp.apply, exp.task.loss, exp.tx, exp.labels))
   batch = batching.bucketed(exp.splits["train"], exp.task.collate, 16, 1, 0, [32])[0]
-  state, _ = step(exp.state, batch)
+  state, _ = step(exp.initial_state(), batch)
   new = phases.carry_over(state, exp.phases[1].tx)
 
   def moments(s):  # (param, role) -> leaf, for per-param leaves

@@ -181,7 +181,7 @@ def test_plans_tiny_model_on_dp_fsdp_tp_meshes(tiny_cfg, topology, mesh, shards)
   train, evaluate = p.programs
   assert train.shape == "16 x 32" and train.calls == 16 and evaluate.calls == 2
   cfg.model.weights = "shapes"
-  n = rules.count(build(cfg, lambda *a, **k: None).state.params)
+  n = rules.count(build(cfg, lambda *a, **k: None).initial_state().params)
   # per chip: all params (DP), a quarter (FSDP: dims that 4 does not divide stay whole), or between (TP)
   if shards == 1:
     assert train.params_bytes == 4 * n

@@ -12,7 +12,7 @@ from jaxft.step import make_train_step
 def two_steps(exp):
   step = jax.jit(make_train_step(exp.apply, exp.task.loss, exp.tx, exp.labels, dropout=False))
   batches = batching.bucketed(exp.splits["train"], exp.task.collate, 16, 2, 0, [32])
-  state, losses = exp.state, []
+  state, losses = exp.initial_state(), []
   for i in range(2):
     state, m = step(state, batches[i])
     losses.append(float(m["loss"]))
@@ -31,7 +31,7 @@ def test_bf16_compute_keeps_f32_params(tiny_cfg):
   ref_loss, _ = two_steps(build(tiny_cfg(), print))
   exp = build(tiny_cfg("precision.compute=bfloat16"), print)
   batch = batching.bucketed(exp.splits["train"], exp.task.collate, 16, 1, 0, [32])[0]
-  hlo = jax.jit(lambda p: exp.apply(p, batch)[0]).lower(exp.state.params).as_text()
+  hlo = jax.jit(lambda p: exp.apply(p, batch)[0]).lower(exp.initial_state().params).as_text()
   assert "bf16" in hlo and "dot_general" in hlo  # the matmuls run in bf16
   loss, params = two_steps(exp)
   assert all(x.dtype == jnp.float32 for x in params.values())
@@ -40,6 +40,6 @@ def test_bf16_compute_keeps_f32_params(tiny_cfg):
 
 def test_bf16_params(tiny_cfg):
   exp = build(tiny_cfg("precision.params=bfloat16"), print)
-  assert all(x.dtype == jnp.bfloat16 for x in rules.flat(exp.state.params).values())
+  assert all(x.dtype == jnp.bfloat16 for x in rules.flat(exp.initial_state().params).values())
   loss, params = two_steps(exp)
   assert np.all(np.isfinite(loss)) and all(x.dtype == jnp.bfloat16 for x in params.values())

@@ -18,7 +18,7 @@ QUIET = dict(log=lambda *_: None)
 
 def single_losses(cfg, steps):
   exp = build(cfg, **QUIET)
-  step, batches, state, out = jax.jit(exp.train_step(0)), exp.train_batches(), exp.state, []
+  step, batches, state, out = jax.jit(exp.train_step(0)), exp.train_batches(), exp.initial_state(), []
   for i in range(steps):
     state, m = step(state, batches[i])
     out.append(float(m["loss"]))
@@ -32,7 +32,7 @@ def test_replica_k_equals_the_single_run_with_seed_k(tiny_cfg, pack, chunk):
   seeds, steps = [0, 3], 20
   extra = (f"data.pack={str(pack).lower()}", "train.epochs=3", "freeze_embeddings=true")
   exp = build(tiny_cfg(*extra, f"train.seeds={seeds}", f"train.replica_chunk={chunk}"), **QUIET)
-  step, state = jax.jit(exp.train_step(0)), exp.state
+  step, state = jax.jit(exp.train_step(0)), exp.initial_state()
   feed = replicas.Batches([exp.train_batches(seed=s) for s in seeds])
   losses = []
   for i in range(steps):
@@ -44,7 +44,7 @@ def test_replica_k_equals_the_single_run_with_seed_k(tiny_cfg, pack, chunk):
                                err_msg=f"replica {k} (seed {s})")
   assert np.abs(losses[:, 0] - losses[:, 1]).max() > 1e-3  # the replicas are different runs
   # frozen leaves (the word embeddings) are one copy; trained ones one per replica
-  single = rules.flat(build(tiny_cfg(*extra), **QUIET).state.params)
+  single = rules.flat(build(tiny_cfg(*extra), **QUIET).initial_state().params)
   for p, x in rules.flat(state.params).items():
     assert x.shape == ((len(seeds),) + single[p].shape if p in exp.own else single[p].shape), p
   assert any(p not in exp.own for p in single)

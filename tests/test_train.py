@@ -43,7 +43,7 @@ def test_resume_is_bitwise_exact(tiny_cfg):
   """N steps, stop, resume N steps == 2N uninterrupted steps (params bitwise, same data order)."""
   cfg = tiny_cfg("train.epochs=2", "train.eval_every=100", "train.checkpoint_every=16", "train.keep=5")
   train(cfg)  # 32 steps, checkpoints at 16 and 32
-  like = build(cfg, print).state
+  like = build(cfg, print).initial_state()
   ckpt_dir = Path(cfg.run_dir) / "checkpoints"
   uninterrupted = final_params(ckpt_dir.parent, like)
   rows_before = metric_rows(cfg.run_dir)
@@ -69,7 +69,7 @@ def test_unrestorable_checkpoint_stops_instead_of_restarting(tiny_cfg):
   ckpt_dir = Path(cfg.run_dir) / "checkpoints"
   before = sorted(p.name for p in ckpt_dir.iterdir())
   # Same run dir, but a 3-class head no longer matches the saved 2-class one.
-  three = ("train.epochs=0.5", "train.eval_every=100", "data.label_names=[neg, pos, neutral]")
+  three = ("train.epochs=0.5", "train.eval_every=100", "task.label_names=[neg, pos, neutral]")
   with pytest.raises(JaxftError, match=r"none of the 1 checkpoints in .* can be restored \(newest, 8: .*"
                                        r"change it back, or train in a new run_dir \(--no-resume would delete them\)"):
     train(tiny_cfg(*three))

@@ -4,7 +4,7 @@ A batch of B examples becomes R rows of L tokens (R: the fewest rows first-fit-d
 up to a multiple, so few row counts and so few compiled shapes occur). Example k of a row holds the
 tokens whose `segment_ids` are k + 1 (0: padding); attention stays inside an example and positions
 restart at 0 for each, so an example packed with others computes what it computes alone
-(tests/test_packing.py). Per-example fields become [R, K]: slot k of row r is the row's k-th example
+(tests/data/test_packing.py). Per-example fields become [R, K]: slot k of row r is the row's k-th example
 (K = `slots`, the most examples a row holds; empty slots weigh 0).
 """
 import dataclasses

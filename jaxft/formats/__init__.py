@@ -45,9 +45,9 @@ def read(path: Path) -> tuple[dict[str, np.ndarray], str]:
     if path.suffix in PICKLE_SUFFIXES:
       from jaxft.formats import torch_pickle
       return torch_pickle.read(path), "pytorch"
-    if path.suffix == ".gguf":  # dequantised, in transformers' names (llama files)
+    if path.suffix == ".gguf":  # dequantised, in llama.cpp's names (the family maps them)
       from jaxft.formats import gguf
-      return gguf.read(path), "pytorch"
+      return gguf.read(path), "gguf"
   except JaxftError:
     raise
   except Exception as e:  # a corrupt or truncated file: one line naming the file and the reason

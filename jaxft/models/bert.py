@@ -2,7 +2,7 @@
 
 Module and param names equal transformers' FlaxBertModule (`encoder/layer/3/attention/self/query/kernel`,
 ...), so the same checkpoints load, save and take LoRA adapters, and outputs match transformers
-(tests/test_bert.py). What differs is speed:
+(tests/models/test_bert.py). What differs is speed:
 queries, keys and values go to head-major [B, H, L, Dh] before the two attention matmuls, which XLA
 runs as plain batched matmuls (about 2x faster on CPU than transformers' [B, L, H, Dh] einsums;
 benchmarks/NOTES.md). Attention dropout is one [L, L] mask shared by batch and heads, as in

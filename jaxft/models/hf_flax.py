@@ -12,7 +12,7 @@ import json
 import jax.numpy as jnp
 
 from jaxft.errors import JaxftError
-from jaxft.models import hf_checkpoint
+from jaxft.models import hf_checkpoint, llama
 from jaxft.models.base import Backbone, Conventions, ImageProcessor, batchnorm_paths, frozen_batchnorm
 
 CONVENTIONS = Conventions(
@@ -27,13 +27,7 @@ CONVENTIONS = Conventions(
         (r".*/intermediate/dense/bias", ("tensor",)),
         (r".*/layer/\d+/output/dense/kernel", ("tensor", None)),
         (r".*/word_embeddings/embedding", ("tensor", None)),
-        # Llama family
-        (r".*/self_attn/(q_proj|k_proj|v_proj)/kernel", (None, "tensor")),
-        (r".*/self_attn/o_proj/kernel", ("tensor", None)),
-        (r".*/mlp/(gate_proj|up_proj)/kernel", (None, "tensor")),
-        (r".*/mlp/down_proj/kernel", ("tensor", None)),
-        (r".*/embed_tokens/embedding", ("tensor", None)),
-        (r"lm_head/kernel", (None, "tensor")),
+        *llama.CONVENTIONS.tensor_parallel,  # Llama-like families (Mistral, Qwen2, ...): the same names
         # GPT-2 (FlaxConv1D kernels are [out, in])
         (r".*/attn/c_attn/kernel", ("tensor", None)),
         (r".*/attn/c_attn/bias", ("tensor",)),

@@ -4,7 +4,7 @@ RMSNorm, rotary position embeddings (the checkpoint's theta; "linear" and "llama
 attention through `jax.nn.dot_product_attention` (XLA on CPU, cuDNN's fused kernel where it applies),
 SwiGLU MLP, tied or untied output embeddings. The backbone's params are FlaxLlamaForCausalLM's tree
 (`model/layers/3/self_attn/q_proj/kernel`, `lm_head/kernel`; no lm_head when tied), so checkpoints load,
-save and take LoRA adapters by their Hugging Face names; logits equal transformers' (tests/test_llama.py).
+save and take LoRA adapters by their Hugging Face names; logits equal transformers' (tests/models/test_llama.py).
 
 Inputs: `input_ids` [B, L], `attention_mask` (padding), or, packed, `segment_ids` with `position_ids` that
 restart for each document: attention stays causal and inside a segment. Generation passes a KV cache
@@ -12,7 +12,7 @@ restart for each document: attention stays causal and inside a segment. Generati
 returns the cache advanced.
 
 Checkpoints: a Hugging Face directory (config.json with model_type llama; safetensors, PyTorch pickles or
-Flax msgpack) or a GGUF file (formats/gguf.py: dequantised, llama.cpp's q/k permutation undone, the
+Flax msgpack) or a GGUF file (formats/gguf.py: dequantised; llama_gguf.py: its names and config, llama.cpp's q/k permutation undone, the
 tokenizer from its metadata unless a tokenizer.json lies beside it). `save` writes a Hugging Face
 directory (model.safetensors in PyTorch names) that transformers' PyTorch and Flax classes load.
 """
@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxft import formats, parallel
 from jaxft.errors import JaxftError
-from jaxft.models import splash
+from jaxft.models import llama_gguf, splash
 from jaxft.models.base import Backbone, Conventions, tokenizer_path
 
 MODEL_TYPE = "llama"
@@ -331,8 +331,7 @@ def read_config(path: Path):
   """The transformers LlamaConfig of a checkpoint (a GGUF file: from its metadata)."""
   import transformers
   if path.suffix == ".gguf":
-    from jaxft.formats import gguf
-    return transformers.LlamaConfig(**gguf.llama_config(path))
+    return transformers.LlamaConfig(**llama_gguf.config(path))
   try:
     return transformers.LlamaConfig.from_pretrained(path)
   except (OSError, ValueError, KeyError) as e:
@@ -393,6 +392,8 @@ def read_weights(path: Path) -> tuple[dict, str]:
   """({flat Flax path: array} of the full causal LM, the file read)."""
   file = path if path.is_file() else formats.find(path)
   weights, kind = formats.read(file)
+  if kind == "gguf":
+    weights, kind = llama_gguf.to_torch_names(weights, file), "pytorch"
   if kind == "pytorch":
     return from_torch_names(weights), f"{file.name} ({'dequantised' if file.suffix == '.gguf' else 'pytorch names'})"
   # Flax names: a causal LM's tree, or a base model's (without the `model/` prefix)

@@ -73,7 +73,7 @@ class Task:
 
   def cannot_pack(self) -> str | None:
     """Why this task cannot pack examples into shared rows (None: it can, with collate_packed)."""
-    return f"model.task {self.cfg.model.task} does not pack examples"
+    return f"task.name {self.cfg.task.name} does not pack examples"
 
   def collate_packed(self, ex: Examples, p: packing.Plan) -> dict:
     """Examples packed by `p` into [R, L] rows; per-example fields [R, K] by slot (empty slots weigh 0)."""
@@ -198,9 +198,9 @@ def require_classes(what: str, names: list[str], train: set, classes_of, log) ->
   """The training data must have two classes or more (labels, or tags). With one only, there is nothing to
   tell apart: an error when validation and test have no other class either (a constant column, most likely
   not the label column) or have others the label names lack (names taken from the training data); a loud
-  warning when the label names list the others (data.label_names, or the source's), since a run that can
+  warning when the label names list the others (task.label_names, or the source's), since a run that can
   only learn to predict the one class may be meant. train: the training data's classes; classes_of(split):
-  a split's (read only in that case); what: the column, as "data.label_column 'label'"."""
+  a split's (read only in that case); what: the column, as "task.label_column 'label'"."""
   if len(train) != 1:
     return
   (only,) = train
@@ -209,20 +209,20 @@ def require_classes(what: str, names: list[str], train: set, classes_of, log) ->
     raise JaxftError(f"{what} has one class only, '{only}', in every split: nothing to learn (is it the right column?)")
   message = f"the training data has one class only in {what}: '{only}' (validation / test have {others[:5]})"
   if not set(others) <= set(names):
-    raise JaxftError(f"{message}; put examples of every class in data.train, or list them all in data.label_names")
+    raise JaxftError(f"{message}; put examples of every class in data.train, or list them all in task.label_names")
   log(f"[bold red]warning:[/] {message}: the run can only learn to predict '{only}'")
 
 
 class ClassLabels:
-  """The classes of data.label_column: data.label_names, else the source's (a TFDS ClassLabel, whose ints
+  """The classes of task.label_column: task.label_names, else the source's (a TFDS ClassLabel, whose ints
   the records hold), else the sorted distinct training labels. Training data with one class only is an
   error, or a warning (require_classes)."""
 
   def __init__(self, cfg, source, log=print):
-    self.column, self.known = cfg.data.label_column, source.label_names.get(cfg.data.label_column)
+    self.column, self.known = cfg.task.label_column, source.label_names.get(cfg.task.label_column)
     classes = set(self.of(source.splits["train"], "train"))
-    self.names = cfg.data.label_names or self.known or sorted(classes)
-    require_classes(f"data.label_column '{self.column}'", self.names, classes,
+    self.names = cfg.task.label_names or self.known or sorted(classes)
+    require_classes(f"task.label_column '{self.column}'", self.names, classes,
                     lambda split: set(self.of(source.splits.get(split, []), split)), log)
 
   def of(self, records, split: str) -> list[str]:

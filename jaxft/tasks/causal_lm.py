@@ -1,7 +1,7 @@
 """Causal language modelling (continued pretraining): next-token prediction on plain text, with the model's
 own LM head (no new params).
 
-Each document of data.text_column is tokenized and ends with the EOS token. Packed (data.pack, the
+Each document of task.text_column is tokenized and ends with the EOS token. Packed (data.pack, the
 default where the model takes segment ids), a document is an example, cut into windows of data.max_length
 tokens when longer, and examples share rows without attending across documents. Unpacked
 (data.pack=false), documents are concatenated into one token stream cut into rows of data.max_length
@@ -12,11 +12,13 @@ precedes it); position t of a row predicts token t + 1 and weighs targets[t + 1]
 is the mean over those tokens of the whole batch (micro-batches and devices weighted by their token counts,
 step.py). Metrics: loss (nats per predicted token), perplexity exp(loss), next-token accuracy.
 """
+import dataclasses
 import math
 
 import jax.numpy as jnp
 import numpy as np
 
+from jaxft.config import TaskConfig
 from jaxft.data import packing
 from jaxft.errors import JaxftError
 from jaxft.tasks.base import Examples, Task, column, nll, packed_tokens, pad_tokens, where
@@ -58,6 +60,11 @@ def lm_sums(logits_BxLxV, batch) -> dict:
           "correct": jnp.sum(correct_BxL * w_BxL)}
 
 
+@dataclasses.dataclass
+class Config(TaskConfig):
+  text_column: str = "text"  # the documents to model
+
+
 class CausalLM(Task):
   head_key = None  # the LM head is the model's own (tied or not): nothing new is added
   metrics = ("loss", "perplexity", "token_accuracy")
@@ -67,7 +74,7 @@ class CausalLM(Task):
   def __init__(self, cfg, backbone, source, log=print):
     super().__init__(cfg, backbone, source, log)
     if backbone.new_cache is None:
-      raise JaxftError(f"model.task {cfg.model.task} needs a causal LM (jaxft's llama family); {backbone.name} "
+      raise JaxftError(f"task.name {cfg.task.name} needs a causal LM (jaxft's llama family); {backbone.name} "
                        f"is a {getattr(backbone.config, 'model_type', type(backbone.config).__name__)} encoder")
     tok = backbone.processor
     self.eos_id = tok.eos_token_id
@@ -89,8 +96,8 @@ class CausalLM(Task):
     return logits_BxLxV
 
   def encode(self, records, split):
-    d = self.cfg.data
-    texts = column(records, d.text_column, split)
+    d, t = self.cfg.data, self.cfg.task
+    texts = column(records, t.text_column, split)
     docs = [np.asarray(ids + [self.eos_id], np.int32)
             for ids in self.backbone.processor(texts, add_special_tokens=True)["input_ids"]]
     concatenate = d.pack is False or not self.backbone.packs
@@ -101,7 +108,7 @@ class CausalLM(Task):
       chunks = [doc[s:s + d.max_length] for doc in docs for s in range(0, len(doc), d.max_length)]
     chunks = [c for c in chunks if len(c) > 1]  # a 1-token window predicts nothing
     if not chunks:
-      raise JaxftError(f"{split}: data.text_column '{d.text_column}' holds no text to predict")
+      raise JaxftError(f"{split}: task.text_column '{t.text_column}' holds no text to predict")
     targets = [np.r_[0, np.ones(len(c) - 1, np.int32)].astype(np.int32) for c in chunks]
     tokens = sum(len(c) for c in chunks)
     self.log(f"{split}: {len(texts):,} documents, {tokens:,} tokens in {len(chunks):,} "

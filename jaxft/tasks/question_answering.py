@@ -3,22 +3,24 @@ Dense(2) head on every token as start and end logits (transformers' `qa_outputs`
 
 Records: {"id", "question", "context", "answers": {"text": [...], "answer_start": [...]}}, an empty
 answer list = unanswerable. Each question + context is tokenized into windows of data.max_length tokens,
-consecutive windows sharing data.stride context tokens; an example is a window. A window is trained
+consecutive windows sharing task.stride context tokens; an example is a window. A window is trained
 toward its first gold answer's start / end tokens, or toward [CLS] (position 0) when the answer is not
 entirely inside it or there is none. Decoding (host, per question over all its windows): the best span
 of context tokens among the n_best top start and end logits of each window, end >= start, at most
-data.max_answer_length tokens, score start + end logit, mapped back to the context by character offsets.
+task.max_answer_length tokens, score start + end logit, mapped back to the context by character offsets.
 Where the training data has unanswerable questions, "" is predicted when the null score (the lowest
 [CLS] start + end over the windows) beats the best span by more than `null_threshold`. Metrics: the
 official SQuAD exact match and token F1 (max over the gold answers), in [0, 1].
 """
 import collections
+import dataclasses
 import re
 import string
 
 import jax.numpy as jnp
 import numpy as np
 
+from jaxft.config import TaskConfig
 from jaxft.errors import JaxftError
 from jaxft.tasks.base import (
   Examples,
@@ -99,6 +101,17 @@ def answers_of(record, where: str) -> list[tuple[str, int]]:
                      f"got {str(record.get('answers'))[:80]}") from None
 
 
+@dataclasses.dataclass
+class Config(TaskConfig):
+  """SQuAD records: question, context, answers {text, answer_start}."""
+  stride: int = 128  # context tokens shared by consecutive windows
+  max_answer_length: int = 30  # longest answer span decoded, in tokens
+
+  def check(self):
+    self.require(self.max_answer_length >= 1,
+                 f"config key 'task.max_answer_length' must be >= 1, got {self.max_answer_length}")
+
+
 class QuestionAnswering(Task):
   head_key = "qa_outputs"
   metrics = ("loss", "exact_match", "f1")
@@ -113,8 +126,6 @@ class QuestionAnswering(Task):
     require_columns(train, ("question", "context", "answers"),
                     "question_answering reads SQuAD records: question, context, answers {text, answer_start}")
     require_fast_tokenizer(backbone, "question_answering", "character offsets")
-    if d.max_answer_length < 1:
-      raise JaxftError(f"config key 'data.max_answer_length' must be >= 1, got {d.max_answer_length}")
     questions = [str(r.get("question", "")).lstrip() for records in source.splits.values() for r in records]
     longest = max(len(x) for x in tok(questions, add_special_tokens=False)["input_ids"])
     specials = tok.num_special_tokens_to_add(pair=True)
@@ -122,19 +133,19 @@ class QuestionAnswering(Task):
     if room < 1:
       raise JaxftError(f"config key 'data.max_length' ({d.max_length}) leaves no room for context after the longest "
                        f"question ({longest} tokens) and {specials} special tokens")
-    if not 0 <= d.stride < room:
-      raise JaxftError(f"config key 'data.stride' must be >= 0 and < {room}, the context tokens a window holds "
+    if not 0 <= cfg.task.stride < room:
+      raise JaxftError(f"config key 'task.stride' must be >= 0 and < {room}, the context tokens a window holds "
                        f"(data.max_length={d.max_length} minus the longest question, {longest} tokens, and "
-                       f"{specials} special tokens), got {d.stride}")
+                       f"{specials} special tokens), got {cfg.task.stride}")
     self.has_null = any(not answers_of(r, where(train, i, "train")) for i, r in enumerate(train))
     self.pad_id = tok.pad_token_id or 0
 
   def encode(self, records, split):
-    d = self.cfg.data
+    d, t = self.cfg.data, self.cfg.task
     questions, contexts = column(records, "question", split), column(records, "context", split)
     golds = [answers_of(r, where(records, i, split)) for i, r in enumerate(records)]
     enc = self.backbone.processor([q.lstrip() for q in questions], contexts,
-                                  truncation="only_second", max_length=d.max_length, stride=d.stride,
+                                  truncation="only_second", max_length=d.max_length, stride=t.stride,
                                   return_overflowing_tokens=True, return_offsets_mapping=True, padding=False,
                                   return_attention_mask=False)
     question_W = np.asarray(enc["overflow_to_sample_mapping"], np.int32)
@@ -211,7 +222,7 @@ class QuestionAnswering(Task):
       off_Lx2 = m["offsets"][w]
       start_L, end_L = (np.asarray(rows[k][w][:len(off_Lx2)], np.float64) for k in ("start", "end"))
       null[q] = min(null[q], start_L[0] + end_L[0])
-      span = best_span(start_L, end_L, off_Lx2[:, 0] >= 0, self.n_best, self.cfg.data.max_answer_length)
+      span = best_span(start_L, end_L, off_Lx2[:, 0] >= 0, self.n_best, self.cfg.task.max_answer_length)
       if span is not None and span[0] > best[q][0]:
         best[q] = (span[0], m["context"][q][off_Lx2[span[1], 0]:off_Lx2[span[2], 1]])
     return ["" if self.has_null and null[q] - score > self.null_threshold else text

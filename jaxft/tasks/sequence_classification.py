@@ -1,18 +1,20 @@
 """Text classification: one label per text, from a pooled encoding and a new Dense head.
 
-Pooling (model.pooling): `mean` (masked mean over tokens: what sentence-transformers checkpoints are
+Pooling (task.pooling): `mean` (masked mean over tokens: what sentence-transformers checkpoints are
 trained for), `cls` (the backbone's pooler output, or its first token where it has no pooler), or `auto`
 (the checkpoint's own). Packed rows (data/packing.py) mean-pool each example's own tokens, and labels,
 logits and weights are [R, K] by slot instead of [B]. Metrics: loss, accuracy, macro-F1 (classes present
 in the split). Training data with one class only is an error, or a warning where the label names list the
 classes validation / test bring (tasks.base.require_classes).
 """
+import dataclasses
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxft.config import TaskConfig
 from jaxft.data import packing
 from jaxft.tasks.base import (
   ClassLabels,
@@ -26,6 +28,25 @@ from jaxft.tasks.base import (
   pad_tokens,
   require_columns,
 )
+
+
+@dataclasses.dataclass
+class Config(TaskConfig):
+  text_column: str = "text"
+  label_column: str = "label"
+  label_names: list[str] | None = None  # None: the source's class names, else sorted distinct train labels
+  pooling: str = "auto"  # mean | cls (pooler or first token) | auto (the checkpoint's)
+
+  def check(self):
+    self.require(self.pooling in ("auto", "cls", "mean"),
+                 f"config key 'task.pooling' must be auto, cls or mean, got {self.pooling!r}")
+
+
+def tokenize(backbone, texts: list[str], max_length: int) -> list[np.ndarray]:
+  """Each text's token ids (int32), truncated to max_length, special tokens included."""
+  out = backbone.processor(texts, truncation=True, max_length=max_length, padding=False,
+                           return_attention_mask=False, return_token_type_ids=False)
+  return [np.asarray(x, np.int32) for x in out["input_ids"]]
 
 
 def cross_entropy(logits_BxC, labels_B, weights_B):
@@ -72,41 +93,47 @@ class SequenceClassification(Task):
 
   @classmethod
   def needs_pooler(cls, cfg, checkpoint_pooling):
-    return (checkpoint_pooling if cfg.model.pooling == "auto" else cfg.model.pooling) == "cls"
+    return (checkpoint_pooling if cfg.task.pooling == "auto" else cfg.task.pooling) == "cls"
 
   def __init__(self, cfg, backbone, source, log=print):
     super().__init__(cfg, backbone, source, log)
-    d = cfg.data
-    self.pooling = backbone.pooling if cfg.model.pooling == "auto" else cfg.model.pooling
-    require_columns(source.splits["train"], (d.text_column, d.label_column), "set data.text_column / data.label_column")
+    t = cfg.task
+    self.pooling = backbone.pooling if t.pooling == "auto" else t.pooling
+    require_columns(source.splits["train"], (t.text_column, t.label_column), "set task.text_column / task.label_column")
     self.classes = ClassLabels(cfg, source, log)
     self.label_names = self.classes.names
-    self.pad_id = backbone.processor.pad_token_id or 0
+
+  @property
+  def pad_id(self) -> int:
+    return self.backbone.processor.pad_token_id or 0
 
   def encode(self, records, split):
-    d = self.cfg.data
-    texts = column(records, d.text_column, split)
-    out = self.backbone.processor(texts, truncation=True, max_length=d.max_length, padding=False,
-                                  return_attention_mask=False, return_token_type_ids=False)
-    ids = [np.asarray(x, np.int32) for x in out["input_ids"]]
+    ids = tokenize(self.backbone, column(records, self.cfg.task.text_column, split), self.cfg.data.max_length)
     labels = self.classes.index(records, split)
     return Examples(np.array([len(x) for x in ids]), {"ids": ids, "labels": labels})
 
-  def collate(self, ex, idx, length, batch_size, epoch=None, seed=None):
+  def collate_tokens(self, ex, idx, length, batch_size) -> dict:
+    """The backbone's fields of examples `idx`, padded, and their weights (padding rows weigh 0)."""
     ids_BxL, mask_BxL = pad_tokens(ex.fields["ids"], idx, length, batch_size, self.pad_id)
-    labels_B = np.zeros((batch_size,), np.int32)
-    labels_B[:len(idx)] = ex.fields["labels"][idx]
     weights_B = np.zeros((batch_size,), np.float32)
     weights_B[:len(idx)] = 1.0
     return {"input_ids": ids_BxL, "attention_mask": mask_BxL, "token_type_ids": np.zeros_like(ids_BxL),
-            "labels": labels_B, "weights": weights_B}
+            "weights": weights_B}
+
+  def collate(self, ex, idx, length, batch_size, epoch=None, seed=None):
+    labels_B = np.zeros((batch_size,), np.int32)
+    labels_B[:len(idx)] = ex.fields["labels"][idx]
+    return {**self.collate_tokens(ex, idx, length, batch_size), "labels": labels_B}
 
   def cannot_pack(self):
-    return None if self.pooling == "mean" else f"model.pooling {self.pooling} reads a row's first token"
+    return None if self.pooling == "mean" else f"task.pooling {self.pooling} reads a row's first token"
+
+  def collate_packed_tokens(self, ex, p) -> dict:
+    """The backbone's fields of a packed batch and each slot's weight ([R, K]: 0 where empty)."""
+    return {**packed_tokens(ex.fields["ids"], p, self.pad_id), "weights": (p.index >= 0).astype(np.float32)}
 
   def collate_packed(self, ex, p):
-    return {**packed_tokens(ex.fields["ids"], p, self.pad_id), "labels": packing.per_example(ex.fields["labels"], p.index),
-            "weights": (p.index >= 0).astype(np.float32)}
+    return {**self.collate_packed_tokens(ex, p), "labels": packing.per_example(ex.fields["labels"], p.index)}
 
   def init_head(self, rng):
     return new_dense(rng, self.backbone, len(self.label_names))
@@ -114,7 +141,7 @@ class SequenceClassification(Task):
   def features(self, backbone_out, batch):
     if "segment_ids" in batch:  # packed: [R, K, D], one mean per slot
       return packing.segment_mean(backbone_out["hidden"].astype(jnp.float32), batch["segment_ids"],
-                                  batch["labels"].shape[-1])
+                                  batch["weights"].shape[-1])
     if self.pooling == "cls":
       pooled = backbone_out["pooled"]
       return (backbone_out["hidden"][:, 0] if pooled is None else pooled).astype(jnp.float32)
@@ -137,6 +164,6 @@ class SequenceClassification(Task):
 
   def save(self, head_params, out_dir):
     super().save(head_params, out_dir)
-    if self.pooling == "mean":  # sentence-transformers' marker: `model.pooling: auto` reads it back
+    if self.pooling == "mean":  # sentence-transformers' marker: `task.pooling: auto` reads it back
       (out_dir / "1_Pooling").mkdir(exist_ok=True)
       (out_dir / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))

@@ -1,7 +1,7 @@
 """Supervised fine-tuning (SFT) of a causal LM on prompt / response pairs or chat conversations; the loss is
 on response tokens only.
 
-Records hold data.prompt_column and data.response_column, or data.messages_column: a list of
+Records hold task.prompt_column and task.response_column, or task.messages_column: a list of
 {"role", "content"} messages ending with an assistant turn. With a chat template (the tokenizer's), a pair
 is the conversation [user: prompt, assistant: response]; every assistant turn is trained, together with the
 template's end-of-turn tokens, and nothing else (system prompt, user turns, role headers). Without one, the
@@ -14,13 +14,23 @@ generated answer's exact match (SQuAD-style: whitespace and surrounding punctuat
 the response tokens, generating greedily from each prompt (generate.eval_examples of them, up to
 generate.max_new_tokens).
 """
+import dataclasses
 import string
 
 import numpy as np
 
+from jaxft.config import TaskConfig
 from jaxft.errors import JaxftError
 from jaxft.tasks.base import Examples, where
 from jaxft.tasks.causal_lm import CausalLM, require_targets
+
+
+@dataclasses.dataclass
+class Config(TaskConfig):
+  """Prompt / response pairs, or chat messages [{role, content}, ...]; the loss is on the responses only."""
+  prompt_column: str = "prompt"
+  response_column: str = "response"
+  messages_column: str = "messages"
 
 
 class SFT(CausalLM):
@@ -29,26 +39,26 @@ class SFT(CausalLM):
   generates = True
 
   def _conversations(self, records, split) -> list[list[dict]]:
-    d = self.cfg.data
+    t = self.cfg.task
     convs = []
     for i, r in enumerate(records):
-      if d.messages_column in r:
-        msgs = r[d.messages_column]
+      if t.messages_column in r:
+        msgs = r[t.messages_column]
         ok = (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("content"), str)
                                                       and m.get("role") in ("system", "user", "assistant") for m in msgs))
         if not ok or msgs[-1]["role"] != "assistant":
-          raise JaxftError(f"{where(records, i, split)}: '{d.messages_column}' must be a list of {{role: system | "
+          raise JaxftError(f"{where(records, i, split)}: '{t.messages_column}' must be a list of {{role: system | "
                            f"user | assistant, content: text}} ending with an assistant message")
         convs.append(msgs)
-      elif d.prompt_column in r and d.response_column in r:
-        prompt, response = r[d.prompt_column], r[d.response_column]
+      elif t.prompt_column in r and t.response_column in r:
+        prompt, response = r[t.prompt_column], r[t.response_column]
         if not (isinstance(prompt, str) and isinstance(response, str)):
-          raise JaxftError(f"{where(records, i, split)}: '{d.prompt_column}' and '{d.response_column}' must be text")
+          raise JaxftError(f"{where(records, i, split)}: '{t.prompt_column}' and '{t.response_column}' must be text")
         convs.append([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
       else:
-        raise JaxftError(f"{where(records, i, split)}: no '{d.messages_column}' and no '{d.prompt_column}' / "
-                         f"'{d.response_column}' (keys: {', '.join(map(str, r))}); set data.messages_column or "
-                         f"data.prompt_column / data.response_column")
+        raise JaxftError(f"{where(records, i, split)}: no '{t.messages_column}' and no '{t.prompt_column}' / "
+                         f"'{t.response_column}' (keys: {', '.join(map(str, r))}); set task.messages_column or "
+                         f"task.prompt_column / task.response_column")
     return convs
 
   def _render(self, msgs, origin) -> tuple[str, list[tuple[int, int]], int]:

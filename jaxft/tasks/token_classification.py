@@ -6,9 +6,12 @@ Metrics are entity-level and exact: an entity is a (type, first word, last word)
 conlleval-style (an I-X not continuing an X entity starts one), matched on span and type; micro precision
 / recall / F1 over all entities, F1 per type, and token accuracy over the tagged sub-tokens.
 """
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 
+from jaxft.config import TaskConfig
 from jaxft.data import packing
 from jaxft.errors import JaxftError
 from jaxft.tasks.base import (
@@ -57,34 +60,41 @@ def entity_scores(gold: list[list[str]], pred: list[list[str]]) -> dict:
   return out
 
 
+@dataclasses.dataclass
+class Config(TaskConfig):
+  tokens_column: str = "tokens"  # the words
+  tags_column: str = "tags"  # their BIO tags
+  label_names: list[str] | None = None  # None: the source's tag names, else O and the sorted distinct train tags
+
+
 class TokenClassification(Task):
   metrics = ("loss", "token_accuracy", "entity_precision", "entity_recall", "entity_f1")
   best_metric = "entity_f1"
 
   def __init__(self, cfg, backbone, source, log=print):
     super().__init__(cfg, backbone, source, log)
-    d = cfg.data
+    t = cfg.task
     train = source.splits["train"]
-    require_columns(train, (d.tokens_column, d.tags_column), "set data.tokens_column / data.tags_column")
+    require_columns(train, (t.tokens_column, t.tags_column), "set task.tokens_column / task.tags_column")
     require_fast_tokenizer(backbone, "token_classification", "word ids")
-    self.known = source.label_names.get(d.tags_column)  # ints in the records index these
+    self.known = source.label_names.get(t.tags_column)  # ints in the records index these
     tags = {t for ts in self._tags(train, "train") for t in ts}
-    self.label_names = d.label_names or self.known or ["O"] * ("O" in tags) + sorted(tags - {"O"})
+    self.label_names = t.label_names or self.known or ["O"] * ("O" in tags) + sorted(tags - {"O"})
     bad = [t for t in self.label_names if t != "O" and t[:2] not in ("B-", "I-")]
     if bad:
       raise JaxftError(f"token_classification expects BIO / IOB2 tags (O, B-TYPE, I-TYPE); got {bad[:3]}")
-    require_classes(f"data.tags_column '{d.tags_column}'", self.label_names, tags,
+    require_classes(f"task.tags_column '{t.tags_column}'", self.label_names, tags,
                     lambda split: {t for ts in self._tags(source.splits.get(split, []), split) for t in ts}, log)
     self.index = {t: i for i, t in enumerate(self.label_names)}
     self.pad_id = backbone.processor.pad_token_id or 0
 
   def _tags(self, records, split) -> list[list[str]]:
-    tags = column(records, self.cfg.data.tags_column, split, (list,))
+    tags = column(records, self.cfg.task.tags_column, split, (list,))
     return [[self.known[t] for t in ts] if self.known is not None else [str(t) for t in ts] for ts in tags]
 
   def encode(self, records, split):
-    d = self.cfg.data
-    words = [[str(w) for w in ws] for ws in column(records, d.tokens_column, split, (list,))]
+    d, t = self.cfg.data, self.cfg.task
+    words = [[str(w) for w in ws] for ws in column(records, t.tokens_column, split, (list,))]
     tags = self._tags(records, split)
     for i, (w, t) in enumerate(zip(words, tags)):
       if len(w) != len(t):

@@ -5,7 +5,7 @@
   .csv / .tsv         a header row, then one record per row, with as many fields as the header
   .conll / .txt       CoNLL: one token per line with its tag in data.conll_columns [token, tag] (whitespace-
                       or tab-separated), a blank (or whitespace-only) line between sentences ->
-                      {data.tokens_column: [...], data.tags_column: [...]}
+                      {"tokens": [...], "tags": [...]} (task.tokens_column and tags_column by default)
 
 Files are UTF-8 (a byte order mark is skipped). Records of line-based files are `Record`s, which know their
 file and line, so a task's error about a record names FILE:LINE.
@@ -106,7 +106,7 @@ def _conll(p, dcfg):
   for i, line in enumerate(_lines(p)):
     if not line.strip() or line.startswith("-DOCSTART-"):
       if tokens:
-        rows.append(Record({dcfg.tokens_column: tokens, dcfg.tags_column: tags}, p, first))
+        rows.append(Record({"tokens": tokens, "tags": tags}, p, first))
         tokens, tags = [], []
       continue
     cols = line.split("\t") if "\t" in line else line.split()
@@ -119,7 +119,7 @@ def _conll(p, dcfg):
       raise JaxftError(f"{p}:{i + 1}: no column {max(tok_col, tag_col)} (data.conll_columns "
                        f"{dcfg.conll_columns}) in {line!r}") from None
   if tokens:
-    rows.append(Record({dcfg.tokens_column: tokens, dcfg.tags_column: tags}, p, first))
+    rows.append(Record({"tokens": tokens, "tags": tags}, p, first))
   return rows
 
 

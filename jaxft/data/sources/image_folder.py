@@ -3,7 +3,7 @@
   data.train: DIR/<class>/*.png|jpg|jpeg|bmp|gif|webp   (required)
   data.validation, data.test: the same layout (absent: split off train by data.split)
 
-Records are {data.image_column: the file's path, data.label_column: its class folder}; files are decoded
+Records are {"image": the file's path, "label": its class folder} (the image task's default columns); files are decoded
 (PIL) when batches are made. The classes are the training data's folders, sorted (as any string labels).
 """
 from pathlib import Path
@@ -27,7 +27,7 @@ def read(root: Path, key: str, dcfg) -> list[dict]:
   if not root.is_dir():
     raise JaxftError(f"{key}={root} is not a directory (image_folder: one subfolder of images per class)")
   classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-  records = [{dcfg.image_column: str(f), dcfg.label_column: c} for c in classes
+  records = [{"image": str(f), "label": c} for c in classes
              for f in sorted((root / c).rglob("*")) if f.suffix.lower() in SUFFIXES]
   if not records:
     raise JaxftError(f"{key}={root}: no images ({', '.join(SUFFIXES)}) in class subfolders "

@@ -1,6 +1,6 @@
 """Subprocess driver: train the tiny model under several parallel configs; print losses as JSON.
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/multidevice_run.py DIR NAME=OVERRIDES...
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/helpers/multidevice_run.py DIR NAME=OVERRIDES...
 
 DIR holds tiny_bert/ and tiny_data/ (written by the test); each NAME=a,b,c runs `train` with those
 overrides and reports the per-step train losses from its metrics.jsonl, and as NAME/test its test metrics.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import jax
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: conftest
 from conftest import tiny_overrides  # noqa: E402
 
 from jaxft import parallel  # noqa: E402
@@ -43,7 +43,7 @@ def main():
   for arg in sys.argv[2:]:
     name, overrides = arg.split("=", 1)
     run_dir = root / "runs" / name
-    cfg = load_config(None, tiny_overrides(tiny_bert, root / "tiny_data", run_dir) + split_overrides(overrides))
+    cfg = load_config(None, tiny_overrides(tiny_bert, root / "tiny_data", run_dir, "pt", *split_overrides(overrides)))
     if cfg.parallel.coordinator:  # one of several local processes (jax.distributed on 127.0.0.1)
       jax.config.update("jax_num_cpu_devices", int(os.environ["JAXFT_TEST_CPU_DEVICES"]))
       parallel.initialize(cfg.parallel)

@@ -11,6 +11,7 @@ from conftest import NEGATIVE, POSITIVE, WORDS
 
 from jaxft.data.sources import Source
 from jaxft.errors import JaxftError
+from jaxft.tasks import token_classification as tc
 from jaxft.tasks.token_classification import TokenClassification, entities, entity_scores
 
 
@@ -44,9 +45,9 @@ def subword_tokenizer(tmp_path_factory):
   return BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
 
 
-def task(tokenizer, records, max_length=16, **data):
-  cfg = types.SimpleNamespace(data=types.SimpleNamespace(tokens_column="tokens", tags_column="tags",
-                                                         label_names=None, max_length=max_length, **data))
+def task(tokenizer, records, max_length=16, **keys):
+  cfg = types.SimpleNamespace(data=types.SimpleNamespace(max_length=max_length),
+                              task=tc.Config(name="token_classification", **keys))
   backbone = types.SimpleNamespace(processor=tokenizer, name="tiny", hidden_size=8, init_scale=0.02,
                                    head_dropout=0.0)
   logs = []
@@ -124,7 +125,7 @@ def test_tiny_ner_learns_end_to_end(tiny_cfg, tmp_path):
   from jaxft.train import train
   for split, n, seed in (("train", 256, 0), ("test", 64, 1)):
     write_ner(tmp_path / f"{split}.conll", n, seed)
-  cfg = tiny_cfg("model.task=token_classification", f"data.train={tmp_path / 'train.conll'}",
+  cfg = tiny_cfg("task.name=token_classification", f"data.train={tmp_path / 'train.conll'}",
                  f"data.test={tmp_path / 'test.conll'}", "data.validation=null", "train.epochs=4",
                  "train.eval_every=16")
   test = train(cfg)
@@ -143,14 +144,14 @@ def test_accumulation_weights_micro_batches_by_their_tokens(tiny_cfg, tmp_path):
   from jaxft.experiment import build
   from jaxft.step import make_train_step
   write_ner(tmp_path / "train.conll", 128, 0)
-  ner = ("model.task=token_classification", f"data.train={tmp_path / 'train.conll'}", "data.validation=null",
+  ner = ("task.name=token_classification", f"data.train={tmp_path / 'train.conll'}", "data.validation=null",
          "data.test=null", "train.batch_size=32")
   losses = {}
   for micro in (1, 4):
     exp = build(tiny_cfg(*ner, f"train.micro_batch_size={32 // micro}"), print)
     step = jax.jit(make_train_step(exp.apply, exp.task.loss, exp.tx, exp.labels, dropout=False, micro_steps=micro))
     batches = batching.bucketed(exp.splits["train"], exp.task.collate, 32, 3, 0, [32])
-    state, losses[micro] = exp.state, []
+    state, losses[micro] = exp.initial_state(), []
     for i in range(3):
       state, m = step(state, batches[i])
       losses[micro].append(float(m["loss"]))

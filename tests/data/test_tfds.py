@@ -149,20 +149,21 @@ def _vader_raw():
   with tarfile.open(assets.resolve(v.ASSET)) as t:
     lines = t.extractfile(v.MEMBER).read().decode("utf-8").splitlines()
   rows = [(float(x), s.strip()) for _, x, s in (line.split("\t", 2) for line in lines if line.strip())]
-  return [s for x, s in rows if x != 0], [int(x > 0) for x, _ in rows if x != 0]
+  return [s for x, s in rows if x != 0], [int(x > 0) for x, _ in rows if x != 0], [x for x, _ in rows if x != 0]
 
 
 @pytest.mark.slow
 def test_builtin_vader_in_file_order(tmp_path):
-  texts, labels = _vader_raw()
+  texts, labels, scores = _vader_raw()
   logs = []
   splits, names = builtin.load("vader_movie_reviews", tmp_path, log=logs.append)
   rows = splits["train"]
   assert list(splits) == ["train"] and len(rows) == 10_568 and names == {"label": ["negative", "positive"]}
   assert [r["text"] for r in rows] == texts and [r["label"] for r in rows] == labels
   assert [r["id"] for r in rows] == list(range(10_568))
-  assert len(logs) == 1 and "prepared built-in dataset vader_movie_reviews 1.0.0" in logs[0]
-  info = tmp_path / "vader_movie_reviews" / "1.0.0" / "dataset_info.json"
+  assert np.allclose([r["score"] for r in rows], scores, atol=1e-6) and min(scores) < -3.5 and max(scores) > 3.5
+  assert len(logs) == 1 and "prepared built-in dataset vader_movie_reviews 1.1.0" in logs[0]
+  info = tmp_path / "vader_movie_reviews" / "1.1.0" / "dataset_info.json"
   mtime = info.stat().st_mtime_ns
   again, _ = builtin.load("vader_movie_reviews", tmp_path, log=logs.append)
   assert len(logs) == 1 and info.stat().st_mtime_ns == mtime and again == splits

@@ -61,7 +61,7 @@ def vision(tmp_path_factory):
 
 def cfg_for(vision, run_dir, *extra):
   data = vision / "images"
-  return load_config(None, (f"model.name={vision / 'cnn'}", "model.task=image_classification", "model.image_size=32",
+  return load_config(None, (f"model.name={vision / 'cnn'}", "task.name=image_classification", "model.image_size=32",
                             "data.name=image_folder", *(f"data.{s}={data / s}" for s in ("train", "validation", "test")),
                             "train.batch_size=8", "train.eval_batch_size=16", "train.log_every=1", "optim.lr=3e-3",
                             f"run_dir={run_dir}", "train.eval_every=100", "train.checkpoint_every=100") + extra)
@@ -88,7 +88,7 @@ def test_views_are_pure_functions_of_seed_example_and_epoch(vision, tmp_path):
   assert not np.array_equal(view(0), view(1)) and not np.array_equal(view(0), view(None))
   batches = batching.bucketed(ex, exp.task.collate, 8, 12, 0, [1])
   np.testing.assert_array_equal(batches[7]["image"], batches[7]["image"])  # epoch 1's batch, made twice
-  plain = build(cfg_for(vision, tmp_path / "run", "data.augment=false"))
+  plain = build(cfg_for(vision, tmp_path / "run", "task.augment=false"))
   np.testing.assert_array_equal(plain.task.collate(ex, idx, 1, 4, epoch=3)["image"], view(None))
 
 
@@ -104,15 +104,15 @@ def test_batchnorm_statistics_train_or_stay_and_frozen_stages_are_unchanged(visi
                                         (p.startswith("blocks/") and int(p.split("/")[1]) < 8)))
   step = jax.jit(exp.train_step(0))
   batches = batching.bucketed(exp.splits["train"], exp.task.collate, 8, 2, 0, [1])
-  state = exp.state
+  state = exp.initial_state()
   for i in range(2):
     state, metrics = step(state, {k: v for k, v in batches[i].items() if k != "index"})
   assert np.isfinite(metrics["loss"])
-  before, after = rules.flat(exp.state.params), rules.flat(state.params)
+  before, after = rules.flat(exp.initial_state().params), rules.flat(state.params)
   for p in before:  # the stem and blocks 0-7: bitwise unchanged; above them every param moved
     frozen = p.startswith("efficientnet/stem/") or any(p.startswith(f"efficientnet/blocks/{i}/") for i in range(8))
     assert np.array_equal(before[p], after[p]) == frozen, p
-  stats0, stats1 = rules.flat(exp.state.model_state), rules.flat(state.model_state)
+  stats0, stats1 = rules.flat(exp.initial_state().model_state), rules.flat(state.model_state)
   for p in stats0:
     kept = bn == "frozen" or p.startswith("batch_stats/stem/") or any(p.startswith(f"batch_stats/blocks/{i}/")
                                                                      for i in range(8))
@@ -139,7 +139,7 @@ def test_training_learns_resumes_exactly_and_exports_with_statistics(vision, tmp
   # losses range 0.5-1.7; chance is ln 3 = 1.10)
   assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.1, losses
   assert set(test) >= {"accuracy", "top5_accuracy", "macro_f1"}
-  like = build(cfg).state
+  like = build(cfg).initial_state()
   ckpt_dir = Path(cfg.run_dir) / "checkpoints"
   uninterrupted = final_state(cfg.run_dir, like)
   shutil.rmtree(ckpt_dir / "18")  # as if killed after step 9's checkpoint, mid-epoch 2
@@ -169,7 +169,7 @@ def test_data_parallel_and_fsdp_on_8_devices_match_one(vision, tmp_path):
   (pmap normalises with each device's own rows, as flax's imagenet example, then averages the statistics.)"""
   from test_parallel import assert_close, side_by_side
   data = vision / "images"
-  common = ",".join((f"model.name={vision / 'cnn'}", "model.task=image_classification", "model.image_size=32",
+  common = ",".join((f"model.name={vision / 'cnn'}", "task.name=image_classification", "model.image_size=32",
                      "data.name=image_folder", *(f"data.{s}={data / s}" for s in ("train", "validation", "test")),
                      "train.batch_size=8", "train.eval_batch_size=16", "train.log_every=1", "train.epochs=1",
                      # The stem stays frozen (with the bottom layers; the driver's own defaults are BERT's): in

@@ -142,7 +142,7 @@ def test_loss_is_the_token_mean_over_micro_batches(lm_cfg):
                 **QUIET)
     batch = batching.collate(exp.splits["train"], np.arange(16), [64], exp.task.collate)
     step = jax.jit(exp.train_step(0))
-    state, m = step(exp.state, batch)
+    state, m = step(exp.initial_state(), batch)
     results.append((float(m["loss"]), jax.device_get(state.params)))
   assert abs(results[0][0] - results[1][0]) < 1e-5
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), results[0][1], results[1][1])
@@ -168,7 +168,7 @@ def test_sft_run_learns_generates_and_exports_with_lora(tiny_llama, sft_data, tm
   assert e.returncode == 0, e.stderr[-2000:]
   merged = build(load_config(None, overrides + (f"model.name={tmp_path / 'merged'}", "lora.preset=null")), **QUIET)
   ids = np.asarray([merged.splits["test"].fields["ids"][0]])
-  ours = np.asarray(merged.apply(merged.state.params, {"input_ids": ids})[0])
+  ours = np.asarray(merged.apply(merged.initial_state().params, {"input_ids": ids})[0])
   np.testing.assert_allclose(ours[0], flax_reference(tmp_path / "merged", ids, np.ones_like(ids))[0], atol=1e-5)
   lora_exp = build(load_config(None, overrides), **QUIET)  # the merged model computes what the adapted one did
   from jaxft.checkpoint import Checkpointer

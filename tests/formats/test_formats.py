@@ -20,7 +20,7 @@ from jaxft.errors import JaxftError
 from jaxft.formats import safetensors as safetensors_format
 from jaxft.formats import torch_pickle
 
-DATA = Path(__file__).parent / "data" / "torch_pickles"
+DATA = Path(__file__).parents[1] / "fixtures" / "torch_pickles"
 NEW = ("u16", "f8")  # dtypes only the zip format holds
 
 

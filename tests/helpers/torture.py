@@ -2,7 +2,7 @@
 points, after a step or in the middle of writing a checkpoint, and each time rerun with the same command. Its
 final params must equal an uninterrupted run's bit for bit.
 
-  python tests/torture.py [--points 10] [--seed 0] [--workdir DIR]
+  python tests/helpers/torture.py [--points 10] [--seed 0] [--workdir DIR]
 
 tests/test_faults.py runs it (marked slow); it writes the tiny checkpoint and data it trains on.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: conftest
 from conftest import jaxft, make_tiny_bert, make_tiny_data, tiny_overrides  # noqa: E402
 
 RUN = ("train.epochs=3", "train.checkpoint_every=5", "train.eval_every=16")  # 48 steps, saves every 5

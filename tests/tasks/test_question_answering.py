@@ -12,6 +12,7 @@ from conftest import NEGATIVE, POSITIVE, WORDS
 
 from jaxft.data.sources import Source
 from jaxft.errors import JaxftError
+from jaxft.tasks import question_answering as qa
 from jaxft.tasks.question_answering import QuestionAnswering, best_span, normalize_answer, squad_scores
 
 QUESTION = "which word?"
@@ -64,8 +65,8 @@ def record(text=None, id="q", context=CONTEXT, question=QUESTION, occurrence=0):
 
 
 def task(tokenizer, train, max_length=12, stride=2, max_answer_length=30, splits=None):
-  cfg = types.SimpleNamespace(data=types.SimpleNamespace(max_length=max_length, stride=stride,
-                                                         max_answer_length=max_answer_length))
+  cfg = types.SimpleNamespace(data=types.SimpleNamespace(max_length=max_length),
+                              task=qa.Config(name="question_answering", stride=stride, max_answer_length=max_answer_length))
   backbone = types.SimpleNamespace(processor=tokenizer, name="tiny", hidden_size=8, init_scale=0.02,
                                    head_dropout=0.0)
   logs = []
@@ -160,9 +161,9 @@ def test_finalize_decodes_across_windows(tokenizer):
   rows = logits(ex, {0: [(6, 7, 2.0)], 2: [(6, 9, 3.0)], 7: [(7, 8, 3.0), (9, 6, 5.0)]})
   assert t.predict(rows, ex) == ["plays in Paris", "playing"]
   assert t.finalize(sums, rows, ex) == {"loss": 1.5, "exact_match": 1.0, "f1": 1.0}
-  t.cfg.data.max_answer_length = 3  # "plays in paris" is 4 tokens: window 2's best allowed span
+  t.cfg.task.max_answer_length = 3  # "plays in paris" is 4 tokens: window 2's best allowed span
   assert t.predict(rows, ex)[0] == "film play"
-  t.cfg.data.max_answer_length = 30
+  t.cfg.task.max_answer_length = 30
   # no unanswerable training questions: the null score never wins, however high
   rows = logits(ex, {2: [(6, 9, 3.0)], 7: [(7, 8, 3.0)]})
   for w in range(8):
@@ -189,10 +190,10 @@ def test_null_answer_on_unanswerable_data(tokenizer):
 def test_config_errors_are_one_line(tokenizer, vocab):
   records = [record("plays in Paris")]
   # 12 tokens - 3 question tokens - 3 special tokens = 6 context tokens per window
-  with pytest.raises(JaxftError, match=r"'data.stride' must be >= 0 and < 6.*got 6"):
+  with pytest.raises(JaxftError, match=r"'task.stride' must be >= 0 and < 6.*got 6"):
     task(tokenizer, records, stride=6)
   # the longest question of any split counts: 12 - 5 - 3 = 4
-  with pytest.raises(JaxftError, match=r"'data.stride' must be >= 0 and < 4.*got 4"):
+  with pytest.raises(JaxftError, match=r"'task.stride' must be >= 0 and < 4.*got 4"):
     task(tokenizer, records, stride=4, splits={"test": [record("film", question="which word? which word")]})
   with pytest.raises(JaxftError, match="leaves no room for context"):
     task(tokenizer, records, max_length=6)
@@ -226,9 +227,9 @@ def test_tiny_qa_learns_end_to_end(tiny_cfg, tmp_path):
   from jaxft.train import train
   for split, n, seed in (("train", 256, 0), ("test", 64, 1)):
     write_qa(tmp_path / f"{split}.jsonl", n, seed, unanswerable=0.2)
-  cfg = tiny_cfg("model.task=question_answering", f"data.train={tmp_path / 'train.jsonl'}",
+  cfg = tiny_cfg("task.name=question_answering", f"data.train={tmp_path / 'train.jsonl'}",
                  f"data.test={tmp_path / 'test.jsonl'}", "data.validation=null", "data.max_length=32",
-                 "data.stride=8", "data.buckets=null", "train.epochs=3", "train.eval_every=16")
+                 "task.stride=8", "data.buckets=null", "train.epochs=3", "train.eval_every=16")
   test = train(cfg)
   assert test["f1"] > 0.8 and test["exact_match"] > 0.8, test
   rows = [json.loads(l) for l in open(Path(cfg.run_dir) / "metrics.jsonl")]

@@ -29,13 +29,13 @@ def test_plan_places_every_example_once_within_rows():
 def grads_and_loss(exp, batch):
   def loss(params):
     return exp.task.loss(exp.apply(params, batch, False)[0], batch)[0]
-  return jax.value_and_grad(loss)(exp.state.params)
+  return jax.value_and_grad(loss)(exp.initial_state().params)
 
 
 @pytest.mark.parametrize("task", ["sequence_classification", "token_classification"])
 def test_packed_loss_and_gradients_equal_unpacked(tiny_cfg, tmp_path, task):
   extra = () if task == "sequence_classification" else (
-      "model.task=token_classification", f"data.train={tmp_path / 't.conll'}",
+      "task.name=token_classification", f"data.train={tmp_path / 't.conll'}",
       "data.validation=null", "data.test=null")
   write_ner(tmp_path / "t.conll", 64, 0)
   exp = build(tiny_cfg(*extra), log=lambda *_: None)
@@ -63,10 +63,10 @@ def test_packed_train_batches_cover_each_epoch_once(tiny_cfg):
 
 
 def test_pack_where_it_cannot(tiny_cfg):
-  assert not build(tiny_cfg("model.pooling=cls"), log=lambda *_: None).pack  # null: buckets instead
+  assert not build(tiny_cfg("task.pooling=cls"), log=lambda *_: None).pack  # null: buckets instead
   assert not build(tiny_cfg("model.impl=transformers"), log=lambda *_: None).pack
-  with pytest.raises(JaxftError, match="data.pack.*model.pooling cls"):
-    build(tiny_cfg("model.pooling=cls", "data.pack=true"), log=lambda *_: None)
+  with pytest.raises(JaxftError, match="data.pack.*task.pooling cls"):
+    build(tiny_cfg("task.pooling=cls", "data.pack=true"), log=lambda *_: None)
   assert not build(tiny_cfg("data.pack=false"), log=lambda *_: None).pack
 
 
@@ -83,7 +83,7 @@ def test_packed_evaluation_equals_unpacked(tiny_cfg):
   from jaxft.evaluate import evaluate, feature_table
   from jaxft.experiment import setup
   par, targets = setup(exp, lambda *_: None)
-  state = par.put_state(exp.state, targets[0])
+  state = par.put_state(exp.initial_state(), targets[0])
   step = par.compile_eval(exp.eval_step(), targets[0])
   features = par.compile_eval(exp.features, targets[0])
   packed = evaluate(exp, par, step, state.params, state.model_state, "validation")
