@@ -164,7 +164,7 @@ def llama_memory(args):
 
 def generation(args):
   """Llama-3.1-8B's generation loop alone, as `jaxft plan` compiles it (eval batch 8, the config's prompt length,
-  generate.max_new_tokens new tokens) on `--topology`."""
+  task.max_new_tokens new tokens) on `--topology`."""
   from jaxft import chips, plan
   from jaxft.config import load_config
   from jaxft.experiment import build, setup

@@ -36,45 +36,13 @@ def matmul_peak(dtype: str, n: int | None = None, reps: int = 10) -> float:
   return 2 * n ** 3 / float(np.median(times))
 
 
-def analytic_flops(params, backbone, batch: int, length: int, labels=None) -> float:
-  """An image model: 3 x its forward FLOPs (forward, and twice that backward) per example. A token model:
-  per token 2 (forward) + 2 (gradients of the activations) + 2 (of the weights) FLOPs per matmul param, the
-  last only for params `labels` does not mark frozen (default: all: 6N), + attention (QK^T and AV, forward and
-  backward: 12 * L * B * S^2 * D). A LoRA or partly frozen step does no weight gradients for its frozen matmuls."""
-  if backbone.forward_flops is not None:
-    return 3 * backbone.forward_flops * batch
-  model_config = backbone.config
-  trained = None if labels is None else {p for p, label in rules.flat(labels).items() if label != "frozen"}
-  matmul = {p: x.size for p, x in rules.flat(params).items() if x.ndim == 2 and "embedding" not in p}
-  n_matmul = sum(matmul.values())
-  n_trained = n_matmul if trained is None else sum(n for p, n in matmul.items() if p in trained)
-  if backbone.new_cache is not None and getattr(model_config, "tie_word_embeddings", False):
-    tied = model_config.vocab_size * model_config.hidden_size  # the tied output layer is a matmul
-    n_matmul += tied
-    n_trained += tied if trained is None or any("embedding" in p for p in trained) else 0
-  layers = getattr(model_config, "num_hidden_layers", 0)
-  hidden = getattr(model_config, "hidden_size", 0)
-  return (4 * n_matmul + 2 * n_trained) * batch * length + 12 * layers * batch * length ** 2 * hidden
-
-
 def synthetic_batch(exp, batch: int, length: int, seed: int = 0) -> dict:
-  """A [batch, length] batch with every position a random token (an image model: random pixels): the
-  task's fields (labels, weights) from real training examples, the inputs replaced and nothing padded."""
+  """A [batch, length] batch of random inputs, nothing padded (the task's `synthetic`), its other fields
+  (labels, weights) from real training examples."""
   rng = np.random.default_rng(seed)
   ex = exp.splits["train"]
   out = batching.collate(ex, rng.choice(len(ex), batch, replace=len(ex) < batch), [length], exp.task.collate)
-  if "image" in out:
-    out["image"] = rng.integers(0, 256, out["image"].shape, dtype=np.uint8)
-    return out
-  vocab = exp.backbone.processor.vocab_size
-  out["input_ids"] = rng.integers(1000 if vocab > 2000 else 5, vocab, (batch, length), dtype=np.int32)
-  out["attention_mask"] = np.ones((batch, length), np.int32)
-  if exp.backbone.new_cache is not None:  # a causal LM: every next token is predicted
-    out.pop("logit_positions", None)
-    out["labels"] = np.roll(out["input_ids"], -1, axis=1)
-    out["weights"] = np.ones((batch, length), np.float32)
-    out["weights"][:, -1] = 0
-  return out
+  return exp.task.synthetic(out, rng)
 
 
 def real_batches(exp, batch: int, length: int, steps: int, rows=slice(None)):
@@ -118,11 +86,11 @@ def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data
           name: str = "default", log=print) -> Result:
   """Times phase 0's train step of `cfg` on fixed-shape batches of `length` tokens."""
   if length:
-    models.check_length(cfg.model, length, "bench --length")
+    models.open(cfg.model).check_length(length, "bench --length")
   length = length or cfg.data.max_length
   cfg.data.max_length, cfg.data.buckets = length, [length]
   exp = build(cfg, log)
-  images = exp.backbone.forward_flops is not None  # an image model: `length` is its resolution
+  images = not exp.task.tokens  # an image model: `length` is its resolution
   length = exp.backbone.processor.size if images else length
   tcfg, phase = cfg.train, exp.phases[0]
   par, (target, *_) = setup(exp, log)
@@ -184,7 +152,8 @@ def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data
   single = exp.state_shapes(0).params  # one replica's
   params = rules.flat(single)
   n_train = rules.count(rules.split(single, phase.labels, "train")[0])
-  analytic = lanes * analytic_flops(params, exp.backbone, tcfg.batch_size, length, phase.labels)
+  trained_params = {p for p, label in rules.flat(phase.labels).items() if label != "frozen"}
+  analytic = lanes * exp.backbone.train_flops(params, tcfg.batch_size, length, trained_params)
   flops = xla_flops or analytic
   all_tokens = lanes * tcfg.batch_size * (1 if images else length)
   trained_per_step = float(np.mean(trained)) if trained else float(all_tokens)

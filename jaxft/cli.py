@@ -47,7 +47,7 @@ def _parse(argv):
       p.add_argument("--out", default=None, help="also write the greedy soup as a model dir (like export)")
     if name == "generate":
       p.add_argument("--prompt", required=True, help="the text to continue")
-      p.add_argument("--max-new-tokens", type=int, default=None, help="default generate.max_new_tokens")
+      p.add_argument("--max-new-tokens", type=int, default=None, help="default task.max_new_tokens")
       p.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
     if name == "bench":
       p.add_argument("--steps", type=int, default=20, help="timed steps, after --warmup")

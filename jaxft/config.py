@@ -155,15 +155,6 @@ class LoraConfig:
 
 
 @dataclasses.dataclass
-class GenerateConfig:
-  """Causal LMs: `jaxft generate`, and the generated answers sft scores in evaluation."""
-  max_new_tokens: int = 32
-  temperature: float = 0.0  # 0: greedy
-  top_p: float = 1.0  # nucleus sampling (temperature > 0)
-  eval_examples: int | None = 200  # sft: generate for this many examples of each evaluated split; None: all
-
-
-@dataclasses.dataclass
 class Config:
   run_dir: str = "runs/default"
   seed: int = 0
@@ -177,7 +168,6 @@ class Config:
   sharding: ShardingConfig = dataclasses.field(default_factory=ShardingConfig)
   precision: PrecisionConfig = dataclasses.field(default_factory=PrecisionConfig)
   lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
-  generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
   # Freezing: ordered regexes over '/'-joined param paths (full match), plus shorthands.
   freeze: list[str] = dataclasses.field(default_factory=list)
   train_only: list[str] = dataclasses.field(default_factory=list)
@@ -302,6 +292,7 @@ def _all_keys(obj, prefix="") -> list[str]:
 
 # Keys that moved: the old key's error names the new one.
 MOVED = {"model.task": "task.name", "model.pooling": "task.pooling", "train.label_smoothing": "task.label_smoothing",
+         **{f"generate.{k}": f"task.{k}" for k in ("max_new_tokens", "temperature", "top_p", "eval_examples")},
          **{f"data.{k}": f"task.{k}" for k in (
              "text_column", "label_column", "label_names", "image_column", "augment", "crop_scale", "prompt_column",
              "response_column", "messages_column", "tokens_column", "tags_column", "stride", "max_answer_length")}}
@@ -468,10 +459,6 @@ def validate(cfg: Config) -> None:
   check(cfg.data.sort_window >= 1, "config key 'data.sort_window' must be >= 1")
   check(cfg.data.workers is None or cfg.data.workers >= 1,
         f"config key 'data.workers' must be >= 1 (or null: one per core), got {cfg.data.workers}")
-  g = cfg.generate
-  check(g.max_new_tokens > 0 and g.temperature >= 0 and 0 < g.top_p <= 1 and (g.eval_examples or 1) > 0,
-        f"config keys 'generate.*': max_new_tokens > 0, temperature >= 0, top_p in (0, 1], eval_examples > 0; "
-        f"got {dataclasses.asdict(g)}")
   check(cfg.train.on_nonfinite in ("stop", "skip_step"),
         f"config key 'train.on_nonfinite' must be stop or skip_step, got {cfg.train.on_nonfinite!r}")
   for key in ("batch_size", "eval_batch_size", "log_every", "eval_every", "checkpoint_every", "keep"):

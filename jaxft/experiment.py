@@ -184,9 +184,10 @@ def build(cfg, log=print, platform: str | None = None) -> Experiment:
   platform = platform or jax.default_backend()
   source = sources.load(cfg.data, log)
   task_cls = tasks.get(cfg.task.name)
-  pooler = task_cls.needs_pooler(cfg, models.pooling_hint(cfg.model))
-  models.check_length(cfg.model, cfg.data.max_length, "data.max_length")  # before the weights load
-  backbone = models.load(cfg.model, cfg.seed, cfg.precision.compute, pooler, log, platform)
+  model = models.open(cfg.model)
+  model.check_length(cfg.data.max_length, "data.max_length")  # before the weights load
+  backbone = model.load(cfg.model, cfg.seed, cfg.precision.compute, task_cls.needs_pooler(cfg, model.pooling), log,
+                        platform)
   task = task_cls(cfg, backbone, source, log)
   best = cfg.train.best_metric or task.best_metric
   if best not in task.metrics:

@@ -108,9 +108,9 @@ def generate(exp, params, model_state, prompts: list, max_new_tokens: int, tempe
 
 
 def generation_metrics(exp, params, model_state, split: str, par=None) -> dict:
-  """The task's score of answers generated (generate.* settings) from the prompts of a split's first
-  generate.eval_examples examples."""
-  g, ex = exp.cfg.generate, exp.splits[split]
+  """The task's score of answers generated (task.max_new_tokens, temperature, top_p) from the prompts of a
+  split's first task.eval_examples examples."""
+  g, ex = exp.cfg.task, exp.splits[split]
   n = len(ex) if g.eval_examples is None else min(g.eval_examples, len(ex))
   index = list(range(n))
   tokens = generate(exp, params, model_state, [ex.meta["prompts"][i] for i in index], g.max_new_tokens,
@@ -132,7 +132,7 @@ def generate_text(cfg, prompt: str, max_new_tokens: int | None = None, chat: boo
     ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
   else:
     ids = tok(prompt)["input_ids"]
-  g = cfg.generate
+  g = cfg.task
   tokens = generate(exp, state.params, state.model_state, [ids], max_new_tokens or g.max_new_tokens, g.temperature,
                     g.top_p, cfg.seed, batch_size=1, par=par)[0]
   return tok.decode(tokens, skip_special_tokens=True)

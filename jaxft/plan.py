@@ -488,13 +488,15 @@ def _eval_shapes(exp, split: str):
 
 
 def _model_flops(exp, k: int, batch) -> float:
-  if "input_ids" not in batch and "image" not in batch:
+  """The analytic FLOPs of phase k's step on `batch` ([lanes..., B, L] tokens, or [lanes..., B, H, W, 3]
+  images; 0 for a batch without inputs: cached features)."""
+  x = batch.get("input_ids" if exp.task.tokens else "image")
+  if x is None:
     return 0.0
-  x = np.asarray(batch.get("input_ids", batch.get("image")))
-  rows, length = (x.shape[-2], x.shape[-1]) if "input_ids" in batch else (x.shape[-4], 1)
-  lanes = math.prod(x.shape[:-2]) if "input_ids" in batch else math.prod(x.shape[:-4])
-  return lanes * bench.analytic_flops(rules.flat(exp.state_shapes(k).params), exp.backbone, rows, length,
-                                      exp.phases[k].labels)
+  shape = np.shape(x) if exp.task.tokens else np.shape(x)[:-3] + (1,)  # [lanes..., B, L]
+  trained = {p for p, label in rules.flat(exp.phases[k].labels).items() if label != "frozen"}
+  return math.prod(shape[:-2]) * exp.backbone.train_flops(rules.flat(exp.state_shapes(k).params), shape[-2],
+                                                           shape[-1], trained)
 
 
 def plan(cfg, topology: str, slices: int = 1, log=print, quick: bool = False) -> Plan:
@@ -644,12 +646,12 @@ def _cached_transform(exp, par, target, compiler, k: int):
 
 def _plan_generate(exp, par, target, compiler) -> None:
   """A causal LM's generation loop (sft's evaluation, jaxft generate): eval batches of the longest prompt's
-  bucket, generate.max_new_tokens new tokens."""
+  bucket, task.max_new_tokens new tokens."""
   from jaxft import generate as gen
   prompts = exp.splits["validation"].meta.get("prompts")
   longest = max(map(len, prompts)) if prompts else exp.cfg.data.max_length // 2
   P = batching.bucket(longest, batching.derived_buckets(max(longest, 16)))
-  B, g = exp.cfg.train.eval_batch_size, exp.cfg.generate
+  B, g = exp.cfg.train.eval_batch_size, exp.cfg.task
   step, rows = gen.program(par, B)
   replicated = jax.sharding.NamedSharding(par.mesh, jax.sharding.PartitionSpec())
   ids = jax.ShapeDtypeStruct((B, P), np.int32, sharding=rows or replicated)

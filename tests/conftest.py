@@ -191,4 +191,4 @@ def lm_overrides(model: Path, data: Path, run_dir, task: str = "sft"):
           f"data.validation={data / 'validation.jsonl'}", f"data.test={data / 'test.jsonl'}",
           "data.max_length=64", "train.batch_size=16", "train.eval_batch_size=16", f"run_dir={run_dir}",
           "train.log_every=2", "optim.lr=3e-3", "train.eval_every=100", "train.checkpoint_every=100",
-          "generate.max_new_tokens=4", "generate.eval_examples=16")
+          "task.max_new_tokens=4") + (("task.eval_examples=16",) if task == "sft" else ())

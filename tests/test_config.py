@@ -70,6 +70,10 @@ def test_every_config_in_configs_dir_loads():
     (("task.stride=8", "task.name=image_classification"), "'task.stride' is not a key of task.name=image_classification"),
     (("task.poolin=mean",), "unknown config key 'task.poolin'; did you mean 'task.pooling'?"),
     (("task.name=question_answering", "task.max_answer_length=0"), "'task.max_answer_length' must be >= 1, got 0"),
+    (("generate.top_p=0.9",), "config key 'generate.top_p' is now 'task.top_p'"),
+    (("task.name=causal_lm", "task.eval_examples=4"), "'task.eval_examples' is not a key of task.name=causal_lm; "
+                                                       "it is a key of sft"),
+    (("task.name=sft", "task.top_p=0"), "'task.top_p' in (0, 1]; got 32, 0.0, 0.0"),
 ])
 def test_task_keys_are_the_tasks_own(overrides, message):
   with pytest.raises(JaxftError) as e:

@@ -1,11 +1,15 @@
 """The backbone provider contract: what a model family gives the task, the rules and the step.
 
-A provider module (bert.py, hf_flax.py, efficientnet.py, ...) exports `load(...) -> Backbone` and its
-family's `CONVENTIONS`. The task adds its head under its own key beside `Backbone.key`.
+A family module (bert.py, llama.py, efficientnet.py, hf_flax.py) claims checkpoints (`Found`), describes
+one before it loads (`Opened`) and loads it into a `Backbone` (jaxft/models/__init__.py lists the contract).
+The task adds its head under its own key beside `Backbone.key`.
 """
 import contextlib
 import dataclasses
+import functools
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -28,6 +32,59 @@ class Conventions:
   # "with_bottom_layers" (a CNN's stem: when freeze_bottom_layers > 0) or "never" (a causal LM's, tied to
   # its output layer).
   embeddings_frozen: str = "always"
+
+
+@dataclasses.dataclass
+class Found:
+  """What model.name resolved to, as the families' claims see it; each fact is read once, when first asked."""
+  path: Path
+
+  @functools.cached_property
+  def model_type(self) -> str | None:
+    """A directory's config.json `model_type` (None: a file, or no readable config.json)."""
+    try:
+      return json.loads((self.path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+      return None
+
+  @functools.cached_property
+  def hf_config(self):
+    """transformers' config of a Hugging Face directory."""
+    from jaxft.models import hf_checkpoint
+    return hf_checkpoint.read_config(self.path)
+
+  @functools.cached_property
+  def weights(self) -> tuple[dict, str]:
+    """(weights, kind) of a bare weights file (jaxft.formats.read)."""
+    from jaxft import formats
+    return formats.read(self.path)
+
+
+@dataclasses.dataclass
+class Opened:
+  """A checkpoint claimed by its family and described before its weights load: the task asks `pooling`, the
+  data its `max_length`, then `load` builds the Backbone."""
+  path: Path
+  family: Any  # the family module
+  model_type: str
+  config: Any = None  # what open read, passed back to load (the family's config; a bare file's weights)
+  max_length: int | None = None  # the longest input its position embeddings cover (None: unbounded)
+  pooling: str = "cls"  # how it was trained to be pooled: "cls" | "mean" (sentence-transformers)
+
+  def check_length(self, length: int, what: str) -> None:
+    """Inputs of `length` tokens (set by `what`, a key) must fit the position embeddings."""
+    from jaxft.errors import JaxftError
+    if self.max_length and length > self.max_length:
+      raise JaxftError(f"{what}={length} is longer than {self.path} has position embeddings for ({self.max_length})")
+
+  def load(self, mcfg, seed: int, compute_dtype: str = "float32", pooler: bool = False, log=print,
+           platform: str = "cpu") -> "Backbone":
+    """The Backbone; platform: what its programs are compiled for ('cpu', 'gpu', 'tpu'), where a family
+    computes differently per platform."""
+    backbone, report = self.family.load(self.path, mcfg, compute_dtype, seed, platform, pooler, self.config)
+    module = "transformers" if self.family.NAME == "transformers" else "jaxft"
+    log(f"loaded {self.model_type} from {self.path} ({module} module): {report}")
+    return backbone
 
 
 @dataclasses.dataclass
@@ -56,10 +113,34 @@ class Backbone:
   packs: bool = False  # apply takes packed rows (segment_ids, position_ids: data/packing.py)
   state: Any = dataclasses.field(default_factory=dict)
   batch_norm: tuple = ()  # paths of the BatchNorm layers ('blocks/3/bn1'), for apply's frozen_bn
-  forward_flops: float | None = None  # image models: analytic forward FLOPs of one example (None: 6N * tokens)
+  # (flat params {path: array}, batch, length, trained paths or None: all) -> analytic FLOPs of one training
+  # step (bench's MFU); None: a token model's, token_flops
+  train_flops: Callable | None = None
   # Causal LMs (apply also returns "logits"): (batch, length) -> an empty KV cache; apply, given state
   # {"cache": ...}, writes the new tokens at its index and returns it advanced (generation).
   new_cache: Callable | None = None
+
+  def __post_init__(self):
+    if self.train_flops is None:
+      self.train_flops = functools.partial(token_flops, self.config)
+
+
+def token_flops(config, params: dict, batch: int, length: int, trained=None, tied_output: bool = False) -> float:
+  """A token model's training step: per token 2 (forward) + 2 (gradients of the activations) + 2 (of the
+  weights) FLOPs per matmul param, the last only for `trained` params (None: all: 6N), + attention (QK^T
+  and AV, forward and backward: 12 * L * B * S^2 * D). tied_output: the embedding table is also the output
+  layer's matmul (a causal LM's tied head). A LoRA or partly frozen step does no weight gradients for its
+  frozen matmuls."""
+  matmul = {p: x.size for p, x in params.items() if x.ndim == 2 and "embedding" not in p}
+  n_matmul = sum(matmul.values())
+  n_trained = n_matmul if trained is None else sum(n for p, n in matmul.items() if p in trained)
+  if tied_output:
+    tied = config.vocab_size * config.hidden_size
+    n_matmul += tied
+    n_trained += tied if trained is None or any("embedding" in p for p in trained) else 0
+  layers = getattr(config, "num_hidden_layers", 0)
+  hidden = getattr(config, "hidden_size", 0)
+  return (4 * n_matmul + 2 * n_trained) * batch * length + 12 * layers * batch * length ** 2 * hidden
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ benchmarks/NOTES.md). Attention dropout is one [L, L] mask shared by batch and h
 transformers' Flax BERT.
 """
 import functools
+import sys
 
 import flax.linen as nn
 import jax
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 
 from jaxft import parallel
 from jaxft.models import hf_checkpoint
-from jaxft.models.base import Backbone, Conventions
+from jaxft.models.base import Backbone, Conventions, Found, Opened, tokenizer_path
 
 _QKV = r".*/attention/self/(query|key|value)"
 CONVENTIONS = Conventions(
@@ -42,6 +43,19 @@ ACTIVATIONS = {"gelu": functools.partial(nn.gelu, approximate=False),
                "gelu_new": functools.partial(nn.gelu, approximate=True),
                "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),
                "relu": nn.relu, "silu": nn.silu, "swish": nn.silu}
+
+
+NAME = "bert"
+TAKES = ()
+
+
+def claims(found: Found, impl: str = "auto") -> bool:
+  """A Hugging Face BERT directory whose config this encoder computes, unless model.impl=transformers."""
+  return impl != "transformers" and found.model_type == "bert" and supports(found.hf_config)
+
+
+def open(found: Found) -> Opened:
+  return hf_checkpoint.opened(found, sys.modules[__name__])
 
 
 def supports(config) -> bool:
@@ -203,9 +217,11 @@ class BertModel(nn.Module):
     return h_BxLxD, Pooler(c, self.dtype, name="pooler")(h_BxLxD) if self.add_pooling_layer else None
 
 
-def load(ckpt: hf_checkpoint.Checkpoint, mcfg, compute_dtype: str, pooler: bool) -> Backbone:
-  """A Backbone computing with jaxft's encoder on the checkpoint's params."""
-  c = ckpt.config
+def load(path, mcfg, compute_dtype: str = "float32", seed: int = 0, platform: str = "cpu", pooler: bool = False,
+         config=None) -> tuple[Backbone, str]:
+  """(a Backbone computing with jaxft's encoder on the checkpoint's params, a one-line report)."""
+  c = config if config is not None else hf_checkpoint.read_config(path)
+  ckpt = hf_checkpoint.load(path, c, pooler, seed, compute_dtype, mcfg.weights, tokenizer_path(mcfg, path))
   module = BertModel(c, jnp.dtype(compute_dtype), mcfg.remat == "block", add_pooling_layer=pooler)
 
   def apply(params, batch, train=False, rng=None, state=None):
@@ -220,4 +236,4 @@ def load(ckpt: hf_checkpoint.Checkpoint, mcfg, compute_dtype: str, pooler: bool)
                   config=c, conventions=CONVENTIONS, save=lambda p, out, state=None: hf_checkpoint.save(ckpt, p, out, state),
                   hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, init_scale=c.initializer_range,
                   head_dropout=rate, pooling=hf_checkpoint.pooling(ckpt.path), packs=True,
-                  inputs=("input_ids", "attention_mask", "token_type_ids", "position_ids", "segment_ids"))
+                  inputs=("input_ids", "attention_mask", "token_type_ids", "position_ids", "segment_ids")), ckpt.report

@@ -16,6 +16,7 @@ config.json {"model_type": "efficientnet_lite", "variant"} and model.safetensors
 import functools
 import json
 import math
+import sys
 from pathlib import Path
 
 import flax.linen as nn
@@ -26,7 +27,7 @@ from flax import traverse_util
 
 from jaxft import formats
 from jaxft.errors import JaxftError
-from jaxft.models.base import Backbone, Conventions, ImageProcessor, batchnorm_paths, frozen_batchnorm
+from jaxft.models.base import Backbone, Conventions, Found, ImageProcessor, Opened, batchnorm_paths, frozen_batchnorm
 
 # name: (width, depth, resolution, dropout) from efficientnet_lite_builder.py
 VARIANTS = {"efficientnet-lite0": (1.0, 1.0, 224, 0.2), "efficientnet-lite1": (1.0, 1.1, 240, 0.2),
@@ -225,23 +226,23 @@ def to_torch(params: dict, stats: dict, variant: str) -> dict:
   return out
 
 
-MODEL_TYPE = "efficientnet_lite"
+NAME = MODEL_TYPE = "efficientnet_lite"
+TAKES = ("image_size", "bn")
 CONVENTIONS = Conventions(embeddings=r"(.*/)?stem/.*", embeddings_frozen="with_bottom_layers",
                           layers=r"(?:.*/)?blocks/", no_decay=(r"(.*/)?bias", r"(.*/)?bn\d?/scale"))
 WEIGHT_SUFFIXES = formats.PICKLE_SUFFIXES + (".safetensors",)
 
 
-def claims(path: Path, impl: str = "auto") -> bool:
-  """Whether `path` is for this family: a weights file (checked when read), or a directory `save` wrote."""
-  if path.is_file():
-    return path.suffix in WEIGHT_SUFFIXES
-  config = path / "config.json"
-  return config.is_file() and json.loads(config.read_text()).get("model_type") == MODEL_TYPE
+def claims(found: Found, impl: str = "auto") -> bool:
+  """A directory `save` wrote, or a bare weights file holding an EfficientNet-Lite state dict (its stem)."""
+  if found.path.is_file():
+    return found.path.suffix in WEIGHT_SUFFIXES and "_conv_stem.weight" in found.weights[0]
+  return found.model_type == MODEL_TYPE
 
 
-def max_length(path: Path) -> None:
+def open(found: Found) -> Opened:
   """Not a token model: no input length bound."""
-  return None
+  return Opened(found.path, sys.modules[__name__], MODEL_TYPE, found.weights[0] if found.path.is_file() else None)
 
 
 def _variant(path: Path) -> str:
@@ -252,12 +253,12 @@ def _variant(path: Path) -> str:
   return variant
 
 
-def read(path: Path) -> tuple[dict, str]:
-  """(state dict, variant) of a weights file or a saved directory."""
+def read(path: Path, weights: dict | None = None) -> tuple[dict, str]:
+  """(state dict, variant) of a weights file (its `weights`, where already read) or a saved directory."""
   if path.is_dir():
     weights, _ = formats.read(path / "model.safetensors")
     return weights, _variant(path)
-  weights, _ = formats.read(path)
+  weights = weights if weights is not None else formats.read(path)[0]
   if "_conv_stem.weight" not in weights:
     raise JaxftError(f"{path}: not an EfficientNet-Lite state dict (no '_conv_stem.weight'; keys like "
                      f"{', '.join(list(weights)[:3])})")
@@ -267,10 +268,10 @@ def read(path: Path) -> tuple[dict, str]:
     raise JaxftError(f"{path}: {e}") from None
 
 
-def _pretrained(path: Path, mcfg, seed: int):
+def _pretrained(path: Path, mcfg, seed: int, weights: dict | None):
   """(params, batch_stats, variant, unused checkpoint keys) of the weights at `path` (model.weights=random:
   flax's initialisers, seeded; statistics 0 / 1)."""
-  weights, variant = read(path)
+  weights, variant = read(path, weights)
   expected = {name for _, n, kind in _layout(variant)
               for name in ([f"{n}.weight"] if kind == "conv" else
                            [f"{n}.{k}" for k in ("weight", "bias", "running_mean", "running_var")])}
@@ -290,21 +291,23 @@ def _pretrained(path: Path, mcfg, seed: int):
   return params, stats, variant, unused
 
 
-def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0, platform: str = "cpu"
-         ) -> tuple[Backbone, str]:
-  """(the Backbone, a one-line report) from the checkpoint at `path`; model.image_size sets the resolution,
-  model.weights=random keeps only its architecture (flax's initialisers, seeded; statistics 0 / 1).
-  platform: what the programs are compiled for (depthwise convolutions as shifted copies on CPU only)."""
+def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0, platform: str = "cpu", pooler: bool = False,
+         weights: dict | None = None) -> tuple[Backbone, str]:
+  """(the Backbone, a one-line report) from the checkpoint at `path` (a bare file's `weights`, where already
+  read); model.image_size sets the resolution, model.weights=random keeps only its architecture (flax's
+  initialisers, seeded; statistics 0 / 1). platform: what the programs are compiled for (depthwise
+  convolutions as shifted copies on CPU only)."""
+  path = Path(path)
   if mcfg.weights == "shapes" or mcfg.weights == "random" and path.is_dir():
     # the architecture only: a directory's config.json names the variant, no weights read
-    variant = _variant(path) if path.is_dir() else read(path)[1]
+    variant = _variant(path) if path.is_dir() else read(path, weights)[1]
     init = EfficientNetLite(variant).init
     dummy = jnp.zeros((1, 32, 32, 3))
     fresh = jax.eval_shape(init, jax.random.PRNGKey(seed), dummy) if mcfg.weights == "shapes" else \
         jax.jit(init)(jax.random.PRNGKey(seed), dummy)
     params, stats, unused = fresh["params"], fresh["batch_stats"], []
   else:
-    params, stats, variant, unused = _pretrained(path, mcfg, seed)
+    params, stats, variant, unused = _pretrained(path, mcfg, seed, weights)
   width, depth, resolution, dropout = VARIANTS[variant]
   size = mcfg.image_size or resolution
   module = EfficientNetLite(variant, 0.2, jnp.dtype(compute_dtype), shifted=platform == "cpu")
@@ -331,7 +334,8 @@ def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0, platfo
                       processor=ImageProcessor(size, (MEAN,) * 3, (STD,) * 3), config={"variant": variant},
                       conventions=CONVENTIONS, save=save, hidden_size=1280, num_layers=len(blocks(variant)),
                       init_scale=0.01, head_dropout=dropout, inputs=("image",), state={"batch_stats": stats},
-                      batch_norm=batchnorm_paths(stats), forward_flops=forward_flops(variant, size))
+                      batch_norm=batchnorm_paths(stats),
+                      train_flops=lambda params, batch, length, trained=None: 3 * forward_flops(variant, size) * batch)
   report = (f"{path.name} ({variant}, {size}x{size} inputs); " +
             ("model.weights=random: every param newly initialised" if mcfg.weights == "random" else
              "model.weights=shapes: the architecture only, no weights read" if mcfg.weights == "shapes" else

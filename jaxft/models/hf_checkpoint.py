@@ -15,6 +15,7 @@ from flax import traverse_util
 
 from jaxft import formats
 from jaxft.errors import JaxftError
+from jaxft.models.base import Opened, max_positions
 
 
 @dataclasses.dataclass
@@ -35,6 +36,13 @@ def read_config(path: Path):
     return transformers.AutoConfig.from_pretrained(path)
   except (OSError, ValueError, KeyError) as e:
     raise JaxftError(f"could not read {path / 'config.json'}: {str(e).splitlines()[0]}") from None
+
+
+def opened(found, family) -> Opened:
+  """A Hugging Face directory described for `family` (bert, or transformers' Flax class): its config, the
+  length its position embeddings cover, and its pooling."""
+  config = found.hf_config
+  return Opened(found.path, family, config.model_type, config, max_positions(config), pooling(found.path))
 
 
 def pooling(path: Path) -> str:

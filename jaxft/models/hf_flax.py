@@ -8,12 +8,22 @@ state, frozen per layer with models.base.frozen_batchnorm."""
 import dataclasses
 import inspect
 import json
+import sys
 
 import jax.numpy as jnp
 
 from jaxft.errors import JaxftError
 from jaxft.models import hf_checkpoint, llama
-from jaxft.models.base import Backbone, Conventions, ImageProcessor, batchnorm_paths, frozen_batchnorm
+from jaxft.models.base import (
+  Backbone,
+  Conventions,
+  Found,
+  ImageProcessor,
+  Opened,
+  batchnorm_paths,
+  frozen_batchnorm,
+  tokenizer_path,
+)
 
 CONVENTIONS = Conventions(
     embeddings=r"(.*/)?(embeddings|wte|wpe|embed_tokens)/.*",
@@ -48,8 +58,28 @@ VISION_CONVENTIONS = {
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def load(ckpt: hf_checkpoint.Checkpoint, mcfg, compute_dtype: str, pooler: bool) -> Backbone:
-  """A Backbone computing with transformers' Flax module for the checkpoint's family."""
+NAME = "transformers"
+TAKES = ("image_size", "bn")  # image models
+
+
+def claims(found: Found, impl: str = "auto") -> bool:
+  """Any Hugging Face directory (models/__init__.py asks it only of those no jaxft family claims)."""
+  return impl != "jaxft" and found.model_type is not None
+
+
+def open(found: Found) -> Opened:
+  return hf_checkpoint.opened(found, sys.modules[__name__])
+
+
+def load(path, mcfg, compute_dtype: str = "float32", seed: int = 0, platform: str = "cpu", pooler: bool = False,
+         config=None) -> tuple[Backbone, str]:
+  """(a Backbone computing with transformers' Flax module for the checkpoint's family, a one-line report)."""
+  config = config if config is not None else hf_checkpoint.read_config(path)
+  ckpt = hf_checkpoint.load(path, config, pooler, seed, compute_dtype, mcfg.weights, tokenizer_path(mcfg, path))
+  return _model(ckpt, mcfg), ckpt.report
+
+
+def _model(ckpt: hf_checkpoint.Checkpoint, mcfg) -> Backbone:
   model, c = ckpt.model, ckpt.config
   if model.main_input_name == "pixel_values":
     return _image_model(ckpt, mcfg.image_size)

@@ -16,8 +16,10 @@ Flax msgpack) or a GGUF file (formats/gguf.py: dequantised; llama_gguf.py: its n
 tokenizer from its metadata unless a tokenizer.json lies beside it). `save` writes a Hugging Face
 directory (model.safetensors in PyTorch names) that transformers' PyTorch and Flax classes load.
 """
-import json
+import copy
+import functools
 import math
+import sys
 from pathlib import Path
 
 import flax.linen as nn
@@ -28,9 +30,10 @@ import numpy as np
 from jaxft import formats, parallel
 from jaxft.errors import JaxftError
 from jaxft.models import llama_gguf, splash
-from jaxft.models.base import Backbone, Conventions, tokenizer_path
+from jaxft.models.base import Backbone, Conventions, Found, Opened, token_flops, tokenizer_path
 
-MODEL_TYPE = "llama"
+NAME = MODEL_TYPE = "llama"
+TAKES = ("scan_layers", "layers", "attention")
 _ATTN, _MLP = r".*/self_attn/(q_proj|k_proj|v_proj|o_proj)/kernel", r".*/mlp/(gate_proj|up_proj|down_proj)/kernel"
 CONVENTIONS = Conventions(
     embeddings=r"(.*/)?embed_tokens/.*",
@@ -313,18 +316,14 @@ def make_apply(module, kernel: bool = False):
 # ---- checkpoints -------------------------------------------------------------------------------------------
 
 
-def claims(path: Path, impl: str = "auto") -> bool:
+def claims(found: Found, impl: str = "auto") -> bool:
   """A GGUF file (always), or a Hugging Face Llama directory unless model.impl=transformers."""
-  path = Path(path)
-  if path.suffix == ".gguf":
-    return True
-  config = path / "config.json"
-  if impl == "transformers" or not config.is_file():
-    return False
-  try:
-    return json.loads(config.read_text()).get("model_type") == MODEL_TYPE
-  except (ValueError, OSError):
-    return False
+  return found.path.suffix == ".gguf" or (impl != "transformers" and found.model_type == MODEL_TYPE)
+
+
+def open(found: Found) -> Opened:
+  config = read_config(found.path)
+  return Opened(found.path, sys.modules[__name__], MODEL_TYPE, config, config.max_position_embeddings)
 
 
 def read_config(path: Path):
@@ -336,10 +335,6 @@ def read_config(path: Path):
     return transformers.LlamaConfig.from_pretrained(path)
   except (OSError, ValueError, KeyError) as e:
     raise JaxftError(f"could not read {path / 'config.json'}: {str(e).splitlines()[0]}") from None
-
-
-def max_length(path: Path) -> int | None:
-  return read_config(Path(path)).max_position_embeddings
 
 
 def _tokenizer(path: Path):
@@ -402,12 +397,12 @@ def read_weights(path: Path) -> tuple[dict, str]:
   return weights, f"{file.name} (flax names)"
 
 
-def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0, platform: str = "cpu"
-         ) -> tuple[Backbone, str]:
-  """(the Backbone, a one-line report) of the Llama checkpoint at `path`."""
+def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0, platform: str = "cpu", pooler: bool = False,
+         config=None) -> tuple[Backbone, str]:
+  """(the Backbone, a one-line report) of the Llama checkpoint at `path` (its `config`, where already read)."""
   from flax import traverse_util
   path = Path(path)
-  config = read_config(path)
+  config = copy.deepcopy(config) if config is not None else read_config(path)
   if mcfg.layers:  # a shapes-only variant of another depth (jaxft plan)
     config.num_hidden_layers = mcfg.layers
   if not supports(config):
@@ -454,5 +449,6 @@ def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0, platfo
       config=config, conventions=CONVENTIONS, save=save, hidden_size=config.hidden_size,
       num_layers=config.num_hidden_layers, init_scale=config.initializer_range, head_dropout=0.0, packs=True,
       inputs=("input_ids", "attention_mask", "position_ids", "segment_ids"),
-      new_cache=lambda batch, length: new_cache(config, batch, length, jnp.dtype(compute_dtype)))
+      new_cache=lambda batch, length: new_cache(config, batch, length, jnp.dtype(compute_dtype)),
+      train_flops=functools.partial(token_flops, config, tied_output=config.tie_word_embeddings))
   return backbone, report

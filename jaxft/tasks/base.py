@@ -42,6 +42,7 @@ class Task:
   cacheable = False  # features of a frozen backbone can be computed once per example
   packs_eval = True  # where it packs: evaluation packs too (eval_rows, if any, are per slot: [R, K, ...])
   generates = False  # evaluation also scores generated text (score; causal LMs: generate.py)
+  tokens = True  # examples are token sequences (bench and plan count tokens); False: images
 
   def __init__(self, cfg, backbone, source, log=print):
     """cfg: the run's Config; backbone: models.Backbone; source: data.sources.Source (records of every
@@ -70,6 +71,15 @@ class Task:
     training epoch (train-time augmentation, a pure function of (seed, example, epoch)); None: evaluation.
     seed: the data order's seed (a replica's own, in seed-vectorised runs)."""
     raise NotImplementedError
+
+  def synthetic(self, batch: dict, rng: np.random.Generator) -> dict:
+    """A collated training batch with random inputs in place of the real ones, nothing padded (bench):
+    every position a random token."""
+    B, L = batch["input_ids"].shape
+    vocab = self.backbone.processor.vocab_size
+    batch["input_ids"] = rng.integers(1000 if vocab > 2000 else 5, vocab, (B, L), dtype=np.int32)
+    batch["attention_mask"] = np.ones((B, L), np.int32)
+    return batch
 
   def cannot_pack(self) -> str | None:
     """Why this task cannot pack examples into shared rows (None: it can, with collate_packed)."""

@@ -61,8 +61,24 @@ def lm_sums(logits_BxLxV, batch) -> dict:
 
 
 @dataclasses.dataclass
-class Config(TaskConfig):
+class Generation:
+  """How a causal LM generates (`jaxft generate`; sft: the answers it scores in evaluation)."""
+  max_new_tokens: int = 32
+  temperature: float = 0.0  # 0: greedy; else sampled, within the top_p nucleus
+  top_p: float = 1.0
+
+  def check_generation(self) -> None:
+    TaskConfig.require(self.max_new_tokens > 0 and self.temperature >= 0 and 0 < self.top_p <= 1,
+                       f"config keys 'task.max_new_tokens' > 0, 'task.temperature' >= 0, 'task.top_p' in (0, 1]; "
+                       f"got {self.max_new_tokens}, {self.temperature}, {self.top_p}")
+
+
+@dataclasses.dataclass
+class Config(Generation, TaskConfig):
   text_column: str = "text"  # the documents to model
+
+  def check(self) -> None:
+    self.check_generation()
 
 
 class CausalLM(Task):
@@ -70,6 +86,15 @@ class CausalLM(Task):
   metrics = ("loss", "perplexity", "token_accuracy")
   best_metric = "loss"
   lower_is_better = ("loss", "perplexity")
+
+  def synthetic(self, batch: dict, rng: np.random.Generator) -> dict:
+    """Random tokens, every next one predicted."""
+    batch = super().synthetic(batch, rng)
+    batch.pop("logit_positions", None)
+    batch["labels"] = np.roll(batch["input_ids"], -1, axis=1)
+    batch["weights"] = np.ones(batch["input_ids"].shape, np.float32)
+    batch["weights"][:, -1] = 0
+    return batch
 
   def __init__(self, cfg, backbone, source, log=print):
     super().__init__(cfg, backbone, source, log)

@@ -11,8 +11,8 @@ the rendered text by character offsets, so tokens merged across the prompt / res
 Examples longer than data.max_length are cut there (counted in the log); an example with no trained token
 left, or a template that renders no response, is an error naming the example. Evaluation adds the
 generated answer's exact match (SQuAD-style: whitespace and surrounding punctuation stripped, case-folded) to the loss, perplexity and accuracy of
-the response tokens, generating greedily from each prompt (generate.eval_examples of them, up to
-generate.max_new_tokens).
+the response tokens, generating greedily from each prompt (task.eval_examples of them, up to
+task.max_new_tokens).
 """
 import dataclasses
 import string
@@ -22,15 +22,21 @@ import numpy as np
 from jaxft.config import TaskConfig
 from jaxft.errors import JaxftError
 from jaxft.tasks.base import Examples, where
-from jaxft.tasks.causal_lm import CausalLM, require_targets
+from jaxft.tasks.causal_lm import CausalLM, Generation, require_targets
 
 
 @dataclasses.dataclass
-class Config(TaskConfig):
+class Config(Generation, TaskConfig):
   """Prompt / response pairs, or chat messages [{role, content}, ...]; the loss is on the responses only."""
   prompt_column: str = "prompt"
   response_column: str = "response"
   messages_column: str = "messages"
+  eval_examples: int | None = 200  # generate answers for this many examples of each evaluated split; None: all
+
+  def check(self) -> None:
+    self.check_generation()
+    self.require(self.eval_examples is None or self.eval_examples > 0,
+                 f"config key 'task.eval_examples' must be > 0 (or null: all), got {self.eval_examples}")
 
 
 class SFT(CausalLM):

@@ -54,3 +54,38 @@ def test_not_a_checkpoint(tmp_path):
   (tmp_path / "config.json").write_text('{"model_type": "bert"}')
   with pytest.raises(JaxftError, match="no weights file in"):
     load(tmp_path)
+
+
+def test_each_checkpoint_is_claimed_by_one_family_or_none(tiny_bert, tiny_llama, tmp_path):
+  """Claims are explicit and disjoint: what each checkpoint kind is read by, under each model.impl; a bare
+  weights file that is no EfficientNet state dict is nobody's (not EfficientNet's by list order)."""
+  from safetensors.numpy import save_file
+
+  from jaxft.models.base import Found
+  save_file({"_conv_stem.weight": np.zeros((32, 3, 3, 3), np.float32)}, str(tmp_path / "lite0.safetensors"))
+  save_file({"encoder.weight": np.zeros((2, 2), np.float32)}, str(tmp_path / "other.safetensors"))
+  (gguf := tmp_path / "tiny.gguf").write_bytes(b"")  # claimed by its name; read only when it loads
+  expected = {  # path: the family under impl auto, jaxft, transformers (an exception class: an error)
+      tiny_bert["pt"]: ("bert", "bert", "transformers"),
+      tiny_llama["untied"]: ("llama", "llama", "transformers"),
+      gguf: ("llama", "llama", JaxftError),
+      tmp_path / "lite0.safetensors": ("efficientnet_lite", "efficientnet_lite", JaxftError),
+      tmp_path / "other.safetensors": (JaxftError,) * 3,
+      tmp_path: (JaxftError,) * 3,  # a directory without config.json
+  }
+  for path, kinds in expected.items():
+    for impl, kind in zip(("auto", "jaxft", "transformers"), kinds, strict=True):
+      claimed = [f.NAME for f in models.FAMILIES if f.claims(Found(path), impl)]
+      assert len(claimed) <= 1, (path, impl, claimed)
+      if kind is JaxftError:
+        with pytest.raises(JaxftError):
+          models.family(Found(path), impl)
+      else:
+        assert models.family(Found(path), impl).NAME == kind, (path, impl)
+
+
+def test_a_family_key_the_family_does_not_take_names_its_owners(tiny_bert):
+  with pytest.raises(JaxftError, match=r"model.scan_layers: the bert family does not take it .* a key of llama"):
+    load(tiny_bert["pt"], scan_layers="true")
+  with pytest.raises(JaxftError, match=r"model.image_size: the bert family .* efficientnet_lite and transformers"):
+    load(tiny_bert["pt"], image_size=64)

@@ -189,7 +189,7 @@ def test_fsdp_x_tp_on_8_devices_matches_one(tiny_llama, sft_data, tmp_path_facto
   shutil.copytree(tiny_llama["untied"], root / "tiny_llama")
   shutil.copytree(sft_data, root / "sft_data")
   common = ",".join(o for o in lm_overrides(root / "tiny_llama", root / "sft_data", "x") if not o.startswith("run_dir"))
-  common += ",data.buckets=null,train.epochs=1,train.log_every=1,generate.eval_examples=4"
+  common += ",data.buckets=null,train.epochs=1,train.log_every=1,task.eval_examples=4"
   one, eight = side_by_side(root, [
     (1, {"ref": "", "ref_unpacked": "data.pack=false"}),
     (8, {"fsdp_tp": "parallel.mesh.data=1,parallel.mesh.fsdp=4,parallel.mesh.tensor=2",
