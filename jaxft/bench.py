@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft import chips, models, parallel, replicas, rules
+from jaxft import chips, models, parallel, rules
 from jaxft.data import batching
 from jaxft.experiment import build, setup
 
@@ -94,7 +94,7 @@ def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data
   length = exp.backbone.processor.size if images else length
   tcfg, phase = cfg.train, exp.phases[0]
   par, (target, *_) = setup(exp, log)
-  lanes = max(1, len(exp.seeds))  # train.seeds: every replica trains on (here) the same batch in one step
+  lanes = exp.replicas.lanes  # train.seeds: every replica trains on (here) the same batch in one step
   state = par.put_state(exp.initial_state(), target)
   step = par.compile_train(exp.train_step(0, par.axis_name), target)
   rows = parallel.process_rows(tcfg.batch_size)
@@ -103,20 +103,17 @@ def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data
     made = lambda i: host[i % len(host)]  # noqa: E731
   else:
     made = real_batches(exp, tcfg.batch_size, length, warmup + steps, rows)
-  stack = (lambda b: replicas.stack_batches([b] * lanes)) if exp.seeds else (lambda b: b)  # noqa: E731
+  stack = exp.replicas.same_batch
 
   t0 = time.perf_counter()
-  if par.pmap:  # pmap compiles on its first call
-    compiled, first = step, par.put_batch(stack(made(0)), train=True)
-  else:
-    first = par.put_batch(stack(made(0)), train=True)
-    compiled = step.lower(state, first).compile()
+  first = par.put_batch(stack(made(0)), train=True)
+  compiled, aot = par.ahead_of_time(step, state, first)  # aot None: it compiles in its first call (pmap)
   compile_s = time.perf_counter() - t0
   xla_flops = 0.0
   memory, memory_source = None, "not reported"
-  if not par.pmap:
-    xla_flops = float((compiled.cost_analysis() or {}).get("flops", 0.0))
-    mem = compiled.memory_analysis()
+  if aot is not None:
+    xla_flops = float((aot.cost_analysis() or {}).get("flops", 0.0))
+    mem = aot.memory_analysis()
     if mem is not None:
       memory = int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
                    - mem.alias_size_in_bytes)
@@ -136,8 +133,8 @@ def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data
     if i + 1 >= warmup:
       trained.append(lanes * trained_tokens(host_batch))
     host_times.append(time.perf_counter() - t)
-  if par.pmap:
-    compile_s += step_times[0]  # pmap compiled inside its first step
+  if aot is None:
+    compile_s += step_times[0]  # compiled inside its first step
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     memory, memory_source = int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"

@@ -87,18 +87,18 @@ def soup(cfg, out_dir=None, log=print) -> list[dict]:
   if out_dir is not None and Path(out_dir).exists() and any(Path(out_dir).iterdir()):
     raise JaxftError(f"soup directory {out_dir} exists and is not empty; choose a new one")
   exp, par, targets, state = runs.open_state(cfg, None, "souping", log, required=True)
-  if not exp.seeds:
+  if not exp.replicas:
     raise JaxftError(f"jaxft soup: {cfg.run_dir} is a single run; a soup mixes the replicas of a train.seeds run")
-  single = dataclasses.replace(exp, seeds=[])
+  single = dataclasses.replace(exp, replicas=replicas.Replicas(cfg.seed))
   target = par.abstract_state(single.state_shapes(0))
   eval_step = par.compile_eval(single.eval_step(), target)
-  n = len(exp.seeds)
+  n = len(exp.replicas.seeds)
   shardings = jax.tree.map(lambda x: x.sharding, (target.params, target.model_state))
 
   def mean_of(members):
     """The average of some replicas' best params and model state, on the devices."""
-    params = [replicas.take(state.params, r, exp.own) for r in members]
-    states = [replicas.take(state.model_state, r) for r in members]
+    each = exp.replicas.each(state.params, state.model_state)
+    params, states = zip(*[each[r] for r in members], strict=True)
     average = lambda *xs: sum(xs) / len(xs)  # noqa: E731
     return jax.device_put((jax.tree.map(average, *params), jax.tree.map(average, *states)), shardings)
 

@@ -3,7 +3,7 @@ cached-feature tables of head-only phases. Every example is seen exactly once; e
 import jax
 import numpy as np
 
-from jaxft import parallel, replicas, runs
+from jaxft import parallel, runs
 from jaxft.generate import generation_metrics
 
 
@@ -18,25 +18,24 @@ def split_batches(exp, par, split: str, transform=None):
 def evaluate(exp, par, eval_step, params, model_state, split: str, transform=None) -> dict:
   """The task's metrics over `split` (eval_step from Experiment.eval_step, compiled by par). A seed-
   vectorised run's are each replica's, aggregated (replicas.aggregate: the mean under each metric's name)."""
-  lanes = len(exp.seeds) or 1
-  sums, kept = None, [{} for _ in range(lanes)]
+  reps = exp.replicas
+  sums, kept = None, [{} for _ in range(reps.lanes)]
   n = len(exp.splits[split])
   for batch, device_batch in split_batches(exp, par, split, transform):
     out, rows = eval_step(params, model_state, device_batch)
     sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
     if rows:
       rows, index = par.metrics(rows), batch["index"]
-      for lane, lane_rows in enumerate(replicas.unstack_tree(rows, lanes) if exp.seeds else [rows]):
+      for lane, lane_rows in enumerate(reps.unstack(rows)):
         for name, x in lane_rows.items():  # [B, ...] or, packed, [R, K, ...] like index
           kept[lane].setdefault(name, [None] * n)
           x = x.reshape((index.size,) + x.shape[index.ndim:])
           for r in np.flatnonzero(index.reshape(-1) >= 0):
             kept[lane][name][index.flat[r]] = x[r]
   sums = par.metrics(sums)
-  if not exp.seeds:
-    return _finalize(exp, par, sums, kept[0], params, model_state, split)
-  return replicas.aggregate([_finalize(exp, par, replicas.take(sums, r), kept[r], replicas.take(params, r, exp.own),
-                                       replicas.take(model_state, r), split) for r in range(lanes)])
+  return reps.merge([_finalize(exp, par, lane_sums, lane_kept, lane_params, lane_state, split)
+                     for lane_sums, lane_kept, (lane_params, lane_state)
+                     in zip(reps.unstack(sums), kept, reps.each(params, model_state), strict=True)])
 
 
 def _finalize(exp, par, sums, kept, params, model_state, split: str) -> dict:

@@ -36,8 +36,7 @@ class Experiment:
   lower_is_better: bool
   pack: bool  # training examples share rows (data.pack, where the task and the model can)
   init_params: Callable[[int], dict]  # seed -> initial params (the state holds those of cfg.seed)
-  seeds: list[int]  # train.seeds: the replicas' seeds ([]: a plain run); the state then has a replica axis
-  own: frozenset  # param paths some phase trains: one copy per replica (the rest are shared)
+  replicas: replicas.Replicas  # train.seeds: the state then has a replica axis (none: a plain run)
   platform: str  # what the steps are compiled for: 'cpu' | 'gpu' | 'tpu' (jaxft plan: the target's)
 
   conventions = property(lambda self: self.backbone.conventions)
@@ -60,7 +59,7 @@ class Experiment:
       opt_metrics = functools.partial(optim.trust_ratio_metrics, groups=groups)
     step = make_train_step(apply, self.task.loss, phase.tx, phase.labels, phase.cfg.train.dropout, axis_name,
                            self.micro_steps, opt_metrics, self.hooks)
-    return replicas.vectorize_train(step, self.axes(k), replicas.chunk(self.cfg, self.platform)) if self.seeds else step
+    return self.replicas.vectorize_train(step, self.axes(k))
 
   def state_shapes(self, k: int = 0) -> TrainState:
     """ShapeDtypeStructs of one run's (one replica's) train state in phase k."""
@@ -69,12 +68,12 @@ class Experiment:
 
   def axes(self, k: int = 0) -> TrainState:
     """The replica axis of each leaf of phase k's state (0, or None for shared params)."""
-    return replicas.axes(self.state_shapes(k), self.own)
+    return self.replicas.axes(self.state_shapes(k))
 
   def carry_over(self, state: TrainState, k: int) -> TrainState:
     """Phase k's start from the state phase k - 1 ended with (phases.carry_over), replica by replica."""
     carry = functools.partial(phases_lib.carry_over, tx=self.phases[k].tx)
-    return jax.vmap(carry, in_axes=(self.axes(k - 1),), out_axes=self.axes(k))(state) if self.seeds else carry(state)
+    return self.replicas.vmap(carry, self.axes(k - 1), self.axes(k))(state)
 
   def frozen_bn(self, k: int) -> frozenset:
     """Phase k's BatchNorm layers that keep their running statistics in training: all of them with
@@ -84,10 +83,9 @@ class Experiment:
                      if self.cfg.model.bn == "frozen" or labels[f"{bb.key}/{p}/scale"] == "frozen")
 
   def initial_state(self) -> TrainState:
-    """Phase 0's initial train state, on the host: every replica's where train.seeds (replicas.initial_state);
-    ShapeDtypeStructs for model.weights=shapes. Made on each call: nothing keeps a host copy."""
-    make = (functools.partial(replicas.initial_state, self, self.seeds) if self.seeds else
-            functools.partial(self.seed_state, self.cfg.seed))
+    """Phase 0's initial train state, on the host: every replica's where train.seeds; ShapeDtypeStructs for
+    model.weights=shapes. Made on each call: nothing keeps a host copy."""
+    make = functools.partial(self.replicas.initial_state, self.seed_state)
     return jax.eval_shape(make) if self.cfg.model.weights == "shapes" else make()
 
   def seed_state(self, seed: int) -> TrainState:
@@ -132,18 +130,16 @@ class Experiment:
     """The pure eval step (params, model_state, batch) -> (sums, rows); of every replica ([R, ...]) at
     once in seed-vectorised runs, on the same batch."""
     step = make_eval_step(self.head_apply if cached else self.apply, self.task, axis_name)
-    return replicas.vectorize_eval(step, self.axes()) if self.seeds else step
+    return self.replicas.vectorize_eval(step, self.axes())
 
   def describe(self, metrics: dict) -> str:
     """One log line of metrics: the task's, or their mean ± 95% CI over the replicas."""
-    return replicas.describe(self.task.metrics, metrics) if self.seeds else self.task.describe(metrics)
+    return self.replicas.describe(self.task, metrics)
 
   def cache_features(self, params, model_state, batch):
     """What the head reads (eval mode), for train.cache_features. Replicas cache one table: a cached phase
     comes before any phase that trains the backbone (phases.check_cacheable), so theirs are equal."""
-    if self.seeds:
-      params, model_state = replicas.take(params, 0, self.own), replicas.take(model_state, 0)
-    return self.features(params, model_state, batch)
+    return self.features(*self.replicas.first(params, model_state), batch)
 
 
 def _array(x):
@@ -226,17 +222,17 @@ def build(cfg, log=print, platform: str | None = None) -> Experiment:
     apply = lora.wrap(apply, cfg.lora)
   splits = {s: task.encode(records, s) for s, records in source.splits.items()}
   phases = phases_lib.build(cfg, params, len(splits["train"]), task, backbone.conventions)
-  seeds = replicas.seeds_of(cfg)
+  reps = replicas.of(cfg, phases, platform)
   for k, phase in enumerate(phases):
-    phases_lib.check_cacheable(phase, task, phases[:k] if seeds else ())
+    phases_lib.check_cacheable(phase, task, phases[:k] if reps else ())
   buckets = cfg.data.buckets or batching.derived_buckets(cfg.data.max_length)
   exp = Experiment(cfg=cfg, backbone=backbone, task=task, splits=splits, phases=phases, apply=apply,
                    features=features, head_apply=head_apply, buckets=buckets, best_metric=best,
                    lower_is_better=best in task.lower_is_better, pack=_packing(cfg.data.pack, task, backbone),
-                   init_params=init_params, seeds=seeds, own=replicas.owned(phases), platform=platform)
-  if seeds:
-    shared = sum(x.size for p, x in rules.flat(exp.state_shapes().params).items() if p not in exp.own)
-    log(f"train.seeds: {len(seeds)} replicas (seeds {', '.join(map(str, seeds))}) in one step; {shared:,} "
+                   init_params=init_params, replicas=reps, platform=platform)
+  if reps:
+    shared = sum(x.size for p, x in rules.flat(exp.state_shapes().params).items() if p not in reps.own)
+    log(f"train.seeds: {len(reps.seeds)} replicas (seeds {', '.join(map(str, reps.seeds))}) in one step; {shared:,} "
         "never-trained params held once for all")
   return exp
 
@@ -247,10 +243,7 @@ def setup(exp, log, devices=None, slices: int = 1):
   cfg = exp.cfg
   par = parallel.Parallel(cfg, parallel.make_mesh(cfg.parallel.mesh, devices, slices), exp.conventions.tensor_parallel)
   log(parallel.describe(par.mesh) + f", backend {cfg.parallel.backend}")
-  shapes = [exp.state_shapes(k) for k in range(len(exp.phases))]
-  if exp.seeds:
-    return par, [replicas.abstract_state(par, s, exp.own, len(exp.seeds)) for s in shapes]
-  return par, [par.abstract_state(s) for s in shapes]
+  return par, [exp.replicas.abstract_state(par, exp.state_shapes(k)) for k in range(len(exp.phases))]
 
 
 def save_model(exp: Experiment, params, out_dir, model_state=None) -> None:

@@ -208,6 +208,14 @@ class Parallel:
     return jax.jit(_on_mesh(train_step, self.batch_sharding), in_shardings=(shardings, self.train_batch_sharding),
                    out_shardings=(shardings, NamedSharding(self.mesh, P())), donate_argnums=0)
 
+  def ahead_of_time(self, step, *args):
+    """(the step to call, its compiled executable for `args` or None): jit compiles here, ahead of the first
+    call; pmap compiles inside its first call (None: no compiler analysis to read)."""
+    if self.pmap:
+      return step, None
+    compiled = step.lower(*args).compile()
+    return compiled, compiled
+
   def compile_eval(self, eval_step, target):
     """eval_step(params, model_state, batch); every output replicated (on every host)."""
     if self.pmap:

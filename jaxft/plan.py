@@ -27,7 +27,7 @@ import time
 import jax
 import numpy as np
 
-from jaxft import bench, replicas, rules, runtime
+from jaxft import bench, rules, runtime
 from jaxft import chips as chips_lib
 from jaxft.data import batching
 from jaxft.errors import JaxftError
@@ -319,7 +319,7 @@ class _Loops:
     """The run's batch cut to `micro` of its micro-batches (rows; a replicated run's second axis)."""
     if not micro:
       return batch
-    axis = 1 if self.cfg.train.seeds else 0
+    axis = 1 if self.cfg.train.seeds else 0  # [R, B, ...]
 
     def cut(x):
       shape = list(x.shape)
@@ -462,8 +462,8 @@ def _gib(n) -> str:
 
 def _train_sources(exp, shards: int):
   """(the run's training batches, as `jaxft train` feeds them; each replica's data order)."""
-  sources = [exp.train_batches(shards, seed=s) for s in exp.seeds or [exp.cfg.seed]]
-  return (replicas.Batches(sources) if exp.seeds else sources[0]), sources
+  source = exp.replicas.batches(lambda seed: exp.train_batches(shards, seed=seed))
+  return source, exp.replicas.sources(source)
 
 
 def _train_shapes(exp, sources, shards: int, start: int, stop: int) -> dict:
@@ -520,7 +520,7 @@ def plan(cfg, topology: str, slices: int = 1, log=print, quick: bool = False) ->
   compiler, notes = _Compiler(cfg, spec, log), []
   loops = (_Loops(cfg, devs, slices, exp.backbone.num_layers if cfg.model.scan_layers else None, exp.micro_steps)
            if cfg.model.scan_layers or exp.micro_steps > 1 else None)
-  if exp.seeds and replicas.chunk(cfg, exp.platform):
+  if exp.replicas.chunk:
     notes.append("train.replica_chunk loops over the replicas: the compiler counts that loop's body once, so the "
                  "train step's estimate is low")
   start, train = 0, []
@@ -559,7 +559,7 @@ def plan(cfg, topology: str, slices: int = 1, log=print, quick: bool = False) ->
   sources = sorted({p.estimate_source.split(" (")[0].split(",")[0] for p in train})
   n, peak = len(devs), max(p.peak_bytes for p in compiler.programs)
   model_flops = sum(p.calls * p.model_flops for p in train) / steps
-  examples = cfg.train.batch_size * max(1, len(exp.seeds))
+  examples = cfg.train.batch_size * exp.replicas.lanes
   trained = sum(p.calls * p.trained_tokens for p in train) / steps
   return Plan(
       config="", topology=topology, slices=slices, chip=spec.name, chips=n, hbm_bytes=spec.hbm_bytes,
@@ -657,9 +657,8 @@ def _plan_generate(exp, par, target, compiler) -> None:
   ids = jax.ShapeDtypeStruct((B, P), np.int32, sharding=rows or replicated)
   key = jax.ShapeDtypeStruct((2,), np.uint32, sharding=replicated)
   params, model_state = target.params, target.model_state
-  if exp.seeds:
-    params, model_state = jax.eval_shape(lambda p, s: (replicas.take(p, 0, exp.own), replicas.take(s, 0)),
-                                         params, model_state)
+  if exp.replicas:
+    params, model_state = jax.eval_shape(exp.replicas.first, params, model_state)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), params)
   g_kw = dict(apply=exp.apply, new_cache=exp.backbone.new_cache, max_new=g.max_new_tokens,
               temperature=float(g.temperature), top_p=float(g.top_p), eos_id=int(exp.task.eos_id))

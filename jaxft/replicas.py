@@ -9,6 +9,7 @@ shared ones), so replica k computes exactly what the single run with seed k comp
 every replica its own batch; their shapes (packed rows, length buckets) are padded to a common one with
 weight-0 rows and positions, which change no loss.
 """
+import dataclasses
 import math
 
 import jax
@@ -20,6 +21,128 @@ from jax.sharding import PartitionSpec as P
 from jaxft import rules
 from jaxft.errors import JaxftError
 from jaxft.step import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class Replicas:
+  """The replicas of a run (Experiment.replicas). A plain run has none (`seeds` empty, falsy): then every
+  method passes its input through, so the loop, evaluation and restore are written once for both."""
+  seed: int  # cfg.seed: a plain run's
+  seeds: tuple = ()  # the replicas' seeds; () for a plain run
+  own: frozenset = frozenset()  # param paths some phase trains: one copy per replica (the rest are shared)
+  chunk: int | None = None  # replicas per vmapped call of the train step (`chunk`)
+
+  def __bool__(self):
+    return bool(self.seeds)
+
+  @property
+  def lanes(self) -> int:
+    """Models trained side by side: the replicas, or the plain run's one."""
+    return max(1, len(self.seeds))
+
+  def axes(self, state: TrainState) -> TrainState:
+    """The replica axis of each leaf of a state (`axes`)."""
+    return axes(state, self.own)
+
+  def vectorize_train(self, train_step, state_axes: TrainState):
+    return vectorize_train(train_step, state_axes, self.chunk) if self else train_step
+
+  def vectorize_eval(self, eval_step, state_axes: TrainState):
+    return vectorize_eval(eval_step, state_axes) if self else eval_step
+
+  def vmap(self, fn, in_axes, out_axes):
+    """fn of one state, replica by replica."""
+    return jax.vmap(fn, in_axes=(in_axes,), out_axes=out_axes) if self else fn
+
+  def initial_state(self, seed_state) -> TrainState:
+    """Phase 0's initial state: seed_state(seed) of the run, or every replica's, stacked."""
+    return stack([seed_state(s) for s in self.seeds], self.own) if self else seed_state(self.seed)
+
+  def abstract_state(self, par, single: TrainState) -> TrainState:
+    """The state's ShapeDtypeStructs on the mesh, from one replica's."""
+    return abstract_state(par, single, self.own, len(self.seeds)) if self else par.abstract_state(single)
+
+  def batches(self, make):
+    """The training batches: make(seed) of the run, or every replica's in its own data order (`Batches`)."""
+    return Batches([make(s) for s in self.seeds]) if self else make(self.seed)
+
+  def sources(self, batches) -> list:
+    """Each replica's training batches in `batches` (a plain run's: [batches])."""
+    return batches.sources if self else [batches]
+
+  def same_batch(self, batch: dict) -> dict:
+    """One batch for every replica (bench)."""
+    return stack_batches([batch] * len(self.seeds)) if self else batch
+
+  def unstack(self, tree) -> list:
+    """A tree with the replica axis -> one tree per replica (a plain run's: [tree])."""
+    return unstack_tree(tree, len(self.seeds)) if self else [tree]
+
+  def each(self, params, model_state) -> list:
+    """[(params, model_state)] of every replica."""
+    if not self:
+      return [(params, model_state)]
+    return [(take(params, r, self.own), take(model_state, r)) for r in range(len(self.seeds))]
+
+  def first(self, params, model_state):
+    """Replica 0's params and model state (a plain run's own)."""
+    return self.each(params, model_state)[0] if self else (params, model_state)
+
+  def merge(self, per_replica: list[dict]) -> dict:
+    """One metrics dict of every replica's (`aggregate`); a plain run's own."""
+    return aggregate(per_replica) if self else per_replica[0]
+
+  def metrics(self, m: dict) -> dict:
+    """Train metrics with the replica axis -> aggregated."""
+    return self.merge(self.unstack(m))
+
+  def describe(self, task, metrics: dict) -> str:
+    """One log line: the task's, or each metric's mean ± 95% CI over the replicas."""
+    return describe(task.metrics, metrics) if self else task.describe(metrics)
+
+  def note_best(self, record, values: list, step: int, better) -> None:
+    """Each replica's best step: where its own value of train.best_metric improved (better(new, old))."""
+    if not self:
+      return
+    record.best_steps = record.best_steps or [None] * len(self.seeds)
+    record.best_values = record.best_values or [None] * len(self.seeds)
+    for r, value in enumerate(values):
+      if better(value, record.best_values[r]):
+        record.best_steps[r], record.best_values[r] = step, value
+
+  def at_best(self, record, states: dict, step: int):
+    """(params, model_state) with replica r at its best step (states: step -> restored state; a replica
+    without a recorded best takes `step`), or None for a plain run (it takes states[record.best_step])."""
+    if not self:
+      return None
+    n = len(self.seeds)
+    record.best_steps = [step if s is None else s for s in record.best_steps or [None] * n]
+    record.best_values = record.best_values or [None] * n
+    return (assemble({s: x.params for s, x in states.items()}, record.best_steps, self.own),
+            assemble({s: x.model_state for s, x in states.items()}, record.best_steps))
+
+  def chosen(self, replica: int | None, run_dir) -> int | None:
+    """The replica a one-model command (export, generate) uses: --replica, which a seed-vectorised run needs."""
+    if not self:
+      if replica is not None:
+        raise JaxftError(f"--replica {replica}: {run_dir} is a single run (train.seeds is not set)")
+      return None
+    if replica is None or not 0 <= replica < len(self.seeds):
+      raise JaxftError(f"{run_dir} holds {len(self.seeds)} replicas (train.seeds): choose one with --replica K, "
+                       f"0 <= K < {len(self.seeds)} (seeds {', '.join(map(str, self.seeds))})")
+    return replica
+
+  def one(self, state: TrainState, r: int | None) -> TrainState:
+    """Replica r of a state (None: the state as it is)."""
+    if r is None:
+      return state
+    return state.replace(params=take(state.params, r, self.own), model_state=take(state.model_state, r))
+
+
+def of(cfg, phases, platform: str) -> Replicas:
+  """The run's replicas (train.seeds), each owning the params some phase trains."""
+  seeds = tuple(seeds_of(cfg))
+  return Replicas(cfg.seed, seeds, owned(phases) if seeds else frozenset(), chunk(cfg, platform) if seeds else None)
 
 
 def seeds_of(cfg) -> list[int]:
@@ -58,11 +181,6 @@ def stack(states: list[TrainState], own: frozenset) -> TrainState:
   params = rules.merge({p: (jnp.stack([f[p] for f in flat]) if p in own else x) for p, x in flat[0].items()})
   rest = jax.tree.map(lambda *xs: jnp.stack(xs), *[s.replace(params={}) for s in states])
   return rest.replace(params=params)
-
-
-def initial_state(exp, seeds: list[int]) -> TrainState:
-  """Phase 0's replicated initial state: replica k as the single run with seed seeds[k] starts."""
-  return stack([exp.seed_state(s) for s in seeds], exp.own)
 
 
 def abstract_state(par, single, own: frozenset, n: int) -> TrainState:
@@ -188,15 +306,3 @@ def assemble(trees: dict, steps: list, own: frozenset | None = None):
   first = next(iter(flat.values()))
   return rules.merge({p: (jnp.stack([flat[s][p][r] for r, s in enumerate(steps)]) if own is None or p in own else x)
                       for p, x in first.items()})
-
-
-def chosen(exp, replica: int | None) -> int | None:
-  """The replica a one-model command (export, generate) uses: --replica, which a seed-vectorised run needs."""
-  if not exp.seeds:
-    if replica is not None:
-      raise JaxftError(f"--replica {replica}: {exp.cfg.run_dir} is a single run (train.seeds is not set)")
-    return None
-  if replica is None or not 0 <= replica < len(exp.seeds):
-    raise JaxftError(f"{exp.cfg.run_dir} holds {len(exp.seeds)} replicas (train.seeds): choose one with --replica K, "
-                     f"0 <= K < {len(exp.seeds)} (seeds {', '.join(map(str, exp.seeds))})")
-  return replica

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import jax
 
-from jaxft import replicas, run_lock
+from jaxft import run_lock
 from jaxft.checkpoint import Checkpointer, RestoreError, RunRecord
 from jaxft.errors import JaxftError
 from jaxft.experiment import build, setup
@@ -103,13 +103,10 @@ def restore_best(exp, ckpt, par, targets, record, state, step: int, warn):
       warn(f"the best checkpoint {e.step} cannot be restored ({e.reason}); moved it to {ckpt.move_aside(e.step)}; "
            f"testing the final params (step {step}) instead")
       record.forget(s)
-  if not exp.seeds:
+  best = exp.replicas.at_best(record, states, step)
+  if best is None:
     return states.get(record.best_step, state)
-  n = len(exp.seeds)
-  record.best_steps = [step if s is None else s for s in record.best_steps or [None] * n]
-  record.best_values = record.best_values or [None] * n
-  params = replicas.assemble({s: x.params for s, x in states.items()}, record.best_steps, exp.own)
-  model_state = replicas.assemble({s: x.model_state for s, x in states.items()}, record.best_steps)
+  params, model_state = best
   shardings = jax.tree.map(lambda x: x.sharding, targets[record.phase])
   return state.replace(params=jax.device_put(params, shardings.params),
                        model_state=jax.device_put(model_state, shardings.model_state))
@@ -147,20 +144,20 @@ def open_state(cfg, step: int | None = None, using: str = "evaluating", log=prin
   alone, which a seed-vectorised run must name. `using` names the use in the log."""
   with checkpoints(cfg, required) as ckpt:
     exp = build(cfg, log)
-    r = replicas.chosen(exp, replica) if one_model else None
+    r = exp.replicas.chosen(replica, cfg.run_dir) if one_model else None
     par, targets = setup(exp, log)
     if ckpt is None:
       if step is not None:
         raise JaxftError(f"--step {step}: no checkpoints in {Path(cfg.run_dir) / 'checkpoints'}")
       untrained = " (a new head is untrained)" if exp.task.head_key is not None else ""
       log(f"no checkpoints in {Path(cfg.run_dir) / 'checkpoints'}: {using} the model as loaded{untrained}")
-      return exp, par, targets, _replica(exp, par.put_state(exp.initial_state(), targets[0]), r)
+      return exp, par, targets, exp.replicas.one(par.put_state(exp.initial_state(), targets[0]), r)
     latest = ckpt.latest_step()
     if step is not None and step not in ckpt.steps():
       raise JaxftError(f"--step {step}: no such checkpoint in {ckpt.directory} "
                        f"(steps: {', '.join(map(str, ckpt.steps()))})")
     which = "" if r is None else f" (replica {r})"
-    if step is None and exp.seeds:  # each replica at its own best
+    if step is None and exp.replicas:  # each replica at its own best
       state, record = restore(ckpt, par, targets, latest)[::2]
       state = restore_best(exp, ckpt, par, targets, record, state, latest, log)
       log(f"{using} each replica's best checkpoint in {ckpt.directory} (steps "
@@ -169,10 +166,4 @@ def open_state(cfg, step: int | None = None, using: str = "evaluating", log=prin
       step = step if step is not None else (ckpt.record(latest).best_step or latest)
       state = restore(ckpt, par, targets, step)[0]
       log(f"{using} checkpoint {ckpt.directory}/{step}{which}")
-    return exp, par, targets, _replica(exp, state, r)
-
-
-def _replica(exp, state, r: int | None):
-  if r is None:
-    return state
-  return state.replace(params=replicas.take(state.params, r, exp.own), model_state=replicas.take(state.model_state, r))
+    return exp, par, targets, exp.replicas.one(state, r)

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from jaxft import config as config_lib
-from jaxft import faults, noise_scale, parallel, preemption, replicas, rules, runs
+from jaxft import faults, noise_scale, parallel, preemption, rules, runs
 from jaxft import metrics as metrics_lib
 from jaxft import phases as phases_lib
 from jaxft.data import batching
@@ -54,8 +54,7 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
 
   axis = par.axis_name
   eval_step = par.compile_eval(exp.eval_step(axis), targets[0])
-  source = (replicas.Batches([exp.train_batches(par.batch_shards, parallel.process_rows, s) for s in exp.seeds])
-            if exp.seeds else exp.train_batches(par.batch_shards, parallel.process_rows))
+  source = exp.replicas.batches(lambda seed: exp.train_batches(par.batch_shards, parallel.process_rows, seed))
   dataset = batching.train_dataset(source, batching.workers(cfg.data.workers))
   batches = iter(dataset)
   if data_state is not None:
@@ -78,7 +77,7 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
     end = (f"until validation {phase.until['metric'][4:]} stops improving for {phase.until['patience']} "
            f"evals, at most {phase.max_steps} steps") if phase.until else f"{phase.max_steps} steps"
     log(f"phase {phase.name}: {end}; trainable params {n_train:,} of {rules.count(single):,}"
-        + (" per replica" if exp.seeds else ""))
+        + (" per replica" if exp.replicas else ""))
     t_window, window_start, shapes = time.perf_counter(), step, set()
     eval_every = ptcfg.eval_every or batching.steps_for(len(exp.splits["train"]), tcfg.batch_size, 1)  # per epoch
     skipped = int(np.sum(jax.device_get(par.host_view(state).skipped)))
@@ -96,10 +95,10 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
         skipped = _check_finite(state, par, tcfg, ckpt, log, skipped)
       if step % ptcfg.log_every == 0 or last:
         m = par.metrics(m)
-        m = replicas.aggregate(replicas.unstack_tree(m, len(exp.seeds))) if exp.seeds else m
+        m = exp.replicas.metrics(m)
         m["skipped_steps"] = skipped
         dt = time.perf_counter() - t_window
-        m["examples_per_s"] = (step - window_start) * tcfg.batch_size * max(1, len(exp.seeds)) / dt  # all replicas
+        m["examples_per_s"] = (step - window_start) * tcfg.batch_size * exp.replicas.lanes / dt  # all replicas
         m["step_ms"] = 1000 * dt / (step - window_start)
         m["lr"] = float(phase.lr(in_phase - 1))
         m["phase"], m["compiles"] = k, _compiles(train_step)
@@ -158,7 +157,7 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
   writer.write(record.best_step, "test", test)
   writer.close()
   ckpt.close()
-  where = (f"each replica's best checkpoint (steps {', '.join(map(str, record.best_steps))})" if exp.seeds else
+  where = (f"each replica's best checkpoint (steps {', '.join(map(str, record.best_steps))})" if exp.replicas else
            f"the best checkpoint (step {record.best_step}, validation {exp.best_metric} {record.best_value:.4f})")
   log(f"test metrics from {where}")
   if is_main:
@@ -173,12 +172,7 @@ def _note_best(exp, record, val: dict, step: int) -> None:
   metric, lower = exp.best_metric, exp.lower_is_better
   if _better(val[metric], record.best_value, lower):
     record.best_step, record.best_value = step, val[metric]
-  if exp.seeds:
-    record.best_steps = record.best_steps or [None] * len(exp.seeds)
-    record.best_values = record.best_values or [None] * len(exp.seeds)
-    for r, value in enumerate(val[f"{metric}_seeds"]):
-      if _better(value, record.best_values[r], lower):
-        record.best_steps[r], record.best_values[r] = step, value
+  exp.replicas.note_best(record, val.get(f"{metric}_seeds"), step, lambda new, old: _better(new, old, lower))
 
 
 def _check_finite(state, par, tcfg, ckpt, log, reported: int) -> int:

@@ -46,8 +46,8 @@ def test_replica_k_equals_the_single_run_with_seed_k(tiny_cfg, pack, chunk):
   # frozen leaves (the word embeddings) are one copy; trained ones one per replica
   single = rules.flat(build(tiny_cfg(*extra), **QUIET).initial_state().params)
   for p, x in rules.flat(state.params).items():
-    assert x.shape == ((len(seeds),) + single[p].shape if p in exp.own else single[p].shape), p
-  assert any(p not in exp.own for p in single)
+    assert x.shape == ((len(seeds),) + single[p].shape if p in exp.replicas.own else single[p].shape), p
+  assert any(p not in exp.replicas.own for p in single)
 
 
 def test_stacked_batches_pad_with_no_weight():
