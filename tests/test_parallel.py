@@ -91,11 +91,9 @@ def test_every_strategy_matches_one_device(workdir):
       "dp": "parallel.mesh.data=8",
       "fsdp": "parallel.mesh.data=1,parallel.mesh.fsdp=8",
       "tp": "parallel.mesh.data=1,parallel.mesh.tensor=8",
-      "dp_tp": "parallel.mesh.data=4,parallel.mesh.tensor=2",
-      "fsdp_tp": "parallel.mesh.data=1,parallel.mesh.fsdp=4,parallel.mesh.tensor=2",
       # pmap drops out different units per device, so it is compared without dropout
       "pmap": "parallel.backend=pmap,train.dropout=false",
-      # adapters sharded like their kernels; a phase switch re-shards the new optimizer state
+      # mixed meshes: adapters sharded like their kernels; a phase switch re-shards the new optimizer state
       "lora_dp_tp": f"parallel.mesh.data=4,parallel.mesh.tensor=2,{LORA}",
       "phases_fsdp_tp": f"parallel.mesh.data=1,parallel.mesh.fsdp=4,parallel.mesh.tensor=2,{PHASES}",
       # per-token outputs gathered from every device for the host-side entity metrics
