@@ -13,6 +13,17 @@ from jaxft import runtime  # noqa: E402
 
 runtime.quiet_absent_tpu()  # libtpu installed (the test extra has it) on a machine without a TPU: jax skips it
 
+# The longest test files (each over ~3 minutes of one core: many multi-device or multi-process runs), scheduled
+# first so that the README's two workers (-n 2 --dist loadfile: a file to a worker) finish together.
+LONGEST_FIRST = ("test_faults.py", "test_parallel.py", "test_plan.py", "test_image_classification.py",
+                 "test_causal_lm.py", "test_bad_inputs.py", "test_bench.py", "test_replicas.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))  # stable: the rest keep their order
+
+
 WORDS = ["good", "great", "fine", "love", "fun", "bad", "awful", "boring", "hate", "dull",
          "the", "movie", "film", "plot", "was", "and", "a", "very", "not", "story"]
 POSITIVE, NEGATIVE = WORDS[:5], WORDS[5:10]

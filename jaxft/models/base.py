@@ -47,11 +47,12 @@ class Found:
     except (OSError, ValueError, AttributeError):
       return None
 
-  @functools.cached_property
-  def hf_config(self):
-    """transformers' config of a Hugging Face directory."""
-    from jaxft.models import hf_checkpoint
-    return hf_checkpoint.read_config(self.path)
+  def once(self, name: str, read: Callable):
+    """read(), the first time `name` is asked of this checkpoint (a family's own fact: its config)."""
+    facts = self.__dict__.setdefault("_facts", {})
+    if name not in facts:
+      facts[name] = read()
+    return facts[name]
 
   @functools.cached_property
   def weights(self) -> tuple[dict, str]:

@@ -51,7 +51,7 @@ TAKES = ()
 
 def claims(found: Found, impl: str = "auto") -> bool:
   """A Hugging Face BERT directory whose config this encoder computes, unless model.impl=transformers."""
-  return impl != "transformers" and found.model_type == "bert" and supports(found.hf_config)
+  return impl != "transformers" and found.model_type == "bert" and supports(hf_checkpoint.config_of(found))
 
 
 def open(found: Found) -> Opened:

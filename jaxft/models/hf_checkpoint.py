@@ -38,10 +38,15 @@ def read_config(path: Path):
     raise JaxftError(f"could not read {path / 'config.json'}: {str(e).splitlines()[0]}") from None
 
 
+def config_of(found):
+  """transformers' config of a Hugging Face directory, read once per checkpoint."""
+  return found.once("hf_config", lambda: read_config(found.path))
+
+
 def opened(found, family) -> Opened:
   """A Hugging Face directory described for `family` (bert, or transformers' Flax class): its config, the
   length its position embeddings cover, and its pooling."""
-  config = found.hf_config
+  config = config_of(found)
   return Opened(found.path, family, config.model_type, config, max_positions(config), pooling(found.path))
 
 
