@@ -21,7 +21,7 @@ LONGEST_FIRST = ("test_faults.py", "test_parallel.py", "test_plan.py", "test_ima
 
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))  # stable: the rest keep their order
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 WORDS = ["good", "great", "fine", "love", "fun", "bad", "awful", "boring", "hate", "dull",
