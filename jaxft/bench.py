@@ -149,8 +149,7 @@ def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data
   single = exp.state_shapes(0).params  # one replica's
   params = rules.flat(single)
   n_train = rules.count(rules.split(single, phase.labels, "train")[0])
-  trained_params = {p for p, label in rules.flat(phase.labels).items() if label != "frozen"}
-  analytic = lanes * exp.backbone.train_flops(params, tcfg.batch_size, length, trained_params)
+  analytic = lanes * exp.backbone.train_flops(params, tcfg.batch_size, length, rules.trained(phase.labels))
   flops = xla_flops or analytic
   all_tokens = lanes * tcfg.batch_size * (1 if images else length)
   trained_per_step = float(np.mean(trained)) if trained else float(all_tokens)

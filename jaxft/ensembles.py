@@ -97,8 +97,8 @@ def soup(cfg, out_dir=None, log=print) -> list[dict]:
 
   def mean_of(members):
     """The average of some replicas' best params and model state, on the devices."""
-    each = exp.replicas.each(state.params, state.model_state)
-    params, states = zip(*[each[r] for r in members], strict=True)
+    chosen = [exp.replicas.one(state, r) for r in members]
+    params, states = [s.params for s in chosen], [s.model_state for s in chosen]
     average = lambda *xs: sum(xs) / len(xs)  # noqa: E731
     return jax.device_put((jax.tree.map(average, *params), jax.tree.map(average, *states)), shardings)
 

@@ -494,9 +494,8 @@ def _model_flops(exp, k: int, batch) -> float:
   if x is None:
     return 0.0
   shape = np.shape(x) if exp.task.tokens else np.shape(x)[:-3] + (1,)  # [lanes..., B, L]
-  trained = {p for p, label in rules.flat(exp.phases[k].labels).items() if label != "frozen"}
   return math.prod(shape[:-2]) * exp.backbone.train_flops(rules.flat(exp.state_shapes(k).params), shape[-2],
-                                                           shape[-1], trained)
+                                                           shape[-1], rules.trained(exp.phases[k].labels))
 
 
 def plan(cfg, topology: str, slices: int = 1, log=print, quick: bool = False) -> Plan:

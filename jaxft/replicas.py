@@ -86,7 +86,7 @@ class Replicas:
 
   def first(self, params, model_state):
     """Replica 0's params and model state (a plain run's own)."""
-    return self.each(params, model_state)[0] if self else (params, model_state)
+    return (take(params, 0, self.own), take(model_state, 0)) if self else (params, model_state)
 
   def merge(self, per_replica: list[dict]) -> dict:
     """One metrics dict of every replica's (`aggregate`); a plain run's own."""
@@ -165,7 +165,7 @@ def chunk(cfg, platform: str) -> int | None:
 
 def owned(phases) -> frozenset:
   """Param paths some phase trains: each replica has its own copy of these."""
-  return frozenset(p for ph in phases for p, label in rules.flat(ph.labels).items() if label == "train")
+  return frozenset().union(*(rules.trained(ph.labels) for ph in phases))
 
 
 def axes(state: TrainState, own: frozenset) -> TrainState:

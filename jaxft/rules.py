@@ -112,6 +112,11 @@ def split(tree, labels, label: str):
   return sel, rest
 
 
+def trained(labels) -> frozenset:
+  """The param paths a label tree trains."""
+  return frozenset(p for p, label in flat(labels).items() if label == "train")
+
+
 def merge(*flat_dicts):
   """Inverse of `split`: one nested tree from flat {path: leaf} dicts."""
   out = {}

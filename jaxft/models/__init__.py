@@ -8,7 +8,8 @@ A family module (a file here and a line in FAMILIES) exports
   TAKES        the model.* keys only some families take (their values are checked in config.py)
   CONVENTIONS  its param-path conventions (freezing, layer decay, TP, LoRA)
 jaxft's own families claim disjoint sets of checkpoints (tests/models/test_models.py checks every fixture);
-a Hugging Face directory that none of them claims is computed by transformers' Flax class (TRANSFORMERS).
+a Hugging Face directory that none of them claims is computed by transformers' Flax class (TRANSFORMERS:
+the fallback, so it has no `claims`).
 """
 from jaxft import assets
 from jaxft.errors import JaxftError

@@ -62,11 +62,6 @@ NAME = "transformers"
 TAKES = ("image_size", "bn")  # image models
 
 
-def claims(found: Found, impl: str = "auto") -> bool:
-  """Any Hugging Face directory (models/__init__.py asks it only of those no jaxft family claims)."""
-  return impl != "jaxft" and found.model_type is not None
-
-
 def open(found: Found) -> Opened:
   return hf_checkpoint.opened(found, sys.modules[__name__])
 
