@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,19 @@ def jaxft(*args, fault: str | None = None, timeout: float = 300) -> subprocess.C
   env = {**os.environ, "JAXFT_FAULT": fault or ""}
   return subprocess.run([sys.executable, "-m", "jaxft.cli", *args], env=env, capture_output=True, text=True,
                         timeout=timeout)
+
+
+def jaxft_calls(calls: list, timeout: float = 600) -> list[subprocess.CompletedProcess]:
+  """`jaxft ARGS` for each ARGS in `calls`, one after another in one subprocess (tests/helpers/cli_calls.py):
+  jax starts once, not once per call."""
+  with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+    json.dump([[str(a) for a in args] for args in calls], f)
+    f.flush()
+    r = subprocess.run([sys.executable, str(Path(__file__).parent / "helpers" / "cli_calls.py"), f.name],
+                       capture_output=True, text=True, timeout=timeout)
+  assert r.returncode == 0, r.stderr[-3000:]
+  results = json.loads(next(l for l in r.stdout.splitlines() if l.startswith("RESULT "))[7:])
+  return [subprocess.CompletedProcess(args, **res) for args, res in zip(calls, results)]
 
 
 def tiny_overrides(tiny_bert, tiny_data, run_dir, fmt="pt", *extra):

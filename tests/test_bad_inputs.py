@@ -1,11 +1,12 @@
 """Bad input, as a user types it: a one-line error naming the culprit, exit 2, no traceback, and nothing
-left behind (issue 12; more cases come with the rest of that issue)."""
+left behind. The command lines run one after another in one process (tests/helpers/cli_calls.py)."""
 import random
+import re
 import shutil
 from pathlib import Path
 
 import pytest
-from conftest import jaxft, tiny_overrides
+from conftest import jaxft_calls, tiny_overrides
 
 from jaxft import formats
 
@@ -71,50 +72,87 @@ def assert_one_line_error(r, message):
   assert "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("command,overrides,message", CASES, ids=[c[1][0][:40] for c in CASES])
-def test_one_line_error_and_exit_2(tiny_bert, tiny_data, tmp_path, command, overrides, message):
-  r = jaxft(command, *tiny_overrides(tiny_bert, tiny_data, tmp_path / "run"), *overrides)
-  assert_one_line_error(r, message)
-
-
-def test_failed_train_leaves_nothing_behind(tiny_bert, tiny_data, tmp_path):
-  r = jaxft("train", *tiny_overrides(tiny_bert, tiny_data, tmp_path / "run"), "freeze=[.*]")
-  assert r.returncode == 2 and "trains nothing" in r.stderr
-  assert not (tmp_path / "run").exists()
-
-
-def test_run_dir_that_is_a_file(tiny_bert, tiny_data, tmp_path):
-  (tmp_path / "run").write_text("not a dir")
-  r = jaxft("train", *tiny_overrides(tiny_bert, tiny_data, tmp_path / "run"))
-  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == \
-      f"error: run_dir {tmp_path / 'run'} exists and is not a directory"
-  assert (tmp_path / "run").read_text() == "not a dir"
-
-
-@pytest.mark.parametrize("fmt,name,damage,message", WEIGHTS,
-                         ids=["safetensors_half", "msgpack_half", "torch_zip_half", "random_bytes"])
-def test_damaged_weights_name_the_file(tiny_bert, tiny_data, tmp_path, fmt, name, damage, message):
-  model = shutil.copytree(tiny_bert[fmt], tmp_path / "model")  # a copy: the session's fixture stays whole
-  good = formats.find(model).rename(tmp_path / "good")
+def damaged_model(tiny_bert, root: Path, fmt, name, damage) -> Path:
+  model = shutil.copytree(tiny_bert[fmt], root / "model")  # a copy: the session's fixture stays whole
+  good = formats.find(model).rename(root / "good")
   (model / name).write_bytes(damage(good))
-  r = jaxft("inspect", *tiny_overrides(tiny_bert, tiny_data, tmp_path / "run"), f"model.name={model}")
-  assert_one_line_error(r, message.format(path=model / name))
+  return model
 
 
-@pytest.mark.parametrize("name,content,overrides,message", DATA, ids=[
-    "jsonl_utf8", "csv_utf8", "conll_utf8", "no_label", "no_text", "null_text", "number_text", "list_text",
-    "csv_short_row", "one_class", "one_class_in_train", "ner_one_tag"])
-def test_bad_data_file_names_file_and_line(tiny_bert, tiny_data, tmp_path, name, content, overrides, message):
-  path = tmp_path / name
+def data_file(root: Path, name, content) -> Path:
+  path = root / name
   (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
-  r = jaxft("inspect", *tiny_overrides(tiny_bert, tiny_data, tmp_path / "run", "pt", f"data.train={path}", *overrides))
-  assert_one_line_error(r, message.format(path=path))
+  return path
 
 
-def test_one_class_in_train_with_label_names_is_a_warning(tiny_bert, tiny_data, tmp_path):
+@pytest.fixture(scope="module")
+def calls(tiny_bert, tiny_data, tmp_path_factory):
+  """Every case of this file as a `jaxft` command line, all run in one process (jax starts once): {case id:
+  (its directory, the finished call)}."""
+  cases = {}
+
+  def case(cid, command, *overrides):
+    root = tmp_path_factory.mktemp(re.sub(r"\W", "_", cid)[:30])
+    cases[cid] = (root, command, overrides)
+    return root
+
+  for command, overrides, _ in CASES:
+    case("case:" + overrides[0], command, *overrides)
+  case("freeze_all", "train", "freeze=[.*]")
+  (case("run_dir_file", "train") / "run").write_text("not a dir")
+  for cid, (fmt, name, damage, _) in zip(WEIGHT_IDS, WEIGHTS):
+    root = case(cid, "inspect")
+    cases[cid] = (root, "inspect", (f"model.name={damaged_model(tiny_bert, root, fmt, name, damage)}",))
+  for cid, (name, content, overrides, _) in zip(DATA_IDS, DATA):
+    root = case(cid, "inspect")
+    cases[cid] = (root, "inspect", (f"data.train={data_file(root, name, content)}", *overrides))
+  root = case("one_class_named", "inspect")
+  cases["one_class_named"] = (root, "inspect", (f"data.train={data_file(root, 't.jsonl', ONE_CLASS)}",
+                                                "task.label_names=[neg, pos]"))
+  argvs = [(command, *tiny_overrides(tiny_bert, tiny_data, root / "run", "pt", *overrides))
+           for root, command, overrides in cases.values()]
+  return {cid: (root, r) for (cid, (root, *_)), r in zip(cases.items(), jaxft_calls(argvs))}
+
+
+@pytest.mark.parametrize("command,overrides,message", CASES, ids=[c[1][0][:40] for c in CASES])
+def test_one_line_error_and_exit_2(calls, command, overrides, message):
+  assert_one_line_error(calls["case:" + overrides[0]][1], message)
+
+
+def test_failed_train_leaves_nothing_behind(calls):
+  root, r = calls["freeze_all"]
+  assert r.returncode == 2 and "trains nothing" in r.stderr
+  assert not (root / "run").exists()
+
+
+def test_run_dir_that_is_a_file(calls):
+  root, r = calls["run_dir_file"]
+  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == \
+      f"error: run_dir {root / 'run'} exists and is not a directory"
+  assert (root / "run").read_text() == "not a dir"
+
+
+WEIGHT_IDS = ["safetensors_half", "msgpack_half", "torch_zip_half", "random_bytes"]
+
+
+@pytest.mark.parametrize("cid,name,message", [(i, w[1], w[3]) for i, w in zip(WEIGHT_IDS, WEIGHTS)], ids=WEIGHT_IDS)
+def test_damaged_weights_name_the_file(calls, cid, name, message):
+  root, r = calls[cid]
+  assert_one_line_error(r, message.format(path=root / "model" / name))
+
+
+DATA_IDS = ["jsonl_utf8", "csv_utf8", "conll_utf8", "no_label", "no_text", "null_text", "number_text", "list_text",
+            "csv_short_row", "one_class", "one_class_in_train", "ner_one_tag"]
+
+
+@pytest.mark.parametrize("cid,name,message", [(i, d[0], d[3]) for i, d in zip(DATA_IDS, DATA)], ids=DATA_IDS)
+def test_bad_data_file_names_file_and_line(calls, cid, name, message):
+  root, r = calls[cid]
+  assert_one_line_error(r, message.format(path=root / name))
+
+
+def test_one_class_in_train_with_label_names_is_a_warning(calls):
   """The label names list the class that validation / test bring: the run may be meant, so it goes on."""
-  (tmp_path / "t.jsonl").write_text(ONE_CLASS)
-  r = jaxft("inspect", *tiny_overrides(tiny_bert, tiny_data, tmp_path / "run"), f"data.train={tmp_path / 't.jsonl'}",
-            "task.label_names=[neg, pos]")
+  r = calls["one_class_named"][1]
   assert r.returncode == 0, r.stderr[-2000:]
   assert "warning: the training data has one class only in task.label_column 'label'" in " ".join(r.stderr.split())

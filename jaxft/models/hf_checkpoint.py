@@ -7,11 +7,14 @@ and which params are new is computed here, by comparing key sets, not by reading
 import dataclasses
 import json
 import shutil
+import types
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import traverse_util
+from flax.core import unfreeze
 
 from jaxft import formats
 from jaxft.errors import JaxftError
@@ -68,13 +71,13 @@ def fold(keys: list[str]) -> str:
                    for h, v in groups.items())
 
 
-def _base_model(config, pooler: bool, seed: int, dtype: str, init: bool = True):
-  """transformers' Flax base model for `config`, randomly initialised (without the pooler where the
-  class allows leaving it out); init=False: its param shapes only (`params_shape_tree`)."""
+def _base_model(config, pooler: bool, seed: int, dtype: str):
+  """transformers' Flax base model for `config` (without the pooler where the class allows leaving it out),
+  holding its param shapes only (`params_shape_tree`): `_initialised` makes random params."""
   import transformers
   from transformers.utils import logging as hf_logging
   hf_logging.set_verbosity_error()  # its deprecation notice for Flax classes, once per process
-  kwargs = dict(seed=seed, dtype=jnp.dtype(dtype), _do_init=init)
+  kwargs = dict(seed=seed, dtype=jnp.dtype(dtype), _do_init=False)
   try:
     return transformers.FlaxAutoModel.from_config(config, add_pooling_layer=pooler, **kwargs)
   except TypeError:  # the class has no optional pooler
@@ -84,16 +87,23 @@ def _base_model(config, pooler: bool, seed: int, dtype: str, init: bool = True):
                      f"{str(e).splitlines()[0]}") from None
 
 
+def _initialised(model) -> dict:
+  """The model's own random initialisation (transformers' init_weights with its seed), compiled as one
+  program: run op by op it took seconds even for a tiny model."""
+  return unfreeze(jax.jit(model.init_weights, static_argnums=1)(model.key, model.input_shape))
+
+
 def _checkpoint_keys(weights: dict, kind: str, model) -> dict:
   """{param path tuple: array} of the checkpoint, in the base model's naming."""
-  if kind == "pytorch":
+  shapes, prefix = model.params_shape_tree, model.base_model_prefix
+  if kind == "pytorch":  # the converter reads only the names and shapes of the model's params
     from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
-    return traverse_util.flatten_dict(convert_pytorch_state_dict_to_flax(weights, model))
+    described = types.SimpleNamespace(params=shapes, base_model_prefix=prefix)
+    return traverse_util.flatten_dict(convert_pytorch_state_dict_to_flax(weights, described))
   flat = {tuple(k.split("/")): v for k, v in weights.items()}
-  prefix = model.base_model_prefix
   # a model with a head -> its base; with BatchNorm the trees are {params, batch_stats} -> {prefix: ...}
-  at = 1 if "batch_stats" in model.params else 0
-  if prefix not in model.params.get("params", model.params) and any(len(k) > at and k[at] == prefix for k in flat):
+  at = 1 if "batch_stats" in shapes else 0
+  if prefix not in shapes.get("params", shapes) and any(len(k) > at and k[at] == prefix for k in flat):
     flat = {(k[:at] + k[at + 1:] if len(k) > at and k[at] == prefix else k): v for k, v in flat.items()}
   return flat
 
@@ -106,11 +116,11 @@ def load(path: Path, config, pooler: bool, seed: int = 0, dtype: str = "float32"
   tokenizer_path: where the tokenizer is (default `path`)."""
   import transformers
   tokenizer_path = tokenizer_path or path
-  model = _base_model(config, pooler, seed, dtype, init=weights != "shapes")
+  model = _base_model(config, pooler, seed, dtype)
   if weights == "shapes":
     params, report = model.params_shape_tree, "model.weights=shapes: the architecture only, no weights read"
   elif weights == "random":  # the config's network, freshly initialised: no weights file needed
-    params, report = model.params, "model.weights=random: every param newly initialised"
+    params, report = _initialised(model), "model.weights=random: every param newly initialised"
   else:
     params, report = _weights(path, model)
   try:  # an image model has none (models/hf_flax.py reads its preprocessor_config.json)
@@ -130,15 +140,16 @@ def _weights(path: Path, model):
     loaded = _checkpoint_keys(weights, kind, model)
   except ValueError as e:
     raise JaxftError(f"{file}: {str(e).splitlines()[0]}") from None
-  expected = traverse_util.flatten_dict(model.params)
+  expected = traverse_util.flatten_dict(model.params_shape_tree)
   for k, x in loaded.items():
     if k in expected and tuple(x.shape) != tuple(expected[k].shape):
       raise JaxftError(f"{file}: '{'/'.join(k)}' has shape {tuple(x.shape)}, the model expects "
                        f"{tuple(expected[k].shape)}")
   unused = ["/".join(k) for k in loaded if k not in expected]
   new = ["/".join(k) for k in expected if k not in loaded]
-  params = traverse_util.unflatten_dict({k: jnp.asarray(loaded[k]) if k in loaded else x
-                                         for k, x in expected.items()})
+  initialised = traverse_util.flatten_dict(_initialised(model)) if new else {}
+  params = traverse_util.unflatten_dict({k: jnp.asarray(loaded[k]) if k in loaded else initialised[k]
+                                         for k in expected})
   return params, (f"{file.name} ({kind} names); unused checkpoint keys: {fold(unused) or 'none'}; not in the "
                   f"checkpoint, newly initialised: {fold(new) or 'none'}")
 
