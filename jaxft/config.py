@@ -404,28 +404,20 @@ def validate(cfg: Config) -> None:
     if not ok:
       raise JaxftError(msg)
   cfg.task.check()
-  from jaxft import lora, optim  # (phases_preset is checked where phases.py expands it: it imports this module)
+  from jaxft import lora, models, optim  # (phases_preset is checked where phases.py expands it: it imports this module)
+  from jaxft.data import sources
   check(cfg.lora.preset in (None, *lora.PRESETS),
         f"config key 'lora.preset' must be one of {', '.join(lora.PRESETS)}, got {cfg.lora.preset!r}")
   check(cfg.model.impl in ("auto", "jaxft", "transformers"),
         f"config key 'model.impl' must be auto, jaxft or transformers, got {cfg.model.impl!r}")
   check(cfg.model.weights in ("pretrained", "random", "shapes"),
         f"config key 'model.weights' must be pretrained, random or shapes, got {cfg.model.weights!r}")
-  check(cfg.model.bn in ("train", "frozen"), f"config key 'model.bn' must be train or frozen, got {cfg.model.bn!r}")
-  check(cfg.model.image_size is None or cfg.model.image_size >= 8,
-        f"config key 'model.image_size' must be >= 8 pixels, got {cfg.model.image_size}")
+  models.check_keys(cfg)  # the keys of some families (models.FAMILY_KEYS), checked as they say
   limit = cfg.data.limit or {}
   for split, n in limit.items():
     check(split in ("train", "validation", "test") and isinstance(n, int) and not isinstance(n, bool) and n > 0,
           f"config key 'data.limit' maps train / validation / test to a positive number of examples, got "
           f"{split}: {n!r}")
-  check(cfg.model.attention in ("auto", "xla"),
-        f"config key 'model.attention' must be auto or xla, got {cfg.model.attention!r}")
-  check(not (cfg.model.scan_layers and (cfg.lora.targets or cfg.lora.preset)),
-        "config key 'model.scan_layers' does not take LoRA adapters yet (they are found per block); set "
-        "model.scan_layers=false")
-  check(cfg.model.layers is None or (cfg.model.weights == "shapes" and cfg.model.layers >= 1),
-        f"config key 'model.layers' sets a depth of model.weights=shapes models only (>= 1), got {cfg.model.layers}")
   check(cfg.model.remat in ("none", "block"),
         f"config key 'model.remat' must be none or block, got {cfg.model.remat!r}")
   for key in ("compute", "params"):
@@ -455,7 +447,7 @@ def validate(cfg: Config) -> None:
   check(buckets is None or (buckets == sorted(buckets) and buckets and buckets[-1] >= cfg.data.max_length),
         f"config key 'data.buckets' must be ascending and end at >= data.max_length "
         f"({cfg.data.max_length}), got {buckets}")
-  check(len(cfg.data.conll_columns) == 2, "config key 'data.conll_columns' must be [token column, tag column]")
+  sources.check_keys(cfg.data)  # the keys of some sources, set only for them and checked as they say
   check(cfg.data.sort_window >= 1, "config key 'data.sort_window' must be >= 1")
   check(cfg.data.workers is None or cfg.data.workers >= 1,
         f"config key 'data.workers' must be >= 1 (or null: one per core), got {cfg.data.workers}")

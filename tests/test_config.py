@@ -37,10 +37,25 @@ def test_overrides_are_typed():
     ("lora.rank=0", "config keys 'lora.rank' and 'lora.alpha' must be > 0"),
     ("phases=[{until: {metric: loss}}]", "config key 'phases[0].until' must be {metric: val_<metric>"),
     ("task.name=ner", "config key 'task.name' must be one of sequence_classification"),
+    # the families' own keys, checked as each family's TAKES says
+    ("model.attention=flash", "config key 'model.attention' must be auto or xla, got 'flash'"),
+    ("model.bn=batch", "config key 'model.bn' must be train or frozen, got 'batch'"),
+    ("model.image_size=4", "config key 'model.image_size' must be >= 8 pixels, got 4"),
+    ("model.layers=2", "config key 'model.layers' sets a depth of model.weights=shapes models only (>= 1), got 2"),
+    (("model.scan_layers=true", "lora.preset=qv"), "config key 'model.scan_layers' does not take LoRA adapters yet"),
+    # the sources' own keys: only for a source that reads them, checked as it says
+    ("data.train=t.jsonl", "config key 'data.train' is not read by data.name=vader_movie_reviews; it is a key of the "
+                           "files and image_folder sources"),
+    ("data.conll_columns=[1, 2]", "config key 'data.conll_columns' is not read by data.name=vader_movie_reviews; it "
+                                  "is a key of the files source"),
+    (("data.name=files", "data.train=t.conll", "data.conll_columns=[1]"),
+     "config key 'data.conll_columns' must be [token column, tag column], got [1]"),
+    (("data.name=files", "data.tfds_dir=/tmp"), "config key 'data.tfds_dir' is not read by data.name=files; it is a "
+                                                "key of the builtin and tfds sources"),
 ])
 def test_bad_overrides_name_the_key(override, message):
   with pytest.raises(JaxftError) as e:
-    load_config(None, (override,))
+    load_config(None, (override,) if isinstance(override, str) else override)
   assert message in str(e.value) and "\n" not in str(e.value)
 
 

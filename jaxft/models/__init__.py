@@ -5,7 +5,7 @@ A family module (a file here and a line in FAMILIES) exports
   claims(found, impl) -> bool   whether it reads the checkpoint `found` describes (model.impl given)
   open(found) -> Opened         what it is, read before the weights: config, input length bound, pooling
   load(path, mcfg, compute_dtype, seed, platform, pooler, config) -> (Backbone, one-line report)
-  TAKES        the model.* keys only some families take (their values are checked in config.py)
+  TAKES        the model.* keys only some families take: {key: (check(value, cfg), the error if it fails)}
   CONVENTIONS  its param-path conventions (freezing, layer decay, TP, LoRA)
 jaxft's own families claim disjoint sets of checkpoints (tests/models/test_models.py checks every fixture);
 a Hugging Face directory that none of them claims is computed by transformers' Flax class (TRANSFORMERS:
@@ -20,6 +20,15 @@ FAMILIES = (bert, llama, efficientnet)  # jaxft's modules; order does not matter
 TRANSFORMERS = hf_flax  # any other Hugging Face directory (model.impl=auto | transformers)
 FAMILY_KEYS = {key: [f.NAME for f in (*FAMILIES, TRANSFORMERS) if key in f.TAKES]
                for f in (*FAMILIES, TRANSFORMERS) for key in f.TAKES}
+
+
+def check_keys(cfg) -> None:
+  """The values set for the family keys, each checked as the families that take it say (config.validate)."""
+  checks = {key: check for f in (*FAMILIES, TRANSFORMERS) for key, check in f.TAKES.items()}
+  for key, (ok, error) in checks.items():
+    value = getattr(cfg.model, key)
+    if value is not None and not ok(value, cfg):
+      raise JaxftError(f"config key 'model.{key}' {error}, got {value!r}")
 
 
 def family(found: Found, impl: str = "auto"):

@@ -163,6 +163,13 @@ def max_positions(config) -> int | None:
   return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
+# The model.* keys of the image families (efficientnet, transformers' image models): (check, error), as TAKES
+IMAGE_KEYS = {
+    "image_size": (lambda v, cfg: v >= 8, "must be >= 8 pixels"),
+    "bn": (lambda v, cfg: v in ("train", "frozen"), "must be train or frozen"),
+}
+
+
 def frozen_batchnorm(frozen: frozenset):
   """A context in which every flax BatchNorm whose module path ('blocks/3/bn1', relative to the applied
   module) is in `frozen` normalises with, and keeps, its running statistics, even in training: one

@@ -46,7 +46,7 @@ ACTIVATIONS = {"gelu": functools.partial(nn.gelu, approximate=False),
 
 
 NAME = "bert"
-TAKES = ()
+TAKES = {}
 
 
 def claims(found: Found, impl: str = "auto") -> bool:

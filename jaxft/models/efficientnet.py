@@ -27,6 +27,7 @@ from flax import traverse_util
 
 from jaxft import formats
 from jaxft.errors import JaxftError
+from jaxft.models import base
 from jaxft.models.base import Backbone, Conventions, Found, ImageProcessor, Opened, batchnorm_paths, frozen_batchnorm
 
 # name: (width, depth, resolution, dropout) from efficientnet_lite_builder.py
@@ -227,7 +228,7 @@ def to_torch(params: dict, stats: dict, variant: str) -> dict:
 
 
 NAME = MODEL_TYPE = "efficientnet_lite"
-TAKES = ("image_size", "bn")
+TAKES = base.IMAGE_KEYS
 CONVENTIONS = Conventions(embeddings=r"(.*/)?stem/.*", embeddings_frozen="with_bottom_layers",
                           layers=r"(?:.*/)?blocks/", no_decay=(r"(.*/)?bias", r"(.*/)?bn\d?/scale"))
 WEIGHT_SUFFIXES = formats.PICKLE_SUFFIXES + (".safetensors",)

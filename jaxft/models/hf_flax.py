@@ -13,7 +13,7 @@ import sys
 import jax.numpy as jnp
 
 from jaxft.errors import JaxftError
-from jaxft.models import hf_checkpoint, llama
+from jaxft.models import base, hf_checkpoint, llama
 from jaxft.models.base import (
   Backbone,
   Conventions,
@@ -59,7 +59,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 NAME = "transformers"
-TAKES = ("image_size", "bn")  # image models
+TAKES = base.IMAGE_KEYS  # image models
 
 
 def open(found: Found) -> Opened:

@@ -33,7 +33,13 @@ from jaxft.models import llama_gguf, splash
 from jaxft.models.base import Backbone, Conventions, Found, Opened, token_flops, tokenizer_path
 
 NAME = MODEL_TYPE = "llama"
-TAKES = ("scan_layers", "layers", "attention")
+TAKES = {  # the model.* keys only this family takes: (the check of a value set, the error if it fails)
+    "scan_layers": (lambda v, cfg: not (v and (cfg.lora.targets or cfg.lora.preset)),
+                    "does not take LoRA adapters yet (they are found per block); set model.scan_layers=false"),
+    "layers": (lambda v, cfg: cfg.model.weights == "shapes" and v >= 1,
+               "sets a depth of model.weights=shapes models only (>= 1)"),
+    "attention": (lambda v, cfg: v in ("auto", "xla"), "must be auto or xla"),
+}
 _ATTN, _MLP = r".*/self_attn/(q_proj|k_proj|v_proj|o_proj)/kernel", r".*/mlp/(gate_proj|up_proj|down_proj)/kernel"
 CONVENTIONS = Conventions(
     embeddings=r"(.*/)?embed_tokens/.*",

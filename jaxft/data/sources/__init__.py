@@ -1,15 +1,19 @@
 """Raw examples per split, from a built-in dataset, local files, or a locally prepared TFDS dataset.
 
   data.name: vader_movie_reviews | wnut16   built-ins: TFDS builders prepared in data.tfds_dir on first use
-             | fashion_mnist | mnist_5k
+             | fashion_mnist | mnist_5k     (builtin.py)
              files                          data.train / validation / test (files.py)
              image_folder                   data.train / ...: class subfolders of images (image_folder.py)
-             tfds:NAME[:VERSION]            a TFDS dataset prepared in data.tfds_dir (array_record)
+             tfds:NAME[:VERSION]            a TFDS dataset prepared in data.tfds_dir (array_record; tfds.py)
 
+A source module (a file here and a line in SOURCES) exports
+  splits(dcfg, log) -> ({split: [record, ...]}, {record key: [class names]})
+  TAKES   the data.* keys only some sources take: {key: None, or (check(value), the error if it fails)}
 A source returns records (plain dicts); the task turns them into arrays. A split the source lacks
 is split off train by data.split, with data.split_seed.
 """
 import dataclasses
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -30,19 +34,34 @@ def tfds_dir(dcfg) -> Path:
   return Path(dcfg.tfds_dir).expanduser() if dcfg.tfds_dir else cache_dir() / "tfds"
 
 
+# data.name (or its prefix, up to ':') -> the module that reads it; any other name is a built-in's
+SOURCES = {"files": "files", "image_folder": "image_folder", "tfds": "tfds"}
+BUILTIN = "builtin"
+
+
+def module(name: str):
+  """The source module that reads data.name=`name`."""
+  return importlib.import_module(f"jaxft.data.sources.{SOURCES.get(name.split(':')[0], BUILTIN)}")
+
+
+def check_keys(dcfg) -> None:
+  """Each source's own keys: set only for a source that takes them, and checked as it says."""
+  source, default = module(dcfg.name), type(dcfg)()
+  owners: dict[str, list[str]] = {}
+  for mod in sorted({*SOURCES.values(), BUILTIN}):
+    for key in importlib.import_module(f"jaxft.data.sources.{mod}").TAKES:
+      owners.setdefault(key, []).append(mod)
+  for key, mods in owners.items():
+    value = getattr(dcfg, key)
+    if value != getattr(default, key) and key not in source.TAKES:
+      raise JaxftError(f"config key 'data.{key}' is not read by data.name={dcfg.name}; it is a key of the "
+                       f"{' and '.join(mods)} source{'s' if len(mods) > 1 else ''}")
+    if key in source.TAKES and source.TAKES[key] is not None and not source.TAKES[key][0](value):
+      raise JaxftError(f"config key 'data.{key}' {source.TAKES[key][1]}, got {value!r}")
+
+
 def load(dcfg, log=print) -> Source:
-  if dcfg.name == "files":
-    from jaxft.data.sources import files
-    splits, names = files.load(dcfg), {}
-  elif dcfg.name == "image_folder":
-    from jaxft.data.sources import image_folder
-    splits, names = image_folder.load(dcfg)
-  elif dcfg.name.startswith("tfds:"):
-    from jaxft.data.sources import tfds
-    splits, names = tfds.load(dcfg.name[len("tfds:"):], tfds_dir(dcfg))
-  else:
-    from jaxft.data.sources import builtin
-    splits, names = builtin.load(dcfg.name, tfds_dir(dcfg), log)
+  splits, names = module(dcfg.name).splits(dcfg, log)
   if not splits.get("train"):
     raise JaxftError(f"data.name={dcfg.name}: no training examples (splits: {', '.join(splits) or 'none'})")
   return Source(limit(complete(splits, dcfg), dcfg.limit or {}, dcfg.split_seed, log), names)

@@ -21,6 +21,15 @@ def builder(name: str):
   return importlib.import_module(f"jaxft.data.sources.builders.{name}").Builder
 
 
+TAKES = {"tfds_dir": None}
+
+
+def splits(dcfg, log=print) -> tuple[dict[str, list[dict]], dict[str, list[str]]]:
+  """The built-in data.name, prepared in data.tfds_dir on first use."""
+  from jaxft.data.sources import tfds_dir
+  return load(dcfg.name, tfds_dir(dcfg), log)
+
+
 def load(name: str, data_dir: Path, log=print) -> tuple[dict[str, list[dict]], dict[str, list[str]]]:
   """The built-in `name` from data_dir, prepared there first (once) if it is not yet."""
   if name not in NAMES:

@@ -140,8 +140,12 @@ def read(path: str, dcfg) -> list[dict]:
   return rows
 
 
-def load(dcfg) -> dict:
-  """{split: records} of the splits that are set."""
+TAKES = {"train": None, "validation": None, "test": None,
+         "conll_columns": (lambda v: len(v) == 2, "must be [token column, tag column]")}
+
+
+def splits(dcfg, log=print) -> tuple[dict, dict]:
+  """{split: records} of the splits that are set (files name no classes)."""
   if not dcfg.train:
     raise JaxftError("data.name is 'files' but data.train is not set")
-  return {s: read(getattr(dcfg, s), dcfg) for s in ("train", "validation", "test") if getattr(dcfg, s)}
+  return {s: read(getattr(dcfg, s), dcfg) for s in ("train", "validation", "test") if getattr(dcfg, s)}, {}

@@ -12,9 +12,10 @@ from jaxft import assets
 from jaxft.errors import JaxftError
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+TAKES = {"train": None, "validation": None, "test": None}
 
 
-def load(dcfg) -> tuple[dict, dict]:
+def splits(dcfg, log=print) -> tuple[dict, dict]:
   if not dcfg.train:
     raise JaxftError("data.name=image_folder needs data.train: a directory with one subfolder of images per class")
   splits = {split: read(assets.resolve(getattr(dcfg, split)), f"data.{split}", dcfg)

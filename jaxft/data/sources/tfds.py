@@ -16,6 +16,13 @@ from jaxft.errors import JaxftError
 _NAME = re.compile(r"(?P<name>[a-z0-9_]+)(?:/(?P<config>[\w.\-]+))?(?::(?P<version>\d+\.\d+\.\d+))?$")
 _VERSION = re.compile(r"\d+\.\d+\.\d+$")
 _CHUNK = 4096  # records read per random-access batch
+TAKES = {"tfds_dir": None}
+
+
+def splits(dcfg, log=print) -> tuple[dict[str, list[dict]], dict[str, list[str]]]:
+  """data.name=tfds:NAME[:VERSION], prepared in data.tfds_dir."""
+  from jaxft.data.sources import tfds_dir
+  return load(dcfg.name[len("tfds:"):], tfds_dir(dcfg))
 
 
 def load(name: str, data_dir: Path) -> tuple[dict[str, list[dict]], dict[str, list[str]]]:
