@@ -24,7 +24,8 @@ RUNS = {  # config -> overrides: one run of each task's shipped config
     "qa_generated": [],
     "vision_fashion_mnist": ["data.limit={train: 2000, validation: 500, test: 500}"],
     "lm_austen": [],
-    "sft_sentiment": ["data.limit={train: 160, validation: 40, test: 40}", "generate.eval_examples=20"],
+    # (generating for every one of the 40: the key that caps it moved, generate.* -> task.*, in issue 31)
+    "sft_sentiment": ["data.limit={train: 160, validation: 40, test: 40}"],
 }
 
 

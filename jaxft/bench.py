@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft import chips, models, parallel, rules
+from jaxft import chips, parallel, rules
 from jaxft.data import batching
 from jaxft.experiment import build, setup
 
@@ -85,11 +85,10 @@ class Result:
 def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data: str = "synthetic",
           name: str = "default", log=print) -> Result:
   """Times phase 0's train step of `cfg` on fixed-shape batches of `length` tokens."""
-  if length:
-    models.open(cfg.model).check_length(length, "bench --length")
+  length_key = "bench --length" if length else "data.max_length"
   length = length or cfg.data.max_length
   cfg.data.max_length, cfg.data.buckets = length, [length]
-  exp = build(cfg, log)
+  exp = build(cfg, log, length_key=length_key)
   images = not exp.task.tokens  # an image model: `length` is its resolution
   length = exp.backbone.processor.size if images else length
   tcfg, phase = cfg.train, exp.phases[0]

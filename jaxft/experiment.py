@@ -174,14 +174,15 @@ def _head(task, backbone, seed: int):
   return loaded, True
 
 
-def build(cfg, log=print, platform: str | None = None) -> Experiment:
+def build(cfg, log=print, platform: str | None = None, length_key: str = "data.max_length") -> Experiment:
   """platform: what the programs are compiled for (default: this process's devices); some choices differ
-  per platform (models.load, replicas.chunk)."""
+  per platform (models.load, replicas.chunk). length_key: what set data.max_length, for the error when the
+  model's position embeddings are shorter."""
   platform = platform or jax.default_backend()
   source = sources.load(cfg.data, log)
   task_cls = tasks.get(cfg.task.name)
   model = models.open(cfg.model)
-  model.check_length(cfg.data.max_length, "data.max_length")  # before the weights load
+  model.check_length(cfg.data.max_length, length_key)  # before the weights load
   backbone = model.load(cfg.model, cfg.seed, cfg.precision.compute, task_cls.needs_pooler(cfg, model.pooling), log,
                         platform)
   task = task_cls(cfg, backbone, source, log)
