@@ -10,6 +10,18 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The suite compiles with XLA:CPU's backend optimisation off (test processes started here inherit it): compiling
+# took about 60% of its time, and its tiny programs run hardly slower. jaxft's own runs and benchmarks keep XLA's
+# default; benchmarks/same_results.py checks that shipped configs give the same results from one commit to the next.
+SUITE_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SUITE_XLA_FLAGS}".strip()
+
+
+def xla_flags(*more: str) -> str:
+  """XLA_FLAGS for a test's subprocess: the suite's, and `more`."""
+  return " ".join((SUITE_XLA_FLAGS, *more))
+
+
 from jaxft import runtime  # noqa: E402
 
 runtime.quiet_absent_tpu()  # libtpu installed (the test extra has it) on a machine without a TPU: jax skips it

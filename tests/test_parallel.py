@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import xla_flags
 from jax.sharding import PartitionSpec as P
 
 HERE = Path(__file__).parent
@@ -20,7 +21,7 @@ TIMEOUT = 900  # s per driver process; it dumps its threads' stacks 60 s before 
 def start(n, root, runs: dict, common=COMMON, env=None):
   # fake devices are threads sharing 2 cores: on a loaded machine a collective can wait for its slowest
   # participant longer than XLA's default 40 s before it aborts the process
-  flags = f"--xla_force_host_platform_device_count={n} --xla_cpu_collective_call_terminate_timeout_seconds=600"
+  flags = xla_flags(f"--xla_force_host_platform_device_count={n}", "--xla_cpu_collective_call_terminate_timeout_seconds=600")
   env = dict(os.environ, XLA_FLAGS=flags, JAXFT_TEST_DUMP_AFTER=str(TIMEOUT - 60), **(env or {}))
   args = [f"{k}={common},{v}" for k, v in runs.items()]
   return subprocess.Popen([sys.executable, str(HERE / "helpers" / "multidevice_run.py"), str(root), *args], env=env,

@@ -6,7 +6,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from conftest import jaxft, lm_overrides
+from conftest import jaxft, lm_overrides, xla_flags
 from test_packing import grads_and_loss
 
 from jaxft.config import load_config
@@ -276,7 +276,7 @@ def test_generation_splits_prompts_over_the_mesh(tiny_llama, sft_data, tmp_path)
   import os
   import subprocess
   import sys
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"))
   overrides = lm_overrides(tiny_llama["untied"], sft_data, tmp_path / "run") + (
       "parallel.mesh.data=2", "parallel.mesh.fsdp=2")
   out = subprocess.run([sys.executable, "-c", SHARDED_GENERATION, *overrides], env=env, capture_output=True,
