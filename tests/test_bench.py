@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import optimised_env
 
 from jaxft import bench
 from jaxft.cli import main
@@ -83,7 +84,7 @@ def test_gpu_check_dry_run_prints_the_table():
   import subprocess
   root = Path(__file__).resolve().parents[1]
   r = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=root, capture_output=True, text=True,
-                     timeout=1800)
+                     timeout=1800, env=optimised_env())
   assert r.returncode == 0, r.stderr[-3000:]
   for run in ("bert_base", "smollm2_sft", "efficientnet_lite0", "minilm_1_seed", "minilm_n_seeds"):
     assert f"\n{run} " in r.stdout, r.stdout
