@@ -5,6 +5,7 @@ never deleted. A save that fails (full disk, no permission) is a JaxftError; ear
 """
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -78,16 +79,22 @@ class _KeepSteps(cm.PreservationPolicy):
     return [c.step in self.steps for c in checkpoints]
 
 
+@functools.cache
+def _array_handler() -> None:
+  """Once per process (after jax.distributed starts): a one-process run saves each array from one replica.
+  Replica-parallel saving splits a replicated array's write among the processes holding its replicas; within
+  one process it only slices every array per local device first, each slice a compiled program (half the time
+  of a tiny 8-device run's first save)."""
+  if jax.process_count() == 1:
+    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
+                                            override=True)
+
+
 class Checkpointer:
   """Keeps the last `keep` checkpoints plus the best ones (RunRecord.kept), which the training loop sets."""
 
   def __init__(self, directory, keep: int):
-    if jax.process_count() == 1:
-      # Replica-parallel saving splits a replicated array's write among the processes holding its replicas;
-      # within one process it only slices every array per local device first, each slice a compiled program
-      # (half the time of a tiny 8-device run's first save).
-      ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
-                                              override=True)
+    _array_handler()
     self.directory = Path(directory).absolute()
     self._best = _KeepSteps(set())
     policy = cm.AnyPreservationPolicy([cm.LatestN(n=keep), self._best])
