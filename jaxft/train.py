@@ -34,7 +34,8 @@ def train(cfg, console: Console | None = None) -> dict:
   console = console or Console(stderr=True)
   log = console.print if jax.process_index() == 0 else (lambda *a, **k: None)
   runs.check_dir(cfg)
-  exp = build(cfg, log)  # before touching the run dir: a bad config leaves nothing behind
+  # Built before the run dir is touched (a bad config leaves nothing behind); a resumed run keeps its labels' order.
+  exp = build(cfg, log, run_labels=runs.labels(cfg) if cfg.resume else None)
   par, targets = setup(exp, log)
   with runs.for_training(cfg, log) as ckpt, preemption.Watcher() as watcher:
     return _run(exp, par, targets, ckpt, watcher, console, log)

@@ -26,6 +26,10 @@ def test_overrides_are_typed():
 @pytest.mark.parametrize("override,message", [
     ("optim.lrr=1", "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
     ("lr=1", "unknown config key 'lr'; did you mean 'optim.lr'?"),
+    ("foo.bar=1", "unknown config key 'foo.bar'; none is close: the top-level keys are run_dir, seed, resume, task"),
+    ("train.batch_size=[1,", "override 'train.batch_size=[1,':1:4: not valid YAML: expected the node content"),
+    ("optim.groups=[{match: x, lr_mult: 1, lr_mult: 2}]", "override 'optim.groups=[{match: x, lr_mult: 1, lr_mult: "
+                                                         "2}]': key 'lr_mult' is given twice in one mapping"),
     ("train.batch_size=abc", "config key 'train.batch_size' expects int, got 'abc'"),
     ("freeze_embeddings=maybe", "config key 'freeze_embeddings' expects bool, got 'maybe'"),
     ("freeze=3", "config key 'freeze' expects a list of str, got 3"),
@@ -69,6 +73,29 @@ def test_yaml_file_errors(tmp_path):
   bad.write_text("train:\n  epochs: [1, 2]\n")
   with pytest.raises(JaxftError, match="'train.epochs' expects float"):
     load_config(str(bad))
+  bad.write_text("optim:\n  lr: 1e-3\ntrain:\n  epochs: 1\noptim:\n  name: sgd\n")  # PyYAML keeps the second
+  with pytest.raises(JaxftError, match=r"^config file .*bad.yaml: key 'optim' is given twice in one mapping \(lines 1 "
+                                       r"and 5\); YAML would keep the second only: merge them$"):
+    load_config(str(bad))
+  bad.write_text("optim:\n\tlr: 1\n")
+  with pytest.raises(JaxftError, match=r"^config file .*bad.yaml:2:1: not valid YAML: a tab: YAML indents with spaces"):
+    load_config(str(bad))
+  bad.write_text("optim:\n  lr: [1\n")
+  with pytest.raises(JaxftError, match=r"^config file .*bad.yaml:3:1: not valid YAML: expected ',' or ']'"):
+    load_config(str(bad))
+  with pytest.raises(JaxftError, match=r"^config file not found: optim.lr \(an override is key=value: optim.lr=...\)$"):
+    load_config("optim.lr")
+
+
+def test_numbers_read_alike_everywhere(tmp_path):
+  """1e-4 is a float wherever it stands (YAML 1.1 reads it as a string), nested values included."""
+  path = tmp_path / "c.yaml"
+  path.write_text("optim:\n  lr: 1e-4\n  groups: [{match: 'embeddings/.*', lr_mult: 1e-1}]\n")
+  for cfg in (load_config(str(path)), load_config(None, ("optim.lr=1e-4", "optim.groups=[{match: 'embeddings/.*', "
+                                                           "lr_mult: 1e-1}]"))):
+    assert cfg.optim.lr == 1e-4 and cfg.optim.groups == [{"match": "embeddings/.*", "lr_mult": 0.1}]
+  import yaml
+  assert yaml.safe_load("1e-4") == "1e-4"  # PyYAML's own loader is left as it was
 
 
 def test_every_config_in_configs_dir_loads():

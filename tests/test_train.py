@@ -68,16 +68,39 @@ def test_unrestorable_checkpoint_stops_instead_of_restarting(tiny_cfg):
   train(cfg)
   ckpt_dir = Path(cfg.run_dir) / "checkpoints"
   before = sorted(p.name for p in ckpt_dir.iterdir())
-  # Same run dir, but a 3-class head no longer matches the saved 2-class one.
-  three = ("train.epochs=0.5", "train.eval_every=100", "task.label_names=[neg, pos, neutral]")
+  # Same run dir, but SGD's state no longer matches the saved AdamW one.
+  sgd = ("train.epochs=0.5", "train.eval_every=100", "optim.name=sgd")
   with pytest.raises(JaxftError, match=r"none of the 1 checkpoints in .* can be restored \(newest, 8: .*"
                                        r"change it back, or train in a new run_dir \(--no-resume would delete them\)"):
-    train(tiny_cfg(*three))
+    train(tiny_cfg(*sgd))
   assert sorted(p.name for p in ckpt_dir.iterdir()) == before  # nothing saved was touched
   assert not (ckpt_dir.parent / "damaged").exists()  # nor moved aside: the config, not the files, changed
   # --no-resume starts over.
-  test = train(tiny_cfg(*three, "resume=false"))
+  test = train(tiny_cfg(*sgd, "resume=false"))
   assert np.isfinite(test["loss"])
+
+
+def test_a_run_keeps_its_labels(tiny_cfg, tmp_path):
+  """The class names are stored with the checkpoints (and an export): evaluating or resuming with the labels
+  listed in another order maps them by name; a label set the head was not trained on is refused."""
+  from jaxft.evaluate import evaluate_run
+  from jaxft.export import export
+  cfg = tiny_cfg("train.epochs=3", "train.checkpoint_every=24", "train.keep=5")
+  test = train(cfg)
+  assert test["accuracy"] > 0.8
+  reordered = evaluate_run(tiny_cfg("task.label_names=[pos, neg]"), "test")
+  assert reordered == test  # not 1 - accuracy: the head's outputs keep their names
+  shutil.rmtree(Path(cfg.run_dir) / "checkpoints" / "48")
+  resumed = train(tiny_cfg("train.epochs=3", "train.checkpoint_every=24", "train.keep=5", "task.label_names=[pos, neg]"))
+  assert resumed == test  # resumed from step 24 with the run's order: the same run
+  with pytest.raises(JaxftError, match=r"the labels \['neg', 'pos', 'neutral'\] include \['neutral'\], which the run "
+                                       r"in .* \(checkpoint 48\) was not trained on \(its labels: \['neg', 'pos'\]\): "
+                                       "the label set changed"):
+    train(tiny_cfg("train.epochs=3", "task.label_names=[neg, pos, neutral]"))
+  out = export(cfg, tmp_path / "exported")
+  assert json.loads((out / "labels.json").read_text()) == ["neg", "pos"]
+  from_export = tiny_cfg(f"model.name={out}", "task.label_names=[pos, neg]", f"run_dir={tmp_path / 'fresh'}")
+  assert evaluate_run(from_export, "test") == test
 
 
 def test_one_run_per_directory(tiny_cfg):

@@ -4,6 +4,7 @@ Every view is a uint8 [S, S, 3] array; normalisation is the model's (its provide
 device). The train view (random resized crop, horizontal flip) is a pure function of (seed, example,
 epoch), so a resumed run sees exactly the images an uninterrupted one would have.
 """
+import contextlib
 import math
 
 import numpy as np
@@ -11,21 +12,40 @@ from PIL import Image
 
 from jaxft.errors import JaxftError
 
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I")  # 16-bit greyscale files (PNG), as PIL opens them
+
 
 def decode(x, where: str) -> Image.Image:
-  """An RGB PIL image from a uint8 array ([H, W] grey, [H, W, 1], [H, W, 3] or [H, W, 4]) or an image file."""
+  """An RGB PIL image from an image file or an array ([H, W] grey, [H, W, 1], [H, W, 3] or [H, W, 4]; uint8, or
+  uint16 scaled to 8 bits, as 16-bit greyscale files are)."""
   if isinstance(x, str):
-    try:
-      with Image.open(x) as im:
-        return im.convert("RGB")
-    except OSError as e:
-      raise JaxftError(f"{where}: cannot read the image {x}: {e}") from None
+    with _opened(x, where) as im:
+      return decode(np.asarray(im), where) if im.mode in WIDE_MODES else im.convert("RGB")
   x = np.asarray(x)
   if x.ndim == 3 and x.shape[-1] == 1:
     x = x[..., 0]
+  if x.dtype in (np.uint16, np.int32) and x.ndim == 2:  # 0 .. 65535 -> 0 .. 255
+    x = ((np.clip(x, 0, 65535).astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
   if x.dtype != np.uint8 or x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[-1] not in (3, 4)):
-    raise JaxftError(f"{where}: an image must be uint8 [H, W] or [H, W, 1 | 3 | 4], got {x.dtype} {list(x.shape)}")
+    raise JaxftError(f"{where}: an image must be uint8 [H, W] or [H, W, 1 | 3 | 4] (or uint16 [H, W]), got {x.dtype} "
+                     f"{list(x.shape)}")
   return Image.fromarray(x).convert("RGB")
+
+
+def check(path: str, where: str) -> None:
+  """An image file PIL cannot open (not an image, damaged, or over its decompression-bomb limit) fails when
+  the data loads, not at its first batch; only the header is read."""
+  with _opened(path, where):
+    pass
+
+
+@contextlib.contextmanager
+def _opened(path: str, where: str):
+  try:
+    with Image.open(path) as im:
+      yield im
+  except (OSError, Image.DecompressionBombError) as e:
+    raise JaxftError(f"{where}: cannot read the image {path}: {e}") from None
 
 
 def eval_view(im: Image.Image, size: int) -> np.ndarray:

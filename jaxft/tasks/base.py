@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxft import labels
 from jaxft.data import packing
 from jaxft.errors import JaxftError
 
@@ -43,6 +44,7 @@ class Task:
   packs_eval = True  # where it packs: evaluation packs too (eval_rows, if any, are per slot: [R, K, ...])
   generates = False  # evaluation also scores generated text (score; causal LMs: generate.py)
   tokens = True  # examples are token sequences (bench and plan count tokens); False: images
+  label_names: list[str] | None = None  # what the head's outputs stand for, in order (jaxft/labels.py); None: none
 
   def __init__(self, cfg, backbone, source, log=print):
     """cfg: the run's Config; backbone: models.Backbone; source: data.sources.Source (records of every
@@ -59,8 +61,14 @@ class Task:
     return f"{self.head_key}/.*"
 
   def save(self, head_params, out_dir: Path) -> None:
-    """Writes the head beside an exported backbone, where `build` finds it again."""
+    """Writes the head, and its labels, beside an exported backbone, where `build` finds them again."""
     (out_dir / f"{self.head_key}.msgpack").write_bytes(flax.serialization.msgpack_serialize(head_params))
+    labels.save(self.label_names, out_dir)
+
+  def relabel(self, names: list[str], origin: str) -> None:
+    """The head's outputs in the order `names` (a superset of label_names, as `origin` stored them): the
+    data's labels are indexed by name into it when encoded."""
+    self.label_names = names
 
   def encode(self, records: list[dict], split: str) -> Examples:
     raise NotImplementedError
@@ -241,9 +249,9 @@ class ClassLabels:
       return [self.known[v] for v in column(records, self.column, split, (int,))]
     return [str(v) for v in column(records, self.column, split, (str, int))]
 
-  def index(self, records, split: str) -> np.ndarray:
-    """[N] int32 class indices of the records' labels."""
-    return label_index(self.names, self.of(records, split), f"{split} split")
+  def index(self, names: list[str], records, split: str) -> np.ndarray:
+    """[N] int32 indices into `names` (the task's label_names) of the records' labels."""
+    return label_index(names, self.of(records, split), f"{split} split")
 
 
 def label_index(names: list[str], values, where: str) -> np.ndarray:

@@ -61,7 +61,7 @@ class ImageClassification(Task):
 
   def encode(self, records, split):
     pictures = column(records, self.cfg.task.image_column, split, (np.ndarray, str))
-    return Examples(np.ones(len(records), np.int32), {"images": pictures, "labels": self.classes.index(records, split)},
+    return Examples(np.ones(len(records), np.int32), {"images": pictures, "labels": self.classes.index(self.label_names, records, split)},
                     {"split": split})
 
   def collate(self, ex, idx, length, batch_size, epoch=None, seed=None):

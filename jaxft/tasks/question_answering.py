@@ -106,10 +106,13 @@ class Config(TaskConfig):
   """SQuAD records: question, context, answers {text, answer_start}."""
   stride: int = 128  # context tokens shared by consecutive windows
   max_answer_length: int = 30  # longest answer span decoded, in tokens
+  on_bad_span: str = "error"  # an answer not found at its answer_start: error, or skip (drop it, with a count)
 
   def check(self):
     self.require(self.max_answer_length >= 1,
                  f"config key 'task.max_answer_length' must be >= 1, got {self.max_answer_length}")
+    self.require(self.on_bad_span in ("error", "skip"),
+                 f"config key 'task.on_bad_span' must be error or skip, got {self.on_bad_span!r}")
 
 
 class QuestionAnswering(Task):
@@ -140,10 +143,35 @@ class QuestionAnswering(Task):
     self.has_null = any(not answers_of(r, where(train, i, "train")) for i, r in enumerate(train))
     self.pad_id = tok.pad_token_id or 0
 
+  def checked(self, records, split: str) -> tuple[list, list]:
+    """(records, their gold answers), every answer checked against its context: one whose text is not at its
+    answer_start is an error naming the record (task.on_bad_span=error), or dropped with a count (skip: a
+    question left with no answer is dropped, not read as unanswerable)."""
+    contexts = column(records, "context", split)
+    kept, golds, bad, first = [], [], 0, None
+    for i, (r, context) in enumerate(zip(records, contexts)):
+      answers = answers_of(r, where(records, i, split))
+      good = [(text, a) for text, a in answers if 0 <= a and context[a:a + len(text)] == text]
+      if len(good) < len(answers):
+        text, a = next(x for x in answers if x not in good)
+        there = (f"the context there reads {context[a:a + len(text)][:40]!r}" if 0 <= a < len(context) else
+                 f"the context has {len(context)} characters")
+        first = first or f"{where(records, i, split)}: answer {text[:40]!r} is not at answer_start {a} ({there})"
+        if self.cfg.task.on_bad_span == "error":
+          raise JaxftError(f"{first}; fix the record, or set task.on_bad_span=skip to drop such answers")
+        bad += len(answers) - len(good)
+      if good or not answers:
+        kept.append(r)
+        golds.append(good)
+    if bad:
+      self.log(f"[bold red]warning:[/] {split}: dropped {bad} answer(s) not at their answer_start, and "
+               f"{len(records) - len(kept)} question(s) left with none (task.on_bad_span=skip; the first: {first})")
+    return kept, golds
+
   def encode(self, records, split):
     d, t = self.cfg.data, self.cfg.task
+    records, golds = self.checked(records, split)
     questions, contexts = column(records, "question", split), column(records, "context", split)
-    golds = [answers_of(r, where(records, i, split)) for i, r in enumerate(records)]
     enc = self.backbone.processor([q.lstrip() for q in questions], contexts,
                                   truncation="only_second", max_length=d.max_length, stride=t.stride,
                                   return_overflowing_tokens=True, return_offsets_mapping=True, padding=False,

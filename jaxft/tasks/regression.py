@@ -55,9 +55,17 @@ class Regression(SequenceClassification):
     self.std = self.std.astype(np.float32)
     self.mean = self.mean.astype(np.float32)
 
+  def relabel(self, names, origin):
+    """The targets in `origin`'s order (the same columns: a regression head has one output per target)."""
+    if sorted(names) != sorted(self.label_names):
+      raise JaxftError(f"config key 'task.targets' is {self.label_names}; {origin} was trained on {names}")
+    order = [self.label_names.index(n) for n in names]
+    self.mean, self.std = self.mean[order], self.std[order]
+    super().relabel(names, origin)
+
   def _targets(self, records, split: str) -> np.ndarray:
     """[N, T] float64 targets."""
-    cols = [column(records, c, split, (int, float)) for c in self.cfg.task.targets]
+    cols = [column(records, c, split, (int, float)) for c in self.label_names]
     return np.asarray(cols, np.float64).T.reshape(len(records), len(cols))
 
   def encode(self, records, split):

@@ -109,7 +109,7 @@ class SequenceClassification(Task):
 
   def encode(self, records, split):
     ids = tokenize(self.backbone, column(records, self.cfg.task.text_column, split), self.cfg.data.max_length)
-    labels = self.classes.index(records, split)
+    labels = self.classes.index(self.label_names, records, split)
     return Examples(np.array([len(x) for x in ids]), {"ids": ids, "labels": labels})
 
   def collate_tokens(self, ex, idx, length, batch_size) -> dict:

@@ -85,7 +85,6 @@ class TokenClassification(Task):
       raise JaxftError(f"token_classification expects BIO / IOB2 tags (O, B-TYPE, I-TYPE); got {bad[:3]}")
     require_classes(f"task.tags_column '{t.tags_column}'", self.label_names, tags,
                     lambda split: {t for ts in self._tags(source.splits.get(split, []), split) for t in ts}, log)
-    self.index = {t: i for i, t in enumerate(self.label_names)}
     self.pad_id = backbone.processor.pad_token_id or 0
 
   def _tags(self, records, split) -> list[list[str]]:
@@ -96,10 +95,11 @@ class TokenClassification(Task):
     d, t = self.cfg.data, self.cfg.task
     words = [[str(w) for w in ws] for ws in column(records, t.tokens_column, split, (list,))]
     tags = self._tags(records, split)
+    index = {t: i for i, t in enumerate(self.label_names)}
     for i, (w, t) in enumerate(zip(words, tags)):
       if len(w) != len(t):
         raise JaxftError(f"{where(records, i, split)}: {len(w)} tokens but {len(t)} tags")
-      if (unknown := set(t) - set(self.index)):
+      if (unknown := set(t) - set(index)):
         raise JaxftError(f"{where(records, i, split)}: tag(s) {sorted(unknown)[:3]} not in the tag names "
                          f"{self.label_names}")
     enc = self.backbone.processor(words, is_split_into_words=True, truncation=True, max_length=d.max_length,
@@ -113,7 +113,7 @@ class TokenClassification(Task):
           first_of[w] = pos
       labels_L = np.full(len(word_ids), -1, np.int32)  # -1: not trained (special, later sub-tokens)
       for w, pos in first_of.items():
-        labels_L[pos] = self.index[tags[i][w]]
+        labels_L[pos] = index[tags[i][w]]
       ids.append(np.asarray(enc["input_ids"][i], np.int32))
       labels.append(labels_L)
       first.append(np.array([first_of.get(w, -1) for w in range(len(words[i]))], np.int32))

@@ -64,9 +64,10 @@ def record(text=None, id="q", context=CONTEXT, question=QUESTION, occurrence=0):
           "answers": {"text": [text] if text else [], "answer_start": starts[occurrence:occurrence + 1]}}
 
 
-def task(tokenizer, train, max_length=12, stride=2, max_answer_length=30, splits=None):
+def task(tokenizer, train, max_length=12, stride=2, max_answer_length=30, splits=None, on_bad_span="error"):
   cfg = types.SimpleNamespace(data=types.SimpleNamespace(max_length=max_length),
-                              task=qa.Config(name="question_answering", stride=stride, max_answer_length=max_answer_length))
+                              task=qa.Config(name="question_answering", stride=stride, max_answer_length=max_answer_length,
+                                             on_bad_span=on_bad_span))
   backbone = types.SimpleNamespace(processor=tokenizer, name="tiny", hidden_size=8, init_scale=0.02,
                                    head_dropout=0.0)
   logs = []
@@ -205,6 +206,29 @@ def test_config_errors_are_one_line(tokenizer, vocab):
   from transformers import BertTokenizer
   with pytest.raises(JaxftError, match="needs a fast tokenizer"):
     task(BertTokenizer(vocab_file=vocab), records)
+
+
+def test_answers_are_checked_against_their_context(tokenizer):
+  """An answer_start past the context, negative, or where the text is not: an error naming the record, or with
+  task.on_bad_span=skip the answer dropped with a count (a question left with none dropped, not unanswerable)."""
+  def bad(start, text="Paris", **kw):
+    r = record(text, **kw)
+    r["answers"]["answer_start"] = [start]
+    return r
+  good = record("plays in Paris")
+  t, _ = task(tokenizer, [good])
+  for r, why in ((bad(500), "answer 'Paris' is not at answer_start 500 \\(the context has 58 characters\\)"),
+                 (bad(-3), "answer 'Paris' is not at answer_start -3 \\(the context has 58 characters\\)"),
+                 (bad(0), "answer 'Paris' is not at answer_start 0 \\(the context there reads 'The f'\\)")):
+    with pytest.raises(JaxftError, match=f"^train example 1: {why}; fix the record, or set task.on_bad_span=skip"):
+      t.encode([good, r], "train")
+  two = record("plays in Paris", id="two")
+  two["answers"] = {"text": ["plays in Paris", "Paris"], "answer_start": [two["answers"]["answer_start"][0], 2]}
+  t, logs = task(tokenizer, [good], on_bad_span="skip")
+  ex = t.encode([good, bad(500, id="gone"), two, record(None, id="none")], "train")
+  assert ex.meta["id"] == ["q", "two", "none"] and ex.meta["answers"] == [["plays in Paris"]] * 2 + [[]]
+  assert logs[0].startswith("[bold red]warning:[/] train: dropped 2 answer(s) not at their answer_start, and 1 "
+                            "question(s) left with none (task.on_bad_span=skip; the first: train example 1: answer")
 
 
 def write_qa(path: Path, n: int, seed: int, unanswerable: float):

@@ -5,7 +5,7 @@ import types
 
 import numpy as np
 import pytest
-from conftest import NEGATIVE, POSITIVE, WORDS, jaxft, tiny_overrides
+from conftest import NEGATIVE, POSITIVE, WORDS, jaxft, jaxft_calls, tiny_overrides
 from scipy import stats
 
 from jaxft.config import load_config
@@ -44,6 +44,14 @@ def test_learns_two_targets(tiny_bert, scores, tmp_path):
   words = run.stdout.split()  # "test loss X  mse X  pearson X  spearman X"
   test = {k: float(words[words.index(k) + 1]) for k in ("loss", "mse", "pearson", "spearman")}
   assert test["pearson"] > 0.85 and test["spearman"] > 0.8 and test["mse"] < 1.0, test
+  # The run's targets are stored with it: listed in another order, they are read in the run's (their means and
+  # deviations too); a target it was not trained on is refused.
+  swapped, dropped = jaxft_calls([("eval", *overrides(tiny_bert, scores, tmp_path / "run", f"task.targets={t}"))
+                                  for t in ("[positive, score]", "[score]")])
+  assert swapped.returncode == 0 and swapped.stdout.split()[1:] == words[1:], swapped.stderr[-2000:]
+  assert dropped.returncode == 2 and dropped.stderr.strip().splitlines()[-1].endswith(
+    "config key 'task.targets' is ['score']; the run in " f"{tmp_path / 'run'} (checkpoint 120) was trained on "
+    "['score', 'positive']"), dropped.stderr[-2000:]
 
 
 def test_packed_and_padded_evaluation_agree(tiny_bert, scores, tmp_path):

@@ -4,11 +4,13 @@
   data.validation, data.test: the same layout (absent: split off train by data.split)
 
 Records are {"image": the file's path, "label": its class folder} (the image task's default columns); files are decoded
-(PIL) when batches are made. The classes are the training data's folders, sorted (as any string labels).
+(PIL) when batches are made; their headers are read when the data loads, so a file PIL cannot open fails before
+training starts. The classes are the training data's folders, sorted (as any string labels).
 """
 from pathlib import Path
 
 from jaxft import assets
+from jaxft.data import images
 from jaxft.errors import JaxftError
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -33,4 +35,6 @@ def read(root: Path, key: str, dcfg) -> list[dict]:
   if not records:
     raise JaxftError(f"{key}={root}: no images ({', '.join(SUFFIXES)}) in class subfolders "
                      f"({', '.join(classes[:5]) or 'no subfolders'})")
+  for r in records:
+    images.check(r["image"], key)
   return records
