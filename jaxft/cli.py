@@ -8,6 +8,19 @@ import threading
 from jaxft.errors import JaxftError, Preempted
 
 
+def _at_least(low: int):
+  """An argparse type: an int >= low."""
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < low:
+      raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
+  return parse
+
+
 def _parse(argv):
   parser = argparse.ArgumentParser(prog="jaxft", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -29,17 +42,17 @@ def _parse(argv):
     if name == "train":
       p.add_argument("--no-resume", action="store_true", help="start over, discarding old checkpoints")
     if name == "inspect":
-      p.add_argument("--depth", type=int, default=None, help="fold paths to this many keys")
+      p.add_argument("--depth", type=_at_least(1), default=None, help="fold paths to this many keys")
       p.add_argument("--params", action="store_true", help="also list every param with its PartitionSpec")
     if name == "eval":
       p.add_argument("--split", choices=("train", "validation", "test"), default="test")
-      p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the best)")
+      p.add_argument("--step", type=_at_least(0), default=None, help="checkpoint step (default: the best)")
       p.add_argument("--json", action="store_true", help="print one JSON line of metrics")
     if name == "export":
       p.add_argument("--out", required=True, help="a new directory for the exported model")
-      p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the best)")
+      p.add_argument("--step", type=_at_least(0), default=None, help="checkpoint step (default: the best)")
     if name in ("export", "generate"):
-      p.add_argument("--replica", type=int, default=None, help="train.seeds runs: which replica (0 .. N-1)")
+      p.add_argument("--replica", type=_at_least(0), default=None, help="train.seeds runs: which replica (0 .. N-1)")
     if name == "interpolate":
       p.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="comma-separated mixing weights of the "
                      "fine-tuned weights (0: the pretrained backbone + probe head)")
@@ -47,17 +60,17 @@ def _parse(argv):
       p.add_argument("--out", default=None, help="also write the greedy soup as a model dir (like export)")
     if name == "generate":
       p.add_argument("--prompt", required=True, help="the text to continue")
-      p.add_argument("--max-new-tokens", type=int, default=None, help="default task.max_new_tokens")
+      p.add_argument("--max-new-tokens", type=_at_least(1), default=None, help="default task.max_new_tokens")
       p.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
     if name == "bench":
-      p.add_argument("--steps", type=int, default=20, help="timed steps, after --warmup")
-      p.add_argument("--warmup", type=int, default=3)
-      p.add_argument("--length", type=int, default=None, help="tokens per example (default data.max_length)")
+      p.add_argument("--steps", type=_at_least(1), default=20, help="timed steps, after --warmup")
+      p.add_argument("--warmup", type=_at_least(0), default=3)
+      p.add_argument("--length", type=_at_least(1), default=None, help="tokens per example (default data.max_length)")
       p.add_argument("--data", choices=("synthetic", "real"), default="synthetic")
       p.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     if name == "plan":
       p.add_argument("--topology", required=True, help="a TPU slice: v5e:2x2, v5p:4x4x4, v6e:16x16, v4:2x2x1, ...")
-      p.add_argument("--slices", type=int, default=1, help="slices joined by the data-centre network (the data "
+      p.add_argument("--slices", type=_at_least(1), default=1, help="slices joined by the data-centre network (the data "
                      "axis spans them)")
       p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
       p.add_argument("--search", action="store_true", help="try mesh splits, remat and micro-batch sizes; print "

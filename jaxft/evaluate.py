@@ -15,13 +15,21 @@ def split_batches(exp, par, split: str, transform=None):
     yield batch, par.put_batch({k: v[rows] for k, v in fed.items()})
 
 
-def evaluate(exp, par, eval_step, params, model_state, split: str, transform=None) -> dict:
+class Stopped(Exception):
+  """`stop()` said to stop before the split was done (a signal during the test pass)."""
+
+
+def evaluate(exp, par, eval_step, params, model_state, split: str, transform=None, stop=None) -> dict:
   """The task's metrics over `split` (eval_step from Experiment.eval_step, compiled by par). A seed-
-  vectorised run's are each replica's, aggregated (replicas.aggregate: the mean under each metric's name)."""
+  vectorised run's are each replica's, aggregated (replicas.aggregate: the mean under each metric's name).
+  stop: asked before each batch (and before generating); True raises Stopped."""
   reps = exp.replicas
   sums, kept = None, [{} for _ in range(reps.lanes)]
   n = len(exp.splits[split])
+  stop = stop or (lambda: False)
   for batch, device_batch in split_batches(exp, par, split, transform):
+    if stop():
+      raise Stopped
     out, rows = eval_step(params, model_state, device_batch)
     sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
     if rows:
@@ -33,6 +41,8 @@ def evaluate(exp, par, eval_step, params, model_state, split: str, transform=Non
           for r in np.flatnonzero(index.reshape(-1) >= 0):
             kept[lane][name][index.flat[r]] = x[r]
   sums = par.metrics(sums)
+  if stop():
+    raise Stopped
   return reps.merge([_finalize(exp, par, lane_sums, lane_kept, lane_params, lane_state, split)
                      for lane_sums, lane_kept, (lane_params, lane_state)
                      in zip(reps.unstack(sums), kept, reps.each(params, model_state), strict=True)])

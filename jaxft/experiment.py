@@ -12,13 +12,14 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxft import labels, lora, models, noise_scale, optim, parallel, replicas, rules, tasks
 from jaxft import phases as phases_lib
 from jaxft.data import batching, packing, sources
 from jaxft.errors import JaxftError
 from jaxft.step import TrainState, init_state, make_eval_step, make_train_step
-from jaxft.tasks.base import Task
+from jaxft.tasks.base import Examples, Task
 
 
 @dataclasses.dataclass
@@ -175,13 +176,14 @@ def _head(task, backbone, seed: int):
 
 
 def build(cfg, log=print, platform: str | None = None, length_key: str = "data.max_length",
-          run_labels: tuple | None = None) -> Experiment:
+          run_labels: tuple | None = None, data: bool = True) -> Experiment:
   """platform: what the programs are compiled for (default: this process's devices); some choices differ
   per platform (models.load, replicas.chunk). length_key: what set data.max_length, for the error when the
   model's position embeddings are shorter. run_labels: (labels, where) of the run's checkpoints, whose order
-  the task takes (else an exported head's, from the model directory; jaxft/labels.py)."""
+  the task takes (else an exported head's, from the model directory; jaxft/labels.py). data=False: no split
+  is read (jaxft generate needs the model only)."""
   platform = platform or jax.default_backend()
-  source = sources.load(cfg.data, log)
+  source = sources.load(cfg.data, log) if data else sources.Source({s: [] for s in sources.SPLITS}, {})
   task_cls = tasks.get(cfg.task.name)
   model = models.open(cfg.model)
   model.check_length(cfg.data.max_length, length_key)  # before the weights load
@@ -226,7 +228,8 @@ def build(cfg, log=print, platform: str | None = None, length_key: str = "data.m
 
   if targets:
     apply = lora.wrap(apply, cfg.lora)
-  splits = {s: task.encode(records, s) for s, records in source.splits.items()}
+  splits = ({s: task.encode(records, s) for s, records in source.splits.items()} if data else
+            {s: Examples(np.zeros(0, np.int32), {}) for s in sources.SPLITS})
   phases = phases_lib.build(cfg, params, len(splits["train"]), task, backbone.conventions)
   reps = replicas.of(cfg, phases, platform)
   for k, phase in enumerate(phases):

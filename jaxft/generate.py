@@ -124,7 +124,7 @@ def generate_text(cfg, prompt: str, max_new_tokens: int | None = None, chat: boo
   """`jaxft generate`: the continuation of `prompt` by the run's best checkpoint, or by model.name as
   loaded when the run has none (chat: the prompt as a user message through the chat template). replica:
   which replica of a seed-vectorised run (at its best checkpoint)."""
-  exp, par, _, state = runs.open_state(cfg, None, "generating with", log, one_model=True, replica=replica)
+  exp, par, _, state = runs.open_state(cfg, None, "generating with", log, one_model=True, replica=replica, data=False)
   tok = exp.backbone.processor
   if chat:
     if not tok.chat_template:

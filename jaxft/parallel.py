@@ -45,7 +45,8 @@ def make_mesh(mcfg, devices=None, slices: int = 1) -> jax.sharding.Mesh:
   free = [a for a, s in sizes.items() if s == -1]
   known = int(np.prod([s for s in sizes.values() if s != -1]))
   if len(free) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
-    raise JaxftError(f"parallel.mesh {sizes}: sizes must be >= 1, and at most one may be -1")
+    default = " (data is -1 unless set: with fsdp or tensor -1, set parallel.mesh.data=1)" if len(free) > 1 else ""
+    raise JaxftError(f"parallel.mesh {sizes}: sizes must be >= 1, and at most one may be -1{default}")
   if free and n % known == 0:
     sizes[free[0]] = n // known
   if free and n % known or not free and known != n:

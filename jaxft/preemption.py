@@ -1,4 +1,5 @@
 """Preemption: SIGTERM or SIGINT end the run at a step boundary, with a committed checkpoint of that step.
+During the test pass (training done, checkpoints saved) a signal cuts the pass: the rerun tests again.
 
 The first signal asks the loop to stop after the step in flight; it saves that step, waits for the save to
 commit and raises `Preempted`, which the CLI turns into exit code 75 (SIGTERM, EX_TEMPFAIL: a scheduler may
@@ -24,6 +25,7 @@ class Watcher:
 
   def __init__(self):
     self.signum = None
+    self.stage = "train"  # or "test": the test pass, which a signal cuts (test_multi: not multi-host)
     self._multi = jax.process_count() > 1
     self._old = {}
 
@@ -42,10 +44,18 @@ class Watcher:
       os.write(2, f"\n{signal.Signals(signum).name} again: exiting now, without saving\n".encode())
       os._exit(EXIT_CODES[signum])
     self.signum = signum
-    os.write(2, f"\n{signal.Signals(signum).name}: finishing the step in flight and saving a checkpoint "
-                "(send it again to exit at once)\n".encode())
+    doing = {"train": "finishing the step in flight (and its validation) and saving a checkpoint",
+             "test": "stopping the test pass (training is done and its checkpoints commit first; run the same "
+                     "command to test)",
+             "test_multi": "training is done; the test pass finishes first (every host runs it)"}[self.stage]
+    os.write(2, f"\n{signal.Signals(signum).name}: {doing} (send it again to exit at once)\n".encode())
     if self._multi:
       os.kill(os.getpid(), signal.SIGTERM)  # jax.distributed's notifier agrees on the step with every host
+
+  def testing(self):
+    """The test pass starts; returns its `stop` for evaluate (None multi-host: every host must run each batch)."""
+    self.stage = "test_multi" if self._multi else "test"
+    return None if self._multi else lambda: self.signum is not None
 
   def reached(self, step: int) -> bool:
     """Whether the run should stop after `step` (multi-host: every process gets True at the same step)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import jax
 
-from jaxft import run_lock
+from jaxft import run_lock, runtime
 from jaxft.checkpoint import Checkpointer, RestoreError, RunRecord
 from jaxft.errors import JaxftError
 from jaxft.experiment import build, setup
@@ -39,6 +39,7 @@ def for_training(cfg, log):
         shutil.rmtree(ckpt_dir)
     if is_main:
       _check_writable(ckpt_dir)
+    runtime.log_orbax_to(run_dir / ("orbax.log" if is_main else f"orbax.process_{jax.process_index()}.log"))
     ckpt = checkpointer(cfg)
     try:
       yield ckpt
@@ -97,8 +98,9 @@ def resume(exp, par, targets, ckpt, log, warn):
       warn(f"the best checkpoint so far, {e.step}, cannot be restored ({e.reason}); moved it to "
            f"{ckpt.move_aside(e.step)}; the best is chosen among the evaluations from here on")
       record.forget(best)
-  log(f"resuming from {ckpt.directory}/{latest} in phase {exp.phases[record.phase].name} (best so far: step "
-      f"{record.best_step}, validation {exp.best_metric} {record.best_value})")
+  best = (f"best so far: step {record.best_step}, validation {exp.best_metric} {record.best_value:.4f}"
+          if record.best_step is not None else "no best checkpoint yet")
+  log(f"resuming from {ckpt.directory}/{latest} in phase {exp.phases[record.phase].name} ({best})")
   return state, data_state, record, latest
 
 
@@ -135,7 +137,8 @@ def checkpoints(cfg, required: bool = True):
     ckpt.close()
     ckpt = None
   if ckpt is None and required:
-    raise JaxftError(f"no checkpoints in {ckpt_dir}: train first (same config and run_dir)")
+    missing = f"run_dir {cfg.run_dir} does not exist" if not Path(cfg.run_dir).exists() else f"no checkpoints in {ckpt_dir}"
+    raise JaxftError(f"{missing}: train first (same config and run_dir)")
   try:
     yield ckpt
   finally:
@@ -150,14 +153,14 @@ def record(cfg) -> RunRecord:
 
 
 def open_state(cfg, step: int | None = None, using: str = "evaluating", log=print, *, required: bool = False,
-               one_model: bool = False, replica: int | None = None):
+               one_model: bool = False, replica: int | None = None, data: bool = True):
   """(experiment, Parallel, restore targets, state on the devices) of checkpoint `step` of the run (default: its
   best; in a seed-vectorised run each replica's own), or, when the run has no checkpoints and not `required`, of
   the model as loaded. one_model: a command that uses one model (export, generate) takes `replica` (--replica)
-  alone, which a seed-vectorised run must name. `using` names the use in the log."""
+  alone, which a seed-vectorised run must name. `using` names the use in the log. data=False: no split is read."""
   run_labels = labels(cfg)
   with checkpoints(cfg, required) as ckpt:
-    exp = build(cfg, log, run_labels=run_labels)
+    exp = build(cfg, log, run_labels=run_labels, data=data)
     r = exp.replicas.chosen(replica, cfg.run_dir) if one_model else None
     par, targets = setup(exp, log)
     if ckpt is None:

@@ -20,6 +20,7 @@ import logging
 import os
 import pkgutil
 import sys
+from pathlib import Path
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
@@ -90,21 +91,38 @@ def libtpu_compile_only():
         os.environ[key] = value
 
 
+_ORBAX_LOG: list = []  # the file handler orbax's records go to, once a run directory has one (log_orbax_to)
+
+
 def quiet_abandoned_writes() -> None:
   """For a process that saves checkpoints (the CLI): after a failed orbax save, TensorStore still completes the writes orbax
   abandoned and reports each to an event loop orbax has closed (hundreds of 'Event loop is closed' tracebacks,
-  nothing lost), and orbax logs each writer thread's failure with its traceback, which the run reports itself.
-  Drops the first and keeps one line of the second."""
+  nothing lost), and orbax logs each writer thread's failure with its traceback, which the run reports itself in
+  one line. Drops the first; the second goes to RUN_DIR/orbax.log (log_orbax_to), else to stderr in one line."""
   default = sys.unraisablehook
 
   def hook(u):
     if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
       default(u)
 
-  def one_line(record: logging.LogRecord) -> bool:
-    if "orbax" in record.pathname:
-      record.exc_info, record.exc_text = None, None
+  def to_file(record: logging.LogRecord) -> bool:
+    if "orbax" not in record.pathname:
+      return True
+    if _ORBAX_LOG:
+      _ORBAX_LOG[0].handle(record)
+      return False
+    record.exc_info, record.exc_text = None, None
     return True
   sys.unraisablehook = hook
   from absl import logging as absl_logging  # orbax logs through it (its own logger class: import it first)
-  absl_logging.get_absl_logger().addFilter(one_line)
+  absl_logging.get_absl_logger().addFilter(to_file)
+
+
+def log_orbax_to(path: Path) -> None:
+  """orbax's log records (warnings and errors, with their tracebacks) go to `path` from now on, not to stderr."""
+  handler = logging.FileHandler(path)
+  handler.handleError = lambda record: None  # a full disk fails this file too: the run reports that in one line
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+  if _ORBAX_LOG:
+    _ORBAX_LOG.pop().close()
+  _ORBAX_LOG.append(handler)

@@ -16,7 +16,7 @@ from jaxft import metrics as metrics_lib
 from jaxft import phases as phases_lib
 from jaxft.data import batching
 from jaxft.errors import JaxftError, Preempted
-from jaxft.evaluate import evaluate, feature_table
+from jaxft.evaluate import Stopped, evaluate, feature_table
 from jaxft.experiment import build, setup
 
 
@@ -144,6 +144,8 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
       state, step = run_phase(k, state, step)
       progress.update(bar, total=step + sum(p.max_steps for p in exp.phases[k + 1:]))
 
+  stop_test = watcher.testing()  # from here a signal cuts the test pass (the rerun tests again)
+  faults.inject("test", step)
   for k, (at, m) in last_noise.items():
     log(noise_scale.report(exp.phases[k].name, exp.cfg.train.batch_size, at, m))
   if record.kept() != {step}:  # else the last checkpoint commits while the test pass runs
@@ -154,7 +156,12 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
     record.best_step, record.best_value = step, val[exp.best_metric]
     ckpt.save(step, par.host_view(state), batches.get_state(), record)
     ckpt.wait()
-  test = evaluate(exp, par, eval_step, state.params, state.model_state, "test")
+  try:
+    test = evaluate(exp, par, eval_step, state.params, state.model_state, "test", stop=stop_test)
+  except Stopped:
+    ckpt.wait()
+    writer.close()
+    raise Preempted(watcher.signum, step, f"{ckpt.directory}/{ckpt.latest_step()}") from None
   writer.write(record.best_step, "test", test)
   writer.close()
   ckpt.close()

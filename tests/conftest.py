@@ -124,14 +124,14 @@ def jaxft(*args, fault: str | None = None, timeout: float = 300) -> subprocess.C
                         timeout=timeout)
 
 
-def jaxft_calls(calls: list, timeout: float = 600) -> list[subprocess.CompletedProcess]:
-  """`jaxft ARGS` for each ARGS in `calls`, one after another in one subprocess (tests/helpers/cli_calls.py):
-  jax starts once, not once per call."""
+def jaxft_calls(calls: list, timeout: float = 600, cwd=None) -> list[subprocess.CompletedProcess]:
+  """`jaxft ARGS` for each ARGS in `calls`, one after another in one subprocess (tests/helpers/cli_calls.py) run
+  in `cwd`: jax starts once, not once per call."""
   with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
     json.dump([[str(a) for a in args] for args in calls], f)
     f.flush()
     r = subprocess.run([sys.executable, str(Path(__file__).parent / "helpers" / "cli_calls.py"), f.name],
-                       capture_output=True, text=True, timeout=timeout)
+                       capture_output=True, text=True, timeout=timeout, cwd=cwd)
   assert r.returncode == 0, r.stderr[-3000:]
   results = json.loads(next(l for l in r.stdout.splitlines() if l.startswith("RESULT "))[7:])
   return [subprocess.CompletedProcess(args, **res) for args, res in zip(calls, results)]

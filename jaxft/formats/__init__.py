@@ -4,11 +4,11 @@
   "flax"     keys are '/'-joined Flax param paths: `encoder/layer/0/attention/self/query/kernel`
   "pytorch"  keys are PyTorch state-dict names, arrays in PyTorch layout: `encoder.layer.0.attention.self.query.weight`
 """
-import json
 from pathlib import Path
 
 import numpy as np
 
+from jaxft import assets
 from jaxft.errors import JaxftError
 
 # The weights file of a Hugging Face checkpoint directory, in order of preference.
@@ -58,7 +58,7 @@ def read(path: Path) -> tuple[dict[str, np.ndarray], str]:
 
 def _read_sharded(index: Path) -> tuple[dict[str, np.ndarray], str]:
   """Every shard that the index's `weight_map` lists, merged; all of them must be of one kind."""
-  weight_map = json.loads(index.read_text()).get("weight_map")
+  weight_map = assets.json_file(index).get("weight_map")
   if not isinstance(weight_map, dict) or not weight_map:
     raise JaxftError(f"cannot read {index}: no 'weight_map' of tensor name -> shard file")
   weights, kinds = {}, set()

@@ -14,11 +14,20 @@ from jaxft.errors import JaxftError
 
 
 def open_file(path: Path):
+  """A GGUF reader of `path`; a file cut short (its header, metadata or tensors) is a one-line error."""
   import gguf
+  size = Path(path).stat().st_size
   try:
-    return gguf.GGUFReader(str(path))
+    reader = gguf.GGUFReader(str(path))
   except Exception as e:  # not a GGUF file, truncated, an unknown version
-    raise JaxftError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    why = str(e).splitlines()[0][:120] if str(e) else ""
+    raise JaxftError(f"cannot read {path} ({size:,} bytes): truncated, damaged or not a GGUF file "
+                     f"({type(e).__name__}: {why})") from None
+  for t in reader.tensors:
+    if t.data_offset + t.n_bytes > size:
+      raise JaxftError(f"{path} is truncated: tensor {t.name} ends at byte {t.data_offset + t.n_bytes:,}, the file "
+                       f"has {size:,}")
+  return reader
 
 
 def metadata(reader) -> dict:

@@ -7,12 +7,13 @@ The task adds its head under its own key beside `Backbone.key`.
 import contextlib
 import dataclasses
 import functools
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
+
+from jaxft import assets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +43,9 @@ class Found:
   @functools.cached_property
   def model_type(self) -> str | None:
     """A directory's config.json `model_type` (None: a file, or no readable config.json)."""
-    try:
-      return json.loads((self.path / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-      return None
+    config = self.path / "config.json"
+    value = assets.json_file(config) if config.is_file() else None
+    return value.get("model_type") if isinstance(value, dict) else None
 
   def once(self, name: str, read: Callable):
     """read(), the first time `name` is asked of this checkpoint (a family's own fact: its config)."""

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxft import formats
+from jaxft import assets, formats
 from jaxft.errors import JaxftError
 from jaxft.models import base
 from jaxft.models.base import Backbone, Conventions, Found, ImageProcessor, Opened, batchnorm_paths, frozen_batchnorm
@@ -248,7 +248,7 @@ def open(found: Found) -> Opened:
 
 def _variant(path: Path) -> str:
   """The variant a saved directory's config.json names."""
-  variant = json.loads((path / "config.json").read_text()).get("variant")
+  variant = assets.json_file(path / "config.json").get("variant")
   if variant not in VARIANTS:
     raise JaxftError(f"{path / 'config.json'}: 'variant' is {variant!r}; known: {', '.join(VARIANTS)}")
   return variant

@@ -5,7 +5,6 @@ PyTorch names are converted with transformers' public converter; which checkpoin
 and which params are new is computed here, by comparing key sets, not by reading library logs.
 """
 import dataclasses
-import json
 import shutil
 import types
 from pathlib import Path
@@ -16,7 +15,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 from flax.core import unfreeze
 
-from jaxft import formats
+from jaxft import assets, formats
 from jaxft.errors import JaxftError
 from jaxft.models.base import Opened, max_positions
 
@@ -56,7 +55,7 @@ def opened(found, family) -> Opened:
 def pooling(path: Path) -> str:
   """'mean' for sentence-transformers checkpoints trained with mean pooling, else 'cls'."""
   pooling_cfg = path / "1_Pooling" / "config.json"
-  if pooling_cfg.is_file() and json.loads(pooling_cfg.read_text()).get("pooling_mode_mean_tokens"):
+  if pooling_cfg.is_file() and assets.json_file(pooling_cfg).get("pooling_mode_mean_tokens"):
     return "mean"
   return "cls"
 

@@ -7,11 +7,11 @@ with the checkpoint's preprocessor_config.json (else ImageNet's mean / std); ViT
 state, frozen per layer with models.base.frozen_batchnorm."""
 import dataclasses
 import inspect
-import json
 import sys
 
 import jax.numpy as jnp
 
+from jaxft import assets
 from jaxft.errors import JaxftError
 from jaxft.models import base, hf_checkpoint, llama
 from jaxft.models.base import (
@@ -107,7 +107,7 @@ def _image_model(ckpt: hf_checkpoint.Checkpoint, image_size: int | None) -> Back
     raise JaxftError(f"{ckpt.path}: jaxft knows the image families {', '.join(VISION_CONVENTIONS)}, not "
                      f"{c.model_type!r}")
   pre = ckpt.path / "preprocessor_config.json"
-  pre = json.loads(pre.read_text()) if pre.is_file() else {}
+  pre = assets.json_file(pre) if pre.is_file() else {}
   mean = jnp.asarray(pre.get("image_mean", IMAGENET_MEAN), jnp.float32)
   std = jnp.asarray(pre.get("image_std", IMAGENET_STD), jnp.float32)
   size = image_size or getattr(c, "image_size", None) or 224

@@ -67,6 +67,16 @@ class Config(TaskConfig):
   label_names: list[str] | None = None  # None: the source's tag names, else O and the sorted distinct train tags
 
 
+def bio(tag: str) -> bool:
+  return tag == "O" or tag[:2] in ("B-", "I-")
+
+
+def token_where(records, i: int, k: int, split: str) -> str:
+  """Where token k of record i was read: its own line in a CoNLL file, else the record's place and the token."""
+  at = getattr(records[i], "token_origin", None)
+  return at(k) if at else f"{where(records, i, split)} (token {k + 1})"
+
+
 class TokenClassification(Task):
   metrics = ("loss", "token_accuracy", "entity_precision", "entity_recall", "entity_f1")
   best_metric = "entity_f1"
@@ -78,11 +88,15 @@ class TokenClassification(Task):
     require_columns(train, (t.tokens_column, t.tags_column), "set task.tokens_column / task.tags_column")
     require_fast_tokenizer(backbone, "token_classification", "word ids")
     self.known = source.label_names.get(t.tags_column)  # ints in the records index these
-    tags = {t for ts in self._tags(train, "train") for t in ts}
+    train_tags = self._tags(train, "train")
+    tags = {t for ts in train_tags for t in ts}
     self.label_names = t.label_names or self.known or ["O"] * ("O" in tags) + sorted(tags - {"O"})
-    bad = [t for t in self.label_names if t != "O" and t[:2] not in ("B-", "I-")]
+    bad = [t for t in self.label_names if not bio(t)]
     if bad:
-      raise JaxftError(f"token_classification expects BIO / IOB2 tags (O, B-TYPE, I-TYPE); got {bad[:3]}")
+      at = "task.label_names" if t.label_names else next(
+        token_where(train, i, k, "train") for i, ts in enumerate(train_tags) for k, tag in enumerate(ts) if not bio(tag))
+      raise JaxftError(f"{at}: tag {bad[0]!r} is not a BIO / IOB2 tag (O, B-TYPE, I-TYPE), which token_classification "
+                       f"expects ({len(bad)} such tag(s): {bad[:3]})")
     require_classes(f"task.tags_column '{t.tags_column}'", self.label_names, tags,
                     lambda split: {t for ts in self._tags(source.splits.get(split, []), split) for t in ts}, log)
     self.pad_id = backbone.processor.pad_token_id or 0
@@ -96,12 +110,18 @@ class TokenClassification(Task):
     words = [[str(w) for w in ws] for ws in column(records, t.tokens_column, split, (list,))]
     tags = self._tags(records, split)
     index = {t: i for i, t in enumerate(self.label_names)}
+    stray = []  # (example, token) of each I-X that follows neither B-X nor I-X
     for i, (w, t) in enumerate(zip(words, tags)):
       if len(w) != len(t):
         raise JaxftError(f"{where(records, i, split)}: {len(w)} tokens but {len(t)} tags")
-      if (unknown := set(t) - set(index)):
-        raise JaxftError(f"{where(records, i, split)}: tag(s) {sorted(unknown)[:3]} not in the tag names "
-                         f"{self.label_names}")
+      for k, tag in enumerate(t):
+        if tag not in index:
+          raise JaxftError(f"{token_where(records, i, k, split)}: tag {tag!r} is not in the tag names {self.label_names}")
+        if tag.startswith("I-") and (k == 0 or t[k - 1][2:] != tag[2:]):
+          stray.append((i, k))
+    if stray:
+      self.log(f"{split}: {len(stray)} I- tag(s) follow no B- or I- of their type (the first: "
+               f"{token_where(records, *stray[0], split)}); each starts an entity, as conlleval reads them")
     enc = self.backbone.processor(words, is_split_into_words=True, truncation=True, max_length=d.max_length,
                                   return_attention_mask=False, return_token_type_ids=False)
     ids, labels, first = [], [], []

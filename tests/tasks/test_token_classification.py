@@ -112,14 +112,28 @@ def test_loss_is_the_mean_over_weighted_tokens(subword_tokenizer):
   assert float(aux["token_accuracy"]) == 0.5
 
 
-def test_bad_tags_are_one_line_errors(subword_tokenizer):
-  with pytest.raises(JaxftError, match="expects BIO / IOB2 tags"):
-    task(subword_tokenizer, [{"tokens": ["the"], "tags": ["PER"]}])
-  t, _ = task(subword_tokenizer, [{"tokens": ["the", "film"], "tags": ["B-X", "O"]}])
+def test_bad_tags_are_one_line_errors(subword_tokenizer, tmp_path):
+  """Errors name the token's line in a CoNLL file (else the example and token); a stray I- is read as conlleval
+  reads it, and said."""
+  from jaxft.data.sources import files
+  with pytest.raises(JaxftError, match=r"^train example 0 \(token 2\): tag 'PER' is not a BIO / IOB2 tag"):
+    task(subword_tokenizer, [{"tokens": ["the", "film"], "tags": ["O", "PER"]}])
+  conll = tmp_path / "ner.conll"
+  conll.write_text("the\tO\nfilm\tB-X\n\nthe\tO\nfilm\tI-Y\nplaying\tLOC\n")
+  cfg = types.SimpleNamespace(conll_columns=[0, 1])
+  records = files._conll(conll, cfg)
+  with pytest.raises(JaxftError, match=rf"^{conll}:6: tag 'LOC' is not a BIO / IOB2 tag \(O, B-TYPE, I-TYPE\)"):
+    task(subword_tokenizer, records)
+  t, logs = task(subword_tokenizer, records[:1])
+  with pytest.raises(JaxftError, match=rf"^{conll}:5: tag 'I-Y' is not in the tag names \['O', 'B-X'\]"):
+    t.encode(records, "validation")
   with pytest.raises(JaxftError, match="validation example 0: 2 tokens but 1 tags"):
     t.encode([{"tokens": ["the", "film"], "tags": ["O"]}], "validation")
-  with pytest.raises(JaxftError, match=r"tag\(s\) \['B-Y'\] not in the tag names"):
-    t.encode([{"tokens": ["the"], "tags": ["B-Y"]}], "validation")
+  stray = [{"tokens": ["the", "film", "the"], "tags": ["I-X", "B-X", "I-X"]}, {"tokens": ["the", "film"], "tags": ["O", "I-Y"]}]
+  t, logs = task(subword_tokenizer, stray)
+  t.encode(stray, "train")
+  assert logs == ["train: 2 I- tag(s) follow no B- or I- of their type (the first: train example 0 (token 1)); each "
+                  "starts an entity, as conlleval reads them"]
 
 
 def write_ner(path: Path, n: int, seed: int):

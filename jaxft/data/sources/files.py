@@ -19,16 +19,21 @@ from jaxft.errors import JaxftError
 
 
 class Record(dict):
-  """A record that knows where it was read: `origin` is 'FILE:LINE' (of its first line)."""
-  __slots__ = ("file", "line")
+  """A record that knows where it was read: `origin` is 'FILE:LINE' (of its first line); a CoNLL sentence's
+  token k is on line LINE + k (token_origin)."""
+  __slots__ = ("file", "line", "per_token")
 
-  def __init__(self, fields, file, line: int):
+  def __init__(self, fields, file, line: int, per_token: bool = False):
     super().__init__(fields)
-    self.file, self.line = file, line
+    self.file, self.line, self.per_token = file, line, per_token
 
   @property
   def origin(self) -> str:
     return f"{self.file}:{self.line}"
+
+  @property
+  def token_origin(self):
+    return (lambda k: f"{self.file}:{self.line + k}") if self.per_token else None
 
 
 def _text(p) -> str:
@@ -106,7 +111,7 @@ def _conll(p, dcfg):
   for i, line in enumerate(_lines(p)):
     if not line.strip() or line.startswith("-DOCSTART-"):
       if tokens:
-        rows.append(Record({"tokens": tokens, "tags": tags}, p, first))
+        rows.append(Record({"tokens": tokens, "tags": tags}, p, first, per_token=True))
         tokens, tags = [], []
       continue
     cols = line.split("\t") if "\t" in line else line.split()
@@ -119,7 +124,7 @@ def _conll(p, dcfg):
       raise JaxftError(f"{p}:{i + 1}: no column {max(tok_col, tag_col)} (data.conll_columns "
                        f"{dcfg.conll_columns}) in {line!r}") from None
   if tokens:
-    rows.append(Record({"tokens": tokens, "tags": tags}, p, first))
+    rows.append(Record({"tokens": tokens, "tags": tags}, p, first, per_token=True))
   return rows
 
 
