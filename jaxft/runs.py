@@ -10,7 +10,8 @@ from pathlib import Path
 
 import jax
 
-from jaxft import run_lock, runtime
+from jaxft import config as config_lib
+from jaxft import config_yaml, run_lock, runtime
 from jaxft.checkpoint import Checkpointer, RestoreError, RunRecord
 from jaxft.errors import JaxftError
 from jaxft.experiment import build, setup
@@ -53,6 +54,38 @@ def check_dir(cfg) -> None:
   run_dir = Path(cfg.run_dir)
   if run_dir.exists() and not run_dir.is_dir():
     raise JaxftError(f"run_dir {run_dir} exists and is not a directory")
+
+
+# Keys a resumed run may change: where and how it runs and logs, not what it computes.
+RESUMABLE_CHANGES = ("run_dir", "resume", "parallel.", "train.log_every", "train.checkpoint_every", "train.keep",
+                     "train.eval_batch_size", "train.on_nonfinite", "data.workers", "data.tfds_dir",
+                     "task.label_names")  # (the labels' order: the run's is kept, jaxft/labels.py)
+
+
+def check_same_run(cfg) -> None:
+  """Resuming a run whose config (RUN_DIR/config.yaml) differs in what it computes is an error naming the keys:
+  the checkpoints would continue, or (a finished run) report, another experiment than the one asked for."""
+  saved_path = Path(cfg.run_dir) / "config.yaml"
+  if not cfg.resume or not saved_path.is_file():
+    return
+  with checkpoints(cfg, required=False) as ckpt:
+    if ckpt is None:
+      return
+  saved, now = _flat(config_yaml.load(saved_path.read_text(), str(saved_path)) or {}), _flat(config_lib.to_dict(cfg))
+  changed = [k for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)
+             and not any(k == c or k.startswith(c) for c in RESUMABLE_CHANGES)]
+  if changed:
+    diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+    more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+    raise JaxftError(f"run_dir {cfg.run_dir} holds a run with another config ({diff}{more}); resuming would mix two "
+                     f"experiments: give this one its own run_dir=..., or pass --no-resume to discard that run")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
 
 
 def _check_writable(ckpt_dir: Path) -> None:

@@ -70,6 +70,11 @@ def test_unrestorable_checkpoint_stops_instead_of_restarting(tiny_cfg):
   before = sorted(p.name for p in ckpt_dir.iterdir())
   # Same run dir, but SGD's state no longer matches the saved AdamW one.
   sgd = ("train.epochs=0.5", "train.eval_every=100", "optim.name=sgd")
+  with pytest.raises(JaxftError, match=r"^run_dir .* holds a run with another config \(optim.name: 'adamw' -> 'sgd'\); "
+                                       r"resuming would mix two experiments: give this one its own run_dir=\.\.\., or "
+                                       r"pass --no-resume to discard that run$"):
+    train(tiny_cfg(*sgd))
+  (ckpt_dir.parent / "config.yaml").unlink()  # a run dir without its config: the checkpoints themselves refuse
   with pytest.raises(JaxftError, match=r"none of the 1 checkpoints in .* can be restored \(newest, 8: .*"
                                        r"change it back, or train in a new run_dir \(--no-resume would delete them\)"):
     train(tiny_cfg(*sgd))
