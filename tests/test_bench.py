@@ -79,6 +79,7 @@ def test_lm_bench_counts_loss_bearing_tokens(tiny_llama, sft_data, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.registry
 def test_gpu_check_dry_run_prints_the_table():
   """benchmarks/gpu_check.sh (GPU figures need a GPU): its commands and table, at toy sizes on CPU."""
   import subprocess

@@ -94,6 +94,37 @@ def test_groups_scale_each_leafs_update():
     np.testing.assert_allclose(u, expected, rtol=1e-6, err_msg=p)
 
 
+@pytest.mark.parametrize("name", ["adamw", "adam", "adafactor", "lion", "sgd"])
+def test_every_optimizer_updates_as_its_reference_with_the_config_s_values(name):
+  """Each optim.name, its config keys set away from their defaults, updates as the reference written out by
+  hand (optax's own optimizer with those values; SGD by its formula): no key is dropped or swapped."""
+  import jax.numpy as jnp
+  import optax
+  cfg = load_config(None, (f"optim.name={name}", "optim.b1=0.8", "optim.b2=0.95", "optim.eps=1e-6",
+                           "optim.momentum=0.5"))
+  params = {"a": {"kernel": jnp.arange(6.0).reshape(2, 3) / 7 + 0.1, "bias": jnp.ones(3)}, "b": jnp.linspace(-1, 1, 4)}
+  ours = optim.base_optimizer(cfg.optim, 1e-2, 0.05, None)
+  theirs = {"adamw": lambda: optax.adamw(1e-2, 0.8, 0.95, 1e-6, weight_decay=0.05),
+            "adam": lambda: optax.adam(1e-2, 0.8, 0.95, 1e-6),
+            "adafactor": lambda: optax.adafactor(1e-2, weight_decay_rate=0.05),
+            "lion": lambda: optax.lion(1e-2, 0.8, 0.95, weight_decay=0.05)}.get(name)
+  s1 = ours.init(params)
+  s2 = theirs().init(params) if theirs else None
+  velocity = jax.tree.map(jnp.zeros_like, params)
+  for step in range(3):
+    grads = jax.tree.map(lambda x: jnp.cos(3 * x + step) + 0.1, params)  # noqa: B023
+    u1, s1 = ours.update(grads, s1, params)
+    if theirs:
+      u2, s2 = theirs().update(grads, s2, params)
+    else:  # SGD: v <- momentum v + (g + wd p); update -lr v
+      velocity = jax.tree.map(lambda v, g, p: 0.5 * v + g + 0.05 * p, velocity, grads, params)
+      u2 = jax.tree.map(lambda v: -1e-2 * v, velocity)
+    for p, x in rules.flat(u2).items():
+      np.testing.assert_allclose(rules.flat(u1)[p], x, rtol=1e-6, atol=1e-9, err_msg=f"{name} step {step} {p}")
+    assert any(np.abs(x).max() > 1e-4 for x in rules.flat(u1).values())
+    params = optax.apply_updates(params, u1)
+
+
 @pytest.mark.parametrize("name", ["lamb", "lars"])
 def test_lamb_and_lars_are_optax_s_and_log_trust_ratios_per_layer(tiny_cfg, name):
   """jaxft's LAMB / LARS (optax's, with the trust ratio kept in the state) update as optax.lamb / optax.lars

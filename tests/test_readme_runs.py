@@ -40,6 +40,7 @@ def budgeted(args: list[str]) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.registry
 def test_readme_usage_lines_run(tmp_path):
   (tmp_path / "configs").symlink_to(ROOT / "configs")
   rows = [{"text": f"{w} film", "label": w} for w in ("good", "bad") * 40]

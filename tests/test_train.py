@@ -39,8 +39,9 @@ def test_train_learns_and_writes_run_dir(tiny_cfg, capsys):
   assert steps[-2:] == [40, 48] and 2 <= len(steps) <= 3
 
 
-def test_resume_is_bitwise_exact(tiny_cfg):
-  """N steps, stop, resume N steps == 2N uninterrupted steps (params bitwise, same data order)."""
+def test_resume_is_bitwise_exact(tiny_cfg, capsys):
+  """N steps, stop, resume N steps == 2N uninterrupted steps (params bitwise, same data order), resumed from
+  step N (a silent restart from 0 would end equal too)."""
   cfg = tiny_cfg("train.epochs=2", "train.eval_every=100", "train.checkpoint_every=16", "train.keep=5")
   train(cfg)  # 32 steps, checkpoints at 16 and 32
   like = build(cfg, print).initial_state()
@@ -49,7 +50,9 @@ def test_resume_is_bitwise_exact(tiny_cfg):
   rows_before = metric_rows(cfg.run_dir)
   assert sorted(p.name for p in ckpt_dir.iterdir() if p.name.isdigit()) == ["16", "32"]
   shutil.rmtree(ckpt_dir / "32")  # as if killed right after step 16's checkpoint
+  capsys.readouterr()
   train(cfg)
+  assert f"resumingfrom{ckpt_dir.absolute()}/16inphasetrain" in "".join(capsys.readouterr().err.split())  # (wrapped)
   resumed = final_params(ckpt_dir.parent, like)
   assert sorted(p.name for p in ckpt_dir.iterdir() if p.name.isdigit()) == ["16", "32"]
   for path in uninterrupted:

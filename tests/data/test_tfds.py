@@ -153,6 +153,7 @@ def _vader_raw():
 
 
 @pytest.mark.slow
+@pytest.mark.registry
 def test_builtin_vader_in_file_order(tmp_path):
   texts, labels, scores = _vader_raw()
   logs = []
@@ -170,6 +171,7 @@ def test_builtin_vader_in_file_order(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.registry
 def test_builtin_wnut16_counts(tmp_path):
   from jaxft.data.sources.builders.wnut16 import TAGS as WNUT_TAGS
   splits, names = builtin.load("wnut16", tmp_path, log=lambda m: None)

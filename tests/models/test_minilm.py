@@ -7,6 +7,7 @@ from jaxft.config import load_config
 
 
 @pytest.mark.slow
+@pytest.mark.registry
 def test_minilm_mean_pooled_cosine():
   backbone = models.load(load_config(None, ()).model, seed=0, log=print)
   enc = backbone.processor(["A man is eating food.", "A man eats something."], padding=True, return_tensors="np")

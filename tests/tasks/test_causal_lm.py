@@ -254,6 +254,27 @@ def test_jane_austen_builder_reads_an_r_lazy_load_database(tmp_path, monkeypatch
   assert {r["chapter"] for r in splits["test"]} == {3} and {r["chapter"] for r in splits["validation"]} == {2}
 
 
+def test_generation_is_greedy_decoding_step_by_step(tiny_llama, sft_data, tmp_path):
+  """The compiled loop (left-padded batch, KV cache, stop at EOS) picks the tokens that running the whole
+  sequence again for each new token and taking its argmax picks, prompt by prompt."""
+  from jaxft import generate as gen
+  exp = build(load_config(None, lm_overrides(tiny_llama["untied"], sft_data, tmp_path / "run")), lambda *a: None)
+  state = exp.initial_state()
+  prompts = [list(p) for p in exp.splits["validation"].meta["prompts"][:3]]
+  assert len({len(p) for p in prompts}) > 1  # prompts of several lengths share a left-padded batch
+  got = gen.generate(exp, state.params, state.model_state, prompts, 8, batch_size=4)
+  for prompt, tokens in zip(prompts, got):
+    ids = list(prompt)
+    for _ in range(8):
+      batch = {"input_ids": np.array([ids], np.int32), "attention_mask": np.ones((1, len(ids)), np.int32)}
+      nxt = int(np.argmax(exp.apply(state.params, batch, False, None, state.model_state)[0][0, -1]))
+      if nxt == exp.task.eos_id:
+        break
+      ids.append(nxt)
+    assert tokens == ids[len(prompt):]
+  assert sum(map(len, got)) > 3
+
+
 SHARDED_GENERATION = """
 import json, sys
 from jaxft import generate as gen
