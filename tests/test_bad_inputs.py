@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import jaxft_calls, tiny_overrides
+from conftest import jaxft, jaxft_calls, tiny_overrides
 
 from jaxft import formats
 
@@ -28,6 +28,13 @@ CASES = [  # (command, overrides, text the error line must hold)
     ("inspect", ("task.text_column=review",), "the training data has no column 'review' (columns: text, label)"),
     ("bench", ("--length=100",), "bench --length=100 is longer than"),
     ("train", ("run_dir=/proc/jaxft_x/run",), "cannot create run_dir /proc/jaxft_x/run: No such file or directory"),
+    ("inspect", ("optim.groups=[{match: x, lr_mult: 1, lr_mult: 2}]",), "key 'lr_mult' is given twice in one mapping"),
+    ("inspect", ("foo.bar=1",), "unknown config key 'foo.bar'; none is close: the top-level keys are run_dir"),
+    ("inspect", ("model.name=pypi:six==1.16.0/../../..",), "the path inside the package may not contain '..'"),
+    ("soup", ("run_dir=/tmp/jaxft_no_such_run/a",), "run_dir /tmp/jaxft_no_such_run/a does not exist: train first"),
+    ("interpolate", ("run_dir=/tmp/jaxft_no_such_run/b",), "run_dir /tmp/jaxft_no_such_run/b does not exist"),
+    ("export", ("run_dir=/tmp/jaxft_no_such_run/c", "--out=/tmp/jaxft_no_such_run/out"),
+     "run_dir /tmp/jaxft_no_such_run/c does not exist"),
 ]
 
 
@@ -106,6 +113,17 @@ def calls(tiny_bert, tiny_data, tmp_path_factory):
   for cid, (name, content, overrides, _) in zip(DATA_IDS, DATA):
     root = case(cid, "inspect")
     cases[cid] = (root, "inspect", (f"data.train={data_file(root, name, content)}", *overrides))
+  root = case("symlink_loop", "inspect")
+  (root / "loop").symlink_to(root / "loop")
+  cases["symlink_loop"] = (root, "inspect", (f"model.name={root / 'loop'}",))
+  root = case("bad_config_json", "inspect")
+  model = shutil.copytree(tiny_bert["pt"], root / "model")
+  (model / "config.json").write_text('{"model_type": "bert",\n')
+  cases["bad_config_json"] = (root, "inspect", (f"model.name={model}",))
+  root = case("truncated_gguf", "inspect")
+  header = b"GGUF" + (3).to_bytes(4, "little") + (5).to_bytes(8, "little") + (3).to_bytes(8, "little")
+  (root / "m.gguf").write_bytes(header)  # 5 tensors and 3 metadata fields announced; the file ends there
+  cases["truncated_gguf"] = (root, "inspect", (f"model.name={root / 'm.gguf'}",))
   root = case("one_class_named", "inspect")
   cases["one_class_named"] = (root, "inspect", (f"data.train={data_file(root, 't.jsonl', ONE_CLASS)}",
                                                 "task.label_names=[neg, pos]"))
@@ -156,3 +174,19 @@ def test_one_class_in_train_with_label_names_is_a_warning(calls):
   r = calls["one_class_named"][1]
   assert r.returncode == 0, r.stderr[-2000:]
   assert "warning: the training data has one class only in task.label_column 'label'" in " ".join(r.stderr.split())
+
+
+@pytest.mark.parametrize("cid,message", [
+    ("symlink_loop", "{root}/loop: a symlink loop (a link that leads back to itself)"),
+    ("bad_config_json", "{root}/model/config.json: not valid JSON (line 2, column 1: Expecting property name"),
+    ("truncated_gguf", "cannot read {root}/m.gguf (24 bytes): truncated, damaged or not a GGUF file"),
+])
+def test_unreadable_models_name_the_file(calls, cid, message):
+  root, r = calls[cid]
+  assert_one_line_error(r, message.format(root=root))
+
+
+def test_bad_numbers_on_the_command_line():
+  r = jaxft("generate", "--prompt", "hi", "--max-new-tokens", "-1")
+  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == \
+      "jaxft generate: error: argument --max-new-tokens: must be >= 1, got -1"
