@@ -102,6 +102,7 @@ class TrainConfig:
   micro_batch_size: int | None = None  # gradient accumulation: batch_size / micro_batch_size scans
   eval_batch_size: int = 64  # examples per evaluation batch (packed: rows of data.max_length)
   epochs: float = 1.0
+  min_steps: int = 0  # an epoch-counted phase trains at least this many steps (small data: more epochs)
   log_every: int = 10
   eval_every: int | None = None  # validation every N steps; None: once per epoch and at the end of a phase
   checkpoint_every: int = 100
@@ -460,6 +461,7 @@ def validate(cfg: Config) -> None:
     check(getattr(cfg.train, key) is None and key == "eval_every" or getattr(cfg.train, key) > 0,
           f"config key 'train.{key}' must be > 0")
   check(cfg.train.epochs > 0, "config key 'train.epochs' must be > 0")
+  check(cfg.train.min_steps >= 0, f"config key 'train.min_steps' must be >= 0, got {cfg.train.min_steps}")
   seeds = cfg.train.seeds
   check(seeds is None or (seeds >= 1 if isinstance(seeds, int) else len(seeds) >= 1 and len(set(seeds)) == len(seeds)),
         f"config key 'train.seeds' must be a count >= 1 or a list of distinct seeds, got {seeds!r}")

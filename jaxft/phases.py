@@ -59,7 +59,8 @@ def build(cfg, params, n_train: int, task, conv) -> list[Phase]:
       raise JaxftError(f"config key 'phases[{i}].until.metric' is {until['metric']}; this task reports "
                        f"{', '.join('val_' + m for m in task.metrics)}")
     epochs = until.get("max_epochs", cfg.train.epochs) if until else end.get("epochs")
-    steps = end.get("steps") or batching.steps_for(n_train, cfg.train.batch_size, epochs)
+    steps = end.get("steps") or max(batching.steps_for(n_train, cfg.train.batch_size, epochs),
+                                    cfg.train.min_steps if "epochs" in end else 0)
     labels = rules.freeze_labels(pcfg, params, conv, task.head_regex)
     if "train" not in rules.flat(labels).values():
       where = f"phase '{spec.get('name', f'phase_{i}')}'" if len(specs) > 1 else "the run"

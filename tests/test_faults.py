@@ -73,13 +73,13 @@ def test_signal_in_the_test_pass_cuts_it_and_the_rerun_tests(ref):
   r = jaxft("train", *run, fault=f"test:{STEPS}:TERM")
   assert r.returncode == 75 and "SIGTERM: stopping the test pass (training is done" in r.stderr, r.stderr[-3000:]
   assert r.stderr.strip().splitlines()[-1].startswith(f"stopped by SIGTERM after step {STEPS}: checkpoint {run_dir}/")
-  assert r.stdout == "" and not test_rows(run_dir)
+  assert r.stdout == "" and not final_test_rows(run_dir)
   r = jaxft("train", *run)
   assert r.returncode == 0 and resumed_from(r.stderr) == STEPS, r.stderr[-3000:]
-  assert test_rows(run_dir) == test_rows(overrides("reference")[0]) and r.stdout.startswith("test loss ")
+  assert final_test_rows(run_dir) == final_test_rows(overrides("reference")[0]) and r.stdout.startswith("test loss ")
 
 
-def test_rows(run_dir):
+def final_test_rows(run_dir):
   rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
   return [{k: v for k, v in row.items() if k != "time"} for row in rows if row["split"] == "test"]
 

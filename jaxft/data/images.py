@@ -1,7 +1,7 @@
 """Images for vision models: decode, grey -> RGB, the evaluation view and the seeded train-time view.
 
 Every view is a uint8 [S, S, 3] array; normalisation is the model's (its provider applies it on the
-device). The train view (random resized crop, horizontal flip) is a pure function of (seed, example,
+device). The train view (random resized crop, a horizontal flip if asked) is a pure function of (seed, example,
 epoch), so a resumed run sees exactly the images an uninterrupted one would have.
 """
 import contextlib
@@ -57,9 +57,9 @@ def eval_view(im: Image.Image, size: int) -> np.ndarray:
 
 
 def train_view(im: Image.Image, size: int, rng: np.random.Generator, scale=(0.35, 1.0),
-               ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+               ratio=(3 / 4, 4 / 3), flip: bool = False) -> np.ndarray:
   """Inception-style random resized crop (area fraction in `scale`, aspect ratio in `ratio`, log-uniform;
-  the whole image after 10 misses), resized to size x size, flipped left-right with probability 1/2."""
+  the whole image after 10 misses), resized to size x size; with `flip`, flipped left-right with probability 1/2."""
   w, h = im.size
   box = (0, 0, w, h)
   for _ in range(10):
@@ -71,7 +71,7 @@ def train_view(im: Image.Image, size: int, rng: np.random.Generator, scale=(0.35
       box = (x0, y0, x0 + cw, y0 + ch)
       break
   out = im.resize((size, size), Image.BICUBIC, box=box)
-  if rng.uniform() < 0.5:
+  if flip and rng.uniform() < 0.5:
     out = out.transpose(Image.FLIP_LEFT_RIGHT)
   return np.asarray(out)
 

@@ -25,8 +25,9 @@ class Config(TaskConfig):
   image_column: str = "image"  # a uint8 [H, W] or [H, W, C] array, or an image file's path
   label_column: str = "label"
   label_names: list[str] | None = None  # None: the source's class names, else sorted distinct train labels
-  augment: bool = True  # random resized crop (scale in crop_scale) + flip in training
+  augment: bool = True  # random resized crops (scale in crop_scale) in training
   crop_scale: list[float] = dataclasses.field(default_factory=lambda: [0.35, 1.0])
+  flip: bool = False  # also mirror left-right half the time (with augment): only where mirrored images are valid
   label_smoothing: float = 0.0  # cross-entropy against (1 - e) one-hot + e / classes
 
   def check(self):
@@ -70,7 +71,8 @@ class ImageClassification(Task):
     for row, i in enumerate(idx):
       im = images.decode(ex.fields["images"][i], f"{ex.meta['split']} example {i}")
       image_BxSxSx3[row] = (images.eval_view(im, self.size) if epoch is None or not t.augment else
-                            images.train_view(im, self.size, images.example_rng(seed, int(i), epoch), t.crop_scale))
+                            images.train_view(im, self.size, images.example_rng(seed, int(i), epoch), t.crop_scale,
+                                                              flip=t.flip))
     labels_B = np.zeros((batch_size,), np.int32)
     labels_B[:len(idx)] = ex.fields["labels"][idx]
     weights_B = np.zeros((batch_size,), np.float32)
@@ -81,7 +83,9 @@ class ImageClassification(Task):
     return "task.name image_classification has no tokens to pack"
 
   def batch_layout(self, pack, buckets):
-    augment = f"random crops of {self.cfg.task.crop_scale} of the area, flips" if self.cfg.task.augment else "no augmentation"
+    t = self.cfg.task
+    augment = (f"random crops of {t.crop_scale} of the area" + (", left-right flips" if t.flip else ", no flips")
+               if t.augment else "no augmentation")
     return f"{self.size}x{self.size} images, {augment}"
 
   def init_head(self, rng):

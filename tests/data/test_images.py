@@ -37,3 +37,13 @@ def test_unreadable_images_fail_when_the_data_loads(tmp_path, monkeypatch):
     image_folder.read(bomb, "data.train", cfg)
   with pytest.raises(JaxftError, match=r"^train example 3: cannot read the image .*0.png: Image size"):
     images.decode(str(bomb / "a" / "0.png"), "train example 3")
+
+
+def test_flips_only_when_asked():
+  """task.flip: false (the default) never mirrors; true mirrors about half the views, each otherwise the same crop."""
+  im = Image.fromarray(np.tile(np.arange(32, dtype=np.uint8) * 8, (32, 1)))  # a left-to-right ramp
+  plain = [images.train_view(im, 16, images.example_rng(0, i, 0)) for i in range(20)]
+  flipped = [images.train_view(im, 16, images.example_rng(0, i, 0), flip=True) for i in range(20)]
+  assert all(v[:, 0].mean() < v[:, -1].mean() for v in plain)  # the ramp still rises
+  mirrored = [np.array_equal(f, p[:, ::-1]) for f, p in zip(flipped, plain)]
+  assert all(m or np.array_equal(f, p) for m, f, p in zip(mirrored, flipped, plain)) and 5 <= sum(mirrored) <= 15

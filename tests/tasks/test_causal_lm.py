@@ -275,6 +275,14 @@ def test_generation_is_greedy_decoding_step_by_step(tiny_llama, sft_data, tmp_pa
   assert sum(map(len, got)) > 3
 
 
+def test_generate_needs_no_training_data(tiny_llama, tmp_path):
+  """jaxft generate reads the model (the run's, or as loaded), not the data: files not yet made are no error."""
+  from jaxft.generate import generate_text
+  cfg = load_config(None, lm_overrides(tiny_llama["untied"], tmp_path / "not_made_yet", tmp_path / "run"))
+  text = generate_text(cfg, "the movie was", 4, log=lambda *a: None)
+  assert isinstance(text, str)
+
+
 SHARDED_GENERATION = """
 import json, sys
 from jaxft import generate as gen
