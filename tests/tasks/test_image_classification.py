@@ -95,6 +95,19 @@ def test_views_are_pure_functions_of_seed_example_and_epoch(vision, tmp_path):
   np.testing.assert_array_equal(plain.task.collate(ex, idx, 1, 4, epoch=3)["image"], view(None))
 
 
+def test_each_replica_augments_with_its_own_seed(vision, tmp_path):
+  """train.seeds=2: replica r's training images are its examples' views under its own seed, not another's."""
+  exp = build(cfg_for(vision, tmp_path / "run", "train.seeds=2"))
+  batches = exp.replicas.batches(lambda seed: exp.train_batches(seed=seed))
+  stacked, ex = batches[0]["image"], exp.splits["train"]
+  seeds = exp.replicas.seeds
+  assert stacked.shape[0] == 2 and len(set(seeds)) == 2
+  for r, source in enumerate(batches.sources):
+    view = lambda seed: exp.task.collate(ex, source.indices(0), 1, 8, epoch=0, seed=seed)["image"]  # noqa: B023, E731
+    np.testing.assert_array_equal(stacked[r], view(seeds[r]))
+    assert not np.array_equal(stacked[r], view(seeds[1 - r]))
+
+
 def bn_layers(tree, prefix):
   return {p: x for p, x in rules.flat(tree).items() if p.startswith(prefix)}
 
