@@ -72,7 +72,9 @@ def check_same_run(cfg) -> None:
     if ckpt is None:
       return
   saved, now = _flat(config_yaml.load(saved_path.read_text(), str(saved_path)) or {}), _flat(config_lib.to_dict(cfg))
-  changed = [k for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)
+  # a key the saved config lacks (added since) counts as its default; one it has that no longer exists, not at all
+  default = _flat(config_lib.to_dict(config_lib.load_config(None, (f"task.name={cfg.task.name}",))))
+  changed = [k for k in sorted(now) if saved.get(k, default.get(k)) != now[k]
              and not any(k == c or k.startswith(c) for c in RESUMABLE_CHANGES)]
   if changed:
     diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])

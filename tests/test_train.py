@@ -71,6 +71,10 @@ def test_unrestorable_checkpoint_stops_instead_of_restarting(tiny_cfg):
   train(cfg)
   ckpt_dir = Path(cfg.run_dir) / "checkpoints"
   before = sorted(p.name for p in ckpt_dir.iterdir())
+  # A config saved before a key existed (train.min_steps here) reads it as its default: the same run resumes.
+  saved = ckpt_dir.parent / "config.yaml"
+  saved.write_text("".join(line for line in saved.read_text().splitlines(True) if "min_steps" not in line))
+  train(tiny_cfg("train.epochs=0.5", "train.eval_every=100", "train.log_every=1"))  # (how it logs may change)
   # Same run dir, but SGD's state no longer matches the saved AdamW one.
   sgd = ("train.epochs=0.5", "train.eval_every=100", "optim.name=sgd")
   with pytest.raises(JaxftError, match=r"^run_dir .* holds a run with another config \(optim.name: 'adamw' -> 'sgd'\); "

@@ -94,7 +94,8 @@ class TokenClassification(Task):
     bad = [t for t in self.label_names if not bio(t)]
     if bad:
       at = "task.label_names" if t.label_names else next(
-        token_where(train, i, k, "train") for i, ts in enumerate(train_tags) for k, tag in enumerate(ts) if not bio(tag))
+        (token_where(train, i, k, "train") for i, ts in enumerate(train_tags) for k, tag in enumerate(ts)
+         if not bio(tag)), f"the tag names of task.tags_column '{t.tags_column}'")
       raise JaxftError(f"{at}: tag {bad[0]!r} is not a BIO / IOB2 tag (O, B-TYPE, I-TYPE), which token_classification "
                        f"expects ({len(bad)} such tag(s): {bad[:3]})")
     require_classes(f"task.tags_column '{t.tags_column}'", self.label_names, tags,
