@@ -100,13 +100,15 @@ def _array_handler() -> None:
 class Checkpointer:
   """Keeps the last `keep` checkpoints plus the best ones (RunRecord.kept), which the training loop sets."""
 
-  def __init__(self, directory, keep: int):
+  def __init__(self, directory, keep: int, reading: bool = False):
+    """reading: for a command that only reads (or one not yet holding the run's lock): the saves cut short that
+    a training run cleans up on its start are left alone, since another run may be writing one now."""
     _array_handler()
     self.directory = Path(directory).absolute()
     self._best = _KeepSteps(set())
     policy = cm.AnyPreservationPolicy([cm.LatestN(n=keep), self._best])
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True,
-                                           cleanup_tmp_directories=True)  # saves cut short by a kill
+                                           cleanup_tmp_directories=not reading)  # saves cut short by a kill
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._pending = None  # the step whose async save may still be in flight
 

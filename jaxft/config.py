@@ -13,8 +13,6 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from jaxft import config_yaml
 from jaxft.errors import JaxftError
 
@@ -102,7 +100,7 @@ class TrainConfig:
   micro_batch_size: int | None = None  # gradient accumulation: batch_size / micro_batch_size scans
   eval_batch_size: int = 64  # examples per evaluation batch (packed: rows of data.max_length)
   epochs: float = 1.0
-  min_steps: int = 0  # an epoch-counted phase trains at least this many steps (small data: more epochs)
+  min_steps: int = 0  # the epoch-counted phases together train at least this many steps (small data: more epochs)
   log_every: int = 10
   eval_every: int | None = None  # validation every N steps; None: once per epoch and at the end of a phase
   checkpoint_every: int = 100
@@ -497,4 +495,4 @@ def to_dict(cfg: Config) -> dict:
 
 
 def dump(cfg: Config) -> str:
-  return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+  return config_yaml.dump(to_dict(cfg))

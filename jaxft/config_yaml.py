@@ -13,17 +13,27 @@ class _Loader(yaml.SafeLoader):
   pass
 
 
-# A copy of the resolvers (PyYAML's add_implicit_resolver would extend the lists SafeLoader shares).
-_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                              list("-+0123456789"))
+class _Dumper(yaml.SafeDumper):
+  """Writes what _Loader reads back alike (a string such as '1e5' quoted, not read back as a float)."""
+
+
+FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$")
+for _cls in (_Loader, _Dumper):  # a copy of the resolvers: add_implicit_resolver would extend PyYAML's shared lists
+  _cls.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+  _cls.add_implicit_resolver("tag:yaml.org,2002:float", FLOAT, list("-+0123456789"))
 
 
 def _mapping(loader, node, deep=False):
   seen = {}
   for key_node, _ in node.value:
+    if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden here
+      continue
     key = loader.construct_object(key_node, deep=deep)
-    if key in seen:
+    try:
+      twice = key in seen
+    except TypeError:  # an unhashable key: SafeLoader's own error names it
+      break
+    if twice:
       raise JaxftError(f"key '{key}' is given twice in one mapping (lines {seen[key] + 1} and "
                        f"{key_node.start_mark.line + 1}); YAML would keep the second only: merge them")
     seen[key] = key_node.start_mark.line
@@ -47,3 +57,7 @@ def load(text: str, where: str):
     raise JaxftError(f"{where}{at}: not valid YAML: {problem}") from None
   except yaml.YAMLError as e:
     raise JaxftError(f"{where}: not valid YAML: {str(e).splitlines()[0]}") from None
+
+
+def dump(value) -> str:
+  return yaml.dump(value, Dumper=_Dumper, sort_keys=False)

@@ -190,9 +190,12 @@ def build(cfg, log=print, platform: str | None = None, length_key: str = "data.m
   backbone = model.load(cfg.model, cfg.seed, cfg.precision.compute, task_cls.needs_pooler(cfg, model.pooling), log,
                         platform)
   task = task_cls(cfg, backbone, source, log)
-  if task.head_key is not None:
-    stored, origin = run_labels or (labels.exported(backbone.name), f"the head exported to {backbone.name}")
-    labels.adopt(task, stored, origin, log)
+  saved_head = Path(backbone.name) / f"{task.head_key}.msgpack"
+  if run_labels:
+    labels.adopt(task, *run_labels, "use data of those labels, or train in a new run_dir", log)
+  elif task.head_key is not None and saved_head.is_file():  # its labels come with the head jaxft export wrote
+    labels.adopt(task, labels.exported(backbone.name), f"the head in {saved_head}",
+                 f"use data of those labels, or a new head (the backbone without {saved_head.name})", log)
   best = cfg.train.best_metric or task.best_metric
   if best not in task.metrics:
     raise JaxftError(f"config key 'train.best_metric' is {best!r}; {cfg.task.name} reports {', '.join(task.metrics)}")

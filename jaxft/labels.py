@@ -12,17 +12,16 @@ from jaxft.errors import JaxftError
 FILE = "labels.json"  # beside an exported head
 
 
-def adopt(task, stored: list | None, origin: str, log=print) -> None:
+def adopt(task, stored: list | None, origin: str, advice: str, log=print) -> None:
   """Orders `task`'s labels as `stored` (None: nothing stored, an older run); origin names where they were
-  stored, for the messages."""
+  stored, and advice what to do instead, for the messages."""
   current = task.label_names
   if stored is None or current is None or list(current) == list(stored):
     return
   extra = [n for n in current if n not in stored]
   if extra:
     raise JaxftError(f"the labels {_short(current)} include {_short(extra)}, which {origin} was not trained on (its "
-                     f"labels: {_short(stored)}): the label set changed; use data of those labels, or train in a "
-                     f"new run_dir")
+                     f"labels: {_short(stored)}): the label set changed; {advice}")
   task.relabel(list(stored), origin)
   log(f"labels: in the order of {origin} ({len(stored)}: {_short(stored)})")
 

@@ -6,6 +6,7 @@ leaf (e.g. Adam's mu / nu) of a param trainable in both phases carries over; ste
 with the new schedule. Checkpoints record the phase, its start step and the plateau counter (RunRecord).
 """
 import dataclasses
+import math
 import re
 from typing import Any
 
@@ -51,23 +52,29 @@ def build(cfg, params, n_train: int, task, conv) -> list[Phase]:
   """The run's phases for a task (its head regex, metrics) and a model family's conventions `conv`."""
   specs = cfg.phases or (preset(cfg.phases_preset, cfg, params, task, conv) if cfg.phases_preset else
                          [{"name": "train", "epochs": cfg.train.epochs}])
-  phases = []
-  for i, spec in enumerate(specs):
-    pcfg, end = phase_config(cfg, i, spec)
+  ends = [phase_config(cfg, i, spec) for i, spec in enumerate(specs)]
+  steps = []
+  for i, (_, end) in enumerate(ends):
     until = end.get("until")
     if until and until["metric"][len("val_"):] not in task.metrics:
       raise JaxftError(f"config key 'phases[{i}].until.metric' is {until['metric']}; this task reports "
                        f"{', '.join('val_' + m for m in task.metrics)}")
     epochs = until.get("max_epochs", cfg.train.epochs) if until else end.get("epochs")
-    steps = end.get("steps") or max(batching.steps_for(n_train, cfg.train.batch_size, epochs),
-                                    cfg.train.min_steps if "epochs" in end else 0)
+    steps.append(end.get("steps") or batching.steps_for(n_train, cfg.train.batch_size, epochs))
+  # train.min_steps: the epoch-counted phases together train at least that many steps, each lengthened alike
+  counted = sum(s for s, (_, end) in zip(steps, ends) if "epochs" in end)
+  if 0 < counted < cfg.train.min_steps:
+    steps = [math.ceil(s * cfg.train.min_steps / counted) if "epochs" in end else s for s, (_, end) in zip(steps, ends)]
+  phases = []
+  for i, (spec, (pcfg, end), n_steps) in enumerate(zip(specs, ends, steps)):
+    until = end.get("until")
     labels = rules.freeze_labels(pcfg, params, conv, task.head_regex)
     if "train" not in rules.flat(labels).values():
       where = f"phase '{spec.get('name', f'phase_{i}')}'" if len(specs) > 1 else "the run"
       raise JaxftError(f"{where} trains nothing: the freeze rules (freeze, train_only, freeze_embeddings, "
                        f"freeze_bottom_layers) freeze every parameter")
-    tx, lr = optim.make_optimizer(pcfg.optim, params, labels, steps, cfg.train.batch_size, conv)
-    phases.append(Phase(spec.get("name", f"phase_{i}"), pcfg, labels, tx, lr, int(steps),
+    tx, lr = optim.make_optimizer(pcfg.optim, params, labels, n_steps, cfg.train.batch_size, conv)
+    phases.append(Phase(spec.get("name", f"phase_{i}"), pcfg, labels, tx, lr, int(n_steps),
                         {"patience": 1, **until} if until else None))
   return phases
 

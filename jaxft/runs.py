@@ -19,8 +19,8 @@ from jaxft.experiment import build, setup
 _CLOSE_TIMEOUT_S = 60  # after an error: how long a save in flight may delay the exit
 
 
-def checkpointer(cfg) -> Checkpointer:
-  return Checkpointer(Path(cfg.run_dir) / "checkpoints", cfg.train.keep)
+def checkpointer(cfg, reading: bool = False) -> Checkpointer:
+  return Checkpointer(Path(cfg.run_dir) / "checkpoints", cfg.train.keep, reading)
 
 
 @contextlib.contextmanager
@@ -62,6 +62,10 @@ RESUMABLE_CHANGES = ("run_dir", "resume", "parallel.", "train.log_every", "train
                      "task.label_names")  # (the labels' order: the run's is kept, jaxft/labels.py)
 
 
+# Keys added since runs began to be resumed, as the runs before them behaved (not their new defaults).
+BEHAVED_BEFORE = {"task.flip": True}  # image_classification flipped every training image before the key existed
+
+
 def check_same_run(cfg) -> None:
   """Resuming a run whose config (RUN_DIR/config.yaml) differs in what it computes is an error naming the keys:
   the checkpoints would continue, or (a finished run) report, another experiment than the one asked for."""
@@ -74,6 +78,7 @@ def check_same_run(cfg) -> None:
   saved, now = _flat(config_yaml.load(saved_path.read_text(), str(saved_path)) or {}), _flat(config_lib.to_dict(cfg))
   # a key the saved config lacks (added since) counts as its default; one it has that no longer exists, not at all
   default = _flat(config_lib.to_dict(config_lib.load_config(None, (f"task.name={cfg.task.name}",))))
+  default.update({k: v for k, v in BEHAVED_BEFORE.items() if k in default})
   changed = [k for k in sorted(now) if saved.get(k, default.get(k)) != now[k]
              and not any(k == c or k.startswith(c) for c in RESUMABLE_CHANGES)]
   if changed:
@@ -167,7 +172,7 @@ def checkpoints(cfg, required: bool = True):
   """The run's Checkpointer for reading, closed after the block; None when the run has no checkpoints and not
   `required` (else an error saying to train first). Nothing is created."""
   ckpt_dir = Path(cfg.run_dir) / "checkpoints"
-  ckpt = checkpointer(cfg) if ckpt_dir.is_dir() else None
+  ckpt = checkpointer(cfg, reading=True) if ckpt_dir.is_dir() else None  # (no run lock held: touch no file)
   if ckpt is not None and ckpt.latest_step() is None:
     ckpt.close()
     ckpt = None

@@ -121,12 +121,13 @@ def test_presets(tiny_cfg):
 
 
 def test_min_steps_makes_small_data_train_more_epochs(tiny_cfg):
-  """train.min_steps: an epoch-counted phase trains at least that many steps (256 examples, batch 16: 16 a
-  epoch); a phase counted in steps, or already longer, keeps its own."""
+  """train.min_steps: the epoch-counted phases train at least that many steps in all (256 examples, batch 16:
+  16 an epoch), each lengthened alike; a phase counted in steps, or a run already longer, keeps its own."""
   steps = lambda *o: [p.max_steps for p in build(tiny_cfg(*o), print).phases]  # noqa: E731
   assert steps("train.epochs=1") == [16] and steps("train.epochs=1", "train.min_steps=40") == [40]
   assert steps("train.epochs=3", "train.min_steps=40") == [48]
   assert steps("train.min_steps=40", "phases=[{steps: 5}, {epochs: 1}]") == [5, 40]
+  assert steps("train.min_steps=40", "phases=[{epochs: 1}, {epochs: 1}]") == [20, 20]  # in all, lengthened alike
 
 
 def test_bad_phase_is_one_line_error(tiny_cfg):

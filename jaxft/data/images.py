@@ -20,12 +20,13 @@ def decode(x, where: str) -> Image.Image:
   uint16 scaled to 8 bits, as 16-bit greyscale files are)."""
   if isinstance(x, str):
     with _opened(x, where) as im:
-      return decode(np.asarray(im), where) if im.mode in WIDE_MODES else im.convert("RGB")
+      return decode(np.clip(np.asarray(im), 0, 65535).astype(np.uint16), where) if im.mode in WIDE_MODES else \
+          im.convert("RGB")
   x = np.asarray(x)
   if x.ndim == 3 and x.shape[-1] == 1:
     x = x[..., 0]
-  if x.dtype.kind in "ui" and x.dtype.itemsize > 1 and x.ndim == 2:  # 16-bit levels (any byte order) -> 8 bits
-    x = ((np.clip(x, 0, 65535).astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+  if x.dtype.kind == "u" and x.dtype.itemsize == 2 and x.ndim == 2:  # 16-bit levels (either byte order) -> 8 bits
+    x = ((x.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
   if x.dtype != np.uint8 or x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[-1] not in (3, 4)):
     raise JaxftError(f"{where}: an image must be uint8 [H, W] or [H, W, 1 | 3 | 4] (or uint16 [H, W]), got {x.dtype} "
                      f"{list(x.shape)}")

@@ -58,7 +58,7 @@ def read(path: Path) -> tuple[dict[str, np.ndarray], str]:
 
 def _read_sharded(index: Path) -> tuple[dict[str, np.ndarray], str]:
   """Every shard that the index's `weight_map` lists, merged; all of them must be of one kind."""
-  weight_map = assets.json_file(index).get("weight_map")
+  weight_map = assets.json_object(index).get("weight_map")
   if not isinstance(weight_map, dict) or not weight_map:
     raise JaxftError(f"cannot read {index}: no 'weight_map' of tensor name -> shard file")
   weights, kinds = {}, set()

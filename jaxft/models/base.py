@@ -42,10 +42,9 @@ class Found:
 
   @functools.cached_property
   def model_type(self) -> str | None:
-    """A directory's config.json `model_type` (None: a file, or no readable config.json)."""
+    """A directory's config.json `model_type` (None: a file, or no config.json; an invalid one is an error)."""
     config = self.path / "config.json"
-    value = assets.json_file(config) if config.is_file() else None
-    return value.get("model_type") if isinstance(value, dict) else None
+    return assets.json_object(config).get("model_type") if config.is_file() else None
 
   def once(self, name: str, read: Callable):
     """read(), the first time `name` is asked of this checkpoint (a family's own fact: its config)."""

@@ -248,7 +248,7 @@ def open(found: Found) -> Opened:
 
 def _variant(path: Path) -> str:
   """The variant a saved directory's config.json names."""
-  variant = assets.json_file(path / "config.json").get("variant")
+  variant = assets.json_object(path / "config.json").get("variant")
   if variant not in VARIANTS:
     raise JaxftError(f"{path / 'config.json'}: 'variant' is {variant!r}; known: {', '.join(VARIANTS)}")
   return variant

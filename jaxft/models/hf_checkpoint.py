@@ -55,7 +55,7 @@ def opened(found, family) -> Opened:
 def pooling(path: Path) -> str:
   """'mean' for sentence-transformers checkpoints trained with mean pooling, else 'cls'."""
   pooling_cfg = path / "1_Pooling" / "config.json"
-  if pooling_cfg.is_file() and assets.json_file(pooling_cfg).get("pooling_mode_mean_tokens"):
+  if pooling_cfg.is_file() and assets.json_object(pooling_cfg).get("pooling_mode_mean_tokens"):
     return "mean"
   return "cls"
 

@@ -107,7 +107,7 @@ def _image_model(ckpt: hf_checkpoint.Checkpoint, image_size: int | None) -> Back
     raise JaxftError(f"{ckpt.path}: jaxft knows the image families {', '.join(VISION_CONVENTIONS)}, not "
                      f"{c.model_type!r}")
   pre = ckpt.path / "preprocessor_config.json"
-  pre = assets.json_file(pre) if pre.is_file() else {}
+  pre = assets.json_object(pre) if pre.is_file() else {}
   mean = jnp.asarray(pre.get("image_mean", IMAGENET_MEAN), jnp.float32)
   std = jnp.asarray(pre.get("image_std", IMAGENET_STD), jnp.float32)
   size = image_size or getattr(c, "image_size", None) or 224

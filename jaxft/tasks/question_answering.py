@@ -143,12 +143,14 @@ class QuestionAnswering(Task):
     self.has_null = any(not answers_of(r, where(train, i, "train")) for i, r in enumerate(train))
     self.pad_id = tok.pad_token_id or 0
 
-  def checked(self, records, split: str) -> tuple[list, list]:
-    """(records, their gold answers), every answer checked against its context: one whose text is not at its
-    answer_start is an error naming the record (task.on_bad_span=error), or dropped with a count (skip: a
-    question left with no answer is dropped, not read as unanswerable)."""
+  def checked(self, records, split: str) -> tuple[list, list, list]:
+    """(records, the spans (text, start) of their answers found at their answer_start, every answer's text).
+    Training: an answer whose text is not at its answer_start is an error naming the record
+    (task.on_bad_span=error), or dropped with a count (skip: a question left with no answer is dropped, not read
+    as unanswerable). Evaluation scores the answer texts, so it keeps them all: a misplaced one only has no span
+    target (counted in a warning)."""
     contexts = column(records, "context", split)
-    kept, golds, bad, first = [], [], 0, None
+    kept, spans, texts, bad, first = [], [], [], 0, None
     for i, (r, context) in enumerate(zip(records, contexts)):
       answers = answers_of(r, where(records, i, split))
       good = [(text, a) for text, a in answers if 0 <= a and context[a:a + len(text)] == text]
@@ -157,20 +159,24 @@ class QuestionAnswering(Task):
         there = (f"the context there reads {context[a:a + len(text)][:40]!r}" if 0 <= a < len(context) else
                  f"the context has {len(context)} characters")
         first = first or f"{where(records, i, split)}: answer {text[:40]!r} is not at answer_start {a} ({there})"
-        if self.cfg.task.on_bad_span == "error":
+        if split == "train" and self.cfg.task.on_bad_span == "error":
           raise JaxftError(f"{first}; fix the record, or set task.on_bad_span=skip to drop such answers")
         bad += len(answers) - len(good)
-      if good or not answers:
+      if split != "train" or good or not answers:
         kept.append(r)
-        golds.append(good)
-    if bad:
+        spans.append(good)
+        texts.append([t for t, _ in (answers if split != "train" else good)])
+    if bad and split == "train":
       self.log(f"[bold red]warning:[/] {split}: dropped {bad} answer(s) not at their answer_start, and "
                f"{len(records) - len(kept)} question(s) left with none (task.on_bad_span=skip; the first: {first})")
-    return kept, golds
+    elif bad:
+      self.log(f"[bold red]warning:[/] {split}: {bad} answer(s) not at their answer_start (the first: {first}); "
+               "they are scored by their text, with no span target for the loss")
+    return kept, spans, texts
 
   def encode(self, records, split):
     d, t = self.cfg.data, self.cfg.task
-    records, golds = self.checked(records, split)
+    records, golds, texts = self.checked(records, split)
     questions, contexts = column(records, "question", split), column(records, "context", split)
     enc = self.backbone.processor([q.lstrip() for q in questions], contexts,
                                   truncation="only_second", max_length=d.max_length, stride=t.stride,
@@ -202,7 +208,7 @@ class QuestionAnswering(Task):
               f"(those windows target [CLS])" if lost else ""))
     return Examples(np.array([len(x) for x in ids]), {"ids": ids, "types": types, "start": start_W, "end": end_W},
                     meta={"question": question_W, "offsets": offsets, "context": contexts,
-                          "answers": [[t for t, _ in g] for g in golds],
+                          "answers": texts,
                           "id": [str(r.get("id", i)) for i, r in enumerate(records)]})
 
   def collate(self, ex, idx, length, batch_size, epoch=None, seed=None):

@@ -229,6 +229,12 @@ def test_answers_are_checked_against_their_context(tokenizer):
   assert ex.meta["id"] == ["q", "two", "none"] and ex.meta["answers"] == [["plays in Paris"]] * 2 + [[]]
   assert logs[0].startswith("[bold red]warning:[/] train: dropped 2 answer(s) not at their answer_start, and 1 "
                             "question(s) left with none (task.on_bad_span=skip; the first: train example 1: answer")
+  # evaluation scores the texts: it keeps every question and answer, the misplaced one only has no span target
+  t, logs = task(tokenizer, [good])
+  ex = t.encode([good, bad(500, id="kept")], "validation")
+  assert ex.meta["id"] == ["q", "kept"] and ex.meta["answers"] == [["plays in Paris"], ["Paris"]]
+  assert logs[0].startswith("[bold red]warning:[/] validation: 1 answer(s) not at their answer_start (the first: "
+                            "validation example 1: answer 'Paris'")
 
 
 def write_qa(path: Path, n: int, seed: int, unanswerable: float):

@@ -61,12 +61,12 @@ def test_a_runs_tag_order_maps_tags_by_name(subword_tokenizer):
   from jaxft import labels
   records = [{"tokens": ["playing", "the", "film", "Paris"], "tags": ["B-ACT", "O", "O", "B-LOC"]}]
   t, logs = task(subword_tokenizer, records)
-  labels.adopt(t, ["B-LOC", "O", "B-ACT", "I-ACT"], "the run", logs.append)
+  labels.adopt(t, ["B-LOC", "O", "B-ACT", "I-ACT"], "the run", "train anew", logs.append)
   assert t.label_names == ["B-LOC", "O", "B-ACT", "I-ACT"] and "labels: in the order of the run" in logs[0]
   assert t.encode(records, "train").fields["labels"][0].tolist() == [-1, 2, -1, 1, 1, 0, -1]
   with pytest.raises(JaxftError, match=r"the labels \['O', 'B-ACT', 'B-LOC'\] include \['B-LOC'\], which the run was "
                                        r"not trained on \(its labels: \['O', 'B-ACT'\]\)"):
-    labels.adopt(task(subword_tokenizer, records)[0], ["O", "B-ACT"], "the run")
+    labels.adopt(task(subword_tokenizer, records)[0], ["O", "B-ACT"], "the run", "train anew")
 
 
 def test_labels_on_first_sub_token_only(subword_tokenizer):
