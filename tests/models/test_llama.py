@@ -39,8 +39,10 @@ def test_logits_equal_transformers_flax(tiny_llama, tie):
   ids, mask = batch_of([24, 17, 5])
   out, _ = bb.apply(bb.params, {"input_ids": ids, "attention_mask": mask})
   ref = flax_reference(tiny_llama[tie], ids, mask)
+  # 2e-5: under jax 0.12 (Python 3.12) one logit of 10,752 differed by 1.14e-5 (rounding: XLA:CPU's reductions
+  # run in another order there); a wrong weight or mask moves logits by orders of magnitude more
   for row, n in enumerate([24, 17, 5]):  # padded positions are nobody's business
-    np.testing.assert_allclose(out["logits"][row, :n], ref[row, :n], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out["logits"][row, :n], ref[row, :n], atol=2e-5, rtol=0)
 
 
 @pytest.mark.parametrize("remat,dtype", [("none", "float32"), ("block", "float32"), ("block", "bfloat16")])
