@@ -187,8 +187,8 @@ def _note_best(exp, record, val: dict, step: int) -> None:
 def _check_finite(state, par, tcfg, ckpt, log, reported: int) -> int:
   """The count of steps whose update was dropped for a non-finite loss or gradient; with
   train.on_nonfinite=stop the first one ends the run (params stay those of the step before)."""
-  view = par.host_view(state)
-  skipped, first = jax.device_get((view.skipped, view.first_skipped))  # replicas: one each
+  # only the two counters (pmap: one eager slice each, not one per leaf of the whole state at every log step)
+  skipped, first = jax.device_get(par.host_view((state.skipped, state.first_skipped)))  # replicas: one each
   skipped, first = int(np.sum(skipped)), int(np.min(np.where(first >= 0, first, np.iinfo(np.int32).max)))
   if skipped and tcfg.on_nonfinite == "stop":
     ckpt.wait()
