@@ -35,15 +35,19 @@ _PYPI = re.compile(r"pypi:(?P<name>[A-Za-z0-9_.\-]+)==(?P<version>[A-Za-z0-9_.+!
                    r"(?P<sub>/[^#]*)?(?:#(?P<opts>.*))?$")
 
 
-def json_object(path) -> dict:
-  """The JSON object in file `path`; an unreadable or invalid file, or another JSON value, is a one-line error
-  naming it (and where in it)."""
+def json_value(path):
+  """The JSON value in file `path`; an unreadable or invalid file is a one-line error naming it (and where in it)."""
   try:
-    value = json.loads(Path(path).read_text())
+    return json.loads(Path(path).read_text())
   except json.JSONDecodeError as e:
     raise JaxftError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
   except (OSError, UnicodeDecodeError) as e:
     raise JaxftError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def json_object(path) -> dict:
+  """The JSON object in file `path` (json_value); another JSON value is a one-line error too."""
+  value = json_value(path)
   if not isinstance(value, dict):
     raise JaxftError(f"{path}: expected a JSON object {{...}}, got {type(value).__name__} {str(value)[:40]}")
   return value

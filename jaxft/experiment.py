@@ -159,13 +159,18 @@ def _packing(want: bool | None, task, backbone) -> bool:
   return want is not False and why is None
 
 
+def _saved_head(task, backbone) -> Path:
+  """Where `jaxft export` writes the task's head beside the backbone (it may not be there)."""
+  return Path(backbone.name) / f"{task.head_key}.msgpack"
+
+
 def _head(task, backbone, seed: int):
   """A new head, or the one `jaxft export` saved beside the backbone (`<head_key>.msgpack`); None for a
   task that adds none (a causal LM's head is the model's own)."""
   if task.head_key is None:
     return None, False
   head = task.init_head(jax.random.PRNGKey(seed))
-  saved = Path(backbone.name) / f"{task.head_key}.msgpack"
+  saved = _saved_head(task, backbone)
   if not saved.is_file():
     return head, False
   loaded = flax.serialization.msgpack_restore(saved.read_bytes())
@@ -190,12 +195,11 @@ def build(cfg, log=print, platform: str | None = None, length_key: str = "data.m
   backbone = model.load(cfg.model, cfg.seed, cfg.precision.compute, task_cls.needs_pooler(cfg, model.pooling), log,
                         platform)
   task = task_cls(cfg, backbone, source, log)
-  saved_head = Path(backbone.name) / f"{task.head_key}.msgpack"
   if run_labels:
     labels.adopt(task, *run_labels, "use data of those labels, or train in a new run_dir", log)
-  elif task.head_key is not None and saved_head.is_file():  # its labels come with the head jaxft export wrote
-    labels.adopt(task, labels.exported(backbone.name), f"the head in {saved_head}",
-                 f"use data of those labels, or a new head (the backbone without {saved_head.name})", log)
+  elif task.head_key is not None and (saved := _saved_head(task, backbone)).is_file():  # the exported head's labels
+    labels.adopt(task, labels.exported(backbone.name), f"the head in {saved}",
+                 f"use data of those labels, or a new head (the backbone without {saved.name})", log)
   best = cfg.train.best_metric or task.best_metric
   if best not in task.metrics:
     raise JaxftError(f"config key 'train.best_metric' is {best!r}; {cfg.task.name} reports {', '.join(task.metrics)}")

@@ -7,6 +7,7 @@ labels map to the head's outputs by name; data with a label the head was not tra
 import json
 from pathlib import Path
 
+from jaxft import assets
 from jaxft.errors import JaxftError
 
 FILE = "labels.json"  # beside an exported head
@@ -36,10 +37,7 @@ def exported(model_dir) -> list | None:
   path = Path(model_dir) / FILE
   if not path.is_file():
     return None
-  try:
-    names = json.loads(path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise JaxftError(f"{path}: not a JSON list of label names ({e})") from None
+  names = assets.json_value(path)
   if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
     raise JaxftError(f"{path}: not a JSON list of label names")
   return names

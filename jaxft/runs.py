@@ -66,15 +66,24 @@ RESUMABLE_CHANGES = ("run_dir", "resume", "parallel.", "train.log_every", "train
 BEHAVED_BEFORE = {"task.flip": True}  # image_classification flipped every training image before the key existed
 
 
+def resumed_labels(cfg) -> tuple | None:
+  """Before `build`, for a run that resumes its checkpoints: their labels (labels()); and a saved config that
+  differs in what it computes is an error naming the keys (check_same_run). None: nothing to resume."""
+  if not cfg.resume:
+    return None
+  with checkpoints(cfg, required=False) as ckpt:
+    if ckpt is None:
+      return None
+    check_same_run(cfg)
+    return labels(ckpt, cfg.run_dir)
+
+
 def check_same_run(cfg) -> None:
   """Resuming a run whose config (RUN_DIR/config.yaml) differs in what it computes is an error naming the keys:
   the checkpoints would continue, or (a finished run) report, another experiment than the one asked for."""
   saved_path = Path(cfg.run_dir) / "config.yaml"
-  if not cfg.resume or not saved_path.is_file():
+  if not saved_path.is_file():
     return
-  with checkpoints(cfg, required=False) as ckpt:
-    if ckpt is None:
-      return
   saved, now = _flat(config_yaml.load(saved_path.read_text(), str(saved_path)) or {}), _flat(config_lib.to_dict(cfg))
   # a key the saved config lacks (added since) counts as its default; one it has that no longer exists, not at all
   default = _flat(config_lib.to_dict(config_lib.load_config(None, (f"task.name={cfg.task.name}",))))
@@ -111,15 +120,14 @@ def restore(ckpt, par, targets, step):
   return par.restored(state, targets[k]), data_state, record
 
 
-def labels(cfg) -> tuple | None:
-  """(labels, where) stored with the run's newest checkpoint whose record reads, for `build`; None when the
-  run has no checkpoints."""
-  with checkpoints(cfg, required=False) as ckpt:
-    for step in sorted(ckpt.steps() if ckpt else (), reverse=True):
-      try:
-        return ckpt.record(step).labels, f"the run in {cfg.run_dir} (checkpoint {step})"
-      except RestoreError:
-        continue  # damaged: resume moves it aside
+def labels(ckpt, run_dir) -> tuple | None:
+  """(labels, where) stored with the newest checkpoint of `ckpt` whose record reads, for `build`; None when
+  there is none."""
+  for step in sorted(ckpt.steps() if ckpt else (), reverse=True):
+    try:
+      return ckpt.record(step).labels, f"the run in {run_dir} (checkpoint {step})"
+    except RestoreError:
+      continue  # damaged: resume moves it aside
   return None
 
 
@@ -198,9 +206,8 @@ def open_state(cfg, step: int | None = None, using: str = "evaluating", log=prin
   best; in a seed-vectorised run each replica's own), or, when the run has no checkpoints and not `required`, of
   the model as loaded. one_model: a command that uses one model (export, generate) takes `replica` (--replica)
   alone, which a seed-vectorised run must name. `using` names the use in the log. data=False: no split is read."""
-  run_labels = labels(cfg)
   with checkpoints(cfg, required) as ckpt:
-    exp = build(cfg, log, run_labels=run_labels, data=data)
+    exp = build(cfg, log, run_labels=labels(ckpt, cfg.run_dir), data=data)
     r = exp.replicas.chosen(replica, cfg.run_dir) if one_model else None
     par, targets = setup(exp, log)
     if ckpt is None:

@@ -34,9 +34,8 @@ def train(cfg, console: Console | None = None) -> dict:
   console = console or Console(stderr=True)
   log = console.print if jax.process_index() == 0 else (lambda *a, **k: None)
   runs.check_dir(cfg)
-  runs.check_same_run(cfg)
   # Built before the run dir is touched (a bad config leaves nothing behind); a resumed run keeps its labels' order.
-  exp = build(cfg, log, run_labels=runs.labels(cfg) if cfg.resume else None)
+  exp = build(cfg, log, run_labels=runs.resumed_labels(cfg))
   par, targets = setup(exp, log)
   with runs.for_training(cfg, log) as ckpt, preemption.Watcher() as watcher:
     return _run(exp, par, targets, ckpt, watcher, console, log)

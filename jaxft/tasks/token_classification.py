@@ -73,8 +73,8 @@ def bio(tag: str) -> bool:
 
 def token_where(records, i: int, k: int, split: str) -> str:
   """Where token k of record i was read: its own line in a CoNLL file, else the record's place and the token."""
-  at = getattr(records[i], "token_origin", None)
-  return at(k) if at else f"{where(records, i, split)} (token {k + 1})"
+  at = getattr(records[i], "token_origin", lambda k: None)(k)
+  return at or f"{where(records, i, split)} (token {k + 1})"
 
 
 class TokenClassification(Task):

@@ -31,9 +31,8 @@ class Record(dict):
   def origin(self) -> str:
     return f"{self.file}:{self.line}"
 
-  @property
-  def token_origin(self):
-    return (lambda k: f"{self.file}:{self.line + k}") if self.per_token else None
+  def token_origin(self, k: int) -> str | None:
+    return f"{self.file}:{self.line + k}" if self.per_token else None
 
 
 def _text(p) -> str:
