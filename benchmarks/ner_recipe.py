@@ -1,4 +1,5 @@
-"""The Hugging Face Flax token-classification recipe, re-implemented as jaxft's NER baseline.
+"""The Hugging Face Flax token-classification recipe, re-implemented as jaxft's NER baseline. It needs
+transformers < 5 (its Flax classes; transformers 5 has none): run it in a peers environment.
 
   python benchmarks/ner_recipe.py [--epochs 3] [--lr 5e-5] [--batch_size 8] [--max_seq_length 80]
       [--seed 42] [--warmup_steps 0] [--weight_decay 0.0] [--eval_batch_size 8]

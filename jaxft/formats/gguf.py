@@ -69,7 +69,10 @@ def read(path: Path) -> dict:
 def tokenizer(path: Path):
   """The tokenizer in the GGUF metadata, as a transformers PreTrainedTokenizerFast (with its chat template)."""
   import transformers
-  from transformers.integrations.ggml import convert_gguf_tokenizer
+  try:  # transformers' converter of llama.cpp's tokenizers (no torch needed), where each version keeps it
+    from transformers.integrations.gguf import convert_gguf_tokenizer  # transformers 5
+  except ImportError:
+    from transformers.integrations.ggml import convert_gguf_tokenizer  # transformers 4
   meta = metadata(open_file(path))
   arch = meta.get("general.architecture")
   tok = {"tokenizer_type": "tokenizer.ggml.model", "tokens": "tokenizer.ggml.tokens",

@@ -1,6 +1,6 @@
 """The backbone provider contract: what a model family gives the task, the rules and the step.
 
-A family module (bert.py, llama.py, efficientnet.py, hf_flax.py) claims checkpoints (`Found`), describes
+A family module (bert.py, llama.py, vit.py, ...) claims checkpoints (`Found`), describes
 one before it loads (`Opened`) and loads it into a `Backbone` (jaxft/models/__init__.py lists the contract).
 The task adds its head under its own key beside `Backbone.key`.
 """
@@ -82,8 +82,7 @@ class Opened:
     """The Backbone; platform: what its programs are compiled for ('cpu', 'gpu', 'tpu'), where a family
     computes differently per platform."""
     backbone, report = self.family.load(self.path, mcfg, compute_dtype, seed, platform, pooler, self.config)
-    module = "transformers" if self.family.NAME == "transformers" else "jaxft"
-    log(f"loaded {self.model_type} from {self.path} ({module} module): {report}")
+    log(f"loaded {self.model_type} from {self.path} (jaxft's {self.family.NAME} module): {report}")
     return backbone
 
 

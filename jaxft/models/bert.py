@@ -1,8 +1,9 @@
-"""The BERT family: jaxft's encoder on transformers' FlaxBert param tree, and its conventions.
+"""The BERT family (BERT, RoBERTa, XLM-RoBERTa): jaxft's encoder on the checkpoints' names, and its conventions.
 
-Module and param names equal transformers' FlaxBertModule (`encoder/layer/3/attention/self/query/kernel`,
-...), so the same checkpoints load, save and take LoRA adapters, and outputs match transformers
-(tests/models/test_bert.py). What differs is speed:
+Module and param names are the checkpoints' (`encoder/layer/3/attention/self/query/kernel`, ...), so the
+same checkpoints load, save and take LoRA adapters, and outputs equal transformers' PyTorch BertModel /
+RobertaModel (tests/models/test_bert.py). RoBERTa and XLM-RoBERTa differ from BERT only in their position
+ids, which start after the padding id (`padding_idx + 1`), and their prefix (`roberta.`). On speed:
 queries, keys and values go to head-major [B, H, L, Dh] before the two attention matmuls, which XLA
 runs as plain batched matmuls (about 2x faster on CPU than transformers' [B, L, H, Dh] einsums;
 benchmarks/NOTES.md). Attention dropout is one [L, L] mask shared by batch and heads, as in
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxft import parallel
+from jaxft.errors import JaxftError
 from jaxft.models import hf_checkpoint
 from jaxft.models.base import Backbone, Conventions, Found, Opened, tokenizer_path
 
@@ -47,22 +49,42 @@ ACTIVATIONS = {"gelu": functools.partial(nn.gelu, approximate=False),
 
 NAME = "bert"
 TAKES = {}
+PREFIX = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta"}  # model_type -> the base model's name
+MODEL_TYPES = tuple(PREFIX)
 
 
-def claims(found: Found, impl: str = "auto") -> bool:
-  """A Hugging Face BERT directory whose config this encoder computes, unless model.impl=transformers."""
-  return impl != "transformers" and found.model_type == "bert" and supports(hf_checkpoint.config_of(found))
+def claims(found: Found) -> bool:
+  """A Hugging Face BERT, RoBERTa or XLM-RoBERTa directory."""
+  return found.model_type in MODEL_TYPES
 
 
 def open(found: Found) -> Opened:
+  config = hf_checkpoint.config_of(found)
+  unsupported = unsupported_by(config)
+  if unsupported:
+    raise JaxftError(f"{found.path}: jaxft's {config.model_type} encoder does not compute {unsupported}")
   return hf_checkpoint.opened(found, sys.modules[__name__])
 
 
-def supports(config) -> bool:
-  """True for configs this encoder computes exactly like transformers does."""
-  return (config.model_type == "bert" and config.hidden_act in ACTIVATIONS
-          and getattr(config, "position_embedding_type", "absolute") == "absolute"
-          and not getattr(config, "is_decoder", False) and not getattr(config, "add_cross_attention", False))
+def unsupported_by(config) -> str | None:
+  """What of `config` this encoder does not compute as transformers does (None: it computes all of it)."""
+  if config.hidden_act not in ACTIVATIONS:
+    return f"hidden_act {config.hidden_act!r} (known: {', '.join(ACTIVATIONS)})"
+  if getattr(config, "position_embedding_type", "absolute") != "absolute":
+    return f"position_embedding_type {config.position_embedding_type!r} (absolute only)"
+  if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+    return "a decoder (is_decoder / add_cross_attention)"
+  return None
+
+
+def position_offset(config) -> int:
+  """What the first token's position id is: 0, or RoBERTa's padding id + 1."""
+  return 0 if config.model_type == "bert" else config.pad_token_id + 1
+
+
+def max_length(config) -> int:
+  """The longest input the position embeddings cover (RoBERTa's first ids are taken by its offset)."""
+  return config.max_position_embeddings - position_offset(config)
 
 
 def _dense(config, features, dtype, name):
@@ -193,7 +215,7 @@ class Pooler(nn.Module):
 
 
 class BertModel(nn.Module):
-  """(last hidden states [B, L, D], pooled [B, D] or None): transformers' FlaxBertModule."""
+  """(last hidden states [B, L, D], pooled [B, D] or None): transformers' BertModel / RobertaModel."""
   config: object
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
@@ -206,6 +228,10 @@ class BertModel(nn.Module):
     c = self.config
     types_BxL = jnp.zeros_like(ids_BxL) if types_BxL is None else types_BxL
     positions_BxL = jnp.arange(ids_BxL.shape[1])[None] if positions_BxL is None else positions_BxL
+    offset = position_offset(c)
+    if offset:  # RoBERTa: tokens from padding_idx + 1, padding at padding_idx (as create_position_ids_from_input_ids)
+      real_BxL = (mask_BxL > 0) if segments_BxL is None else (segments_BxL > 0)
+      positions_BxL = jnp.where(real_BxL, positions_BxL + offset, offset - 1)
     x_BxLxD = Embeddings(c, self.dtype, name="embeddings")(ids_BxL, types_BxL, positions_BxL, train)
     if segments_BxL is None:
       visible_Bx1xQxL = (mask_BxL > 0)[:, None, None, :]
@@ -221,8 +247,11 @@ def load(path, mcfg, compute_dtype: str = "float32", seed: int = 0, platform: st
          config=None) -> tuple[Backbone, str]:
   """(a Backbone computing with jaxft's encoder on the checkpoint's params, a one-line report)."""
   c = config if config is not None else hf_checkpoint.read_config(path)
-  ckpt = hf_checkpoint.load(path, c, pooler, seed, compute_dtype, mcfg.weights, tokenizer_path(mcfg, path))
   module = BertModel(c, jnp.dtype(compute_dtype), mcfg.remat == "block", add_pooling_layer=pooler)
+  ids = jnp.zeros((1, 2), jnp.int32)
+  variables, report = hf_checkpoint.variables(path, lambda rng: module.init(rng, ids, ids + 1), seed, mcfg.weights,
+                                              PREFIX[c.model_type])
+  tokenizer = hf_checkpoint.tokenizer(path, tokenizer_path(mcfg, path))
 
   def apply(params, batch, train=False, rng=None, state=None):
     dropout = train and rng is not None  # no BatchNorm: training mode is dropout only
@@ -232,8 +261,9 @@ def load(path, mcfg, compute_dtype: str = "float32", seed: int = 0, platform: st
     return {"hidden": hidden, "pooled": pooled}, state
 
   rate = c.classifier_dropout if getattr(c, "classifier_dropout", None) is not None else c.hidden_dropout_prob
-  return Backbone(name=str(ckpt.path), key="bert", params=ckpt.params, apply=apply, processor=ckpt.tokenizer,
-                  config=c, conventions=CONVENTIONS, save=lambda p, out, state=None: hf_checkpoint.save(ckpt, p, out, state),
+  return Backbone(name=str(path), key=PREFIX[c.model_type], params=variables["params"], apply=apply,
+                  processor=tokenizer, config=c, conventions=CONVENTIONS,
+                  save=lambda p, out, state=None: hf_checkpoint.save(out, c, {"params": p}, tokenizer),
                   hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, init_scale=c.initializer_range,
-                  head_dropout=rate, pooling=hf_checkpoint.pooling(ckpt.path), packs=True,
-                  inputs=("input_ids", "attention_mask", "token_type_ids", "position_ids", "segment_ids")), ckpt.report
+                  head_dropout=rate, pooling=hf_checkpoint.pooling(path), packs=True,
+                  inputs=("input_ids", "attention_mask", "token_type_ids", "position_ids", "segment_ids")), report

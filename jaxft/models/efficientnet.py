@@ -234,7 +234,7 @@ CONVENTIONS = Conventions(embeddings=r"(.*/)?stem/.*", embeddings_frozen="with_b
 WEIGHT_SUFFIXES = formats.PICKLE_SUFFIXES + (".safetensors",)
 
 
-def claims(found: Found, impl: str = "auto") -> bool:
+def claims(found: Found) -> bool:
   """A directory `save` wrote, or a bare weights file holding an EfficientNet-Lite state dict (its stem)."""
   if found.path.is_file():
     return found.path.suffix in WEIGHT_SUFFIXES and "_conv_stem.weight" in found.weights[0]

@@ -1,36 +1,38 @@
-"""Hugging Face checkpoint directories: config, tokenizer, and weights mapped onto a Flax param tree.
+"""Hugging Face checkpoint directories on jaxft's own modules: config, tokenizer, and the weights file's
+tensors mapped onto a module's variables by name.
 
-The weights are read by jaxft.formats (Flax msgpack, safetensors, PyTorch pickles: never torch) and
-PyTorch names are converted with transformers' public converter; which checkpoint keys went unused
-and which params are new is computed here, by comparing key sets, not by reading library logs.
+A family's module is named as its checkpoints are (`encoder/layer/3/attention/self/query`), so one mapping
+serves every family (`from_torch`): a PyTorch Linear's `weight` [out, in] is a Dense `kernel` [in, out], a
+Conv's [O, I, H, W] a Conv `kernel` [H, W, I, O], an Embedding's `weight` an `embedding`, a LayerNorm's a
+`scale`, BatchNorm's running statistics `batch_stats`; which one a `weight` is, the module's own variables
+say. Flax msgpack files (transformers 4's Flax classes wrote them) are read by name. `save` writes the
+inverse, model.safetensors in PyTorch names: transformers (PyTorch) and jaxft load it. Which checkpoint
+tensors went unused and which variables are new is computed here, by comparing names.
 """
-import dataclasses
 import shutil
-import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
-from flax.core import unfreeze
 
 from jaxft import assets, formats
 from jaxft.errors import JaxftError
 from jaxft.models.base import Opened, max_positions
 
-
-@dataclasses.dataclass
-class Checkpoint:
-  path: Path
-  config: Any
-  model: Any  # transformers' Flax base model of the family (loads, converts and saves)
-  params: Any  # the base model's params, loaded
-  tokenizer: Any
-  report: str  # one line: format, unused checkpoint keys, newly initialised params
+# PyTorch buffers that are not weights (recomputed by the modules)
+BUFFERS = ("position_ids", "token_type_ids", "inv_freq", "num_batches_tracked")
+# a PyTorch leaf -> the Flax leaves it may be, in order (the first the module has is taken)
+LEAVES = {"weight": ("kernel", "embedding", "scale", "weight"), "gamma": ("scale", "weight"), "beta": ("bias",),
+          "running_mean": ("mean",), "running_var": ("var",)}
+TORCH_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "mean": "running_mean",
+              "var": "running_var"}
 
 
 def read_config(path: Path):
+  """transformers' config of the Hugging Face directory `path` (its config classes only: no model code)."""
   import transformers
   if not (path / "config.json").is_file():
     raise JaxftError(f"not a Hugging Face checkpoint directory (no config.json): {path}")
@@ -46,10 +48,11 @@ def config_of(found):
 
 
 def opened(found, family) -> Opened:
-  """A Hugging Face directory described for `family` (bert, or transformers' Flax class): its config, the
-  length its position embeddings cover, and its pooling."""
+  """A Hugging Face directory described for `family`: its config, the length its position embeddings cover
+  (a family with an offset, RoBERTa's, says so in max_length), and its pooling."""
   config = config_of(found)
-  return Opened(found.path, family, config.model_type, config, max_positions(config), pooling(found.path))
+  length = getattr(family, "max_length", max_positions)(config)
+  return Opened(found.path, family, config.model_type, config, length, pooling(found.path))
 
 
 def pooling(path: Path) -> str:
@@ -58,6 +61,17 @@ def pooling(path: Path) -> str:
   if pooling_cfg.is_file() and assets.json_object(pooling_cfg).get("pooling_mode_mean_tokens"):
     return "mean"
   return "cls"
+
+
+def tokenizer(path: Path, where: Path | None = None):
+  """transformers' tokenizer of checkpoint `path`, read from `where` (model.tokenizer; default `path`)."""
+  import transformers
+  where = where or path
+  try:
+    return transformers.AutoTokenizer.from_pretrained(where)
+  except (OSError, ValueError, KeyError) as e:
+    said = f" from {where}" if where != path else " (model.tokenizer can name another)"
+    raise JaxftError(f"could not load the tokenizer of {path}{said}: {str(e).splitlines()[0]}") from None
 
 
 def fold(keys: list[str]) -> str:
@@ -70,94 +84,102 @@ def fold(keys: list[str]) -> str:
                    for h, v in groups.items())
 
 
-def _base_model(config, pooler: bool, seed: int, dtype: str):
-  """transformers' Flax base model for `config` (without the pooler where the class allows leaving it out),
-  holding its param shapes only (`params_shape_tree`): `_initialised` makes random params."""
-  import transformers
-  from transformers.utils import logging as hf_logging
-  hf_logging.set_verbosity_error()  # its deprecation notice for Flax classes, once per process
-  kwargs = dict(seed=seed, dtype=jnp.dtype(dtype), _do_init=False)
-  try:
-    return transformers.FlaxAutoModel.from_config(config, add_pooling_layer=pooler, **kwargs)
-  except TypeError:  # the class has no optional pooler
-    return transformers.FlaxAutoModel.from_config(config, **kwargs)
-  except ValueError as e:
-    raise JaxftError(f"no Flax model class for {config.model_type!r} models in transformers: "
-                     f"{str(e).splitlines()[0]}") from None
+def _to_flax(x: np.ndarray, leaf: str) -> np.ndarray:
+  if leaf == "kernel" and x.ndim == 2:
+    return np.ascontiguousarray(x.T)
+  if leaf == "kernel" and x.ndim == 4:  # [O, I, H, W] -> [H, W, I, O]
+    return np.ascontiguousarray(x.transpose(2, 3, 1, 0))
+  return x
 
 
-def _initialised(model) -> dict:
-  """The model's own random initialisation (transformers' init_weights with its seed), compiled as one
-  program: run op by op it took seconds even for a tiny model."""
-  return unfreeze(jax.jit(model.init_weights, static_argnums=1)(model.key, model.input_shape))
+def from_torch(weights: dict, expected, prefix: str | None = None) -> tuple[dict, list[str]]:
+  """({variable path tuple: array}, unused names) from a PyTorch state dict, onto the module variables
+  `expected` ({('params' | 'batch_stats', *path): shape}); `prefix`: the base model's name in checkpoints
+  of a model with a head ('bert' in `bert.encoder.layer.0...`), dropped."""
+  out, unused = {}, []
+  for name, x in weights.items():
+    *path, leaf = name.split(".")
+    if leaf in BUFFERS:
+      continue
+    if path and path[0] == prefix:
+      path = path[1:]
+    for flax_leaf in LEAVES.get(leaf, (leaf,)):
+      key = ("batch_stats" if flax_leaf in ("mean", "var") else "params", *path, flax_leaf)
+      if key in expected:
+        out[key] = _to_flax(np.asarray(x), flax_leaf)
+        break
+    else:
+      unused.append("/".join(name.split(".")))
+  return out, unused
 
 
-def _checkpoint_keys(weights: dict, kind: str, model) -> dict:
-  """{param path tuple: array} of the checkpoint, in the base model's naming."""
-  shapes, prefix = model.params_shape_tree, model.base_model_prefix
-  if kind == "pytorch":  # the converter reads only the names and shapes of the model's params
-    from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
-    described = types.SimpleNamespace(params=shapes, base_model_prefix=prefix)
-    return traverse_util.flatten_dict(convert_pytorch_state_dict_to_flax(weights, described))
-  flat = {tuple(k.split("/")): v for k, v in weights.items()}
-  # a model with a head -> its base; with BatchNorm the trees are {params, batch_stats} -> {prefix: ...}
-  at = 1 if "batch_stats" in shapes else 0
-  if prefix not in shapes.get("params", shapes) and any(len(k) > at and k[at] == prefix for k in flat):
-    flat = {(k[:at] + k[at + 1:] if len(k) > at and k[at] == prefix else k): v for k, v in flat.items()}
-  return flat
+def _from_flax(weights: dict, expected, prefix: str | None) -> tuple[dict, list[str]]:
+  """from_torch's result for a Flax msgpack file ('/'-joined variable paths, 'params' / 'batch_stats' first
+  where the model has statistics)."""
+  out, unused = {}, []
+  for name, x in weights.items():
+    path = name.split("/")
+    if path[0] not in ("params", "batch_stats"):
+      path = ["params", *path]
+    if len(path) > 1 and path[1] == prefix:
+      path = [path[0], *path[2:]]
+    if tuple(path) in expected:
+      out[tuple(path)] = x
+    else:
+      unused.append(name)
+  return out, unused
 
 
-def load(path: Path, config, pooler: bool, seed: int = 0, dtype: str = "float32", weights: str = "pretrained",
-         tokenizer_path: Path | None = None) -> Checkpoint:
-  """The base model's params from the checkpoint in `path`; params the checkpoint lacks keep the
-  model's own initialisation and are named in the report. weights (model.weights): random: none are taken
-  from the checkpoint; shapes: no weights at all, the params are ShapeDtypeStructs (no file is read).
-  tokenizer_path: where the tokenizer is (default `path`)."""
-  import transformers
-  tokenizer_path = tokenizer_path or path
-  model = _base_model(config, pooler, seed, dtype)
+def to_torch(variables: dict) -> dict:
+  """from_torch's inverse: {PyTorch name: contiguous float32 array} of a module's variables."""
+  out = {}
+  for (_, *path, leaf), x in traverse_util.flatten_dict(jax.device_get(variables)).items():
+    x = np.asarray(x, np.float32)
+    if leaf == "kernel":
+      x = x.T if x.ndim == 2 else x.transpose(3, 2, 0, 1) if x.ndim == 4 else x
+    out[".".join([*path, TORCH_LEAF.get(leaf, leaf)])] = np.ascontiguousarray(x)
+    if leaf == "mean":  # PyTorch's BatchNorm counts its updates (a buffer jaxft does not keep)
+      out[".".join([*path, "num_batches_tracked"])] = np.zeros((), np.int64)
+  return out
+
+
+def variables(path: Path, init: Callable, seed: int, weights: str = "pretrained", prefix: str | None = None
+              ) -> tuple[dict, str]:
+  """(the module's variables {'params'[, 'batch_stats']}, a one-line report) from checkpoint `path`.
+  init(rng) -> variables is the module's own initialisation: variables the checkpoint lacks keep it and are
+  named in the report. weights (model.weights): random: none are read; shapes: no file is read, the
+  variables are ShapeDtypeStructs."""
+  rng = jax.random.PRNGKey(seed)
+  shapes = jax.eval_shape(init, rng)
   if weights == "shapes":
-    params, report = model.params_shape_tree, "model.weights=shapes: the architecture only, no weights read"
-  elif weights == "random":  # the config's network, freshly initialised: no weights file needed
-    params, report = _initialised(model), "model.weights=random: every param newly initialised"
-  else:
-    params, report = _weights(path, model)
-  try:  # an image model has none (models/hf_flax.py reads its preprocessor_config.json)
-    tokenizer = (None if model.main_input_name == "pixel_values" else
-                 transformers.AutoTokenizer.from_pretrained(tokenizer_path))
-  except (OSError, ValueError, KeyError) as e:
-    where = f" from {tokenizer_path}" if tokenizer_path != path else " (model.tokenizer can name another)"
-    raise JaxftError(f"could not load the tokenizer of {path}{where}: {str(e).splitlines()[0]}") from None
-  return Checkpoint(path, config, model, params, tokenizer, report)
-
-
-def _weights(path: Path, model):
-  """(params, one-line report) of the checkpoint file in `path` on `model`'s param tree."""
+    return dict(shapes), "model.weights=shapes: the architecture only, no weights read"
+  if weights == "random":
+    return dict(jax.jit(init)(rng)), "model.weights=random: every param newly initialised"
   file = formats.find(path)
-  weights, kind = formats.read(file)
-  try:
-    loaded = _checkpoint_keys(weights, kind, model)
-  except ValueError as e:
-    raise JaxftError(f"{file}: {str(e).splitlines()[0]}") from None
-  expected = traverse_util.flatten_dict(model.params_shape_tree)
+  read, kind = formats.read(file)
+  expected = traverse_util.flatten_dict(dict(shapes))
+  loaded, unused = (from_torch if kind == "pytorch" else _from_flax)(read, expected, prefix)
   for k, x in loaded.items():
-    if k in expected and tuple(x.shape) != tuple(expected[k].shape):
-      raise JaxftError(f"{file}: '{'/'.join(k)}' has shape {tuple(x.shape)}, the model expects "
+    if tuple(x.shape) != tuple(expected[k].shape):
+      raise JaxftError(f"{file}: '{'/'.join(k[1:])}' has shape {tuple(x.shape)}, the model expects "
                        f"{tuple(expected[k].shape)}")
-  unused = ["/".join(k) for k in loaded if k not in expected]
-  new = ["/".join(k) for k in expected if k not in loaded]
-  initialised = traverse_util.flatten_dict(_initialised(model)) if new else {}
-  params = traverse_util.unflatten_dict({k: jnp.asarray(loaded[k]) if k in loaded else initialised[k]
-                                         for k in expected})
-  return params, (f"{file.name} ({kind} names); unused checkpoint keys: {fold(unused) or 'none'}; not in the "
-                  f"checkpoint, newly initialised: {fold(new) or 'none'}")
+  new = [k for k in expected if k not in loaded]
+  fresh = traverse_util.flatten_dict(dict(jax.jit(init)(rng))) if new else {}
+  out = traverse_util.unflatten_dict({k: jnp.asarray(loaded[k], expected[k].dtype) if k in loaded else fresh[k]
+                                      for k in expected})
+  return out, (f"{file.name} ({kind} names); unused checkpoint keys: {fold(unused) or 'none'}; not in the "
+               f"checkpoint, newly initialised: {fold(['/'.join(k[1:]) for k in new]) or 'none'}")
 
 
-def save(ckpt: Checkpoint, params, out_dir: Path, state=None) -> None:
-  """A directory transformers (and jaxft) load back: config, flax_model.msgpack (with the BatchNorm
-  statistics in `state`, if any), the tokenizer or the image preprocessing config."""
-  ckpt.model.save_pretrained(out_dir, params={"params": params, **state} if state else params)
-  if ckpt.tokenizer is not None:
-    ckpt.tokenizer.save_pretrained(out_dir)
-  if (ckpt.path / "preprocessor_config.json").is_file():
-    shutil.copy(ckpt.path / "preprocessor_config.json", Path(out_dir) / "preprocessor_config.json")
+def save(out_dir: Path, config, variables: dict, tokenizer=None, source: Path | None = None) -> None:
+  """A directory transformers (PyTorch) and jaxft load: config.json, model.safetensors in PyTorch names (the
+  BatchNorm statistics in `variables` too), the tokenizer, and `source`'s image preprocessing config."""
+  from safetensors.numpy import save_file
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  config.save_pretrained(out)
+  save_file(to_torch(variables), str(out / "model.safetensors"), metadata={"format": "pt"})
+  if tokenizer is not None:
+    tokenizer.save_pretrained(out)
+  if source is not None and (source / "preprocessor_config.json").is_file():
+    shutil.copy(source / "preprocessor_config.json", out / "preprocessor_config.json")

@@ -1,4 +1,7 @@
-"""The Llama family (Llama 2 / 3, SmolLM, TinyLlama, ...): a native Flax causal LM on transformers' param names.
+"""The Llama family (Llama 2 / 3, SmolLM, TinyLlama, ...; Mistral, Qwen2 / 2.5, Qwen3): a native Flax causal LM
+on transformers' param names. Mistral adds a sliding attention window (every layer's `sliding_window`); Qwen2
+biases on q / k / v; Qwen3 RMS-normalises each head's queries and keys (`q_norm`, `k_norm`) and may attend
+over a window in the layers its `layer_types` says.
 
 RMSNorm, rotary position embeddings (the checkpoint's theta; "linear" and "llama3" scaling), grouped-query
 attention through `jax.nn.dot_product_attention` (XLA on CPU, cuDNN's fused kernel where it applies),
@@ -33,6 +36,7 @@ from jaxft.models import llama_gguf, splash
 from jaxft.models.base import Backbone, Conventions, Found, Opened, token_flops, tokenizer_path
 
 NAME = MODEL_TYPE = "llama"
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # the decoders this module computes (their deltas: Attention)
 TAKES = {  # the model.* keys only this family takes: (the check of a value set, the error if it fails)
     "scan_layers": (lambda v, cfg: not (v and (cfg.lora.targets or cfg.lora.preset)),
                     "does not take LoRA adapters yet (they are found per block); set model.scan_layers=false"),
@@ -58,22 +62,30 @@ CONVENTIONS = Conventions(
     # A causal LM's embeddings are trained by default (tied, they are also its output layer).
     embeddings_frozen="never",
 )
-ROPE_TYPES = (None, "default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3")
 
 
 def supports(config) -> bool:
   """True for configs this module computes exactly like transformers' PyTorch Llama."""
-  scaling = getattr(config, "rope_scaling", None) or {}
-  return (config.model_type == "llama" and config.hidden_act == "silu"
-          and scaling.get("rope_type", scaling.get("type")) in ROPE_TYPES)
+  return config.hidden_act == "silu" and rope(config)["rope_type"] in ROPE_TYPES
+
+
+def rope(config) -> dict:
+  """The rotary embedding's parameters {"rope_theta", "rope_type", and its scaling's}: transformers 5's
+  `rope_parameters`, or transformers 4's `rope_theta` and `rope_scaling`."""
+  params = getattr(config, "rope_parameters", None)
+  if not params:
+    scaling = getattr(config, "rope_scaling", None) or {}
+    params = {**scaling, "rope_theta": config.rope_theta}
+  return {**params, "rope_type": params.get("rope_type", params.get("type")) or "default"}
 
 
 def rope_frequencies(config) -> np.ndarray:
   """[Dh / 2] inverse frequencies of the rotary embedding, with the config's scaling."""
   dim = head_dim(config)
-  inv = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-  scaling = getattr(config, "rope_scaling", None) or {}
-  kind = scaling.get("rope_type", scaling.get("type"))
+  scaling = rope(config)
+  inv = 1.0 / (scaling["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+  kind = scaling["rope_type"]
   if kind == "linear":
     return inv / scaling["factor"]
   if kind == "llama3":  # transformers' _compute_llama3_parameters
@@ -86,6 +98,22 @@ def rope_frequencies(config) -> np.ndarray:
     medium = ~(wavelen < old / high) & ~(wavelen > old / low)
     return np.where(medium, smoothed, scaled).astype(np.float32)
   return inv
+
+
+def projection_biases(config) -> tuple[bool, bool]:
+  """(q / k / v, o) projections with biases: Qwen2's q / k / v always; Llama's and Qwen3's `attention_bias`."""
+  bias = bool(getattr(config, "attention_bias", False))
+  return bias or config.model_type == "qwen2", bias
+
+
+def windows(config) -> list:
+  """Each layer's sliding attention window (None: full causal attention): Qwen's `layer_types`, every layer's
+  `sliding_window` in Mistral."""
+  window = getattr(config, "sliding_window", None)
+  types = getattr(config, "layer_types", None)
+  if types:
+    return [window if t == "sliding_attention" else None for t in types]
+  return [window if config.model_type == "mistral" else None] * config.num_hidden_layers
 
 
 def head_dim(config) -> int:
@@ -122,6 +150,7 @@ def _dense(config, features, dtype, name, bias=False):
 class Attention(nn.Module):
   config: object
   dtype: jnp.dtype
+  window: int | None = None  # sliding-window attention: each token sees itself and the window - 1 before it
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, visible, cache):
@@ -130,27 +159,35 @@ class Attention(nn.Module):
     `index` where the L new tokens go (`visible` over S slots)."""
     c = self.config
     N, K, H = c.num_attention_heads, c.num_key_value_heads, head_dim(c)
-    bias = getattr(c, "attention_bias", False)
+    qkv_bias, o_bias = projection_biases(c)
     B, L, _ = x_BxLxD.shape
-    q_BxLxNxH = _dense(c, N * H, self.dtype, "q_proj", bias)(x_BxLxD).reshape(B, L, N, H)
-    k_BxLxKxH = _dense(c, K * H, self.dtype, "k_proj", bias)(x_BxLxD).reshape(B, L, K, H)
-    v_BxLxKxH = _dense(c, K * H, self.dtype, "v_proj", bias)(x_BxLxD).reshape(B, L, K, H)
+    q_BxLxNxH = _dense(c, N * H, self.dtype, "q_proj", qkv_bias)(x_BxLxD).reshape(B, L, N, H)
+    k_BxLxKxH = _dense(c, K * H, self.dtype, "k_proj", qkv_bias)(x_BxLxD).reshape(B, L, K, H)
+    v_BxLxKxH = _dense(c, K * H, self.dtype, "v_proj", qkv_bias)(x_BxLxD).reshape(B, L, K, H)
+    if c.model_type == "qwen3":  # Qwen3: each head's queries and keys RMS-normalised before the rotation
+      q_BxLxNxH = RMSNorm(c.rms_norm_eps, self.dtype, name="q_norm")(q_BxLxNxH)
+      k_BxLxKxH = RMSNorm(c.rms_norm_eps, self.dtype, name="k_norm")(k_BxLxKxH)
     inv_freq = rope_frequencies(c)
     q_BxLxNxH, k_BxLxKxH = rotate(q_BxLxNxH, positions_BxL, inv_freq), rotate(k_BxLxKxH, positions_BxL, inv_freq)
+    first = 0 if cache is None else cache["index"]  # the slot of the first new token
     if cache is not None:
-      at = (0, cache["index"], 0, 0)
+      at = (0, first, 0, 0)
       k_BxSxKxH = jax.lax.dynamic_update_slice(cache["k"], k_BxLxKxH.astype(cache["k"].dtype), at)
       v_BxSxKxH = jax.lax.dynamic_update_slice(cache["v"], v_BxLxKxH.astype(cache["v"].dtype), at)
       cache = {"k": k_BxSxKxH, "v": v_BxSxKxH}
       k_BxLxKxH, v_BxLxKxH = k_BxSxKxH.astype(self.dtype), v_BxSxKxH.astype(self.dtype)
-    if visible.ndim == 2:  # segment ids (TPU): the splash kernel
+    if visible.ndim == 2:  # segment ids (TPU): the splash kernel (models without a window: load says)
       o_BxLxNxH = splash.attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, visible)
     elif visible.ndim == 1:  # padded rows: causal, keys up to each row's length
-      o_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, is_causal=True,
-                                               key_value_seq_lengths=visible)
+      o_BxLxNxH = jax.nn.dot_product_attention(
+          q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, is_causal=True, key_value_seq_lengths=visible,
+          local_window_size=None if self.window is None else (self.window - 1, 0))
     else:
+      if self.window is not None:  # query slot q sees key slots k > q - window
+        q_L, k_S = first + jnp.arange(L), jnp.arange(visible.shape[-1])
+        visible = visible & (q_L[:, None] - k_S[None, :] < self.window)
       o_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask=visible)
-    out = _dense(c, c.hidden_size, self.dtype, "o_proj", bias)(o_BxLxNxH.reshape(B, L, N * H))
+    out = _dense(c, c.hidden_size, self.dtype, "o_proj", o_bias)(o_BxLxNxH.reshape(B, L, N * H))
     return out, cache
 
 
@@ -169,11 +206,12 @@ class MLP(nn.Module):
 class Layer(nn.Module):
   config: object
   dtype: jnp.dtype
+  window: int | None = None  # Attention.window
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, visible, cache):
     c = self.config
-    a_BxLxD, cache = Attention(c, self.dtype, name="self_attn")(
+    a_BxLxD, cache = Attention(c, self.dtype, self.window, name="self_attn")(
         RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x_BxLxD), positions_BxL, visible, cache)
     x_BxLxD = x_BxLxD + a_BxLxD
     h_BxLxD = MLP(c, self.dtype, name="mlp")(RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x_BxLxD))
@@ -198,8 +236,8 @@ class Layers(nn.Module):
     block = nn.remat(Layer) if self.remat else Layer
     out = []
     for i in range(self.config.num_hidden_layers):
-      x_BxLxD, cache = block(self.config, self.dtype, name=str(i))(parallel.shard_batch(x_BxLxD), positions_BxL,
-                                                                   visible, None if caches is None else caches[i])
+      x_BxLxD, cache = block(self.config, self.dtype, windows(self.config)[i], name=str(i))(
+          parallel.shard_batch(x_BxLxD), positions_BxL, visible, None if caches is None else caches[i])
       out.append(cache)
     x_BxLxD = parallel.shard_batch(x_BxLxD)
     return x_BxLxD, None if caches is None else out
@@ -209,7 +247,7 @@ class Layers(nn.Module):
     # every block param is used in the compute dtype (Dense and RMSNorm cast it): cast before stacking, so that
     # the stacked copy and its gradient are half the size in bf16, with the same values and gradients
     stacked = jax.tree.map(lambda *xs: jnp.stack([x.astype(self.dtype) for x in xs]), *[layers[str(i)] for i in range(n)])
-    layer = Layer(self.config, self.dtype, parent=None)
+    layer = Layer(self.config, self.dtype, windows(self.config)[0], parent=None)  # (load: one window for all)
 
     def body(x_BxLxD, params):
       return parallel.shard_batch(layer.apply({"params": params}, x_BxLxD, positions_BxL, visible, None)[0]), None
@@ -322,23 +360,23 @@ def make_apply(module, kernel: bool = False):
 # ---- checkpoints -------------------------------------------------------------------------------------------
 
 
-def claims(found: Found, impl: str = "auto") -> bool:
-  """A GGUF file (always), or a Hugging Face Llama directory unless model.impl=transformers."""
-  return found.path.suffix == ".gguf" or (impl != "transformers" and found.model_type == MODEL_TYPE)
+def claims(found: Found) -> bool:
+  """A GGUF file, or a Hugging Face Llama, Mistral, Qwen2 or Qwen3 directory."""
+  return found.path.suffix == ".gguf" or found.model_type in MODEL_TYPES
 
 
 def open(found: Found) -> Opened:
   config = read_config(found.path)
-  return Opened(found.path, sys.modules[__name__], MODEL_TYPE, config, config.max_position_embeddings)
+  return Opened(found.path, sys.modules[__name__], config.model_type, config, config.max_position_embeddings)
 
 
 def read_config(path: Path):
-  """The transformers LlamaConfig of a checkpoint (a GGUF file: from its metadata)."""
+  """transformers' config of a checkpoint (a GGUF file: a LlamaConfig from its metadata)."""
   import transformers
   if path.suffix == ".gguf":
     return transformers.LlamaConfig(**llama_gguf.config(path))
   try:
-    return transformers.LlamaConfig.from_pretrained(path)
+    return transformers.AutoConfig.from_pretrained(path)
   except (OSError, ValueError, KeyError) as e:
     raise JaxftError(f"could not read {path / 'config.json'}: {str(e).splitlines()[0]}") from None
 
@@ -413,8 +451,11 @@ def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0, platfo
     config.num_hidden_layers = mcfg.layers
   if not supports(config):
     raise JaxftError(f"{path}: jaxft's llama module does not compute this config (hidden_act "
-                     f"{config.hidden_act!r}, rope_scaling {getattr(config, 'rope_scaling', None)}); "
-                     f"use model.impl=transformers")
+                     f"{config.hidden_act!r}, rope {rope(config)}; it computes silu and rope types "
+                     f"{', '.join(ROPE_TYPES)})")
+  if mcfg.scan_layers and len(set(windows(config))) > 1:
+    raise JaxftError(f"model.scan_layers: {path}'s layers attend over different windows ({windows(config)}); one "
+                     f"scanned body computes one kind: set model.scan_layers=false")
   module = CausalLM(config, jnp.dtype(compute_dtype), mcfg.remat == "block", mcfg.scan_layers)
   ids = jnp.zeros((1, 1), jnp.int32)
   shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(seed), ids, ids, visibility({"input_ids": ids})))
@@ -433,7 +474,7 @@ def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0, platfo
         raise JaxftError(f"{path}: '{k}' has shape {tuple(x.shape)}, the model expects {tuple(expected[k].shape)}")
     missing = sorted(set(expected) - set(loaded))
     if missing:
-      raise JaxftError(f"{path}: {len(missing)} Llama tensors missing, e.g. {missing[:3]}")
+      raise JaxftError(f"{path}: {len(missing)} {config.model_type} tensors missing, e.g. {missing[:3]}")
     unused = sorted(set(loaded) - set(expected))
     params = traverse_util.unflatten_dict({k: jnp.asarray(loaded[k], jnp.float32) for k in expected}, sep="/")
     report = f"{source}; unused checkpoint keys: {', '.join(unused[:5]) or 'none'}; newly initialised: none"
@@ -449,9 +490,10 @@ def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0, platfo
               metadata={"format": "pt"})
     tokenizer.save_pretrained(out)
 
-  kernel = platform == "tpu" and mcfg.attention == "auto"  # splash attention
+  # the splash kernel (TPU): causal attention over segments; sliding windows attend with XLA's
+  kernel = platform == "tpu" and mcfg.attention == "auto" and not any(windows(config))
   backbone = Backbone(
-      name=str(path), key=MODEL_TYPE, params=params, apply=make_apply(module, kernel), processor=tokenizer,
+      name=str(path), key=config.model_type, params=params, apply=make_apply(module, kernel), processor=tokenizer,
       config=config, conventions=CONVENTIONS, save=save, hidden_size=config.hidden_size,
       num_layers=config.num_hidden_layers, init_scale=config.initializer_range, head_dropout=0.0, packs=True,
       inputs=("input_ids", "attention_mask", "position_ids", "segment_ids"),

@@ -64,7 +64,6 @@ def test_packed_train_batches_cover_each_epoch_once(tiny_cfg):
 
 def test_pack_where_it_cannot(tiny_cfg):
   assert not build(tiny_cfg("task.pooling=cls"), log=lambda *_: None).pack  # null: buckets instead
-  assert not build(tiny_cfg("model.impl=transformers"), log=lambda *_: None).pack
   with pytest.raises(JaxftError, match="data.pack.*task.pooling cls"):
     build(tiny_cfg("task.pooling=cls", "data.pack=true"), log=lambda *_: None)
   assert not build(tiny_cfg("data.pack=false"), log=lambda *_: None).pack

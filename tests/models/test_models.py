@@ -18,7 +18,7 @@ def test_pytorch_safetensors_and_flax_msgpack_load_the_same_weights(tiny_bert):
   fx, fx_log = load(tiny_bert["flax"])
   assert "model.safetensors (pytorch names)" in pt_log and "flax_model.msgpack (flax names)" in fx_log
   # the checkpoints hold a pooler; without one asked for, its weights are reported unused
-  assert "unused checkpoint keys: embeddings/position_ids, pooler/dense/{bias,kernel}" in pt_log
+  assert "unused checkpoint keys: pooler/dense/{bias,weight}" in pt_log
   assert "newly initialised: none" in pt_log
   for backbone in (pt, fx):
     assert backbone.key == "bert" and backbone.hidden_size == 32 and backbone.num_layers == 4
@@ -57,35 +57,37 @@ def test_not_a_checkpoint(tmp_path):
 
 
 def test_each_checkpoint_is_claimed_by_one_family_or_none(tiny_bert, tiny_llama, tmp_path):
-  """Claims are explicit and disjoint: what each checkpoint kind is read by, under each model.impl; a bare
-  weights file that is no EfficientNet state dict is nobody's (not EfficientNet's by list order)."""
+  """Claims are explicit and disjoint: what each checkpoint kind is read by (every fixture of
+  tests/fixtures/families too); a bare weights file that is no EfficientNet state dict is nobody's (not
+  EfficientNet's by list order), and a Hugging Face model_type no family computes is one line naming them."""
   from safetensors.numpy import save_file
+  from test_families import FAMILY, FIXTURES
 
   from jaxft.models.base import Found
   save_file({"_conv_stem.weight": np.zeros((32, 3, 3, 3), np.float32)}, str(tmp_path / "lite0.safetensors"))
   save_file({"encoder.weight": np.zeros((2, 2), np.float32)}, str(tmp_path / "other.safetensors"))
   (gguf := tmp_path / "tiny.gguf").write_bytes(b"")  # claimed by its name; read only when it loads
-  expected = {  # path: the family under impl auto, jaxft, transformers (an exception class: an error)
-      tiny_bert["pt"]: ("bert", "bert", "transformers"),
-      tiny_llama["untied"]: ("llama", "llama", "transformers"),
-      gguf: ("llama", "llama", JaxftError),
-      tmp_path / "lite0.safetensors": ("efficientnet_lite", "efficientnet_lite", JaxftError),
-      tmp_path / "other.safetensors": (JaxftError,) * 3,
-      tmp_path: (JaxftError,) * 3,  # a directory without config.json
-  }
-  for path, kinds in expected.items():
-    for impl, kind in zip(("auto", "jaxft", "transformers"), kinds, strict=True):
-      claimed = [f.NAME for f in models.FAMILIES if f.claims(Found(path), impl)]
-      assert len(claimed) <= 1, (path, impl, claimed)
-      if kind is JaxftError:
-        with pytest.raises(JaxftError):
-          models.family(Found(path), impl)
-      else:
-        assert models.family(Found(path), impl).NAME == kind, (path, impl)
+  (gpt2 := tmp_path / "gpt2").mkdir()
+  (gpt2 / "config.json").write_text('{"model_type": "gpt2"}')
+  expected = {  # path: its family (an exception class: an error)
+      tiny_bert["pt"]: "bert", tiny_llama["untied"]: "llama", gguf: "llama",
+      tmp_path / "lite0.safetensors": "efficientnet_lite", tmp_path / "other.safetensors": JaxftError,
+      tmp_path: JaxftError,  # a directory without config.json
+      **{FIXTURES / name: family for name, family in FAMILY.items()}}
+  for path, kind in expected.items():
+    claimed = [f.NAME for f in models.FAMILIES if f.claims(Found(path))]
+    assert len(claimed) <= 1, (path, claimed)
+    if kind is JaxftError:
+      with pytest.raises(JaxftError):
+        models.family(Found(path))
+    else:
+      assert models.family(Found(path)).NAME == kind, path
+  with pytest.raises(JaxftError, match=r"no jaxft family computes 'gpt2' models; jaxft's families: bert, roberta"):
+    models.family(Found(gpt2))
 
 
 def test_a_family_key_the_family_does_not_take_names_its_owners(tiny_bert):
   with pytest.raises(JaxftError, match=r"model.scan_layers: the bert family does not take it .* a key of llama"):
     load(tiny_bert["pt"], scan_layers="true")
-  with pytest.raises(JaxftError, match=r"model.image_size: the bert family .* efficientnet_lite and transformers"):
+  with pytest.raises(JaxftError, match=r"model.image_size: the bert family .* efficientnet_lite and vit and resnet"):
     load(tiny_bert["pt"], image_size=64)

@@ -42,7 +42,7 @@ def subword_tokenizer(tmp_path_factory):
   path = tmp_path_factory.mktemp("tok")
   (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "play", "##ing",
                                              "the", "film", "paris"]) + "\n")
-  return BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
+  return BertTokenizerFast.from_pretrained(path)
 
 
 def task(tokenizer, records, max_length=16, **keys):

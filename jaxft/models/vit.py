@@ -1,0 +1,199 @@
+"""The ViT family (Dosovitskiy et al. 2021; google/vit-*, and DeiT checkpoints saved as ViT): a native Flax
+encoder on the checkpoints' names, outputs equal to transformers' PyTorch ViTModel (tests/models/test_vit.py).
+
+Patches of `patch_size` pixels (one strided convolution, `embeddings/patch_embeddings/projection`), a class
+token and learned position embeddings (`embeddings/cls_token`, `embeddings/position_embeddings`), then
+pre-norm blocks `encoder/layer/N/{layernorm_before, attention/attention/{query,key,value},
+attention/output/dense, layernorm_after, intermediate/dense, output/dense}` (attention computed as BERT's,
+models/bert.py) and a final `layernorm`. The pooled output is the class token's final state (as
+ViTForImageClassification reads it). Inputs: batch["image"], uint8 [B, H, W, 3] at the checkpoint's
+image_size, normalised with its preprocessor_config.json (else mean = std = 0.5, ViT's).
+"""
+import sys
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxft import assets, parallel
+from jaxft.errors import JaxftError
+from jaxft.models import bert, hf_checkpoint
+from jaxft.models.base import IMAGE_KEYS, Backbone, Conventions, Found, ImageProcessor, Opened
+
+NAME = "vit"
+MODEL_TYPES = ("vit",)
+TAKES = {key: IMAGE_KEYS[key] for key in ("image_size",)}
+_QKV = r".*/attention/attention/(query|key|value)"
+CONVENTIONS = Conventions(
+    # the patch embedding freezes with the bottom layers (freeze_bottom_layers), not on its own
+    embeddings=r"(.*/)?embeddings/.*", embeddings_frozen="with_bottom_layers",
+    layers=r"(?:.*/)?encoder/layer/",
+    tensor_parallel=(
+        (_QKV + "/kernel", (None, "tensor")),
+        (_QKV + "/bias", ("tensor",)),
+        (r".*/attention/output/dense/kernel", ("tensor", None)),
+        (r".*/intermediate/dense/kernel", (None, "tensor")),
+        (r".*/intermediate/dense/bias", ("tensor",)),
+        (r".*/layer/\d+/output/dense/kernel", ("tensor", None)),
+    ),
+    lora={"qv": (r".*/attention/attention/(query|value)/kernel",),
+          "attention": (_QKV + "/kernel", r".*/attention/output/dense/kernel"),
+          "all": (_QKV + "/kernel", r".*/attention/output/dense/kernel", r".*/intermediate/dense/kernel",
+                  r".*/layer/\d+/output/dense/kernel")},
+    no_decay=(r"(.*/)?bias", r".*(layernorm\w*)/scale", r".*/(cls_token|position_embeddings)"),
+)
+VIT_MEAN, VIT_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # ViTImageProcessor's defaults
+
+
+def claims(found: Found) -> bool:
+  return found.model_type in MODEL_TYPES
+
+
+def open(found: Found) -> Opened:
+  config = hf_checkpoint.config_of(found)
+  if not getattr(config, "qkv_bias", True) or config.hidden_act not in bert.ACTIVATIONS:
+    raise JaxftError(f"{found.path}: jaxft's ViT computes qkv_bias=true and hidden_act in "
+                     f"{', '.join(bert.ACTIVATIONS)}, not this config")
+  return Opened(found.path, sys.modules[__name__], config.model_type, config)
+
+
+def _layer_norm(c, dtype, name):
+  return nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=dtype, name=name)
+
+
+class PatchEmbeddings(nn.Module):
+  """[B, H, W, 3] -> [B, N, D]: one convolution with patch-sized kernels and strides."""
+  config: object
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x_BxHxWx3):
+    c, p = self.config, self.config.patch_size
+    x_BxhxwxD = nn.Conv(c.hidden_size, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                        kernel_init=nn.initializers.normal(c.initializer_range), name="projection")(x_BxHxWx3)
+    return x_BxhxwxD.reshape(x_BxhxwxD.shape[0], -1, c.hidden_size)
+
+
+class Embeddings(nn.Module):
+  config: object
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x_BxHxWx3, train: bool):
+    c = self.config
+    init = nn.initializers.truncated_normal(c.initializer_range)
+    x_BxNxD = PatchEmbeddings(c, self.dtype, name="patch_embeddings")(x_BxHxWx3)
+    B, N, D = x_BxNxD.shape
+    cls_1x1xD = self.param("cls_token", init, (1, 1, D))
+    positions_1xTxD = self.param("position_embeddings", init, (1, N + 1, D))
+    x_BxTxD = jnp.concatenate([jnp.broadcast_to(cls_1x1xD.astype(self.dtype), (B, 1, D)), x_BxNxD], 1)
+    x_BxTxD = x_BxTxD + positions_1xTxD.astype(self.dtype)
+    return nn.Dropout(c.hidden_dropout_prob)(x_BxTxD, deterministic=not train)
+
+
+class Attention(nn.Module):
+  """ViTAttention: BERT's self-attention (`attention`), then its output projection (`output/dense`)."""
+  config: object
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x_BxTxD, train: bool):
+    c = self.config
+    a_BxTxD = bert.SelfAttention(c, self.dtype, name="attention")(x_BxTxD, jnp.zeros((1, 1, 1, 1)), train)
+    return _Output(c, self.dtype, name="output")(a_BxTxD, train)
+
+
+class _Output(nn.Module):
+  """dense -> dropout (ViTSelfOutput; ViTOutput adds the residual after)."""
+  config: object
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    c = self.config
+    y = nn.Dense(c.hidden_size, dtype=self.dtype, kernel_init=nn.initializers.normal(c.initializer_range),
+                 name="dense")(x)
+    return nn.Dropout(c.hidden_dropout_prob)(y, deterministic=not train)
+
+
+class Layer(nn.Module):
+  config: object
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x_BxTxD, train: bool):
+    c = self.config
+    x_BxTxD = x_BxTxD + Attention(c, self.dtype, name="attention")(
+        _layer_norm(c, self.dtype, "layernorm_before")(x_BxTxD), train)
+    h_BxTxF = bert.Intermediate(c, self.dtype, name="intermediate")(_layer_norm(c, self.dtype, "layernorm_after")(x_BxTxD))
+    return x_BxTxD + _Output(c, self.dtype, name="output")(h_BxTxF, train)
+
+
+class Layers(nn.Module):
+  config: object
+  dtype: jnp.dtype
+  remat: bool
+
+  @nn.compact
+  def __call__(self, x_BxTxD, train: bool):
+    block = nn.remat(Layer, static_argnums=(2,)) if self.remat else Layer
+    for i in range(self.config.num_hidden_layers):
+      x_BxTxD = block(self.config, self.dtype, name=str(i))(parallel.shard_batch(x_BxTxD), train)
+    return parallel.shard_batch(x_BxTxD)
+
+
+class Encoder(nn.Module):
+  config: object
+  dtype: jnp.dtype
+  remat: bool
+
+  @nn.compact
+  def __call__(self, x_BxTxD, train: bool):
+    return Layers(self.config, self.dtype, self.remat, name="layer")(x_BxTxD, train)
+
+
+class ViTModel(nn.Module):
+  """(last hidden states [B, 1 + N, D] after the final LayerNorm, pooled [B, D]): transformers' ViTModel;
+  pooled is the class token's state (pooler=True: through the checkpoint's `pooler/dense` and tanh)."""
+  config: object
+  dtype: jnp.dtype = jnp.float32
+  remat: bool = False
+  add_pooling_layer: bool = False
+
+  @nn.compact
+  def __call__(self, x_BxHxWx3, train: bool = False):
+    c = self.config
+    x_BxTxD = Embeddings(c, self.dtype, name="embeddings")(x_BxHxWx3.astype(self.dtype), train)
+    h_BxTxD = _layer_norm(c, self.dtype, "layernorm")(Encoder(c, self.dtype, self.remat, name="encoder")(x_BxTxD, train))
+    if not self.add_pooling_layer:
+      return h_BxTxD, h_BxTxD[:, 0]
+    return h_BxTxD, bert.Pooler(c, self.dtype, name="pooler")(h_BxTxD)
+
+
+def load(path, mcfg, compute_dtype: str = "float32", seed: int = 0, platform: str = "cpu", pooler: bool = False,
+         config=None) -> tuple[Backbone, str]:
+  """(a Backbone computing jaxft's ViT on the checkpoint's params, a one-line report)."""
+  c = config if config is not None else hf_checkpoint.read_config(path)
+  size = mcfg.image_size or c.image_size
+  if size != c.image_size:
+    raise JaxftError(f"model.image_size={size}: {path}'s position embeddings are for {c.image_size} x {c.image_size} "
+                     f"images (leave model.image_size unset)")
+  module = ViTModel(c, jnp.dtype(compute_dtype), mcfg.remat == "block", pooler)
+  pixels = jnp.zeros((1, size, size, c.num_channels), jnp.float32)
+  variables, report = hf_checkpoint.variables(path, lambda rng: module.init(rng, pixels), seed, mcfg.weights, "vit")
+  pre = path / "preprocessor_config.json"
+  pre = assets.json_object(pre) if pre.is_file() else {}
+  mean = jnp.asarray(pre.get("image_mean", VIT_MEAN), jnp.float32)
+  std = jnp.asarray(pre.get("image_std", VIT_STD), jnp.float32)
+
+  def apply(params, batch, train=False, rng=None, state=None):
+    x_BxHxWx3 = (batch["image"].astype(jnp.float32) / 255 - mean) / std
+    dropout = train and rng is not None
+    hidden, pooled = module.apply({"params": params}, x_BxHxWx3, dropout, rngs={"dropout": rng} if dropout else {})
+    return {"hidden": hidden, "pooled": pooled}, state
+
+  return Backbone(name=str(path), key="vit", params=variables["params"], apply=apply,
+                  processor=ImageProcessor(size, tuple(255 * mean.tolist()), tuple(255 * std.tolist())), config=c,
+                  conventions=CONVENTIONS,
+                  save=lambda p, out, state=None: hf_checkpoint.save(out, c, {"params": p}, source=path),
+                  hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, init_scale=c.initializer_range,
+                  head_dropout=0.0, inputs=("image",)), report

@@ -1,0 +1,72 @@
+"""Every family's outputs equal transformers 5's PyTorch implementation on tiny random checkpoints that
+tests/fixtures/families/write.py wrote with torch (their inputs and transformers' outputs in reference.npz),
+and jaxft's export of each loads back to the same outputs."""
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import write_tokenizer
+
+from jaxft import formats, models
+from jaxft.config import ModelConfig
+
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "families"
+NAMES = sorted(p.name for p in FIXTURES.iterdir() if (p / "reference.npz").is_file())
+FAMILY = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "vit": "vit", "resnet-basic": "resnet",
+          "resnet-bottleneck": "resnet", "llama": "llama", "llama-tied": "llama", "mistral": "llama",
+          "qwen2": "llama", "qwen3": "llama"}  # fixture -> the family claiming it
+TOLERANCE = 1e-5  # float32
+VOCAB = 40  # the fixtures' text vocabulary (write.py)
+
+
+def checkpoint(name: str, root: Path) -> Path:
+  """A copy of fixture `name` with a tokenizer (text families; its words do not matter here)."""
+  path = root / name
+  shutil.copytree(FIXTURES / name, path)
+  if "input_ids" in np.load(path / "reference.npz"):
+    write_tokenizer(path)
+  return path
+
+
+def outputs(backbone, ref, params=None, state=None):
+  batch = {k: ref[k] for k in ("input_ids", "attention_mask", "image") if k in ref}
+  out, _ = jax.jit(lambda p, s: backbone.apply(p, batch, False, None, s))(
+      backbone.params if params is None else params, backbone.state if state is None else state)
+  return out
+
+
+def assert_equal(out, ref):
+  real = ref["attention_mask"].astype(bool) if "attention_mask" in ref else slice(None)  # padding's states differ
+  np.testing.assert_allclose(np.asarray(out["hidden"])[real], ref["hidden"][real], atol=TOLERANCE, rtol=TOLERANCE)
+  for key in ("pooled", "logits"):
+    if key in ref:
+      got = np.asarray(out[key])
+      np.testing.assert_allclose(got[real] if key == "logits" else got, ref[key][real] if key == "logits" else ref[key],
+                                 atol=TOLERANCE, rtol=TOLERANCE)
+
+
+def test_every_fixture_is_tested():
+  assert sorted(FAMILY) == NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_outputs_equal_transformers_pytorch(tmp_path, name):
+  ref = dict(np.load(FIXTURES / name / "reference.npz"))
+  path = checkpoint(name, tmp_path)
+  logged = []
+  backbone = models.load(ModelConfig(name=str(path)), seed=0, pooler="pooled" in ref,
+                         log=logged.append)
+  assert "unused checkpoint keys: none" in logged[0] and "newly initialised: none" in logged[0], logged[0]
+  assert_equal(outputs(backbone, ref), ref)
+  backbone.save(backbone.params, tmp_path / "export", backbone.state)  # what transformers 5 loads (safetensors)
+  again = models.load(ModelConfig(name=str(tmp_path / "export")), seed=1, pooler="pooled" in ref,
+                      log=logged.append)
+  assert "unused checkpoint keys: none" in logged[1] and "newly initialised: none" in logged[1], logged[1]
+  assert_equal(outputs(again, ref), ref)
+  # the export holds what transformers' own save_pretrained wrote: the same names, layouts and values
+  written, exported = (formats.read(d / "model.safetensors")[0] for d in (FIXTURES / name, tmp_path / "export"))
+  assert sorted(written) == sorted(exported)
+  for k, x in written.items():
+    np.testing.assert_array_equal(exported[k], x, err_msg=k)
