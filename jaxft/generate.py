@@ -129,7 +129,8 @@ def generate_text(cfg, prompt: str, max_new_tokens: int | None = None, chat: boo
   if chat:
     if not tok.chat_template:
       raise JaxftError(f"--chat: the tokenizer of {exp.backbone.name} has no chat template")
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False)["input_ids"]  # (what tokenize=True gives, in transformers 4 and 5)
   else:
     ids = tok(prompt)["input_ids"]
   g = cfg.task

