@@ -1,7 +1,9 @@
-"""The Llama family (Llama 2 / 3, SmolLM, TinyLlama, ...; Mistral, Qwen2 / 2.5, Qwen3): a native Flax causal LM
-on transformers' param names. Mistral adds a sliding attention window (every layer's `sliding_window`); Qwen2
-biases on q / k / v; Qwen3 RMS-normalises each head's queries and keys (`q_norm`, `k_norm`) and may attend
-over a window in the layers its `layer_types` says.
+"""The Llama family (Llama 2 / 3, SmolLM, TinyLlama, ...; Mistral, Qwen2 / 2.5, Qwen3, Gemma 1 / 2 / 3): a native
+Flax causal LM on transformers' param names. What each variant changes is its `Variant` (and its layers'
+`layer_types`): Mistral a sliding attention window in every layer; Qwen2 biases on q / k / v; Qwen3 q / k norms
+and sliding layers where `layer_types` says; Gemma (1 + weight) RMSNorms, scaled embeddings and GeGLU; Gemma 2
+sandwich norms, alternating sliding layers and soft-capped scores and logits; Gemma 3 q / k norms and its own
+rotary theta for its sliding layers.
 
 RMSNorm, rotary position embeddings (the checkpoint's theta; "linear" and "llama3" scaling), grouped-query
 attention through `jax.nn.dot_product_attention` (XLA on CPU, cuDNN's fused kernel where it applies),
@@ -20,6 +22,7 @@ tokenizer from its metadata unless a tokenizer.json lies beside it). `save` writ
 directory (model.safetensors in PyTorch names) that transformers' PyTorch and Flax classes load.
 """
 import copy
+import dataclasses
 import functools
 import math
 import sys
@@ -36,7 +39,8 @@ from jaxft.models import llama_gguf, splash
 from jaxft.models.base import Backbone, Conventions, Found, Opened, token_flops, tokenizer_path
 
 NAME = MODEL_TYPE = "llama"
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # the decoders this module computes (their deltas: Attention)
+# the decoders this module computes; what each changes is its Variant
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 TAKES = {  # the model.* keys only this family takes: (the check of a value set, the error if it fails)
     "scan_layers": (lambda v, cfg: not (v and (cfg.lora.targets or cfg.lora.preset)),
                     "does not take LoRA adapters yet (they are found per block); set model.scan_layers=false"),
@@ -63,27 +67,66 @@ CONVENTIONS = Conventions(
     embeddings_frozen="never",
 )
 ROPE_TYPES = ("default", "linear", "llama3")
+ACTIVATIONS = {"silu": nn.silu, "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),
+               "gelu": functools.partial(nn.gelu, approximate=False)}
+FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' layer_types
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """What a decoder computes differently from Llama, read from its config once (variant(config))."""
+  gemma: bool = False  # RMSNorm scales by (1 + weight), in float32; embeddings scaled by sqrt(hidden_size)
+  post_norms: bool = False  # Gemma 2 / 3: the attention and MLP outputs normalised too (sandwich norms)
+  qk_norm: bool = False  # Qwen3, Gemma 3: each head's queries and keys RMS-normalised before the rotation
+  qkv_bias: bool = False  # Qwen2 (always), `attention_bias` (Llama, Qwen3, ...)
+  o_bias: bool = False
+  scale: float | None = None  # queries' scale (Gemma: query_pre_attn_scalar ** -0.5); None: head_dim ** -0.5
+  attn_softcap: float | None = None  # Gemma 2: scores -> tanh(scores / cap) * cap
+  final_softcap: float | None = None  # Gemma 2: the same on the logits
+
+
+def variant(config) -> Variant:
+  t = config.model_type
+  bias = bool(getattr(config, "attention_bias", False))
+  gemma = t.startswith("gemma")
+  pre_attn = getattr(config, "query_pre_attn_scalar", None)
+  return Variant(gemma=gemma, post_norms=t in ("gemma2", "gemma3_text"), qk_norm=t in ("qwen3", "gemma3_text"),
+                 qkv_bias=bias or t == "qwen2", o_bias=bias, scale=pre_attn ** -0.5 if gemma and pre_attn else None,
+                 attn_softcap=getattr(config, "attn_logit_softcapping", None) if gemma else None,
+                 final_softcap=getattr(config, "final_logit_softcapping", None) if gemma else None)
+
+
+def activation(config) -> str:
+  """The MLP's activation (Gemma's config calls it hidden_activation)."""
+  return getattr(config, "hidden_activation", None) or config.hidden_act
 
 
 def supports(config) -> bool:
-  """True for configs this module computes exactly like transformers' PyTorch Llama."""
-  return config.hidden_act == "silu" and rope(config)["rope_type"] in ROPE_TYPES
+  """True for configs this module computes exactly like transformers' PyTorch models."""
+  return activation(config) in ACTIVATIONS and all(rope(config, t)["rope_type"] in ROPE_TYPES for t in (FULL, SLIDING))
 
 
-def rope(config) -> dict:
-  """The rotary embedding's parameters {"rope_theta", "rope_type", and its scaling's}: transformers 5's
-  `rope_parameters`, or transformers 4's `rope_theta` and `rope_scaling`."""
+def rope(config, layer_type: str = FULL) -> dict:
+  """The rotary embedding's parameters {"rope_theta", "rope_type", and its scaling's} for a layer of
+  `layer_type`: transformers 5's `rope_parameters` (Gemma 3: one per layer type), or transformers 4's
+  `rope_theta` and `rope_scaling` (Gemma 3: `rope_local_base_freq` for its sliding layers, unscaled)."""
   params = getattr(config, "rope_parameters", None)
-  if not params:
-    scaling = getattr(config, "rope_scaling", None) or {}
-    params = {**scaling, "rope_theta": config.rope_theta}
+  if params and isinstance(params.get(layer_type), dict):
+    params = params[layer_type]
+  elif params and isinstance(params.get(FULL), dict):  # per layer type, and this type has none of its own
+    params = params[FULL]
+  elif not params:
+    if layer_type == SLIDING and getattr(config, "rope_local_base_freq", None):
+      params = {"rope_theta": config.rope_local_base_freq}
+    else:
+      params = {**(getattr(config, "rope_scaling", None) or {}), "rope_theta": config.rope_theta}
   return {**params, "rope_type": params.get("rope_type", params.get("type")) or "default"}
 
 
-def rope_frequencies(config) -> np.ndarray:
+def rope_frequencies(config, layer_type: str = FULL) -> np.ndarray:
   """[Dh / 2] inverse frequencies of the rotary embedding, with the config's scaling."""
   dim = head_dim(config)
-  scaling = rope(config)
+  scaling = rope(config, layer_type)
   inv = 1.0 / (scaling["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
   kind = scaling["rope_type"]
   if kind == "linear":
@@ -100,20 +143,26 @@ def rope_frequencies(config) -> np.ndarray:
   return inv
 
 
-def projection_biases(config) -> tuple[bool, bool]:
-  """(q / k / v, o) projections with biases: Qwen2's q / k / v always; Llama's and Qwen3's `attention_bias`."""
-  bias = bool(getattr(config, "attention_bias", False))
-  return bias or config.model_type == "qwen2", bias
+def layer_types(config) -> list[str]:
+  """Each layer's attention, FULL or SLIDING: the config's `layer_types` (transformers 5 writes it); else
+  Mistral's every layer where it has a window, Gemma 2's even layers, Gemma 3's all but every sixth."""
+  n, window = config.num_hidden_layers, getattr(config, "sliding_window", None)
+  types = getattr(config, "layer_types", None)
+  if types:
+    return list(types)[:n] + [FULL] * (n - len(types))
+  if config.model_type == "mistral" and window:
+    return [SLIDING] * n
+  if config.model_type == "gemma2":
+    return [SLIDING if i % 2 == 0 else FULL for i in range(n)]
+  if config.model_type == "gemma3_text":
+    pattern = getattr(config, "sliding_window_pattern", 6)
+    return [SLIDING if (i + 1) % pattern else FULL for i in range(n)]
+  return [FULL] * n
 
 
 def windows(config) -> list:
-  """Each layer's sliding attention window (None: full causal attention): Qwen's `layer_types`, every layer's
-  `sliding_window` in Mistral."""
-  window = getattr(config, "sliding_window", None)
-  types = getattr(config, "layer_types", None)
-  if types:
-    return [window if t == "sliding_attention" else None for t in types]
-  return [window if config.model_type == "mistral" else None] * config.num_hidden_layers
+  """Each layer's sliding attention window (None: full causal attention)."""
+  return [config.sliding_window if t == SLIDING else None for t in layer_types(config)]
 
 
 def head_dim(config) -> int:
@@ -133,12 +182,15 @@ def rotate(x_BxLxNxH, positions_BxL, inv_freq):
 class RMSNorm(nn.Module):
   eps: float
   dtype: jnp.dtype
+  gemma: bool = False  # Gemma's: x * (1 + weight), in float32 (its weight starts at 0)
 
   @nn.compact
   def __call__(self, x_BxLxD):
-    weight = self.param("weight", nn.initializers.ones, (x_BxLxD.shape[-1],))
+    weight = self.param("weight", nn.initializers.zeros if self.gemma else nn.initializers.ones, (x_BxLxD.shape[-1],))
     x = x_BxLxD.astype(jnp.float32)
     x = x / jnp.sqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps)
+    if self.gemma:
+      return (x * (1.0 + weight.astype(jnp.float32))).astype(self.dtype)
     return weight.astype(self.dtype) * x.astype(self.dtype)
 
 
@@ -147,9 +199,24 @@ def _dense(config, features, dtype, name, bias=False):
                   kernel_init=jax.nn.initializers.normal(config.initializer_range))
 
 
+def _norm(config, dtype, name):
+  return RMSNorm(config.rms_norm_eps, dtype, variant(config).gemma, name=name)
+
+
+def _softcapped_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, visible_Bx1xLxS, scale: float, cap: float):
+  """Attention with Gemma 2's score capping (tanh(s / cap) * cap), which XLA's fused attention lacks."""
+  N, K = q_BxLxNxH.shape[2], k_BxSxKxH.shape[2]
+  k_BxSxNxH, v_BxSxNxH = (jnp.repeat(x, N // K, axis=2) for x in (k_BxSxKxH, v_BxSxKxH))
+  s_BxNxLxS = jnp.einsum("blnh,bsnh->bnls", q_BxLxNxH, k_BxSxNxH).astype(jnp.float32) * scale
+  s_BxNxLxS = jnp.where(visible_Bx1xLxS, jnp.tanh(s_BxNxLxS / cap) * cap, jnp.finfo(jnp.float32).min)
+  p_BxNxLxS = jax.nn.softmax(s_BxNxLxS, axis=-1).astype(q_BxLxNxH.dtype)
+  return jnp.einsum("bnls,bsnh->blnh", p_BxNxLxS, v_BxSxNxH)
+
+
 class Attention(nn.Module):
   config: object
   dtype: jnp.dtype
+  layer_type: str = FULL  # FULL or SLIDING (Gemma 3's sliding layers rotate with their own theta)
   window: int | None = None  # sliding-window attention: each token sees itself and the window - 1 before it
 
   @nn.compact
@@ -157,17 +224,15 @@ class Attention(nn.Module):
     """visible: key lengths [B] for padded rows (causal), segment ids [B, L] (causal within each; the splash
     kernel), else a bool mask [B, 1, L, S]. cache: None, or this layer's {"k", "v"} [B, S, K, H] and the slot
     `index` where the L new tokens go (`visible` over S slots)."""
-    c = self.config
+    c, v = self.config, variant(self.config)
     N, K, H = c.num_attention_heads, c.num_key_value_heads, head_dim(c)
-    qkv_bias, o_bias = projection_biases(c)
     B, L, _ = x_BxLxD.shape
-    q_BxLxNxH = _dense(c, N * H, self.dtype, "q_proj", qkv_bias)(x_BxLxD).reshape(B, L, N, H)
-    k_BxLxKxH = _dense(c, K * H, self.dtype, "k_proj", qkv_bias)(x_BxLxD).reshape(B, L, K, H)
-    v_BxLxKxH = _dense(c, K * H, self.dtype, "v_proj", qkv_bias)(x_BxLxD).reshape(B, L, K, H)
-    if c.model_type == "qwen3":  # Qwen3: each head's queries and keys RMS-normalised before the rotation
-      q_BxLxNxH = RMSNorm(c.rms_norm_eps, self.dtype, name="q_norm")(q_BxLxNxH)
-      k_BxLxKxH = RMSNorm(c.rms_norm_eps, self.dtype, name="k_norm")(k_BxLxKxH)
-    inv_freq = rope_frequencies(c)
+    q_BxLxNxH = _dense(c, N * H, self.dtype, "q_proj", v.qkv_bias)(x_BxLxD).reshape(B, L, N, H)
+    k_BxLxKxH = _dense(c, K * H, self.dtype, "k_proj", v.qkv_bias)(x_BxLxD).reshape(B, L, K, H)
+    v_BxLxKxH = _dense(c, K * H, self.dtype, "v_proj", v.qkv_bias)(x_BxLxD).reshape(B, L, K, H)
+    if v.qk_norm:
+      q_BxLxNxH, k_BxLxKxH = _norm(c, self.dtype, "q_norm")(q_BxLxNxH), _norm(c, self.dtype, "k_norm")(k_BxLxKxH)
+    inv_freq = rope_frequencies(c, self.layer_type)
     q_BxLxNxH, k_BxLxKxH = rotate(q_BxLxNxH, positions_BxL, inv_freq), rotate(k_BxLxKxH, positions_BxL, inv_freq)
     first = 0 if cache is None else cache["index"]  # the slot of the first new token
     if cache is not None:
@@ -176,18 +241,24 @@ class Attention(nn.Module):
       v_BxSxKxH = jax.lax.dynamic_update_slice(cache["v"], v_BxLxKxH.astype(cache["v"].dtype), at)
       cache = {"k": k_BxSxKxH, "v": v_BxSxKxH}
       k_BxLxKxH, v_BxLxKxH = k_BxSxKxH.astype(self.dtype), v_BxSxKxH.astype(self.dtype)
-    if visible.ndim == 2:  # segment ids (TPU): the splash kernel (models without a window: load says)
+    scale = v.scale or H ** -0.5
+    if visible.ndim == 2:  # segment ids (TPU): the splash kernel (models without a window or capping: load says)
       o_BxLxNxH = splash.attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, visible)
-    elif visible.ndim == 1:  # padded rows: causal, keys up to each row's length
+    elif visible.ndim == 1 and v.attn_softcap is None:  # padded rows: causal, keys up to each row's length
       o_BxLxNxH = jax.nn.dot_product_attention(
-          q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, is_causal=True, key_value_seq_lengths=visible,
+          q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, scale=scale, is_causal=True, key_value_seq_lengths=visible,
           local_window_size=None if self.window is None else (self.window - 1, 0))
     else:
+      if visible.ndim == 1:  # (capped scores) the padded rows' causal mask, spelled out
+        visible = (jnp.tril(jnp.ones((L, L), bool))[None] & (jnp.arange(L)[None, None, :] < visible[:, None, None]))[:, None]
       if self.window is not None:  # query slot q sees key slots k > q - window
         q_L, k_S = first + jnp.arange(L), jnp.arange(visible.shape[-1])
         visible = visible & (q_L[:, None] - k_S[None, :] < self.window)
-      o_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask=visible)
-    out = _dense(c, c.hidden_size, self.dtype, "o_proj", o_bias)(o_BxLxNxH.reshape(B, L, N * H))
+      if v.attn_softcap is None:
+        o_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, scale=scale, mask=visible)
+      else:
+        o_BxLxNxH = _softcapped_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, visible, scale, v.attn_softcap)
+    out = _dense(c, c.hidden_size, self.dtype, "o_proj", v.o_bias)(o_BxLxNxH.reshape(B, L, N * H))
     return out, cache
 
 
@@ -200,22 +271,26 @@ class MLP(nn.Module):
     c, bias = self.config, getattr(self.config, "mlp_bias", False)
     gate_BxLxF = _dense(c, c.intermediate_size, self.dtype, "gate_proj", bias)(x_BxLxD)
     up_BxLxF = _dense(c, c.intermediate_size, self.dtype, "up_proj", bias)(x_BxLxD)
-    return _dense(c, c.hidden_size, self.dtype, "down_proj", bias)(nn.silu(gate_BxLxF) * up_BxLxF)
+    return _dense(c, c.hidden_size, self.dtype, "down_proj", bias)(ACTIVATIONS[activation(c)](gate_BxLxF) * up_BxLxF)
 
 
 class Layer(nn.Module):
   config: object
   dtype: jnp.dtype
-  window: int | None = None  # Attention.window
+  layer_type: str = FULL  # Attention's
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, visible, cache):
     c = self.config
-    a_BxLxD, cache = Attention(c, self.dtype, self.window, name="self_attn")(
-        RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x_BxLxD), positions_BxL, visible, cache)
-    x_BxLxD = x_BxLxD + a_BxLxD
-    h_BxLxD = MLP(c, self.dtype, name="mlp")(RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x_BxLxD))
-    return x_BxLxD + h_BxLxD, cache
+    window = c.sliding_window if self.layer_type == SLIDING else None
+    a_BxLxD, cache = Attention(c, self.dtype, self.layer_type, window, name="self_attn")(
+        _norm(c, self.dtype, "input_layernorm")(x_BxLxD), positions_BxL, visible, cache)
+    if not variant(c).post_norms:  # Llama: post_attention_layernorm is the MLP's input norm
+      x_BxLxD = x_BxLxD + a_BxLxD
+      return x_BxLxD + MLP(c, self.dtype, name="mlp")(_norm(c, self.dtype, "post_attention_layernorm")(x_BxLxD)), cache
+    x_BxLxD = x_BxLxD + _norm(c, self.dtype, "post_attention_layernorm")(a_BxLxD)
+    h_BxLxD = MLP(c, self.dtype, name="mlp")(_norm(c, self.dtype, "pre_feedforward_layernorm")(x_BxLxD))
+    return x_BxLxD + _norm(c, self.dtype, "post_feedforward_layernorm")(h_BxLxD), cache
 
 
 class Layers(nn.Module):
@@ -236,7 +311,7 @@ class Layers(nn.Module):
     block = nn.remat(Layer) if self.remat else Layer
     out = []
     for i in range(self.config.num_hidden_layers):
-      x_BxLxD, cache = block(self.config, self.dtype, windows(self.config)[i], name=str(i))(
+      x_BxLxD, cache = block(self.config, self.dtype, layer_types(self.config)[i], name=str(i))(
           parallel.shard_batch(x_BxLxD), positions_BxL, visible, None if caches is None else caches[i])
       out.append(cache)
     x_BxLxD = parallel.shard_batch(x_BxLxD)
@@ -247,7 +322,7 @@ class Layers(nn.Module):
     # every block param is used in the compute dtype (Dense and RMSNorm cast it): cast before stacking, so that
     # the stacked copy and its gradient are half the size in bf16, with the same values and gradients
     stacked = jax.tree.map(lambda *xs: jnp.stack([x.astype(self.dtype) for x in xs]), *[layers[str(i)] for i in range(n)])
-    layer = Layer(self.config, self.dtype, windows(self.config)[0], parent=None)  # (load: one window for all)
+    layer = Layer(self.config, self.dtype, layer_types(self.config)[0], parent=None)  # (load: one type for all)
 
     def body(x_BxLxD, params):
       return parallel.shard_batch(layer.apply({"params": params}, x_BxLxD, positions_BxL, visible, None)[0]), None
@@ -268,9 +343,11 @@ class Model(nn.Module):
     embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, name="embed_tokens",
                      embedding_init=jax.nn.initializers.normal(c.initializer_range))
     x_BxLxD = embed(ids_BxL)
+    if variant(c).gemma:  # Gemma scales its embeddings (not its tied output layer) by sqrt(hidden_size)
+      x_BxLxD = x_BxLxD * jnp.asarray(c.hidden_size ** 0.5, self.dtype)
     x_BxLxD, caches = Layers(c, self.dtype, self.remat, self.scan, name="layers")(x_BxLxD, positions_BxL, visible,
                                                                                   caches)
-    return RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x_BxLxD), caches, embed
+    return _norm(c, self.dtype, "norm")(x_BxLxD), caches, embed
 
 
 class CausalLM(nn.Module):
@@ -291,7 +368,8 @@ class CausalLM(nn.Module):
       logits_BxPxV = embed.attend(h_BxPxD)
     else:
       logits_BxPxV = _dense(self.config, self.config.vocab_size, self.dtype, "lm_head")(h_BxPxD)
-    return h_BxLxD, logits_BxPxV.astype(jnp.float32), caches
+    logits_BxPxV, cap = logits_BxPxV.astype(jnp.float32), variant(self.config).final_softcap
+    return h_BxLxD, logits_BxPxV if cap is None else jnp.tanh(logits_BxPxV / cap) * cap, caches
 
 
 def visibility(batch: dict, segments: bool = False):
@@ -450,11 +528,11 @@ def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0, platfo
   if mcfg.layers:  # a shapes-only variant of another depth (jaxft plan)
     config.num_hidden_layers = mcfg.layers
   if not supports(config):
-    raise JaxftError(f"{path}: jaxft's llama module does not compute this config (hidden_act "
-                     f"{config.hidden_act!r}, rope {rope(config)}; it computes silu and rope types "
-                     f"{', '.join(ROPE_TYPES)})")
-  if mcfg.scan_layers and len(set(windows(config))) > 1:
-    raise JaxftError(f"model.scan_layers: {path}'s layers attend over different windows ({windows(config)}); one "
+    raise JaxftError(f"{path}: jaxft's llama module does not compute this config (activation "
+                     f"{activation(config)!r}, rope {rope(config)}; it computes activations "
+                     f"{', '.join(ACTIVATIONS)} and rope types {', '.join(ROPE_TYPES)})")
+  if mcfg.scan_layers and len(set(layer_types(config))) > 1:
+    raise JaxftError(f"model.scan_layers: {path}'s layers attend in different ways ({layer_types(config)}); one "
                      f"scanned body computes one kind: set model.scan_layers=false")
   module = CausalLM(config, jnp.dtype(compute_dtype), mcfg.remat == "block", mcfg.scan_layers)
   ids = jnp.zeros((1, 1), jnp.int32)
@@ -490,8 +568,9 @@ def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0, platfo
               metadata={"format": "pt"})
     tokenizer.save_pretrained(out)
 
-  # the splash kernel (TPU): causal attention over segments; sliding windows attend with XLA's
-  kernel = platform == "tpu" and mcfg.attention == "auto" and not any(windows(config))
+  # the splash kernel (TPU): causal attention over segments; sliding windows and capped scores attend with XLA's
+  kernel = (platform == "tpu" and mcfg.attention == "auto" and not any(windows(config))
+            and variant(config).attn_softcap is None and variant(config).scale is None)
   backbone = Backbone(
       name=str(path), key=config.model_type, params=params, apply=make_apply(module, kernel), processor=tokenizer,
       config=config, conventions=CONVENTIONS, save=save, hidden_size=config.hidden_size,

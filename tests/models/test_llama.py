@@ -69,10 +69,11 @@ def test_rope_theta_and_llama3_scaling_frequencies():
   assert llama.supports(cfg) and not llama.supports(llama_config(True, rope_scaling={"rope_type": "yarn", "factor": 2.0}))
 
 
-@pytest.fixture(params=["llama", "mistral", "qwen3"])
+@pytest.fixture(params=["llama", "mistral", "qwen3", "gemma2", "gemma3"])
 def decoder(request, tiny_llama, tmp_path):
   """(checkpoint, vocabulary size): the tiny Llama, and the fixtures whose layers attend over a sliding window
-  (Mistral: all, window 4; Qwen3: layer 1, window 5) with the mask paths (packed rows, the KV cache)."""
+  (Mistral: all, window 4; Qwen3: layer 1, window 5; Gemma 2: even layers, capped scores; Gemma 3: layers 0
+  and 1, with their own rotary theta) through the mask paths (packed rows, the KV cache)."""
   if request.param == "llama":
     return tiny_llama["tied"], 448
   from test_families import VOCAB, checkpoint
