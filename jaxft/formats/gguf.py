@@ -84,9 +84,17 @@ def tokenizer(path: Path):
   if "tokens" not in fields:
     raise JaxftError(f"{path}: no tokenizer in the GGUF metadata (tokenizer.ggml.tokens); put a tokenizer.json "
                      f"beside it")
+  if arch == "gemma3" and int(transformers.__version__.split(".")[0]) < 5:
+    raise JaxftError(f"{path}: transformers {transformers.__version__} rebuilds this Gemma 3 tokenizer wrongly "
+                     f"(it splits words into letters); transformers 5 reads it, or put a tokenizer.json beside it")
   backend, _ = convert_gguf_tokenizer(arch, fields)
   tokens = fields["tokens"]
   special = {name: tokens[fields[f"{name}_id"]] for name in ("bos_token", "eos_token", "unk_token", "pad_token")
              if fields.get(f"{name}_id") is not None and fields[f"{name}_id"] < len(tokens)}
+  if meta.get("tokenizer.ggml.add_bos_token") and "bos_token" in special:  # (Gemma's: its text starts with <bos>)
+    from tokenizers import processors
+    bos = (special["bos_token"], fields["bos_token_id"])
+    backend.post_processor = processors.TemplateProcessing(single=f"{bos[0]} $A", pair=f"{bos[0]} $A {bos[0]} $B",
+                                                           special_tokens=[bos])
   return transformers.PreTrainedTokenizerFast(tokenizer_object=backend,
                                               chat_template=meta.get("tokenizer.chat_template"), **special)

@@ -449,10 +449,10 @@ def open(found: Found) -> Opened:
 
 
 def read_config(path: Path):
-  """transformers' config of a checkpoint (a GGUF file: a LlamaConfig from its metadata)."""
+  """transformers' config of a checkpoint (a GGUF file: from its metadata)."""
   import transformers
   if path.suffix == ".gguf":
-    return transformers.LlamaConfig(**llama_gguf.config(path))
+    return llama_gguf.config(path)
   try:
     return transformers.AutoConfig.from_pretrained(path)
   except (OSError, ValueError, KeyError) as e:

