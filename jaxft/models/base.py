@@ -35,6 +35,32 @@ class Conventions:
   embeddings_frozen: str = "always"
 
 
+def encoder_conventions(q: str, k: str, v: str, out: str, words: str | None = None, **more) -> Conventions:
+  """The conventions of a BERT-shaped encoder (`encoder/layer/N/`: attention with projections at paths ending
+  in q, k, v and out; `intermediate/dense` up, `output/dense` down), as Megatron shards it: column-parallel
+  q / k / v and up-projection, row-parallel out and down projections, the `words` embedding sharded by
+  vocabulary. LoRA presets: qv, attention (q, k, v, out), all (and the MLP). `more`: other Conventions fields."""
+  qkv = rf".*/(?:{q}|{k}|{v})"
+  up, down, attn_out = r".*/intermediate/dense", r".*/layer/\d+/output/dense", rf".*/{out}"
+  return Conventions(
+      embeddings=more.pop("embeddings", r"(.*/)?embeddings/.*"), layers=r"(?:.*/)?encoder/layer/",
+      tensor_parallel=((qkv + "/kernel", (None, "tensor")), (qkv + "/bias", ("tensor",)),
+                       (attn_out + "/kernel", ("tensor", None)), (up + "/kernel", (None, "tensor")),
+                       (up + "/bias", ("tensor",)), (down + "/kernel", ("tensor", None)),
+                       *(((rf".*/{words}/embedding", ("tensor", None)),) if words else ())),
+      lora={"qv": (rf".*/(?:{q}|{v})/kernel",), "attention": (qkv + "/kernel", attn_out + "/kernel"),
+            "all": (qkv + "/kernel", attn_out + "/kernel", up + "/kernel", down + "/kernel")},
+      **more)
+
+
+def image_normalisation(path: Path, mean: tuple, std: tuple):
+  """(mean, std) of an image checkpoint's inputs in [0, 1]: its preprocessor_config.json's, else these."""
+  import jax.numpy as jnp
+  pre = path / "preprocessor_config.json"
+  pre = assets.json_object(pre) if pre.is_file() else {}
+  return (jnp.asarray(pre.get("image_mean", mean), jnp.float32), jnp.asarray(pre.get("image_std", std), jnp.float32))
+
+
 @dataclasses.dataclass
 class Found:
   """What model.name resolved to, as the families' claims see it; each fact is read once, when first asked."""

@@ -19,27 +19,10 @@ import jax.numpy as jnp
 from jaxft import parallel
 from jaxft.errors import JaxftError
 from jaxft.models import hf_checkpoint
-from jaxft.models.base import Backbone, Conventions, Found, Opened, tokenizer_path
+from jaxft.models.base import Backbone, Found, Opened, encoder_conventions, tokenizer_path
 
-_QKV = r".*/attention/self/(query|key|value)"
-CONVENTIONS = Conventions(
-    embeddings=r"(.*/)?embeddings/.*",
-    layers=r"(?:.*/)?encoder/layer/",
-    # Megatron: column-parallel q/k/v and MLP up-projection, row-parallel outputs, vocab-sharded embeddings.
-    tensor_parallel=(
-        (_QKV + "/kernel", (None, "tensor")),
-        (_QKV + "/bias", ("tensor",)),
-        (r".*/attention/output/dense/kernel", ("tensor", None)),
-        (r".*/intermediate/dense/kernel", (None, "tensor")),
-        (r".*/intermediate/dense/bias", ("tensor",)),
-        (r".*/layer/\d+/output/dense/kernel", ("tensor", None)),
-        (r".*/word_embeddings/embedding", ("tensor", None)),
-    ),
-    lora={"qv": (r".*/attention/self/(query|value)/kernel",),
-          "attention": (_QKV + "/kernel", r".*/attention/output/dense/kernel"),
-          "all": (_QKV + "/kernel", r".*/attention/output/dense/kernel", r".*/intermediate/dense/kernel",
-                  r".*/layer/\d+/output/dense/kernel")},
-)
+CONVENTIONS = encoder_conventions("attention/self/query", "attention/self/key", "attention/self/value",
+                                  "attention/output/dense", words="word_embeddings")
 
 ACTIVATIONS = {"gelu": functools.partial(nn.gelu, approximate=False),
                "gelu_new": functools.partial(nn.gelu, approximate=True),
@@ -183,15 +166,19 @@ class Layer(nn.Module):
 
 
 class Layers(nn.Module):
+  """The blocks `0`, `1`, ... of an encoder (BERT's, MPNet's, ViT's `layer`: its class), each given the residual
+  stream and `rest` (train last); remat: each recomputed in the backward pass."""
   config: object
   dtype: jnp.dtype
   remat: bool
+  layer: type | None = None  # None: BERT's Layer
 
   @nn.compact
-  def __call__(self, x_BxLxD, bias_Bx1xQxL, train: bool):
-    block = nn.remat(Layer, static_argnums=(3,)) if self.remat else Layer
+  def __call__(self, x_BxLxD, *rest):
+    layer = self.layer or Layer
+    block = nn.remat(layer, static_argnums=(len(rest) + 1,)) if self.remat else layer  # train: static
     for i in range(self.config.num_hidden_layers):  # the residual stream stays split by batch (parallel.shard_batch)
-      x_BxLxD = block(self.config, self.dtype, name=str(i))(parallel.shard_batch(x_BxLxD), bias_Bx1xQxL, train)
+      x_BxLxD = block(self.config, self.dtype, name=str(i))(parallel.shard_batch(x_BxLxD), *rest)
     return parallel.shard_batch(x_BxLxD)
 
 

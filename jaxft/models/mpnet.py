@@ -14,33 +14,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxft import parallel
 from jaxft.errors import JaxftError
 from jaxft.models import bert, hf_checkpoint
-from jaxft.models.base import Backbone, Conventions, Found, Opened, tokenizer_path
+from jaxft.models.base import Backbone, Found, Opened, encoder_conventions, tokenizer_path
 
 NAME = "mpnet"
 MODEL_TYPES = ("mpnet",)
 TAKES = {}
 PADDING = 1  # MPNetEmbeddings' padding_idx (fixed, whatever the config's pad_token_id)
-_QKV = r".*/attention/attn/(q|k|v)"
-CONVENTIONS = Conventions(
-    embeddings=r"(.*/)?embeddings/.*",
-    layers=r"(?:.*/)?encoder/layer/",
-    tensor_parallel=(
-        (_QKV + "/kernel", (None, "tensor")),
-        (_QKV + "/bias", ("tensor",)),
-        (r".*/attention/attn/o/kernel", ("tensor", None)),
-        (r".*/intermediate/dense/kernel", (None, "tensor")),
-        (r".*/intermediate/dense/bias", ("tensor",)),
-        (r".*/layer/\d+/output/dense/kernel", ("tensor", None)),
-        (r".*/word_embeddings/embedding", ("tensor", None)),
-    ),
-    lora={"qv": (r".*/attention/attn/(q|v)/kernel",),
-          "attention": (_QKV + "/kernel", r".*/attention/attn/o/kernel"),
-          "all": (_QKV + "/kernel", r".*/attention/attn/o/kernel", r".*/intermediate/dense/kernel",
-                  r".*/layer/\d+/output/dense/kernel")},
-)
+CONVENTIONS = encoder_conventions("attention/attn/q", "attention/attn/k", "attention/attn/v", "attention/attn/o",
+                                  words="word_embeddings")
 
 
 def claims(found: Found) -> bool:
@@ -120,19 +103,6 @@ class Layer(nn.Module):
     return bert.Residual(self.config, self.dtype, name="output")(h_BxLxF, a_BxLxD, train)
 
 
-class Layers(nn.Module):
-  config: object
-  dtype: jnp.dtype
-  remat: bool
-
-  @nn.compact
-  def __call__(self, x_BxLxD, bias_BxHxQxL, train: bool):
-    block = nn.remat(Layer, static_argnums=(3,)) if self.remat else Layer
-    for i in range(self.config.num_hidden_layers):
-      x_BxLxD = block(self.config, self.dtype, name=str(i))(parallel.shard_batch(x_BxLxD), bias_BxHxQxL, train)
-    return parallel.shard_batch(x_BxLxD)
-
-
 class Encoder(nn.Module):
   config: object
   dtype: jnp.dtype
@@ -147,7 +117,7 @@ class Encoder(nn.Module):
     position_LxLxH = relative(bucket(jnp.arange(L)[None, :] - jnp.arange(L)[:, None]))
     bias_BxHxQxL = (position_LxLxH.transpose(2, 0, 1)[None]
                     + jnp.where(visible_Bx1xQxL, 0.0, jnp.finfo(self.dtype).min).astype(self.dtype))
-    return Layers(c, self.dtype, self.remat, name="layer")(x_BxLxD, bias_BxHxQxL, train)
+    return bert.Layers(c, self.dtype, self.remat, Layer, name="layer")(x_BxLxD, bias_BxHxQxL, train)
 
 
 class Embeddings(nn.Module):

@@ -14,7 +14,6 @@ import sys
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxft import assets
 from jaxft.errors import JaxftError
 from jaxft.models import hf_checkpoint
 from jaxft.models.base import (
@@ -26,6 +25,7 @@ from jaxft.models.base import (
   Opened,
   batchnorm_paths,
   frozen_batchnorm,
+  image_normalisation,
 )
 
 NAME = "resnet"
@@ -183,10 +183,7 @@ def load(path, mcfg, compute_dtype: str = "float32", seed: int = 0, platform: st
   pixels = jnp.zeros((1, 32, 32, c.num_channels), jnp.float32)
   variables, report = hf_checkpoint.variables(path, lambda rng: module.init(rng, pixels), seed, mcfg.weights,
                                               "resnet")
-  pre = path / "preprocessor_config.json"
-  pre = assets.json_object(pre) if pre.is_file() else {}
-  mean = jnp.asarray(pre.get("image_mean", IMAGENET_MEAN), jnp.float32)
-  std = jnp.asarray(pre.get("image_std", IMAGENET_STD), jnp.float32)
+  mean, std = image_normalisation(path, IMAGENET_MEAN, IMAGENET_STD)
 
   def apply(params, batch, train=False, rng=None, state=None, frozen_bn=frozenset()):
     x_BxHxWx3 = (batch["image"].astype(jnp.float32) / 255 - mean) / std

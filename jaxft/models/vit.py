@@ -14,33 +14,26 @@ import sys
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxft import assets, parallel
 from jaxft.errors import JaxftError
 from jaxft.models import bert, hf_checkpoint
-from jaxft.models.base import IMAGE_KEYS, Backbone, Conventions, Found, ImageProcessor, Opened
+from jaxft.models.base import (
+  IMAGE_KEYS,
+  Backbone,
+  Found,
+  ImageProcessor,
+  Opened,
+  encoder_conventions,
+  image_normalisation,
+)
 
 NAME = "vit"
 MODEL_TYPES = ("vit",)
 TAKES = {key: IMAGE_KEYS[key] for key in ("image_size",)}
-_QKV = r".*/attention/attention/(query|key|value)"
-CONVENTIONS = Conventions(
+CONVENTIONS = encoder_conventions(
+    "attention/attention/query", "attention/attention/key", "attention/attention/value", "attention/output/dense",
     # the patch embedding freezes with the bottom layers (freeze_bottom_layers), not on its own
-    embeddings=r"(.*/)?embeddings/.*", embeddings_frozen="with_bottom_layers",
-    layers=r"(?:.*/)?encoder/layer/",
-    tensor_parallel=(
-        (_QKV + "/kernel", (None, "tensor")),
-        (_QKV + "/bias", ("tensor",)),
-        (r".*/attention/output/dense/kernel", ("tensor", None)),
-        (r".*/intermediate/dense/kernel", (None, "tensor")),
-        (r".*/intermediate/dense/bias", ("tensor",)),
-        (r".*/layer/\d+/output/dense/kernel", ("tensor", None)),
-    ),
-    lora={"qv": (r".*/attention/attention/(query|value)/kernel",),
-          "attention": (_QKV + "/kernel", r".*/attention/output/dense/kernel"),
-          "all": (_QKV + "/kernel", r".*/attention/output/dense/kernel", r".*/intermediate/dense/kernel",
-                  r".*/layer/\d+/output/dense/kernel")},
-    no_decay=(r"(.*/)?bias", r".*(layernorm\w*)/scale", r".*/(cls_token|position_embeddings)"),
-)
+    embeddings_frozen="with_bottom_layers",
+    no_decay=(r"(.*/)?bias", r".*(layernorm\w*)/scale", r".*/(cls_token|position_embeddings)"))
 VIT_MEAN, VIT_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # ViTImageProcessor's defaults
 
 
@@ -128,19 +121,6 @@ class Layer(nn.Module):
     return x_BxTxD + _Output(c, self.dtype, name="output")(h_BxTxF, train)
 
 
-class Layers(nn.Module):
-  config: object
-  dtype: jnp.dtype
-  remat: bool
-
-  @nn.compact
-  def __call__(self, x_BxTxD, train: bool):
-    block = nn.remat(Layer, static_argnums=(2,)) if self.remat else Layer
-    for i in range(self.config.num_hidden_layers):
-      x_BxTxD = block(self.config, self.dtype, name=str(i))(parallel.shard_batch(x_BxTxD), train)
-    return parallel.shard_batch(x_BxTxD)
-
-
 class Encoder(nn.Module):
   config: object
   dtype: jnp.dtype
@@ -148,7 +128,7 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD, train: bool):
-    return Layers(self.config, self.dtype, self.remat, name="layer")(x_BxTxD, train)
+    return bert.Layers(self.config, self.dtype, self.remat, Layer, name="layer")(x_BxTxD, train)
 
 
 class ViTModel(nn.Module):
@@ -180,10 +160,7 @@ def load(path, mcfg, compute_dtype: str = "float32", seed: int = 0, platform: st
   module = ViTModel(c, jnp.dtype(compute_dtype), mcfg.remat == "block", pooler)
   pixels = jnp.zeros((1, size, size, c.num_channels), jnp.float32)
   variables, report = hf_checkpoint.variables(path, lambda rng: module.init(rng, pixels), seed, mcfg.weights, "vit")
-  pre = path / "preprocessor_config.json"
-  pre = assets.json_object(pre) if pre.is_file() else {}
-  mean = jnp.asarray(pre.get("image_mean", VIT_MEAN), jnp.float32)
-  std = jnp.asarray(pre.get("image_std", VIT_STD), jnp.float32)
+  mean, std = image_normalisation(path, VIT_MEAN, VIT_STD)
 
   def apply(params, batch, train=False, rng=None, state=None):
     x_BxHxWx3 = (batch["image"].astype(jnp.float32) / 255 - mean) / std

@@ -113,3 +113,19 @@ def test_gemma3_270m_gguf_logits_equal_transformers():
   np.testing.assert_allclose(np.take_along_axis(logits, ref["top"], -1), ref["top_logits"], rtol=0, atol=1e-5 * scale)
   np.testing.assert_allclose(logits[:, ref["every"]], ref["every_logits"], rtol=0, atol=1e-5 * scale)
   assert (np.argsort(-logits[-1])[:3] == ref["top"][-1, :3]).all()  # " the", " a", " Paris"
+
+
+@pytest.mark.parametrize("name", ["bert", "mpnet", "vit"])
+def test_recomputed_blocks_give_the_same_gradients(tmp_path, name):
+  """model.remat=block (each encoder block recomputed in the backward pass, with the same dropout) changes no
+  gradient beyond float rounding."""
+  ref = dict(np.load(FIXTURES / name / "reference.npz"))
+  path = checkpoint(name, tmp_path)
+  batch = {k: ref[k] for k in ("input_ids", "attention_mask", "image") if k in ref}
+  grads = []
+  for remat in ("none", "block"):
+    bb = models.load(ModelConfig(name=str(path), remat=remat), seed=0, log=lambda *_: None)
+    loss = lambda p, bb=bb: (bb.apply(p, batch, True, jax.random.PRNGKey(0), bb.state)[0]["hidden"] ** 2).sum()
+    grads.append(jax.jit(jax.grad(loss))(bb.params))
+  a, b = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]) for g in grads)  # (rounding: another order)
+  assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(a), (np.linalg.norm(a - b), np.linalg.norm(a))
