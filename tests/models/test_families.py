@@ -14,7 +14,7 @@ from jaxft.config import ModelConfig
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "families"
 NAMES = sorted(p.name for p in FIXTURES.iterdir() if (p / "reference.npz").is_file())
-FAMILY = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "mpnet": "mpnet", "vit": "vit", "resnet-basic": "resnet",
+FAMILY = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "mpnet": "mpnet", "distilbert": "distilbert", "vit": "vit", "resnet-basic": "resnet",
           "resnet-bottleneck": "resnet", "llama": "llama", "llama-tied": "llama", "mistral": "llama",
           "qwen2": "llama", "qwen3": "llama", "gemma": "llama", "gemma2": "llama", "gemma3": "llama"}  # fixture -> the family claiming it
 TOLERANCE = 1e-5  # float32, of the output's largest value
@@ -115,7 +115,7 @@ def test_gemma3_270m_gguf_logits_equal_transformers():
   assert (np.argsort(-logits[-1])[:3] == ref["top"][-1, :3]).all()  # " the", " a", " Paris"
 
 
-@pytest.mark.parametrize("name", ["bert", "mpnet", "vit"])
+@pytest.mark.parametrize("name", ["bert", "mpnet", "distilbert", "vit"])
 def test_recomputed_blocks_give_the_same_gradients(tmp_path, name):
   """model.remat=block (each encoder block recomputed in the backward pass, with the same dropout) changes no
   gradient beyond float rounding."""
@@ -129,3 +129,23 @@ def test_recomputed_blocks_give_the_same_gradients(tmp_path, name):
     grads.append(jax.jit(jax.grad(loss))(bb.params))
   a, b = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]) for g in grads)  # (rounding: another order)
   assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(a), (np.linalg.norm(a - b), np.linalg.norm(a))
+
+
+@pytest.mark.parametrize("name", ["roberta", "mpnet", "distilbert"])
+def test_packed_rows_equal_separate_examples(tmp_path, name):
+  """Two examples packed in one row (segment ids, positions restarting at 0) get the hidden states they get
+  alone: attention stays within each example, and RoBERTa's / MPNet's position offset applies to both."""
+  bb = models.load(ModelConfig(name=str(checkpoint(name, tmp_path))), seed=0, log=lambda *_: None)
+  assert bb.packs
+  rng = np.random.default_rng(0)
+  a, b = rng.integers(3, VOCAB, 5, dtype=np.int32), rng.integers(3, VOCAB, 7, dtype=np.int32)
+  alone = {"input_ids": np.ones((2, 8), np.int32), "attention_mask": np.zeros((2, 8), np.int32)}
+  for r, x in enumerate((a, b)):
+    alone["input_ids"][r, :len(x)], alone["attention_mask"][r, :len(x)] = x, 1
+  packed = {"input_ids": np.concatenate([a, b, [1, 1]])[None].astype(np.int32),
+            "attention_mask": np.array([[1] * 12 + [0, 0]], np.int32),
+            "segment_ids": np.array([[1] * 5 + [2] * 7 + [0, 0]], np.int32),
+            "position_ids": np.array([list(range(5)) + list(range(7)) + [0, 0]], np.int32)}
+  h_alone, h_packed = (np.asarray(bb.apply(bb.params, x)[0]["hidden"]) for x in (alone, packed))
+  np.testing.assert_allclose(h_packed[0, :5], h_alone[0, :5], atol=1e-5)
+  np.testing.assert_allclose(h_packed[0, 5:12], h_alone[1, :7], atol=1e-5)
