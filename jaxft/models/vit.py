@@ -1,8 +1,9 @@
-"""The ViT family (Dosovitskiy et al. 2021; google/vit-*, and DeiT checkpoints saved as ViT): a native Flax
-encoder on the checkpoints' names, outputs equal to transformers' PyTorch ViTModel (tests/models/test_vit.py).
+"""The ViT family (Dosovitskiy et al. 2021; google/vit-*; DeiT, Touvron et al. 2021): a native Flax encoder on the
+checkpoints' names, outputs equal to transformers' PyTorch ViTModel / DeiTModel (tests/models/test_families.py).
 
 Patches of `patch_size` pixels (one strided convolution, `embeddings/patch_embeddings/projection`), a class
-token and learned position embeddings (`embeddings/cls_token`, `embeddings/position_embeddings`), then
+token (DeiT: and a distillation token, `embeddings/distillation_token`) and learned position embeddings
+(`embeddings/cls_token`, `embeddings/position_embeddings`), then
 pre-norm blocks `encoder/layer/N/{layernorm_before, attention/attention/{query,key,value},
 attention/output/dense, layernorm_after, intermediate/dense, output/dense}` (attention computed as BERT's,
 models/bert.py) and a final `layernorm`. The pooled output is the class token's final state (as
@@ -27,13 +28,13 @@ from jaxft.models.base import (
 )
 
 NAME = "vit"
-MODEL_TYPES = ("vit",)
+MODEL_TYPES = ("vit", "deit")  # DeiT: ViT with a second, distillation token after the class token
 TAKES = {key: IMAGE_KEYS[key] for key in ("image_size",)}
 CONVENTIONS = encoder_conventions(
     "attention/attention/query", "attention/attention/key", "attention/attention/value", "attention/output/dense",
     # the patch embedding freezes with the bottom layers (freeze_bottom_layers), not on its own
     embeddings_frozen="with_bottom_layers",
-    no_decay=(r"(.*/)?bias", r".*(layernorm\w*)/scale", r".*/(cls_token|position_embeddings)"))
+    no_decay=(r"(.*/)?bias", r".*(layernorm\w*)/scale", r".*/(cls_token|distillation_token|position_embeddings)"))
 VIT_MEAN, VIT_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # ViTImageProcessor's defaults
 
 
@@ -76,9 +77,10 @@ class Embeddings(nn.Module):
     init = nn.initializers.truncated_normal(c.initializer_range)
     x_BxNxD = PatchEmbeddings(c, self.dtype, name="patch_embeddings")(x_BxHxWx3)
     B, N, D = x_BxNxD.shape
-    cls_1x1xD = self.param("cls_token", init, (1, 1, D))
-    positions_1xTxD = self.param("position_embeddings", init, (1, N + 1, D))
-    x_BxTxD = jnp.concatenate([jnp.broadcast_to(cls_1x1xD.astype(self.dtype), (B, 1, D)), x_BxNxD], 1)
+    tokens = ("cls_token", "distillation_token") if c.model_type == "deit" else ("cls_token",)
+    first = [jnp.broadcast_to(self.param(t, init, (1, 1, D)).astype(self.dtype), (B, 1, D)) for t in tokens]
+    positions_1xTxD = self.param("position_embeddings", init, (1, N + len(tokens), D))
+    x_BxTxD = jnp.concatenate([*first, x_BxNxD], 1)
     x_BxTxD = x_BxTxD + positions_1xTxD.astype(self.dtype)
     return nn.Dropout(c.hidden_dropout_prob)(x_BxTxD, deterministic=not train)
 
@@ -159,7 +161,8 @@ def load(path, mcfg, compute_dtype: str = "float32", seed: int = 0, platform: st
                      f"images (leave model.image_size unset)")
   module = ViTModel(c, jnp.dtype(compute_dtype), mcfg.remat == "block", pooler)
   pixels = jnp.zeros((1, size, size, c.num_channels), jnp.float32)
-  variables, report = hf_checkpoint.variables(path, lambda rng: module.init(rng, pixels), seed, mcfg.weights, "vit")
+  variables, report = hf_checkpoint.variables(path, lambda rng: module.init(rng, pixels), seed, mcfg.weights,
+                                              c.model_type)
   mean, std = image_normalisation(path, VIT_MEAN, VIT_STD)
 
   def apply(params, batch, train=False, rng=None, state=None):
@@ -168,7 +171,7 @@ def load(path, mcfg, compute_dtype: str = "float32", seed: int = 0, platform: st
     hidden, pooled = module.apply({"params": params}, x_BxHxWx3, dropout, rngs={"dropout": rng} if dropout else {})
     return {"hidden": hidden, "pooled": pooled}, state
 
-  return Backbone(name=str(path), key="vit", params=variables["params"], apply=apply,
+  return Backbone(name=str(path), key=c.model_type, params=variables["params"], apply=apply,
                   processor=ImageProcessor(size, tuple(255 * mean.tolist()), tuple(255 * std.tolist())), config=c,
                   conventions=CONVENTIONS,
                   save=lambda p, out, state=None: hf_checkpoint.save(out, c, {"params": p}, source=path),

@@ -14,7 +14,7 @@ from jaxft.config import ModelConfig
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "families"
 NAMES = sorted(p.name for p in FIXTURES.iterdir() if (p / "reference.npz").is_file())
-FAMILY = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "mpnet": "mpnet", "distilbert": "distilbert", "vit": "vit", "resnet-basic": "resnet",
+FAMILY = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "mpnet": "mpnet", "distilbert": "distilbert", "vit": "vit", "deit": "vit", "resnet-basic": "resnet",
           "resnet-bottleneck": "resnet", "llama": "llama", "llama-tied": "llama", "mistral": "llama",
           "qwen2": "llama", "qwen3": "llama", "gemma": "llama", "gemma2": "llama", "gemma3": "llama"}  # fixture -> the family claiming it
 TOLERANCE = 1e-5  # float32, of the output's largest value
