@@ -87,7 +87,11 @@ def tokenizer(path: Path):
   if arch == "gemma3" and int(transformers.__version__.split(".")[0]) < 5:
     raise JaxftError(f"{path}: transformers {transformers.__version__} rebuilds this Gemma 3 tokenizer wrongly "
                      f"(it splits words into letters); transformers 5 reads it, or put a tokenizer.json beside it")
-  backend, _ = convert_gguf_tokenizer(arch, fields)
+  try:
+    backend, _ = convert_gguf_tokenizer(arch, fields)
+  except KeyError:
+    raise JaxftError(f"{path}: transformers {transformers.__version__} cannot rebuild a {arch} GGUF's tokenizer; a "
+                     f"newer transformers can, or put a tokenizer.json beside the file") from None
   tokens = fields["tokens"]
   special = {name: tokens[fields[f"{name}_id"]] for name in ("bos_token", "eos_token", "unk_token", "pad_token")
              if fields.get(f"{name}_id") is not None and fields[f"{name}_id"] < len(tokens)}

@@ -3,6 +3,7 @@ transformers': tests/models/test_families.py)."""
 import functools
 import json
 import math
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -228,7 +229,10 @@ def test_gguf_loads_like_its_source(tiny_llama, tmp_path, qtype):
 def test_qwen3_gguf_loads_like_its_source(tmp_path):
   """A qwen3 GGUF (q / k not permuted, q / k norms under llama.cpp's names) loads to its source's logits."""
   src_dir = make_tiny_llama(tmp_path / "qwen3", tie=True, kind="Qwen3", head_dim=16)
-  path = write_gguf(src_dir, tmp_path / "tiny-qwen3.gguf")
+  (tmp_path / "gguf").mkdir()
+  shutil.copy(src_dir / "tokenizer.json", tmp_path / "gguf")  # (transformers 4.51 rebuilds no qwen3 GGUF tokenizer)
+  shutil.copy(src_dir / "tokenizer_config.json", tmp_path / "gguf")
+  path = write_gguf(src_dir, tmp_path / "gguf" / "tiny-qwen3.gguf")
   src, _ = llama.load(src_dir, ModelConfig(name="x"))
   bb, _ = llama.load(path, ModelConfig(name=str(path)))
   assert bb.config.model_type == "qwen3" and "q_norm" in bb.params["model"]["layers"]["0"]["self_attn"]
