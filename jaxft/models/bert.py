@@ -230,27 +230,37 @@ class BertModel(nn.Module):
     return h_BxLxD, Pooler(c, self.dtype, name="pooler")(h_BxLxD) if self.add_pooling_layer else None
 
 
+def backbone(path, mcfg, c, module, key: str, conventions, seed: int, head_dropout: float, types: bool = False
+             ) -> tuple[Backbone, str]:
+  """(the Backbone of a text encoder `module` on checkpoint `path` (its variables under `key`), a one-line
+  report): BERT's and its kin's, which take (ids, mask[, types], train, positions, segments) and pack rows;
+  types: it reads token_type_ids."""
+  ids = jnp.zeros((1, 2), jnp.int32)
+  variables, report = hf_checkpoint.variables(path, lambda rng: module.init(rng, ids, ids + 1), seed, mcfg.weights,
+                                              key)
+  tokenizer = hf_checkpoint.tokenizer(path, tokenizer_path(mcfg, path))
+
+  def apply(params, batch, train=False, rng=None, state=None):
+    dropout = train and rng is not None  # no BatchNorm: training mode is dropout only
+    token_types = {"types_BxL": batch.get("token_type_ids")} if types else {}
+    hidden, pooled = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], train=dropout,
+                                  positions_BxL=batch.get("position_ids"), segments_BxL=batch.get("segment_ids"),
+                                  rngs={"dropout": rng} if dropout else {}, **token_types)
+    return {"hidden": hidden, "pooled": pooled}, state
+
+  return Backbone(name=str(path), key=key, params=variables["params"], apply=apply, processor=tokenizer,
+                  config=c, conventions=conventions,
+                  save=lambda p, out, state=None: hf_checkpoint.save(out, c, {"params": p}, tokenizer),
+                  hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, init_scale=c.initializer_range,
+                  head_dropout=head_dropout, pooling=hf_checkpoint.pooling(path), packs=True,
+                  inputs=("input_ids", "attention_mask", *(("token_type_ids",) if types else ()), "position_ids",
+                          "segment_ids")), report
+
+
 def load(path, mcfg, compute_dtype: str = "float32", seed: int = 0, platform: str = "cpu", pooler: bool = False,
          config=None) -> tuple[Backbone, str]:
   """(a Backbone computing with jaxft's encoder on the checkpoint's params, a one-line report)."""
   c = config if config is not None else hf_checkpoint.read_config(path)
   module = BertModel(c, jnp.dtype(compute_dtype), mcfg.remat == "block", add_pooling_layer=pooler)
-  ids = jnp.zeros((1, 2), jnp.int32)
-  variables, report = hf_checkpoint.variables(path, lambda rng: module.init(rng, ids, ids + 1), seed, mcfg.weights,
-                                              PREFIX[c.model_type])
-  tokenizer = hf_checkpoint.tokenizer(path, tokenizer_path(mcfg, path))
-
-  def apply(params, batch, train=False, rng=None, state=None):
-    dropout = train and rng is not None  # no BatchNorm: training mode is dropout only
-    hidden, pooled = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                                  batch.get("token_type_ids"), dropout, batch.get("position_ids"),
-                                  batch.get("segment_ids"), rngs={"dropout": rng} if dropout else {})
-    return {"hidden": hidden, "pooled": pooled}, state
-
   rate = c.classifier_dropout if getattr(c, "classifier_dropout", None) is not None else c.hidden_dropout_prob
-  return Backbone(name=str(path), key=PREFIX[c.model_type], params=variables["params"], apply=apply,
-                  processor=tokenizer, config=c, conventions=CONVENTIONS,
-                  save=lambda p, out, state=None: hf_checkpoint.save(out, c, {"params": p}, tokenizer),
-                  hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, init_scale=c.initializer_range,
-                  head_dropout=rate, pooling=hf_checkpoint.pooling(path), packs=True,
-                  inputs=("input_ids", "attention_mask", "token_type_ids", "position_ids", "segment_ids")), report
+  return backbone(path, mcfg, c, module, PREFIX[c.model_type], CONVENTIONS, seed, rate, types=True)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from jaxft.errors import JaxftError
 from jaxft.models import bert, hf_checkpoint
-from jaxft.models.base import Backbone, Found, Opened, encoder_conventions, tokenizer_path
+from jaxft.models.base import Backbone, Found, Opened, encoder_conventions
 
 NAME = "mpnet"
 MODEL_TYPES = ("mpnet",)
@@ -164,21 +164,4 @@ def load(path, mcfg, compute_dtype: str = "float32", seed: int = 0, platform: st
   """(a Backbone computing jaxft's MPNet on the checkpoint's params, a one-line report)."""
   c = config if config is not None else hf_checkpoint.read_config(path)
   module = MPNetModel(c, jnp.dtype(compute_dtype), mcfg.remat == "block", add_pooling_layer=pooler)
-  ids = jnp.zeros((1, 2), jnp.int32)
-  variables, report = hf_checkpoint.variables(path, lambda rng: module.init(rng, ids, ids + 1), seed, mcfg.weights,
-                                              "mpnet")
-  tokenizer = hf_checkpoint.tokenizer(path, tokenizer_path(mcfg, path))
-
-  def apply(params, batch, train=False, rng=None, state=None):
-    dropout = train and rng is not None
-    hidden, pooled = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], dropout,
-                                  batch.get("position_ids"), batch.get("segment_ids"),
-                                  rngs={"dropout": rng} if dropout else {})
-    return {"hidden": hidden, "pooled": pooled}, state
-
-  return Backbone(name=str(path), key="mpnet", params=variables["params"], apply=apply, processor=tokenizer,
-                  config=c, conventions=CONVENTIONS,
-                  save=lambda p, out, state=None: hf_checkpoint.save(out, c, {"params": p}, tokenizer),
-                  hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, init_scale=c.initializer_range,
-                  head_dropout=c.hidden_dropout_prob, pooling=hf_checkpoint.pooling(path), packs=True,
-                  inputs=("input_ids", "attention_mask", "position_ids", "segment_ids")), report
+  return bert.backbone(path, mcfg, c, module, "mpnet", CONVENTIONS, seed, c.hidden_dropout_prob)
