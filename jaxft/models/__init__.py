@@ -12,10 +12,10 @@ are disjoint (tests/models/test_models.py checks every fixture).
 """
 from jaxft import assets
 from jaxft.errors import JaxftError
-from jaxft.models import bert, distilbert, efficientnet, llama, mpnet, resnet, vit
+from jaxft.models import bert, dinov2, distilbert, efficientnet, llama, modernbert, mpnet, resnet, vit
 from jaxft.models.base import Backbone, Found, Opened
 
-FAMILIES = (bert, distilbert, mpnet, llama, efficientnet, vit, resnet)  # order does not matter: their claims are disjoint
+FAMILIES = (bert, distilbert, mpnet, modernbert, llama, efficientnet, vit, dinov2, resnet)  # order does not matter: their claims are disjoint
 FAMILY_KEYS = {key: [f.NAME for f in FAMILIES if key in f.TAKES] for f in FAMILIES for key in f.TAKES}
 
 

@@ -35,13 +35,14 @@ class Conventions:
   embeddings_frozen: str = "always"
 
 
-def encoder_conventions(q: str, k: str, v: str, out: str, words: str | None = None, **more) -> Conventions:
+def encoder_conventions(q: str, k: str, v: str, out: str, words: str | None = None,
+                        up: str = r".*/intermediate/dense", down: str = r".*/layer/\d+/output/dense", **more
+                        ) -> Conventions:
   """The conventions of a BERT-shaped encoder (`encoder/layer/N/`: attention with projections at paths ending
-  in q, k, v and out; `intermediate/dense` up, `output/dense` down), as Megatron shards it: column-parallel
+  in q, k, v and out; MLP projections at paths matching up and down), as Megatron shards it: column-parallel
   q / k / v and up-projection, row-parallel out and down projections, the `words` embedding sharded by
   vocabulary. LoRA presets: qv, attention (q, k, v, out), all (and the MLP). `more`: other Conventions fields."""
-  qkv = rf".*/(?:{q}|{k}|{v})"
-  up, down, attn_out = r".*/intermediate/dense", r".*/layer/\d+/output/dense", rf".*/{out}"
+  qkv, attn_out = rf".*/(?:{q}|{k}|{v})", rf".*/{out}"
   return Conventions(
       embeddings=more.pop("embeddings", r"(.*/)?embeddings/.*"), layers=r"(?:.*/)?encoder/layer/",
       tensor_parallel=((qkv + "/kernel", (None, "tensor")), (qkv + "/bias", ("tensor",)),

@@ -252,7 +252,7 @@ def backbone(path, mcfg, c, module, key: str, conventions, seed: int, head_dropo
                   config=c, conventions=conventions,
                   save=lambda p, out, state=None: hf_checkpoint.save(out, c, {"params": p}, tokenizer),
                   hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, init_scale=c.initializer_range,
-                  head_dropout=head_dropout, pooling=hf_checkpoint.pooling(path), packs=True,
+                  head_dropout=head_dropout, pooling=hf_checkpoint.pooling(path, c), packs=True,
                   inputs=("input_ids", "attention_mask", *(("token_type_ids",) if types else ()), "position_ids",
                           "segment_ids")), report
 

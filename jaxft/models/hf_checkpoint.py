@@ -52,15 +52,16 @@ def opened(found, family) -> Opened:
   (a family with an offset, RoBERTa's, says so in max_length), and its pooling."""
   config = config_of(found)
   length = getattr(family, "max_length", max_positions)(config)
-  return Opened(found.path, family, config.model_type, config, length, pooling(found.path))
+  return Opened(found.path, family, config.model_type, config, length, pooling(found.path, config))
 
 
-def pooling(path: Path) -> str:
-  """'mean' for sentence-transformers checkpoints trained with mean pooling, else 'cls'."""
+def pooling(path: Path, config=None) -> str:
+  """How the checkpoint was trained to be pooled: 'mean' for sentence-transformers checkpoints trained with
+  mean pooling, else its config's `classifier_pooling` where it has one (ModernBERT's), else 'cls'."""
   pooling_cfg = path / "1_Pooling" / "config.json"
-  if pooling_cfg.is_file() and assets.json_object(pooling_cfg).get("pooling_mode_mean_tokens"):
-    return "mean"
-  return "cls"
+  if pooling_cfg.is_file():
+    return "mean" if assets.json_object(pooling_cfg).get("pooling_mode_mean_tokens") else "cls"
+  return "mean" if getattr(config, "classifier_pooling", None) == "mean" else "cls"
 
 
 def tokenizer(path: Path, where: Path | None = None):

@@ -160,10 +160,17 @@ def load(path, mcfg, compute_dtype: str = "float32", seed: int = 0, platform: st
     raise JaxftError(f"model.image_size={size}: {path}'s position embeddings are for {c.image_size} x {c.image_size} "
                      f"images (leave model.image_size unset)")
   module = ViTModel(c, jnp.dtype(compute_dtype), mcfg.remat == "block", pooler)
+  return backbone(path, mcfg, c, module, seed, size, image_normalisation(path, VIT_MEAN, VIT_STD), CONVENTIONS)
+
+
+def backbone(path, mcfg, c, module, seed: int, size: int, normalisation: tuple, conventions
+             ) -> tuple[Backbone, str]:
+  """(the Backbone of a ViT-shaped `module` (pixels, train) -> (hidden, pooled) on checkpoint `path`, run at
+  `size` x `size` pixels normalised with `normalisation` (mean, std), a one-line report): ViT's and DINOv2's."""
   pixels = jnp.zeros((1, size, size, c.num_channels), jnp.float32)
   variables, report = hf_checkpoint.variables(path, lambda rng: module.init(rng, pixels), seed, mcfg.weights,
                                               c.model_type)
-  mean, std = image_normalisation(path, VIT_MEAN, VIT_STD)
+  mean, std = normalisation
 
   def apply(params, batch, train=False, rng=None, state=None):
     x_BxHxWx3 = (batch["image"].astype(jnp.float32) / 255 - mean) / std
@@ -173,7 +180,7 @@ def load(path, mcfg, compute_dtype: str = "float32", seed: int = 0, platform: st
 
   return Backbone(name=str(path), key=c.model_type, params=variables["params"], apply=apply,
                   processor=ImageProcessor(size, tuple(255 * mean.tolist()), tuple(255 * std.tolist())), config=c,
-                  conventions=CONVENTIONS,
+                  conventions=conventions,
                   save=lambda p, out, state=None: hf_checkpoint.save(out, c, {"params": p}, source=path),
                   hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, init_scale=c.initializer_range,
                   head_dropout=0.0, inputs=("image",)), report

@@ -14,7 +14,9 @@ from jaxft.config import ModelConfig
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "families"
 NAMES = sorted(p.name for p in FIXTURES.iterdir() if (p / "reference.npz").is_file())
-FAMILY = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "mpnet": "mpnet", "distilbert": "distilbert", "vit": "vit", "deit": "vit", "resnet-basic": "resnet",
+FAMILY = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "mpnet": "mpnet", "distilbert": "distilbert", "modernbert": "modernbert",
+          "vit": "vit", "deit": "vit", "dinov2": "dinov2",
+          "dinov2-swiglu": "dinov2", "resnet-basic": "resnet",
           "resnet-bottleneck": "resnet", "llama": "llama", "llama-tied": "llama", "mistral": "llama",
           "qwen2": "llama", "qwen3": "llama", "gemma": "llama", "gemma2": "llama", "gemma3": "llama"}  # fixture -> the family claiming it
 TOLERANCE = 1e-5  # float32, of the output's largest value
@@ -115,7 +117,7 @@ def test_gemma3_270m_gguf_logits_equal_transformers():
   assert (np.argsort(-logits[-1])[:3] == ref["top"][-1, :3]).all()  # " the", " a", " Paris"
 
 
-@pytest.mark.parametrize("name", ["bert", "mpnet", "distilbert", "vit"])
+@pytest.mark.parametrize("name", ["bert", "mpnet", "distilbert", "modernbert", "vit", "dinov2"])
 def test_recomputed_blocks_give_the_same_gradients(tmp_path, name):
   """model.remat=block (each encoder block recomputed in the backward pass, with the same dropout) changes no
   gradient beyond float rounding."""
@@ -131,7 +133,7 @@ def test_recomputed_blocks_give_the_same_gradients(tmp_path, name):
   assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(a), (np.linalg.norm(a - b), np.linalg.norm(a))
 
 
-@pytest.mark.parametrize("name", ["roberta", "mpnet", "distilbert"])
+@pytest.mark.parametrize("name", ["roberta", "mpnet", "distilbert", "modernbert"])
 def test_packed_rows_equal_separate_examples(tmp_path, name):
   """Two examples packed in one row (segment ids, positions restarting at 0) get the hidden states they get
   alone: attention stays within each example, and RoBERTa's / MPNet's position offset applies to both."""
@@ -149,3 +151,43 @@ def test_packed_rows_equal_separate_examples(tmp_path, name):
   h_alone, h_packed = (np.asarray(bb.apply(bb.params, x)[0]["hidden"]) for x in (alone, packed))
   np.testing.assert_allclose(h_packed[0, :5], h_alone[0, :5], atol=1e-5)
   np.testing.assert_allclose(h_packed[0, 5:12], h_alone[1, :7], atol=1e-5)
+
+
+def test_modernbert_reads_transformers_4_configs(tmp_path):
+  """ModernBERT's config as transformers 4 and the real checkpoints write it (global_attn_every_n_layers,
+  global / local_rope_theta; no layer_types or rope_parameters) gives the same outputs, and its
+  classifier_pooling is the backbone's pooling."""
+  import json
+  ref = dict(np.load(FIXTURES / "modernbert" / "reference.npz"))
+  path = checkpoint("modernbert", tmp_path)
+  config = json.loads((path / "config.json").read_text())
+  for key in ("layer_types", "rope_parameters"):
+    del config[key]
+  config.update(global_rope_theta=1000.0, local_rope_theta=50.0, classifier_pooling="mean")
+  (path / "config.json").write_text(json.dumps(config))
+  backbone = models.load(ModelConfig(name=str(path)), seed=0, log=lambda *_: None)
+  assert backbone.pooling == "mean"
+  assert_equal(outputs(backbone, ref), ref)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_conventions_name_the_params_they_mean(tmp_path, name):
+  """A family's conventions are regexes over its param paths: each LoRA preset and each tensor-parallel rule
+  for a kernel or embedding matches some param, the layer prefix finds every block 0 .. num_layers - 1, and
+  the embeddings' regex matches (a misspelt path would silently freeze, shard or adapt nothing)."""
+  import re
+
+  from flax import traverse_util
+  bb = models.load(ModelConfig(name=str(checkpoint(name, tmp_path))), seed=0, log=lambda *_: None)
+  conv = bb.conventions
+  paths = ["/".join((bb.key, *p)) for p in traverse_util.flatten_dict(bb.params)]
+  matches = lambda rx: [p for p in paths if re.fullmatch(rx, p)]  # noqa: E731
+  for preset, regexes in conv.lora.items():
+    assert all(matches(rx) for rx in regexes), (preset, [rx for rx in regexes if not matches(rx)])
+  tied = getattr(bb.config, "tie_word_embeddings", False)  # (a tied decoder has no lm_head)
+  unmatched = [rx for rx, _ in conv.tensor_parallel
+               if rx.endswith(("kernel", "embedding")) and not (tied and "lm_head" in rx) and not matches(rx)]
+  assert not unmatched
+  blocks = {int(m.group(1)) for p in paths if (m := re.match(conv.layers + r"(\d+)/", p))}
+  assert blocks == set(range(bb.num_layers)), (sorted(blocks), bb.num_layers)
+  assert conv.embeddings is None or matches(conv.embeddings)

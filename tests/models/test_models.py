@@ -89,5 +89,5 @@ def test_each_checkpoint_is_claimed_by_one_family_or_none(tiny_bert, tiny_llama,
 def test_a_family_key_the_family_does_not_take_names_its_owners(tiny_bert):
   with pytest.raises(JaxftError, match=r"model.scan_layers: the bert family does not take it .* a key of llama"):
     load(tiny_bert["pt"], scan_layers="true")
-  with pytest.raises(JaxftError, match=r"model.image_size: the bert family .* efficientnet_lite and vit and resnet"):
+  with pytest.raises(JaxftError, match=r"model.image_size: the bert family .* efficientnet_lite and vit and dinov2 and resnet"):
     load(tiny_bert["pt"], image_size=64)
