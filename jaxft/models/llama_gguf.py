@@ -1,6 +1,6 @@
 """The llama family's GGUF files: llama.cpp's tensor names and metadata -> transformers' PyTorch names and config,
 for the architectures in ARCHITECTURES (general.architecture): llama (Llama, SmolLM, TinyLlama, Mistral-like
-files), qwen2, qwen3 and gemma3. What llama.cpp's converter changed is undone: it permutes the rows of a llama
+files), qwen2, qwen3, gemma2 and gemma3. What llama.cpp's converter changed is undone: it permutes the rows of a llama
 file's q_proj and k_proj (its RoPE pairs dimensions i and i + 1, transformers' i and i + Dh/2: `unpermute`), and
 it stores Gemma's RMSNorm weights plus one (ggml's norm multiplies by the weight; Gemma's by 1 + weight).
 """
@@ -41,6 +41,11 @@ ARCHITECTURES = {
     "llama": Architecture("LlamaConfig", _BLOCK, permuted=True),
     "qwen2": Architecture("Qwen2Config", _BLOCK),
     "qwen3": Architecture("Qwen3Config", _BLOCK),
+    # llama.cpp's Gemma 2: local (sliding) layers first and every other one after, soft-capped scores and logits
+    "gemma2": Architecture("Gemma2Config", _SANDWICH, norm_shift=1.0,
+                           extra=(("sliding_window", "attention.sliding_window", 4096),
+                                  ("attn_logit_softcapping", "attn_logit_softcapping", 50.0),
+                                  ("final_logit_softcapping", "final_logit_softcapping", 30.0))),
     # llama.cpp's Gemma 3: global layers every sixth, local ones with theta 10000 (fixed there, as in transformers)
     "gemma3": Architecture("Gemma3TextConfig", _SANDWICH, norm_shift=1.0,
                            extra=(("sliding_window", "attention.sliding_window", 512),)),
@@ -79,6 +84,8 @@ def config(path: Path):
     raise JaxftError(f"{path}: GGUF metadata lacks {arch}.* model sizes ({e})") from None
   if arch == "gemma3":  # (llama.cpp's: queries scaled by head_dim ** -0.5, local layers' theta 10000)
     cfg.update(query_pre_attn_scalar=head_dim, rope_local_base_freq=10000.0)
+  if arch == "gemma2":  # llama.cpp's query scale: head_dim ** -0.5, but (hidden / heads) ** -0.5 for the 46-layer 27B
+    cfg["query_pre_attn_scalar"] = cfg["hidden_size"] // heads if cfg["num_hidden_layers"] == 46 else head_dim
   scaling = get("rope.scaling.type")
   if scaling == "linear":
     cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}

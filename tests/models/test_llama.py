@@ -135,7 +135,8 @@ def llama_cpp_permute(w, heads):
 
 def write_gguf(src, path, qtype: str = "F32"):
   """The Hugging Face checkpoint `src` as llama.cpp writes it: its names, `qtype` matrices, and for a llama file
-  q / k permuted (a qwen3 file keeps them, and has q / k norms)."""
+  q / k permuted (qwen2 / qwen3 / gemma2 files keep them); Gemma's norm weights stored plus one, its sandwich
+  norms under llama.cpp's names and its soft-caps and window in the metadata."""
   import gguf
   from safetensors.numpy import load_file
   from transformers import AutoTokenizer
@@ -170,18 +171,28 @@ def write_gguf(src, path, qtype: str = "F32"):
   w.add_eos_token_id(tok.eos_token_id)
   w.add_pad_token_id(tok.pad_token_id)
   w.add_chat_template(tok.chat_template)
+  gemma = arch.startswith("gemma")
+  if arch == "gemma2":
+    w.add_sliding_window(cfg["sliding_window"])
+    w.add_float32("gemma2.attn_logit_softcapping", cfg["attn_logit_softcapping"])
+    w.add_float32("gemma2.final_logit_softcapping", cfg["final_logit_softcapping"])
   names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
            "lm_head.weight": "output.weight"}
   block = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
            "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
            "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
            "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+  if gemma:
+    block.update({"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                  "post_feedforward_layernorm": "post_ffw_norm"})
   for name, x in load_file(str(src / "model.safetensors")).items():
     if name in names:
       new = names[name]
     else:
       _, _, i, *rest = name.split(".")
-      new = f"blk.{i}.{block['.'.join(rest[:-1])]}.weight"
+      new = f"blk.{i}.{block['.'.join(rest[:-1])]}.{rest[-1]}"
+    if gemma and new.endswith("norm.weight"):
+      x = x + 1.0
     if arch == "llama" and new.endswith("attn_q.weight"):
       x = llama_cpp_permute(x, cfg["num_attention_heads"])
     elif arch == "llama" and new.endswith("attn_k.weight"):
@@ -226,16 +237,22 @@ def test_gguf_loads_like_its_source(tiny_llama, tmp_path, qtype):
   assert bb.processor.eos_token == "<|im_end|>" and bb.processor.chat_template == src.processor.chat_template
 
 
-def test_qwen3_gguf_loads_like_its_source(tmp_path):
-  """A qwen3 GGUF (q / k not permuted, q / k norms under llama.cpp's names) loads to its source's logits."""
-  src_dir = make_tiny_llama(tmp_path / "qwen3", tie=True, kind="Qwen3", head_dim=16)
+@pytest.mark.parametrize("kind,config", [
+    ("Qwen2", {}), ("Qwen3", {"head_dim": 16}),
+    ("Gemma2", {"head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 16, "attn_logit_softcapping": 2.0,
+                "final_logit_softcapping": 3.0})])
+def test_gguf_of_each_architecture_loads_like_its_source(tmp_path, kind, config):
+  """qwen2 (q / k / v biases), qwen3 (q / k norms) and gemma2 (sandwich norms stored plus one, soft-caps,
+  alternating sliding windows) GGUF files, q / k not permuted, load to their source's logits."""
+  src_dir = make_tiny_llama(tmp_path / kind, tie=True, kind=kind, **config)
   (tmp_path / "gguf").mkdir()
   shutil.copy(src_dir / "tokenizer.json", tmp_path / "gguf")  # (transformers 4.51 rebuilds no qwen3 GGUF tokenizer)
   shutil.copy(src_dir / "tokenizer_config.json", tmp_path / "gguf")
-  path = write_gguf(src_dir, tmp_path / "gguf" / "tiny-qwen3.gguf")
+  path = write_gguf(src_dir, tmp_path / "gguf" / f"tiny-{kind}.gguf")
   src, _ = llama.load(src_dir, ModelConfig(name="x"))
-  bb, _ = llama.load(path, ModelConfig(name=str(path)))
-  assert bb.config.model_type == "qwen3" and "q_norm" in bb.params["model"]["layers"]["0"]["self_attn"]
+  bb, report = llama.load(path, ModelConfig(name=str(path)))
+  assert bb.config.model_type == kind.lower() and "newly initialised: none" in report, report
+  assert jax.tree.structure(bb.params) == jax.tree.structure(src.params)
   ids, mask = batch_of([24, 9])
   ref = np.asarray(src.apply(src.params, {"input_ids": ids, "attention_mask": mask})[0]["logits"])
   out = np.asarray(bb.apply(bb.params, {"input_ids": ids, "attention_mask": mask})[0]["logits"])
@@ -250,7 +267,7 @@ def test_gguf_of_another_architecture_is_one_clear_error(tmp_path):
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
   w.close()
-  with pytest.raises(JaxftError, match="GGUF architecture 'bert'; jaxft reads llama, qwen2, qwen3, gemma3 GGUF"):
+  with pytest.raises(JaxftError, match="GGUF architecture 'bert'; jaxft reads llama, qwen2, qwen3, gemma2, gemma3 GGUF"):
     llama.load(tmp_path / "bert.gguf", ModelConfig(name="x"))
 
 
