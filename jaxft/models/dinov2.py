@@ -148,16 +148,6 @@ class Layer(nn.Module):
     return x_BxTxD + drop_path(LayerScale(c.layerscale_value, name="layer_scale2")(m_BxTxD), deterministic=not train)
 
 
-class Encoder(nn.Module):
-  config: object
-  dtype: jnp.dtype
-  remat: bool
-
-  @nn.compact
-  def __call__(self, x_BxTxD, train: bool):
-    return bert.Layers(self.config, self.dtype, self.remat, Layer, name="layer")(x_BxTxD, train)
-
-
 class Dinov2Model(nn.Module):
   """(last hidden states [B, 1 + N, D] after the final LayerNorm, the class token's [B, D]): Dinov2Model."""
   config: object
@@ -168,7 +158,7 @@ class Dinov2Model(nn.Module):
   def __call__(self, x_BxHxWx3, train: bool = False):
     c = self.config
     x_BxTxD = Embeddings(c, self.dtype, name="embeddings")(x_BxHxWx3.astype(self.dtype), train)
-    h_BxTxD = Encoder(c, self.dtype, self.remat, name="encoder")(x_BxTxD, train)
+    h_BxTxD = vit.Encoder(c, self.dtype, self.remat, Layer, name="encoder")(x_BxTxD, train)
     h_BxTxD = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="layernorm")(h_BxTxD)
     return h_BxTxD, h_BxTxD[:, 0]
 

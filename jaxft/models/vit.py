@@ -124,13 +124,15 @@ class Layer(nn.Module):
 
 
 class Encoder(nn.Module):
+  """The blocks `layer/N` (ViT's Layer; DINOv2's its own)."""
   config: object
   dtype: jnp.dtype
   remat: bool
+  layer: type | None = None
 
   @nn.compact
   def __call__(self, x_BxTxD, train: bool):
-    return bert.Layers(self.config, self.dtype, self.remat, Layer, name="layer")(x_BxTxD, train)
+    return bert.Layers(self.config, self.dtype, self.remat, self.layer or Layer, name="layer")(x_BxTxD, train)
 
 
 class ViTModel(nn.Module):
