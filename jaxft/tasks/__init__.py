@@ -12,6 +12,7 @@ TASKS = {  # name -> "module:Class"
     "image_classification": "image_classification:ImageClassification",
     "causal_lm": "causal_lm:CausalLM",
     "sft": "sft:SFT",
+    "dpo": "dpo:DPO",
 }
 
 

@@ -92,26 +92,10 @@ class SFT(CausalLM):
     return text, spans, spans[-1][0]
 
   def encode(self, records, split):
-    tok, d = self.backbone.processor, self.cfg.data
+    d = self.cfg.data
     convs = self._conversations(records, split)
-    rendered = [self._render(c, where(records, i, split)) for i, c in enumerate(convs)]
-    enc = tok([r[0] for r in rendered], add_special_tokens=not tok.chat_template, return_offsets_mapping=True)
-    ids, targets, prompts, cut = [], [], [], 0
-    for i, (text, spans, answer_at) in enumerate(rendered):
-      x = list(enc["input_ids"][i])
-      starts = [s for s, _ in enc["offset_mapping"][i]]
-      if not tok.chat_template:  # the EOS closes the response
-        x, starts = x + [self.eos_id], starts + [len(text)]
-      starts_L = np.asarray(starts)
-      trained_L = np.zeros(len(x), np.int32)
-      for a, b in spans:
-        trained_L |= ((starts_L >= a) & (starts_L < b)).astype(np.int32)
-      first = int(np.argmax((starts_L >= answer_at) & (trained_L > 0))) if trained_L.any() else len(x)
-      prompts.append(np.asarray(x[:first], np.int32))
-      if len(x) > d.max_length:
-        cut += 1
-      ids.append(np.asarray(x[:d.max_length], np.int32))
-      targets.append(trained_L[:d.max_length])
+    ids, targets, prompts, cut = self.tokenized(convs, [where(records, i, split) for i in range(len(convs))],
+                                                d.max_length)
     answers = [c[-1]["content"] for c in convs]
     ex = Examples(np.array([len(x) for x in ids]), {"ids": ids, "targets": targets},
                   meta={"prompts": prompts, "answers": answers})
@@ -121,6 +105,30 @@ class SFT(CausalLM):
     self.log(f"{split}: {len(ids):,} conversations, {trained:,} of {sum(len(x) for x in ids):,} tokens trained "
              f"(responses)" + (f"; {cut} cut at data.max_length={d.max_length}" if cut else ""))
     return ex
+
+  def tokenized(self, convs, origins, max_length: int, last_turn: bool = False):
+    """(ids, trained-token marks, prompts, how many were cut) of conversations, each cut at max_length
+    tokens: every assistant turn trained, or only the last (last_turn); a prompt is the tokens before the
+    last response."""
+    tok = self.backbone.processor
+    rendered = [self._render(c, origin) for c, origin in zip(convs, origins, strict=True)]
+    enc = tok([r[0] for r in rendered], add_special_tokens=not tok.chat_template, return_offsets_mapping=True)
+    ids, targets, prompts, cut = [], [], [], 0
+    for i, (text, spans, answer_at) in enumerate(rendered):
+      x = list(enc["input_ids"][i])
+      starts = [s for s, _ in enc["offset_mapping"][i]]
+      if not tok.chat_template:  # the EOS closes the response
+        x, starts = x + [self.eos_id], starts + [len(text)]
+      starts_L = np.asarray(starts)
+      trained_L = np.zeros(len(x), np.int32)
+      for a, b in spans[-1:] if last_turn else spans:
+        trained_L |= ((starts_L >= a) & (starts_L < b)).astype(np.int32)
+      first = int(np.argmax((starts_L >= answer_at) & (trained_L > 0))) if trained_L.any() else len(x)
+      prompts.append(np.asarray(x[:first], np.int32))
+      cut += len(x) > max_length
+      ids.append(np.asarray(x[:max_length], np.int32))
+      targets.append(trained_L[:max_length])
+    return ids, targets, prompts, cut
 
   def batch_layout(self, pack, buckets):
     return f"packed into rows of {self.cfg.data.max_length}" if pack else f"length buckets {buckets}"
