@@ -85,6 +85,8 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
     while not phases_lib.ended(phase, record, step):
       step += 1
       batch = transform("train")(next(batches))
+      if task.on_policy:  # the step's batch: completions sampled from the current policy, scored (grpo)
+        batch = task.rollout(exp, par, state, batch, step)
       shapes.add(tuple(sorted((key, x.shape) for key, x in batch.items())))
       state, m = train_step(state, par.put_batch(batch, train=True))
       if par.block_each_step:

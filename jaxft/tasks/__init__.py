@@ -13,6 +13,7 @@ TASKS = {  # name -> "module:Class"
     "causal_lm": "causal_lm:CausalLM",
     "sft": "sft:SFT",
     "dpo": "dpo:DPO",
+    "grpo": "grpo:GRPO",
 }
 
 

@@ -43,6 +43,7 @@ class Task:
   cacheable = False  # features of a frozen backbone can be computed once per example
   packs_eval = True  # where it packs: evaluation packs too (eval_rows, if any, are per slot: [R, K, ...])
   generates = False  # evaluation also scores generated text (score; causal LMs: generate.py)
+  on_policy = False  # trains on what it generates: rollout(exp, par, state, batch, step) makes each step's batch
   tokens = True  # examples are token sequences (bench and plan count tokens); False: images
   label_names: list[str] | None = None  # what the head's outputs stand for, in order (jaxft/labels.py); None: none
 

@@ -25,6 +25,11 @@ from jaxft.tasks.base import Examples, where
 from jaxft.tasks.causal_lm import CausalLM, Generation, require_targets
 
 
+def normalise_answer(text: str) -> str:
+  """SQuAD-style: whitespace collapsed, surrounding punctuation stripped, case-folded."""
+  return " ".join(text.split()).strip(string.punctuation + " ").casefold()
+
+
 @dataclasses.dataclass
 class Config(Generation, TaskConfig):
   """Prompt / response pairs, or chat messages [{role, content}, ...]; the loss is on the responses only."""
@@ -135,6 +140,5 @@ class SFT(CausalLM):
 
   def score(self, generated: list[str], ex: Examples, index) -> dict:
     """Exact match of generated answers against the references of examples `index`."""
-    norm = lambda s: " ".join(s.split()).strip(string.punctuation + " ").casefold()  # noqa: E731
-    hits = [norm(g) == norm(ex.meta["answers"][i]) for g, i in zip(generated, index)]
+    hits = [normalise_answer(g) == normalise_answer(ex.meta["answers"][i]) for g, i in zip(generated, index)]
     return {"exact_match": float(np.mean(hits)) if hits else float("nan")}
