@@ -14,6 +14,7 @@ import numpy as np
 
 from jaxft import chips, parallel, rules
 from jaxft.data import batching
+from jaxft.errors import JaxftError
 from jaxft.experiment import build, setup
 
 
@@ -89,6 +90,9 @@ def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data
   length = length or cfg.data.max_length
   cfg.data.max_length, cfg.data.buckets = length, [length]
   exp = build(cfg, log, length_key=length_key)
+  if exp.task.on_policy:
+    raise JaxftError(f"jaxft bench times a step on batches from the data; task.name {cfg.task.name} makes each "
+                     f"step's batch by generating (its train run logs step_ms with the generation included)")
   images = not exp.task.tokens  # an image model: `length` is its resolution
   length = exp.backbone.processor.size if images else length
   tcfg, phase = cfg.train, exp.phases[0]
@@ -130,7 +134,7 @@ def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data
     batch = par.put_batch(stack(host_batch), train=True)
     jax.block_until_ready(batch)
     if i + 1 >= warmup:
-      trained.append(lanes * trained_tokens(host_batch))
+      trained.append(lanes * exp.task.trained_tokens(host_batch))
     host_times.append(time.perf_counter() - t)
   if aot is None:
     compile_s += step_times[0]  # compiled inside its first step
@@ -166,16 +170,6 @@ def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data
       achieved_flops_per_s=flops / median, peak_flops_per_s=peak, peak_source=peak_source,
       mfu=flops / median / peak, mfu_trained=analytic * trained_per_step / all_tokens / median / peak,
       memory_bytes=memory, memory_source=memory_source)
-
-
-def trained_tokens(batch) -> float:
-  """Tokens of a host batch that bear loss: the sum of token weights [B, L]; per-example weights count
-  every real token (the attention mask)."""
-  w = np.asarray(batch.get("weights", 0.0))
-  if w.ndim == 2:
-    return float(w.sum())
-  mask = batch.get("attention_mask", batch.get("segment_ids"))
-  return float((np.asarray(mask) > 0).sum()) if mask is not None else float(w.size)
 
 
 def table(r: Result):

@@ -27,8 +27,8 @@ import time
 import jax
 import numpy as np
 
-from jaxft import bench, rules, runtime
 from jaxft import chips as chips_lib
+from jaxft import rules, runtime
 from jaxft.data import batching
 from jaxft.errors import JaxftError
 
@@ -388,8 +388,8 @@ def _suggest(cfg, state_bytes: int, hbm: int) -> str:
 class _Compiler:
   """Compiles programs for the plan's chips and reads the compiler's figures off each."""
 
-  def __init__(self, cfg, spec, log):
-    self.cfg, self.spec, self.log, self.programs = cfg, spec, log, []
+  def __init__(self, cfg, spec, log, task):
+    self.cfg, self.spec, self.log, self.task, self.programs = cfg, spec, log, task, []
 
   def __call__(self, name, lower, calls, state=None, batch=None, model_flops=0.0, shape="", whole_cost=None
                ) -> Program:
@@ -437,7 +437,7 @@ class _Compiler:
       examples = int((np.asarray(batch["index"]) >= 0).sum()) if "index" in batch else 0
       if "input_ids" in batch:
         tokens = int(np.size(batch["input_ids"]))
-        trained = bench.trained_tokens(batch)
+        trained = self.task.trained_tokens(batch)
     program = Program(name, shape, calls, compile_s, params, opt, mem.argument_size_in_bytes, mem.output_size_in_bytes,
                       mem.alias_size_in_bytes, mem.temp_size_in_bytes, mem.generated_code_size_in_bytes, peak, flops,
                       accessed, None if reported is None else float(reported), estimate, source,
@@ -516,7 +516,7 @@ def plan(cfg, topology: str, slices: int = 1, log=print, quick: bool = False) ->
   log(f"plan: {slices} x {topology}, {len(devs)} {spec.name} chips")
   par, targets = setup(exp, log, devs, slices)
   source, sources = _train_sources(exp, par.batch_shards)
-  compiler, notes = _Compiler(cfg, spec, log), []
+  compiler, notes = _Compiler(cfg, spec, log, exp.task), []
   loops = (_Loops(cfg, devs, slices, exp.backbone.num_layers if cfg.model.scan_layers else None, exp.micro_steps)
            if cfg.model.scan_layers or exp.micro_steps > 1 else None)
   if exp.replicas.chunk:

@@ -132,6 +132,15 @@ class Task:
     """Metrics of the text generated from the prompts of examples `index` (tasks that generate)."""
     raise NotImplementedError
 
+  def trained_tokens(self, batch: dict) -> float:
+    """Tokens of a host batch that bear loss (bench, plan): the sum of token weights [B, L]; per-example
+    weights count every real token (the attention mask)."""
+    w = np.asarray(batch.get("weights", 0.0))
+    if w.ndim == 2:
+      return float(w.sum())
+    mask = batch.get("attention_mask", batch.get("segment_ids"))
+    return float((np.asarray(mask) > 0).sum()) if mask is not None else float(w.size)
+
   def describe(self, metrics: dict) -> str:
     """One log line of validation metrics."""
     return "  ".join(f"{k} {metrics[k]:.4f}" for k in self.metrics)

@@ -182,6 +182,10 @@ class DPO(SFT):
                                                                             batch["input_ids"].shape), self.pad_id)
     return batch
 
+  def trained_tokens(self, batch):
+    """The answers' tokens, scored on both sides of each pair."""
+    return float((np.asarray(batch["codes"]) > 0).sum())
+
   def _terms(self, logits_BxPxV, batch):
     t = self.cfg.task
     logps, counts = pair_logps(logits_BxPxV, batch)
