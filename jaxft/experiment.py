@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft import labels, lora, models, noise_scale, optim, parallel, replicas, rules, tasks
+from jaxft import labels, lora, models, noise_scale, optim, parallel, quantize, replicas, rules, tasks
 from jaxft import phases as phases_lib
 from jaxft.data import batching, packing, sources
 from jaxft.errors import JaxftError
@@ -180,6 +180,29 @@ def _head(task, backbone, seed: int):
   return loaded, True
 
 
+def _quantized(cfg, backbone, log) -> tuple[list, dict | None]:
+  """(the Dense modules model.quantize keeps quantized, their kept blocks {module: leaves} where the
+  checkpoint's own are used: model.quantize=gguf)."""
+  kind = cfg.model.quantize
+  if kind is None:
+    return [], None
+  shapes = {backbone.key: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), backbone.params)}
+  modules = quantize.target_modules(shapes, backbone.conventions)
+  kept = None
+  if kind == "gguf" and cfg.model.weights == "pretrained":
+    if backbone.kept_blocks is None:
+      raise JaxftError(f"model.quantize=gguf keeps a GGUF file's own blocks; {backbone.name} is not a GGUF file "
+                       f"(model.quantize=nf4 or int8 quantize any checkpoint)")
+    kept = {f"{backbone.key}/{m}": leaves for m, leaves in backbone.kept_blocks().items()}
+    other = [m for m in modules if m not in kept]
+    if other:
+      raise JaxftError(f"model.quantize=gguf: {backbone.name} stores {other[0].split('/', 1)[1]} (and "
+                       f"{len(other) - 1} more) in a type other than Q4_0 / Q4_1 / Q8_0; use model.quantize=nf4")
+  log(f"model.quantize={kind}: {len(modules)} projection kernels kept quantized"
+      + (" (the GGUF file's own blocks)" if kept else ""))
+  return modules, kept
+
+
 def build(cfg, log=print, platform: str | None = None, length_key: str = "data.max_length",
           run_labels: tuple | None = None, data: bool = True) -> Experiment:
   """platform: what the programs are compiled for (default: this process's devices); some choices differ
@@ -216,8 +239,10 @@ def build(cfg, log=print, platform: str | None = None, length_key: str = "data.m
     params = {backbone.key: jax.tree.map(_array, backbone.params), **({task.head_key: h} if h is not None else {})}
     params = jax.tree.map(lambda x: x.astype(cfg.precision.params) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                           params)
-    return lora.add_adapters(params, targets, cfg.lora, seed) if targets else params
+    params = lora.add_adapters(params, targets, cfg.lora, seed) if targets else params
+    return quantize.quantize(params, quantized, cfg.model.quantize, kept) if quantized else params
 
+  quantized, kept = _quantized(cfg, backbone, log)
   abstract = cfg.model.weights == "shapes"  # jaxft plan: every array below is a ShapeDtypeStruct
   params = jax.eval_shape(lambda: init_params(cfg.seed)) if abstract else init_params(cfg.seed)
 
@@ -233,6 +258,8 @@ def build(cfg, log=print, platform: str | None = None, length_key: str = "data.m
   def head_apply(params, batch, train=False, rng=None, model_state=None):
     return task.head(params[task.head_key], batch["features"], batch, train, rng), model_state
 
+  if quantized:  # (inside LoRA's: its interceptor adds the adapters to what this one computes)
+    apply = quantize.wrap(apply, cfg.model.quantize)
   if targets:
     apply = lora.wrap(apply, cfg.lora)
   splits = ({s: task.encode(records, s) for s, records in source.splits.items()} if data else

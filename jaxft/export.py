@@ -7,7 +7,7 @@ from pathlib import Path
 
 import jax
 
-from jaxft import lora, rules, runs
+from jaxft import lora, quantize, rules, runs
 from jaxft.errors import JaxftError
 from jaxft.experiment import save_model
 
@@ -19,6 +19,8 @@ def export(cfg, out_dir, step: int | None = None, log=print, replica: int | None
     raise JaxftError(f"export directory {out} exists and is not empty; choose a new one")
   exp, _, _, state = runs.open_state(cfg, step, "exporting", log, required=True, one_model=True, replica=replica)
   params, model_state = jax.device_get((state.params, state.model_state))
+  if cfg.model.quantize:  # the base back in float32, for the adapters to merge into
+    params = quantize.dequantized(params, cfg.model.quantize)
   if rules.lora_enabled(cfg.lora):
     params = lora.merge(params, cfg.lora)
   out.mkdir(parents=True, exist_ok=True)

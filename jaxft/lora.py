@@ -54,7 +54,9 @@ def wrap(apply, lcfg):
   scale = lcfg.alpha / lcfg.rank
 
   def lora_apply(params, batch, train=False, rng=None, *rest, **kw):
-    if not train:  # evaluation and generation: the adapters folded into the kernels once, as export does
+    if not train and not any(p.endswith("/kernel_q") for p in rules.flat(params)):
+      # evaluation and generation: the adapters folded into the kernels once, as export does (not into a
+      # quantized base: model.quantize keeps it quantized, and the adapters beside it)
       return apply(merge(params, lcfg), batch, train, rng, *rest, **kw)
     flat = rules.flat(params)
     base = rules.merge({p: x for p, x in flat.items() if not is_adapter(p)})

@@ -9,6 +9,7 @@
 """
 import contextvars
 import os
+import re
 
 import jax
 import numpy as np
@@ -84,10 +85,18 @@ def param_specs(params, user_rules, family_rules, mesh):
   user = [(r, tuple(spec)) for r, spec in user_rules]
   rules_lib.apply_rules(params, user, what="sharding rule")  # raises on a rule that matches nothing
   raw = rules_lib.flat(rules_lib.apply_rules(params, user + list(family_rules), default=(), strict=False))
+
+  def kernel_spec(module: str) -> tuple:  # a kernel's, where model.quantize replaced it by its quantized leaves
+    if f"{module}/kernel" in raw:
+      return tuple(raw[f"{module}/kernel"])
+    return next((tuple(spec) for r, spec in user + list(family_rules) if re.fullmatch(r, f"{module}/kernel")), ())
+
   for path in raw:  # LoRA adapters follow their kernel: lora_a [in, r] its rows, lora_b [r, out] its columns
     if path.endswith(("/lora_a", "/lora_b")):
-      kernel = tuple(raw[path[:-len("lora_a")] + "kernel"]) + (None, None)
+      kernel = kernel_spec(path[:-len("/lora_a")]) + (None, None)
       raw[path] = (kernel[0], None) if path.endswith("/lora_a") else (None, kernel[1])
+    elif path.endswith(("/kernel_q", "/kernel_scale", "/kernel_min")):  # quantized blocks: as their kernel's rows
+      raw[path] = kernel_spec(path.rsplit("/", 1)[0])
   shapes = rules_lib.flat(params)
   return rules_lib.merge({p: _fit(raw[p], shapes[p].shape, mesh, p) for p in shapes})
 

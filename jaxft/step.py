@@ -105,7 +105,9 @@ def make_train_step(apply: Callable, loss: Callable, tx: optax.GradientTransform
     for h in hooked:
       new_hooks[h.name], m = h.update(state.hooks[h.name], accs[h.name], grads, batch, axis_name)
       hook_metrics.update(m)
-    zeros = {p: jnp.zeros_like(x) for p, x in frozen.items()}  # consumed only by set_to_zero
+    # consumed only by set_to_zero (float: a quantized base's integer leaves too, model.quantize)
+    zeros = {p: jnp.zeros(x.shape, x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32)
+             for p, x in frozen.items()}
     updates, opt_state = tx.update(rules.merge(grads, zeros), state.opt_state, state.params)
     updates, _ = rules.split(updates, labels, "train")
     new_trainable = optax.apply_updates(trainable, updates)

@@ -61,6 +61,27 @@ def tensors(reader, path: Path) -> dict:
   return out
 
 
+# the block types kept as they are (model.quantize: gguf): bytes a block, values a block, a min in each block
+BLOCKS = {"Q4_0": (18, 32, False), "Q4_1": (20, 32, True), "Q8_0": (34, 32, False)}
+
+
+def blocks(t) -> dict:
+  """A Q4_0 / Q4_1 / Q8_0 matrix's own blocks in PyTorch orientation ([out, ...]): {"q": uint8 [out, in / 2] (two
+  4-bit codes a byte, as the file packs them) or int8 [out, in], "scale" float32 [out, in / 32], and Q4_1's "min"};
+  quantize.py dequantizes them inside the matmul. None for another type."""
+  if t.tensor_type.name not in BLOCKS:
+    return None
+  size, n, has_min = BLOCKS[t.tensor_type.name]
+  rows = int(t.shape[1])
+  raw = np.asarray(t.data, np.uint8).reshape(rows, -1, size)  # [out, in / 32, block bytes]
+  out = {"scale": raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)}
+  if has_min:
+    out["min"] = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+  codes = raw[..., 4 if has_min else 2:]
+  out["q"] = (codes.copy().view(np.int8) if t.tensor_type.name == "Q8_0" else codes).reshape(rows, -1)
+  return out
+
+
 def read(path: Path) -> dict:
   """{llama.cpp name: float32 array} of a GGUF file."""
   return tensors(open_file(path), path)

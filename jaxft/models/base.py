@@ -145,6 +145,8 @@ class Backbone:
   # Causal LMs (apply also returns "logits"): (batch, length) -> an empty KV cache; apply, given state
   # {"cache": ...}, writes the new tokens at its index and returns it advanced (generation).
   new_cache: Callable | None = None
+  # model.quantize=gguf: () -> {module path in params: quantized leaves} of the checkpoint's own blocks (quantize.py)
+  kept_blocks: Callable | None = None
 
   def __post_init__(self):
     if self.train_flops is None:

@@ -577,5 +577,7 @@ def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0, platfo
       num_layers=config.num_hidden_layers, init_scale=config.initializer_range, head_dropout=0.0, packs=True,
       inputs=("input_ids", "attention_mask", "position_ids", "segment_ids"),
       new_cache=lambda batch, length: new_cache(config, batch, length, jnp.dtype(compute_dtype)),
-      train_flops=functools.partial(token_flops, config, tied_output=config.tie_word_embeddings))
+      train_flops=functools.partial(token_flops, config, tied_output=config.tie_word_embeddings),
+      kept_blocks=(lambda: {name.replace(".", "/"): leaves for name, leaves in llama_gguf.kept_blocks(path).items()})
+      if path.suffix == ".gguf" else None)
   return backbone, report

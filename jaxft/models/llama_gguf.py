@@ -131,3 +131,29 @@ def to_torch_names(weights: dict, path: Path) -> dict:
       x = unpermute(x, kv_heads)
     out[f"model.layers.{parts[1]}.{spec.block[parts[2]]}"] = x
   return out
+
+
+def kept_blocks(path: Path) -> dict:
+  """{transformers module name (`model.layers.0.self_attn.q_proj`): {"kernel_q", "kernel_scale"[, "kernel_min"]}}
+  of the file's Q4_0 / Q4_1 / Q8_0 block matrices, in Flax orientation ([in, out]; codes [in / 2, out] for 4-bit
+  ones), llama.cpp's q / k row permutation undone on the output axis (model.quantize: gguf)."""
+  reader = gguf.open_file(path)
+  meta = gguf.metadata(reader)
+  arch, spec = architecture(meta, path)
+  heads = int(meta[f"{arch}.attention.head_count"])
+  kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
+  out = {}
+  for t in reader.tensors:
+    parts = t.name.split(".", 2)
+    if parts[0] != "blk" or len(parts) < 3 or parts[2] not in spec.block or not parts[2].endswith(".weight"):
+      continue
+    b = gguf.blocks(t)
+    if b is None:
+      continue
+    if spec.permuted and parts[2].startswith(("attn_q.", "attn_k.")):
+      n = heads if parts[2].startswith("attn_q.") else kv_heads
+      b = {k: unpermute(v, n) for k, v in b.items()}
+    name = f"model.layers.{parts[1]}.{spec.block[parts[2]][: -len('.weight')]}"
+    out[name] = {"kernel_q": b["q"].T.copy(), "kernel_scale": b["scale"].T.copy(),
+                 **({"kernel_min": b["min"].T.copy()} if "min" in b else {})}
+  return out
