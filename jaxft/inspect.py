@@ -4,7 +4,7 @@ from jax.sharding import PartitionSpec as P
 from rich.console import Console
 from rich.table import Table
 
-from jaxft import parallel, rules
+from jaxft import parallel, quantize, rules
 
 
 def fold_key(path: str, depth: int | None) -> str:
@@ -75,6 +75,10 @@ def report(exp, mesh, depth: int | None = None, per_param: bool = False, console
                 f"{(st['device_bytes'] + st['opt_device_bytes']) / 1024:,.1f}")
     console.print(t)
   console.print(f"{parallel.describe(mesh)}; {exp.total_steps} train steps; optimizer {exp.cfg.optim.name}")
+  if exp.cfg.model.quantize:
+    held, floats = quantize.param_bytes(jax.eval_shape(exp.initial_state).params)
+    console.print(f"model.quantize={exp.cfg.model.quantize}: params {mib(held)} MiB held, {mib(floats)} MiB were its "
+                  f"quantized kernels float32 ({floats / held:.2f}x)")
   if exp.backbone.batch_norm:  # model state beside the params
     kept = exp.frozen_bn(0)
     console.print(f"BatchNorm: {len(exp.backbone.batch_norm)} layers, {rules.count(exp.state_shapes().model_state):,} running "

@@ -114,3 +114,15 @@ def test_bad_quantize_settings_are_one_line_errors(tiny64, sft_data, tmp_path):
   small = make_tiny_llama(tmp_path / "small", tie=True)  # hidden 32: not a multiple of nf4's 64-value blocks
   with pytest.raises(JaxftError, match="a kernel of 32 inputs does not divide into blocks of 64"):
     build(_cfg(small, sft_data, tmp_path / "run", "model.quantize=nf4"), **QUIET).initial_state()
+
+
+def test_inspect_shows_the_bytes_held_each_way(tiny64, sft_data, tmp_path):
+  from rich.console import Console
+
+  from jaxft import inspect, parallel
+  exp = build(_cfg(tiny64, sft_data, tmp_path / "run", "model.quantize=nf4"), **QUIET)
+  console = Console(record=True, width=160)
+  inspect.report(exp, parallel.make_mesh(exp.cfg.parallel.mesh), console=console)
+  line = next(l for l in console.export_text().splitlines() if l.startswith("model.quantize=nf4"))
+  held, floats = quantize.param_bytes(jax.eval_shape(exp.initial_state).params)
+  assert f"{floats / held:.2f}x" in line and floats / held > 1.5, line
