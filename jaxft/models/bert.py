@@ -70,6 +70,14 @@ def max_length(config) -> int:
   return config.max_position_embeddings - position_offset(config)
 
 
+def visibility(mask_BxL, segments_BxL=None):
+  """[B, 1, Q, L] which keys each query sees: the real tokens (mask), or, in packed rows (segments: example k's
+  tokens marked k, 0 padding), the real tokens of its own example. BERT's, and its kin's."""
+  if segments_BxL is None:
+    return (mask_BxL > 0)[:, None, None, :]
+  return ((segments_BxL[:, :, None] == segments_BxL[:, None, :]) & (segments_BxL[:, None, :] > 0))[:, None]
+
+
 def _dense(config, features, dtype, name):
   return nn.Dense(features, dtype=dtype, name=name,
                   kernel_init=jax.nn.initializers.normal(config.initializer_range))
@@ -220,12 +228,7 @@ class BertModel(nn.Module):
       real_BxL = (mask_BxL > 0) if segments_BxL is None else (segments_BxL > 0)
       positions_BxL = jnp.where(real_BxL, positions_BxL + offset, offset - 1)
     x_BxLxD = Embeddings(c, self.dtype, name="embeddings")(ids_BxL, types_BxL, positions_BxL, train)
-    if segments_BxL is None:
-      visible_Bx1xQxL = (mask_BxL > 0)[:, None, None, :]
-    else:
-      visible_Bx1xQxL = ((segments_BxL[:, :, None] == segments_BxL[:, None, :])
-                         & (segments_BxL[:, None, :] > 0))[:, None]
-    bias_Bx1xQxL = jnp.where(visible_Bx1xQxL, 0.0, jnp.finfo(self.dtype).min)
+    bias_Bx1xQxL = jnp.where(visibility(mask_BxL, segments_BxL), 0.0, jnp.finfo(self.dtype).min)
     h_BxLxD = Encoder(c, self.dtype, self.remat, name="encoder")(x_BxLxD, bias_Bx1xQxL, train)
     return h_BxLxD, Pooler(c, self.dtype, name="pooler")(h_BxLxD) if self.add_pooling_layer else None
 

@@ -134,11 +134,7 @@ class DistilBertModel(nn.Module):
     restart at 0 for each."""
     positions_BxL = jnp.arange(ids_BxL.shape[1])[None] if positions_BxL is None else positions_BxL
     x_BxLxD = Embeddings(self.config, self.dtype, name="embeddings")(ids_BxL, positions_BxL, train)
-    if segments_BxL is None:
-      visible_Bx1xQxL = (mask_BxL > 0)[:, None, None, :]
-    else:
-      visible_Bx1xQxL = ((segments_BxL[:, :, None] == segments_BxL[:, None, :]) & (segments_BxL[:, None, :] > 0))[:, None]
-    bias_Bx1xQxL = jnp.where(visible_Bx1xQxL, 0.0, jnp.finfo(self.dtype).min)
+    bias_Bx1xQxL = jnp.where(bert.visibility(mask_BxL, segments_BxL), 0.0, jnp.finfo(self.dtype).min)
     return Transformer(self.config, self.dtype, self.remat, name="transformer")(x_BxLxD, bias_Bx1xQxL, train), None
 
 

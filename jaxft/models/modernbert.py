@@ -178,10 +178,7 @@ class ModernBertModel(nn.Module):
     c = self.config
     L = ids_BxL.shape[1]
     positions_BxL = jnp.arange(L)[None] if positions_BxL is None else positions_BxL
-    if segments_BxL is None:
-      visible_Bx1xQxL = (mask_BxL > 0)[:, None, None, :]
-    else:
-      visible_Bx1xQxL = ((segments_BxL[:, :, None] == segments_BxL[:, None, :]) & (segments_BxL[:, None, :] > 0))[:, None]
+    visible_Bx1xQxL = bert.visibility(mask_BxL, segments_BxL)
     near_QxL = jnp.abs(jnp.arange(L)[:, None] - jnp.arange(L)[None, :]) <= c.local_attention // 2
     floor = jnp.finfo(self.dtype).min
     biases = {FULL: jnp.where(visible_Bx1xQxL, 0.0, floor), SLIDING: jnp.where(visible_Bx1xQxL & near_QxL, 0.0, floor)}

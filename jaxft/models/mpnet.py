@@ -151,11 +151,7 @@ class MPNetModel(nn.Module):
     positions_BxL = jnp.arange(ids_BxL.shape[1])[None] if positions_BxL is None else positions_BxL
     positions_BxL = jnp.where(real_BxL, positions_BxL + PADDING + 1, PADDING)
     x_BxLxD = Embeddings(c, self.dtype, name="embeddings")(ids_BxL, positions_BxL, train)
-    if segments_BxL is None:
-      visible_Bx1xQxL = real_BxL[:, None, None, :]
-    else:
-      visible_Bx1xQxL = ((segments_BxL[:, :, None] == segments_BxL[:, None, :]) & real_BxL[:, None, :])[:, None]
-    h_BxLxD = Encoder(c, self.dtype, self.remat, name="encoder")(x_BxLxD, visible_Bx1xQxL, train)
+    h_BxLxD = Encoder(c, self.dtype, self.remat, name="encoder")(x_BxLxD, bert.visibility(mask_BxL, segments_BxL), train)
     return h_BxLxD, bert.Pooler(c, self.dtype, name="pooler")(h_BxLxD) if self.add_pooling_layer else None
 
 
