@@ -63,15 +63,11 @@ def wrap(apply, lcfg):
     modules = sorted({p.rsplit("/", 1)[0] for p in flat if is_adapter(p)})
     used = set()
 
-    def adapter_of(module_path: tuple) -> str | None:  # module paths lack the params' root prefix
-      name = "/".join(module_path)
-      return next((m for m in modules if m == name or m.endswith("/" + name)), None)
-
     def interceptor(next_fun, args, kwargs, context):
       y = next_fun(*args, **kwargs)
       if not (isinstance(context.module, nn.Dense) and context.method_name == "__call__"):
         return y
-      if (m := adapter_of(context.module.path)) is None:
+      if (m := rules.module_named(modules, context.module.path)) is None:
         return y
       used.add(m)
       x = args[0]

@@ -119,6 +119,11 @@ def dequantize_shape(leaves: dict) -> tuple:
   return (q.shape[0] * (1 if q.dtype == np.int8 else 2), q.shape[1])
 
 
+def leaves_of(flat: dict, module: str) -> dict:
+  """A quantized Dense's leaves {kernel_q, kernel_scale[, kernel_min]} in flat params."""
+  return {k: flat[f"{module}/{k}"] for k in LEAVES if f"{module}/{k}" in flat}
+
+
 def modules_of(flat: dict) -> list[str]:
   return sorted(p[: -len("/kernel_q")] for p in flat if p.endswith("/kernel_q"))
 
@@ -127,7 +132,9 @@ def dequantized(params, kind: str):
   """params with every quantized kernel back in float32 (export; then LoRA merges into it)."""
   flat = rules.flat(params)
   for m in modules_of(flat):
-    leaves = {k: flat.pop(f"{m}/{k}") for k in LEAVES if f"{m}/{k}" in flat}
+    leaves = leaves_of(flat, m)
+    for k in leaves:
+      del flat[f"{m}/{k}"]
     flat[f"{m}/kernel"] = np.asarray(dequantize({k: jnp.asarray(v) for k, v in leaves.items()}, kind))
   return rules.merge(flat)
 
@@ -141,18 +148,14 @@ def wrap(apply, kind: str):
     if not modules:
       return apply(params, batch, *rest, **kw)
 
-    def module_of(path: tuple) -> str | None:  # module paths lack the params' root prefix
-      name = "/".join(path)
-      return next((m for m in modules if m == name or m.endswith("/" + name)), None)
-
     def interceptor(next_fun, args, kwargs, context):
       if not (isinstance(context.module, nn.Dense) and context.method_name == "__call__"):
         return next_fun(*args, **kwargs)
-      m = module_of(context.module.path)
+      m = rules.module_named(modules, context.module.path)
       if m is None:
         return next_fun(*args, **kwargs)
       x = args[0]
-      leaves = {k: flat[f"{m}/{k}"] for k in LEAVES if f"{m}/{k}" in flat}
+      leaves = leaves_of(flat, m)
       y = jax.checkpoint(lambda x, leaves: x @ dequantize(leaves, kind, x.dtype))(x, leaves)
       bias = flat.get(f"{m}/bias")
       return y if bias is None else y + bias.astype(y.dtype)
@@ -169,7 +172,7 @@ def param_bytes(params) -> tuple[int, int]:
   held = sum(x.size * np.dtype(x.dtype).itemsize for x in flat.values())
   floats = held
   for m in modules_of(flat):
-    leaves = {k: flat[f"{m}/{k}"] for k in LEAVES if f"{m}/{k}" in flat}
+    leaves = leaves_of(flat, m)
     floats += 4 * int(np.prod(dequantize_shape(leaves))) - sum(x.size * np.dtype(x.dtype).itemsize
                                                                for x in leaves.values())
   return held, floats

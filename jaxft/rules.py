@@ -134,5 +134,12 @@ def owner(keypath, param_paths) -> str | None:
   return None
 
 
+def module_named(modules, module_path: tuple) -> str | None:
+  """Which of `modules` (param paths of flax modules, the params' root prefix included) a module called at
+  `module_path` (flax's `module.path`, relative to the applied module: no root prefix) is; None: none."""
+  name = "/".join(module_path)
+  return next((m for m in modules if m == name or m.endswith("/" + name)), None)
+
+
 def count(tree) -> int:
   return sum(x.size for x in jax.tree.leaves(tree))
