@@ -107,12 +107,19 @@ def unpermute(w, heads: int):
   return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def permuted_heads(meta: dict, arch: str, spec: Architecture, block_name: str) -> int | None:
+  """How many heads llama.cpp permuted the rows of block tensor `block_name` ('attn_q.weight') by: the query
+  heads for q, the key / value heads for k, of a permuted architecture; None: it is not permuted."""
+  if not spec.permuted or not block_name.startswith(("attn_q.", "attn_k.")):
+    return None
+  heads = int(meta[f"{arch}.attention.head_count"])
+  return heads if block_name.startswith("attn_q.") else int(meta.get(f"{arch}.attention.head_count_kv", heads))
+
+
 def to_torch_names(weights: dict, path: Path) -> dict:
   """{transformers PyTorch name: array} from a GGUF file's {llama.cpp name: array}, as transformers holds them."""
   meta = gguf.metadata(gguf.open_file(path))
   arch, spec = architecture(meta, path)
-  heads = int(meta[f"{arch}.attention.head_count"])
-  kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
   out = {}
   for name, x in weights.items():
     if name in _SKIPPED:
@@ -125,10 +132,8 @@ def to_torch_names(weights: dict, path: Path) -> dict:
     parts = name.split(".", 2)
     if parts[0] != "blk" or len(parts) < 3 or parts[2] not in spec.block:
       raise JaxftError(f"{path}: unknown GGUF tensor {name!r} for a {arch} model")
-    if spec.permuted and parts[2].startswith("attn_q."):
+    if (heads := permuted_heads(meta, arch, spec, parts[2])) is not None:
       x = unpermute(x, heads)
-    elif spec.permuted and parts[2].startswith("attn_k."):
-      x = unpermute(x, kv_heads)
     out[f"model.layers.{parts[1]}.{spec.block[parts[2]]}"] = x
   return out
 
@@ -140,8 +145,6 @@ def kept_blocks(path: Path) -> dict:
   reader = gguf.open_file(path)
   meta = gguf.metadata(reader)
   arch, spec = architecture(meta, path)
-  heads = int(meta[f"{arch}.attention.head_count"])
-  kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
   out = {}
   for t in reader.tensors:
     parts = t.name.split(".", 2)
@@ -150,9 +153,8 @@ def kept_blocks(path: Path) -> dict:
     b = gguf.blocks(t)
     if b is None:
       continue
-    if spec.permuted and parts[2].startswith(("attn_q.", "attn_k.")):
-      n = heads if parts[2].startswith("attn_q.") else kv_heads
-      b = {k: unpermute(v, n) for k, v in b.items()}
+    if (heads := permuted_heads(meta, arch, spec, parts[2])) is not None:
+      b = {k: unpermute(v, heads) for k, v in b.items()}
     name = f"model.layers.{parts[1]}.{spec.block[parts[2]][: -len('.weight')]}"
     out[name] = {"kernel_q": b["q"].T.copy(), "kernel_scale": b["scale"].T.copy(),
                  **({"kernel_min": b["min"].T.copy()} if "min" in b else {})}

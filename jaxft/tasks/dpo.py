@@ -33,7 +33,7 @@ from jaxft.data import packing
 from jaxft.errors import JaxftError
 from jaxft.tasks.base import Examples, nll, where
 from jaxft.tasks.causal_lm import Generation, logit_slots, require_targets, shifted
-from jaxft.tasks.sft import SFT
+from jaxft.tasks.sft import SFT, is_conversation
 
 LOSSES = ("sigmoid", "ipo")
 
@@ -103,9 +103,7 @@ class DPO(SFT):
         answer = r[side]
         answer = [{"role": "assistant", "content": answer}] if isinstance(answer, str) else answer
         msgs = prompt + answer if isinstance(prompt, list) and isinstance(answer, list) else None
-        ok = (msgs and all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                                      and m.get("role") in ("system", "user", "assistant") for m in msgs))
-        if not ok or msgs[-1]["role"] != "assistant":
+        if not is_conversation(msgs):
           raise JaxftError(f"{origin}: '{t.prompt_column}' + '{side}' must be text, or {{role, content}} messages "
                            f"ending with an assistant message")
         out.append(msgs)

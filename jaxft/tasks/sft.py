@@ -25,6 +25,14 @@ from jaxft.tasks.base import Examples, where
 from jaxft.tasks.causal_lm import CausalLM, Generation, require_targets
 
 
+def is_conversation(msgs) -> bool:
+  """Whether `msgs` is a list of {role: system | user | assistant, content: text} ending with an assistant turn."""
+  ok = isinstance(msgs, list) and bool(msgs) and all(
+      isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("system", "user", "assistant")
+      for m in msgs)
+  return ok and msgs[-1]["role"] == "assistant"
+
+
 def normalise_answer(text: str) -> str:
   """SQuAD-style: whitespace collapsed, surrounding punctuation stripped, case-folded."""
   return " ".join(text.split()).strip(string.punctuation + " ").casefold()
@@ -55,9 +63,7 @@ class SFT(CausalLM):
     for i, r in enumerate(records):
       if t.messages_column in r:
         msgs = r[t.messages_column]
-        ok = (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                                      and m.get("role") in ("system", "user", "assistant") for m in msgs))
-        if not ok or msgs[-1]["role"] != "assistant":
+        if not is_conversation(msgs):
           raise JaxftError(f"{where(records, i, split)}: '{t.messages_column}' must be a list of {{role: system | "
                            f"user | assistant, content: text}} ending with an assistant message")
         convs.append(msgs)
