@@ -186,8 +186,7 @@ def _quantized(cfg, backbone, log) -> tuple[list, dict | None]:
   kind = cfg.model.quantize
   if kind is None:
     return [], None
-  shapes = {backbone.key: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), backbone.params)}
-  modules = quantize.target_modules(shapes, backbone.conventions)
+  modules = quantize.target_modules({backbone.key: backbone.params}, backbone.conventions)
   kept = None
   if kind == "gguf" and cfg.model.weights == "pretrained":
     if backbone.kept_blocks is None:

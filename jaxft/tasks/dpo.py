@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft.config import TaskConfig
-from jaxft.data import packing
+from jaxft.data import batching, packing
 from jaxft.errors import JaxftError
 from jaxft.tasks.base import Examples, nll, where
 from jaxft.tasks.causal_lm import Generation, logit_slots, require_targets, shifted
@@ -140,9 +140,10 @@ class DPO(SFT):
     size, start = self.cfg.train.eval_batch_size, time.time()
     out = np.zeros((len(ex), 2), np.float32)
     order = np.argsort(ex.lengths, kind="stable")  # similar lengths together: few padded tokens, few shapes
+    buckets = self.cfg.data.buckets or batching.derived_buckets(self.cfg.data.max_length)
     for s in range(0, len(ex), size):
       idx = order[s:s + size]
-      length = -(-int(ex.lengths[idx].max()) // 64) * 64
+      length = batching.bucket(int(ex.lengths[idx].max()), buckets)
       out[idx] = np.asarray(logps(bb.params, self.collate(ex, idx, length, size)))[:len(idx), 0]
     self.log(f"{split}: the reference's log-probabilities of {len(ex):,} pairs in {time.time() - start:.1f} s "
              f"(one forward pass, kept with the examples)")

@@ -197,7 +197,7 @@ class GRPO(SFT):
     own = state.params[self.backbone.key]
     if self._lora:
       return rules.merge({p: x for p, x in rules.flat(own).items() if not lora.is_adapter(p)})
-    if not isinstance(jax.tree.leaves(self._loaded)[0], jax.Array) or jax.tree.leaves(self._loaded)[0].is_deleted():
+    if not isinstance(jax.tree.leaves(self._loaded)[0], jax.Array):  # the host copy, put beside the params once
       self._loaded = jax.tree.map(lambda x, like: jax.device_put(x, like.sharding), self._loaded, own)
     return self._loaded
 
