@@ -14,7 +14,6 @@ import numpy as np
 
 from jaxft import chips, parallel, rules
 from jaxft.data import batching
-from jaxft.errors import JaxftError
 from jaxft.experiment import build, setup
 
 
@@ -90,9 +89,7 @@ def bench(cfg, steps: int = 20, warmup: int = 3, length: int | None = None, data
   length = length or cfg.data.max_length
   cfg.data.max_length, cfg.data.buckets = length, [length]
   exp = build(cfg, log, length_key=length_key)
-  if exp.task.on_policy:
-    raise JaxftError(f"jaxft bench times a step on batches from the data; task.name {cfg.task.name} makes each "
-                     f"step's batch by generating (its train run logs step_ms with the generation included)")
+  exp.task.require_data_batches("jaxft bench times")
   images = not exp.task.tokens  # an image model: `length` is its resolution
   length = exp.backbone.processor.size if images else length
   tcfg, phase = cfg.train, exp.phases[0]

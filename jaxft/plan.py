@@ -513,6 +513,7 @@ def plan(cfg, topology: str, slices: int = 1, log=print, quick: bool = False) ->
   cfg.model.weights = "shapes"
   t0 = time.perf_counter()
   exp = build(cfg, log, platform=devs[0].platform)
+  exp.task.require_data_batches("jaxft plan compiles")
   log(f"plan: {slices} x {topology}, {len(devs)} {spec.name} chips")
   par, targets = setup(exp, log, devs, slices)
   source, sources = _train_sources(exp, par.batch_shards)

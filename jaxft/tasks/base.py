@@ -132,6 +132,13 @@ class Task:
     """Metrics of the text generated from the prompts of examples `index` (tasks that generate)."""
     raise NotImplementedError
 
+  def require_data_batches(self, tool: str) -> None:
+    """bench and plan (`tool`: what they do) take a step's batches from the data; an on-policy task makes its
+    own by generating (rollout), which they do not yet: a one-line error."""
+    if self.on_policy:
+      raise JaxftError(f"{tool} a step on batches from the data; task.name {self.cfg.task.name} makes each step's "
+                       f"batch by generating (its train run logs step_ms with the generation included)")
+
   def trained_tokens(self, batch: dict) -> float:
     """Tokens of a host batch that bear loss (bench, plan): the sum of token weights [B, L]; per-example
     weights count every real token (the attention mask)."""

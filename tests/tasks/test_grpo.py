@@ -100,3 +100,13 @@ def test_a_reward_that_fails_is_one_line_naming_the_example(grpo_cfg, reward, sa
     train(grpo_cfg(f"task.reward=helpers.rewards:{reward}", "data.limit={train: 16, validation: 8, test: 8}"))
   with pytest.raises(JaxftError, match="config key 'task.reward': cannot import 'helpers.rewards:missing'"):
     train(grpo_cfg("task.reward=helpers.rewards:missing"))
+
+
+def test_bench_and_plan_refuse_in_one_line(grpo_cfg):
+  """jaxft bench and jaxft plan take a step's batches from the data; grpo makes its own (not yet theirs)."""
+  from jaxft.bench import bench
+  from jaxft.plan import plan
+  with pytest.raises(JaxftError, match="jaxft bench times a step on batches from the data; task.name grpo makes"):
+    bench(grpo_cfg(), steps=1, warmup=0, log=lambda *_: None)
+  with pytest.raises(JaxftError, match="jaxft plan compiles a step on batches from the data; task.name grpo makes"):
+    plan(grpo_cfg(), "v5e:2x2", log=lambda *_: None)
