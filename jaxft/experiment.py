@@ -53,7 +53,7 @@ class Experiment:
   def train_step(self, k: int = 0, axis_name: str | None = None, cached: bool = False):
     """Phase k's pure train step (state, batch) -> (state, metrics); `cached`: on cached features."""
     phase = self.phases[k]
-    apply = self.head_apply if cached else functools.partial(self.apply, frozen_bn=self.frozen_bn(k))
+    apply = self.head_apply if cached else self.task.forward(functools.partial(self.apply, frozen_bn=self.frozen_bn(k)))
     opt_metrics = None
     if phase.cfg.optim.name in ("lars", "lamb"):  # their trust ratios, per layer group
       groups = optim.trust_ratio_groups(self.state_shapes(k).params, self.conventions)

@@ -29,16 +29,28 @@ def sample(logits_BxV, rng, temperature: float, top_p: float):
   return jax.random.categorical(rng, logits_BxV).astype(jnp.int32)
 
 
-STATIC = ("apply", "new_cache", "max_new", "temperature", "top_p", "eos_id")
+STATIC = ("apply", "new_cache", "max_new", "temperature", "top_p", "eos_id", "repeat")
 
 
-def _loop(params, model_state, ids_BxP, mask_BxP, rng, *, apply, new_cache, max_new, temperature, top_p, eos_id):
+def prefill(apply, params, model_state, ids_BxP, mask_BxP, new_cache, room: int, repeat: int = 1, train=False,
+            rng=None):
+  """One pass over left-padded prompts that writes their KV cache (with `room` slots after them): (the logits at
+  each prompt's last token [B * repeat, V], the model state holding the cache, each row's prompt length), every
+  prompt's row copied `repeat` times (its pass done once; GRPO's groups)."""
   B, P = ids_BxP.shape
-  cache = new_cache(B, P + max_new)
   positions_BxP = jnp.maximum(jnp.cumsum(mask_BxP, -1) - 1, 0)
-  logits, state = apply(params, {"input_ids": ids_BxP, "attention_mask": mask_BxP, "position_ids": positions_BxP},
-                        False, None, {**model_state, "cache": cache})
-  lengths_B = mask_BxP.sum(-1)
+  batch = {"input_ids": ids_BxP, "attention_mask": mask_BxP, "position_ids": positions_BxP,
+           "logit_positions": jnp.full((B, 1), P - 1, jnp.int32)}  # (the vocabulary's logits at one position)
+  logits_Bx1xV, state = apply(params, batch, train, rng, {**(model_state or {}), "cache": new_cache(B, P + room)})
+  copies = lambda x: jnp.repeat(x, repeat, 0) if x.ndim and repeat > 1 else x  # noqa: E731 (the index: a scalar)
+  state = {**state, "cache": jax.tree.map(copies, state["cache"])}
+  return copies(logits_Bx1xV[:, -1]), state, copies(mask_BxP.sum(-1))
+
+
+def _loop(params, model_state, ids_BxP, mask_BxP, rng, *, apply, new_cache, max_new, temperature, top_p, eos_id,
+          repeat=1):
+  last_BxV, state, lengths_B = prefill(apply, params, model_state, ids_BxP, mask_BxP, new_cache, max_new, repeat)
+  B = last_BxV.shape[0]
   out_BxN = jnp.full((B, max_new), eos_id, jnp.int32)
 
   def cond(carry):
@@ -56,7 +68,7 @@ def _loop(params, model_state, ids_BxP, mask_BxP, rng, *, apply, new_cache, max_
     logits, state = apply(params, step, False, None, state)
     return i + 1, logits[:, -1], state, done_B, out_BxN, rng
 
-  carry = (0, logits[:, -1], state, jnp.zeros((B,), bool), out_BxN, rng)
+  carry = (0, last_BxV, state, jnp.zeros((B,), bool), out_BxN, rng)
   return jax.lax.while_loop(cond, body, carry)[4]
 
 
@@ -70,17 +82,25 @@ def program(par, batch_size: int):
   return (step, par.batch_sharding) if step is not None else (_whole, None)
 
 
+def prompt_length(exp, longest: int) -> int:
+  """The length prompts are left-padded to: the data's length bucket of the longest (a few shapes compile)."""
+  return batching.bucket(longest, exp.buckets) if longest <= exp.buckets[-1] else longest
+
+
 def generate(exp, params, model_state, prompts: list, max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, batch_size: int = 32, par=None) -> list[list[int]]:
+             top_p: float = 1.0, seed: int = 0, batch_size: int = 32, par=None, repeat: int = 1,
+             pad_to: int = 0) -> list[list[int]]:
   """The tokens generated after each prompt (a list of token ids), EOS excluded; par: the run's Parallel (its
-  mesh splits each batch of prompts)."""
+  mesh splits each batch of prompts). repeat: that many samples of each prompt (each prompt's prefill computed
+  once), prompt i's in out[i * repeat:(i + 1) * repeat]; batch_size counts prompts. pad_to: prompts are padded
+  to at least this length (one shape for every batch)."""
   bb = exp.backbone
   if bb.new_cache is None:
     raise JaxftError(f"{bb.name} is not a causal LM: it has nothing to generate with")
   eos_id = exp.task.eos_id
   pad_id = exp.task.pad_id
   order = np.argsort([len(p) for p in prompts], kind="stable")
-  out = [None] * len(prompts)
+  out = [None] * (len(prompts) * repeat)
   rng = jax.random.PRNGKey(seed)
   step, rows = program(par, batch_size)
   for s in range(0, len(order), batch_size):
@@ -88,7 +108,7 @@ def generate(exp, params, model_state, prompts: list, max_new_tokens: int, tempe
     longest = max(len(prompts[i]) for i in idx)
     if longest == 0:
       raise JaxftError("an empty prompt: generation needs at least one token to start from")
-    P = batching.bucket(longest, batching.derived_buckets(max(longest, 16)))
+    P = max(prompt_length(exp, longest), pad_to)
     ids_BxP = np.full((batch_size, P), pad_id, np.int32)
     mask_BxP = np.zeros((batch_size, P), np.int32)
     for row, i in enumerate(idx):  # left-padded: every prompt ends at P - 1
@@ -99,11 +119,12 @@ def generate(exp, params, model_state, prompts: list, max_new_tokens: int, tempe
       ids_BxP, mask_BxP = par.put_rows(ids_BxP), par.put_rows(mask_BxP)
     tokens = step(params, model_state, ids_BxP, mask_BxP, jax.random.fold_in(rng, s), apply=exp.apply,
                   new_cache=bb.new_cache, max_new=max_new_tokens, temperature=float(temperature),
-                  top_p=float(top_p), eos_id=int(eos_id))
+                  top_p=float(top_p), eos_id=int(eos_id), repeat=repeat)
     tokens = np.asarray(tokens)
     for row, i in enumerate(idx):
-      t = tokens[row].tolist()
-      out[i] = t[:t.index(eos_id)] if eos_id in t else t
+      for k in range(repeat):
+        t = tokens[row * repeat + k].tolist()
+        out[i * repeat + k] = t[:t.index(eos_id)] if eos_id in t else t
   return out
 
 

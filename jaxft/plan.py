@@ -650,7 +650,7 @@ def _plan_generate(exp, par, target, compiler) -> None:
   from jaxft import generate as gen
   prompts = exp.splits["validation"].meta.get("prompts")
   longest = max(map(len, prompts)) if prompts else exp.cfg.data.max_length // 2
-  P = batching.bucket(longest, batching.derived_buckets(max(longest, 16)))
+  P = gen.prompt_length(exp, longest)
   B, g = exp.cfg.train.eval_batch_size, exp.cfg.task
   step, rows = gen.program(par, B)
   replicated = jax.sharding.NamedSharding(par.mesh, jax.sharding.PartitionSpec())

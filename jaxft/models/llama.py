@@ -428,7 +428,8 @@ def make_apply(module, kernel: bool = False):
       return {"hidden": hidden, "logits": logits, "pooled": None}, state
     visible, valid = _decode_visibility(cache, batch.get("attention_mask", jnp.ones_like(ids_BxL)))
     layers = [{**layer, "index": cache["index"]} for layer in cache["layers"]]
-    hidden, logits, layers = module.apply({"params": params}, ids_BxL, positions_BxL, visible, layers)
+    hidden, logits, layers = module.apply({"params": params}, ids_BxL, positions_BxL, visible, layers,
+                                          logit_positions_BxP=batch.get("logit_positions"))
     cache = {"index": cache["index"] + ids_BxL.shape[1], "valid": valid, "layers": layers}
     return {"hidden": hidden, "logits": logits, "pooled": None}, {**state, "cache": cache}
 

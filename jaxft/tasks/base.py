@@ -112,6 +112,10 @@ class Task:
   def head(self, head_params, feats, batch: dict, train: bool, rng) -> Any:
     raise NotImplementedError
 
+  def forward(self, apply):
+    """The apply the train step calls: the model's (a task whose batches need another pass wraps it)."""
+    return apply
+
   def loss(self, outputs, batch: dict):
     """(scalar loss to minimise, {name: scalar} train metrics)."""
     raise NotImplementedError

@@ -32,10 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft import lora, rules
-from jaxft.data import batching
 from jaxft.errors import JaxftError
 from jaxft.tasks.base import nll, where
-from jaxft.tasks.causal_lm import shifted
 from jaxft.tasks.sft import SFT, normalise_answer
 from jaxft.tasks.sft import Config as SFTConfig
 
@@ -94,23 +92,44 @@ def advantages(rewards_BxG, normalise: str):
   return centred if normalise == "dr_grpo" else centred / (rewards_BxG.std(1, keepdims=True) + 1e-4)
 
 
-def policy_loss(logits_RxPxV, batch, kl: float, clip: float, normalise: str, max_new: int):
-  """(the step's loss, its metrics): the clipped policy gradient and the KL estimate per completion token."""
-  logp_RxP = -nll(logits_RxPxV, batch["labels"])
-  ratio_RxP = jnp.exp(logp_RxP - jax.lax.stop_gradient(logp_RxP))  # 1, with logp's gradient
-  a_Rx1 = batch["advantages"][:, None]
-  pg_RxP = -jnp.minimum(ratio_RxP * a_Rx1, jnp.clip(ratio_RxP, 1 - clip, 1 + clip) * a_Rx1)
-  d_RxP = batch["ref_logps"] - logp_RxP
-  kl_RxP = jnp.exp(d_RxP) - d_RxP - 1
-  m_RxP, w_R = batch["completion"], batch["weights"]
-  tokens_R = m_RxP.sum(1)
-  per_R = (pg_RxP + kl * kl_RxP) * m_RxP
-  per_R = per_R.sum(1) / (max_new if normalise == "dr_grpo" else jnp.maximum(tokens_R, 1.0))
-  n = jnp.maximum(w_R.sum(), 1.0)
-  mean = lambda x_R: jnp.sum(x_R * w_R) / n  # noqa: E731
-  return mean(per_R), {"reward": mean(batch["rewards"]), "reward_std": mean(batch["group_std"]),
-                       "kl": mean((kl_RxP * m_RxP).sum(1) / jnp.maximum(tokens_R, 1.0)),
-                       "completion_length": mean(tokens_R)}
+def grouped(apply, new_cache):
+  """apply for rollout batches (prompt_ids / prompt_mask [B, P] left-padded, labels [B, G, S] the completions'
+  tokens): each prompt's pass once, its KV cache copied to its G completions, whose tokens then run against it.
+  -> (logits [B, G, S, V] predicting each completion token, the first from the prompt's last position; the
+  model state as given). The same logits as G rows of prompt + completion, at about 1/G of the prompts' cost."""
+  from jaxft.generate import prefill
+
+  def forward(params, batch, train=False, rng=None, model_state=None):
+    B, G, S = batch["labels"].shape
+    last_RxV, state, lengths_R = prefill(apply, params, model_state, batch["prompt_ids"], batch["prompt_mask"],
+                                         new_cache, S, G, train, rng)
+    ids_RxS = batch["labels"].reshape(B * G, S)[:, :-1]  # (the last token predicts nothing scored)
+    step = {"input_ids": ids_RxS, "attention_mask": jnp.ones_like(ids_RxS),
+            "position_ids": lengths_R[:, None] + jnp.arange(S - 1)}
+    logits_RxSxV, _ = apply(params, step, train, rng, state)
+    logits_RxSxV = jnp.concatenate([last_RxV[:, None], logits_RxSxV], 1)
+    return logits_RxSxV.reshape(B, G, S, -1), model_state
+  return forward
+
+
+def policy_loss(logits_BxGxSxV, batch, kl: float, clip: float, normalise: str, max_new: int):
+  """(the step's loss, its metrics): the clipped policy gradient and the KL estimate per completion token
+  (batch: labels, completion, ref_logps [B, G, S]; advantages, rewards, group_std, weights [B, G])."""
+  logp_BxGxS = -nll(logits_BxGxSxV, batch["labels"])
+  ratio_BxGxS = jnp.exp(logp_BxGxS - jax.lax.stop_gradient(logp_BxGxS))  # 1, with logp's gradient
+  a_BxGx1 = batch["advantages"][..., None]
+  pg_BxGxS = -jnp.minimum(ratio_BxGxS * a_BxGx1, jnp.clip(ratio_BxGxS, 1 - clip, 1 + clip) * a_BxGx1)
+  d_BxGxS = batch["ref_logps"] - logp_BxGxS
+  kl_BxGxS = jnp.exp(d_BxGxS) - d_BxGxS - 1
+  m_BxGxS, w_BxG = batch["completion"], batch["weights"]
+  tokens_BxG = m_BxGxS.sum(-1)
+  per_BxG = ((pg_BxGxS + kl * kl_BxGxS) * m_BxGxS).sum(-1)
+  per_BxG = per_BxG / (max_new if normalise == "dr_grpo" else jnp.maximum(tokens_BxG, 1.0))
+  n = jnp.maximum(w_BxG.sum(), 1.0)
+  mean = lambda x_BxG: jnp.sum(x_BxG * w_BxG) / n  # noqa: E731
+  return mean(per_BxG), {"reward": mean(batch["rewards"]), "reward_std": mean(batch["group_std"]),
+                         "kl": mean((kl_BxGxS * m_BxGxS).sum(-1) / jnp.maximum(tokens_BxG, 1.0)),
+                         "completion_length": mean(tokens_BxG)}
 
 
 class GRPO(SFT):
@@ -123,8 +142,11 @@ class GRPO(SFT):
     self.reward = reward_function(cfg.task)
     if cfg.train.seeds or jax.process_count() > 1:
       raise JaxftError("task.name grpo runs in one process and without train.seeds (not yet supported)")
-    self._reference = jax.jit(lambda params, batch: -nll(
-        backbone.apply(params, batch, False, None, backbone.state)[0]["logits"], batch["labels"]))
+    logits_of = lambda params, batch, train, rng, state: (  # noqa: E731 (the backbone's outputs -> logits)
+        lambda out, state: (out["logits"], state))(*backbone.apply(params, batch, train, rng, state))
+    ref = grouped(logits_of, backbone.new_cache)
+    self._reference = jax.jit(lambda params, batch: -nll(ref(params, batch, False, None, backbone.state)[0],
+                                                         batch["labels"]))
     # The reference: with LoRA the base weights in the train state, adapters off; else a copy of the weights
     # as loaded, kept (on the host here, on the device from the first rollout): the step updates the others
     self._lora = bool(lora.targets(cfg.lora, backbone.conventions))
@@ -157,40 +179,39 @@ class GRPO(SFT):
                                str(r.get(t.messages_column, "")) for r in records]
     return ex
 
+  def forward(self, apply):
+    return grouped(apply, self.backbone.new_cache)
+
   def rollout(self, exp, par, state, batch: dict, step: int) -> dict:
-    """The step's batch of sampled completions: rows prompt + completion, their rewards and advantages, and
-    the reference's log-probabilities of every completion token."""
-    from jaxft.generate import generate
+    """The step's batch: each prompt (left-padded to the length bucket of the split's longest, so that sampling,
+    the reference's pass and the step compile once) with its group_size sampled completions (task.max_new_tokens + 1
+    slots, rounded up to 8, the end of turn included), their rewards and advantages, and the reference's
+    log-probabilities of every completion token."""
+    from jaxft.generate import generate, prompt_length
     t, ex, tok = self.cfg.task, exp.splits["train"], self.backbone.processor
-    G = t.group_size
+    G, B = t.group_size, len(batch["index"])
     idx = [int(i) for i in batch["index"] if i >= 0]
-    prompts = [ex.meta["prompts"][i] for i in idx for _ in range(G)]
+    prompts = [ex.meta["prompts"][i] for i in idx]
+    if "prompt_length" not in ex.meta:
+      ex.meta["prompt_length"] = prompt_length(exp, max(map(len, ex.meta["prompts"])))
+    P, S = ex.meta["prompt_length"], -(-(t.max_new_tokens + 1) // 8) * 8
     tokens = generate(exp, state.params, state.model_state, prompts, t.max_new_tokens, t.rollout_temperature,
-                      t.top_p, seed=exp.cfg.seed * 1_000_003 + step, batch_size=len(prompts), par=par)
+                      t.top_p, seed=exp.cfg.seed * 1_000_003 + step, batch_size=B, par=par, repeat=G, pad_to=P)
     texts = tok.batch_decode(tokens, skip_special_tokens=True)
-    rewards_BxG = self.rewards(texts, [i for i in idx for _ in range(G)], ex).reshape(len(idx), G)
-    adv = advantages(rewards_BxG, t.normalise).reshape(-1)
-    rows = [np.r_[p, c, [self.eos_id] if len(c) < t.max_new_tokens else []].astype(np.int32)
-            for p, c in zip(prompts, tokens, strict=True)]
-    completion = [np.r_[np.zeros(len(p)), np.ones(len(r) - len(p))].astype(np.int32) for p, r in zip(prompts, rows)]
-    R = len(batch["index"]) * G  # (rows of padding examples stay empty, weight 0)
-    L = batching.bucket(max(map(len, rows)), batching.derived_buckets(max(max(map(len, rows)), 16)))
-    ids_RxL = np.full((R, L), self.pad_id, np.int32)
-    marks_RxL = np.zeros((R, L), np.int32)
-    mask_RxL = np.zeros((R, L), np.int32)
-    for r, (x, m) in enumerate(zip(rows, completion, strict=True)):
-      ids_RxL[r, :len(x)], marks_RxL[r, :len(x)], mask_RxL[r, :len(x)] = x, m, 1
-    mask_RxL[len(rows):, 0] = 1  # empty rows: one visible token
-    slots = -(-(t.max_new_tokens + 1) // 8) * 8
-    fields = shifted(ids_RxL, marks_RxL, slots if 2 * slots <= L else None)
-    out = {"input_ids": ids_RxL, "attention_mask": mask_RxL, "labels": fields["labels"],
-           "completion": fields["weights"], **({"logit_positions": fields["logit_positions"]}
-                                               if "logit_positions" in fields else {})}
+    rewards = self.rewards(texts, [i for i in idx for _ in range(G)], ex).reshape(len(idx), G)
+    out = {"prompt_ids": np.full((B, P), self.pad_id, np.int32), "prompt_mask": np.zeros((B, P), np.int32),
+           "labels": np.full((B, G, S), self.pad_id, np.int32), "completion": np.zeros((B, G, S), np.float32)}
+    out["prompt_mask"][len(idx):, -1] = 1  # padding examples: one visible token, nothing scored
+    for b, p in enumerate(prompts):
+      out["prompt_ids"][b, P - len(p):], out["prompt_mask"][b, P - len(p):] = p, 1
+      for g in range(G):
+        c = tokens[b * G + g]
+        c = c + [self.eos_id] if len(c) < t.max_new_tokens else c
+        out["labels"][b, g, :len(c)], out["completion"][b, g, :len(c)] = c, 1
+    pad = lambda x_BxG: np.r_[x_BxG, np.zeros((B - len(idx), G), np.float32)].astype(np.float32)  # noqa: E731
     ref = np.asarray(self._reference(self.reference_params(state), out))
-    pad = lambda x: np.r_[x, np.zeros(R - len(x), np.float32)].astype(np.float32)  # noqa: E731
-    std_B = rewards_BxG.std(1)
-    return {**out, "ref_logps": ref, "advantages": pad(adv), "rewards": pad(rewards_BxG.reshape(-1)),
-            "group_std": pad(np.repeat(std_B, G)), "weights": pad(np.ones(len(rows)))}
+    return {**out, "ref_logps": ref, "advantages": pad(advantages(rewards, t.normalise)), "rewards": pad(rewards),
+            "group_std": pad(np.repeat(rewards.std(1, keepdims=True), G, 1)), "weights": pad(np.ones_like(rewards))}
 
   def reference_params(self, state):
     """The reference model's params (the backbone's subtree): the base of a LoRA state, or the loaded copy."""

@@ -275,6 +275,9 @@ def test_generation_is_greedy_decoding_step_by_step(tiny_llama, sft_data, tmp_pa
       ids.append(nxt)
     assert tokens == ids[len(prompt):]
   assert sum(map(len, got)) > 3
+  # GRPO's groups: each prompt's prefill once, its cache copied to `repeat` rows, which continue alike here
+  assert gen.generate(exp, state.params, state.model_state, prompts, 8, batch_size=2, repeat=2) == [
+      g for g in got for _ in range(2)]
 
 
 def test_generate_needs_no_training_data(tiny_llama, tmp_path):
@@ -295,7 +298,8 @@ exp, par, _, state = open_state(cfg, log=lambda *a: None)
 prompts = exp.splits["validation"].meta["prompts"][:8]
 split = gen.generate(exp, state.params, state.model_state, prompts, 6, batch_size=8, par=par)
 whole = gen.generate(exp, state.params, state.model_state, prompts, 6, batch_size=8)
-print(json.dumps({"same": split == whole, "tokens": sum(map(len, split)),
+pairs = gen.generate(exp, state.params, state.model_state, prompts[:4], 6, batch_size=4, par=par, repeat=2)
+print(json.dumps({"same": split == whole and pairs == [g for g in whole[:4] for _ in range(2)], "tokens": sum(map(len, split)),
                   "rows": [list(a) for a in gen.program(par, 8)[1].spec], "one_prompt": gen.program(par, 1)[1] is None}))
 """
 

@@ -30,7 +30,7 @@ def test_policy_loss_and_its_gradient_on_a_toy_policy(normalise):
   times the KL estimate, each completion's tokens averaged (grpo) or summed over max_new (dr_grpo); its
   gradient is that of -A log p + beta KL (the ratio's own gradient is log p's)."""
   rng = np.random.default_rng(0)
-  logits = jnp.asarray(rng.normal(size=(3, 4, 6)), jnp.float32)
+  logits = jnp.asarray(rng.normal(size=(3, 4, 6)), jnp.float32)  # 3 completions (one group), 4 tokens
   batch = {"labels": jnp.asarray(rng.integers(0, 6, (3, 4)), jnp.int32),
            "completion": jnp.asarray([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], jnp.float32),
            "advantages": jnp.asarray([1.5, -0.5, 0.0]), "ref_logps": jnp.asarray(rng.normal(size=(3, 4)) - 2.0),
@@ -58,6 +58,30 @@ def test_policy_loss_and_its_gradient_on_a_toy_policy(normalise):
   np.testing.assert_allclose(jax.grad(loss_fn)(logits), jax.grad(reference)(logits), rtol=1e-5, atol=1e-7)
   assert aux["reward"] == pytest.approx(0.5) and aux["completion_length"] == pytest.approx(2.5)
 
+
+def test_grouped_forward_equals_rows_of_prompt_and_completion(grpo_cfg):
+  """A prompt's pass once, its cache copied to its completions (grpo's step and reference), gives each completion
+  token the log-probability that a row of prompt + completion gives it, prompts of different lengths."""
+  from jaxft.experiment import build
+  from jaxft.tasks.base import nll
+  exp = build(grpo_cfg("data.limit={train: 8, validation: 8, test: 8}"), lambda *a: None)
+  params, ms = exp.initial_state().params, exp.backbone.state
+  prompts = [list(p) for p in exp.splits["train"].meta["prompts"][:2]]
+  assert len(prompts[0]) != len(prompts[1])
+  G, S, P = 3, 5, max(map(len, prompts)) + 2
+  rng = np.random.default_rng(0)
+  labels = rng.integers(3, 60, (2, G, S)).astype(np.int32)
+  batch = {"prompt_ids": np.zeros((2, P), np.int32), "prompt_mask": np.zeros((2, P), np.int32), "labels": labels}
+  for b, p in enumerate(prompts):
+    batch["prompt_ids"][b, P - len(p):], batch["prompt_mask"][b, P - len(p):] = p, 1
+  logits, _ = jax.jit(grpo.grouped(exp.apply, exp.backbone.new_cache))(params, batch, False, None, ms)
+  got = -np.asarray(nll(logits, labels))
+  for b, p in enumerate(prompts):
+    for g in range(G):
+      row = np.r_[p, labels[b, g]][None].astype(np.int32)
+      whole = exp.apply(params, {"input_ids": row, "attention_mask": np.ones_like(row)}, False, None, ms)[0]
+      want = -np.asarray(nll(whole[0, len(p) - 1:-1], labels[b, g]))
+      np.testing.assert_allclose(got[b, g], want, atol=2e-5)
 
 
 @pytest.fixture
