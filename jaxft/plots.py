@@ -1,5 +1,5 @@
 """PNG plots (matplotlib, the `plot` extra): `jaxft plot RUN_DIR...` draws runs' metrics.jsonl against
-steps, overlaid; `jaxft interpolate` draws its WiSE-FT curve. A seed-vectorised run's curves are the
+steps, overlaid (with the first run's task's own train metrics: grpo's reward, KL, ...); `jaxft interpolate` draws its WiSE-FT curve. A seed-vectorised run's curves are the
 replicas' mean, with their 95% confidence band."""
 import json
 from pathlib import Path
@@ -23,18 +23,17 @@ def _pyplot():
   return plt
 
 
-def read_run(run_dir) -> tuple[list[dict], str]:
-  """(the rows of RUN_DIR/metrics.jsonl, its validation metric: train.best_metric or the task's)."""
+def read_run(run_dir) -> tuple[list[dict], str, tuple]:
+  """(the rows of RUN_DIR/metrics.jsonl, its validation metric: train.best_metric or the task's, the task's
+  own per-step train metrics)."""
+  from jaxft import tasks
   path = Path(run_dir) / "metrics.jsonl"
   if not path.is_file():
     raise JaxftError(f"{path} does not exist: not a run directory (jaxft train writes it)")
   rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
   cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) if (Path(run_dir) / "config.yaml").is_file() else {}
-  metric = (cfg.get("train") or {}).get("best_metric")
-  if metric is None:
-    from jaxft import tasks
-    metric = tasks.get((cfg.get("model") or {}).get("task", "sequence_classification")).best_metric
-  return rows, metric
+  task = tasks.get((cfg.get("task") or {}).get("name", "sequence_classification"))
+  return rows, (cfg.get("train") or {}).get("best_metric") or task.best_metric, task.train_metrics
 
 
 def _curve(ax, rows, key, label):
@@ -53,11 +52,16 @@ def runs(run_dirs: list, out) -> Path:
   """One PNG of the runs' train loss, validation metric, LR, throughput and (if logged) noise scale."""
   plt = _pyplot()
   data = [(str(d), *read_run(d)) for d in run_dirs]
-  metric = data[0][2]
-  panels = [p for p in PANELS if p[1] != "noise_scale" or any("noise_scale" in r for _, rows, _ in data for r in rows)]
-  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-  for ax, (split, key, title) in zip(axes[0], panels):
-    for name, rows, m in data:
+  metric, own = data[0][2], data[0][3]
+  panels = [p for p in PANELS if p[1] != "noise_scale" or any("noise_scale" in r for _, rows, *_ in data for r in rows)]
+  panels[1:1] = [("train", key, f"train {key}") for key in own]  # the task's, e.g. grpo's reward and KL
+  cols = min(len(panels), 4)
+  rows_of_panels = -(-len(panels) // cols)
+  fig, axes = plt.subplots(rows_of_panels, cols, figsize=(4.2 * cols, 3.6 * rows_of_panels), squeeze=False)
+  for ax in axes.flat[len(panels):]:
+    ax.set_visible(False)
+  for ax, (split, key, title) in zip(axes.flat, panels):
+    for name, rows, m, _ in data:
       _curve(ax, [r for r in rows if r.get("split") == split], key or m, name)
     ax.set_title(title.format(metric=metric))
     ax.set_xlabel("step")

@@ -107,7 +107,8 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
         m["phase"], m["compiles"] = k, _compiles(train_step)
         writer.write(step, "train", m)
         noise = f"  noise scale {m['noise_scale']:.0f}" if "noise_scale" in m else ""
-        progress.update(bar, completed=step, info=f"{phase.name} loss {m['loss']:.4f}  "
+        own = "".join(f"  {key} {float(np.mean(m[key])):.3f}" for key in task.train_metrics if key in m)
+        progress.update(bar, completed=step, info=f"{phase.name} loss {m['loss']:.4f}{own}  "
                         f"{m['examples_per_s']:.1f} ex/s{noise}")
         if "noise_scale" in m:
           last_noise[k] = (step, m)

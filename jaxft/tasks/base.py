@@ -40,6 +40,7 @@ class Task:
   metrics = ("loss",)  # validation metrics finalize returns
   best_metric = "loss"  # the default train.best_metric
   lower_is_better = ("loss",)
+  train_metrics = ()  # the train step's own metrics beside its loss, drawn by jaxft plot
   cacheable = False  # features of a frozen backbone can be computed once per example
   packs_eval = True  # where it packs: evaluation packs too (eval_rows, if any, are per slot: [R, K, ...])
   generates = False  # evaluation also scores generated text (score; causal LMs: generate.py)

@@ -17,7 +17,8 @@ time), and travel with the examples. With LoRA that model is the base with the a
 starts equal to it.
 
 Loss, with h = (log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected)):
-  sigmoid (DPO): -log sigmoid(beta h);   ipo: (h' - 1 / (2 beta))^2, h' of per-token mean log-probabilities.
+  sigmoid (DPO): -log sigmoid(beta h);   ipo: (h' - 1 / (2 beta))^2, h' of per-token mean log-probabilities;
+  plus, with task.rpo_alpha (RPO, Pang et al. 2024; TRL's rpo_alpha), alpha times the chosen answer's mean NLL.
 Metrics: loss, reward accuracy (the share of pairs with h > 0), reward margin (beta h), and the exact match of
 the answer generated greedily from the prompt against the chosen answer (as SFT's).
 """
@@ -46,11 +47,13 @@ class Config(Generation, TaskConfig):
   rejected_column: str = "rejected"
   beta: float = 0.1  # how far from the reference the policy may move: the KL penalty's weight
   loss: str = "sigmoid"  # sigmoid (DPO) | ipo
+  rpo_alpha: float = 0.0  # RPO (Pang et al. 2024): plus this times the chosen answer's mean token NLL
   eval_examples: int | None = 200  # generate answers for this many examples of each evaluated split; None: all
 
   def check(self) -> None:
     self.check_generation()
     self.require(self.beta > 0, f"config key 'task.beta' must be > 0, got {self.beta}")
+    self.require(self.rpo_alpha >= 0, f"config key 'task.rpo_alpha' must be >= 0, got {self.rpo_alpha}")
     self.require(self.loss in LOSSES, f"config key 'task.loss' must be one of {', '.join(LOSSES)}, got {self.loss!r}")
     self.require(self.eval_examples is None or self.eval_examples > 0,
                  f"config key 'task.eval_examples' must be > 0 (or null: all), got {self.eval_examples}")
@@ -66,21 +69,24 @@ def pair_logps(logits_BxPxV, batch):
   return sums_BxC.reshape(B, K, 2), member_BxPxC.sum(1).reshape(B, K, 2)
 
 
-def preference(logps_BxKx2, counts_BxKx2, reference_BxKx2, beta: float, loss: str):
-  """(per-pair loss [B, K], h [B, K]): the policy's log-ratio margin over the reference's, and its loss."""
+def preference(logps_BxKx2, counts_BxKx2, reference_BxKx2, beta: float, loss: str, rpo_alpha: float = 0.0):
+  """(per-pair loss [B, K], h [B, K]): the policy's log-ratio margin over the reference's, and its loss (plus
+  rpo_alpha times the chosen side's mean token NLL)."""
   h_BxK = (logps_BxKx2[..., 0] - reference_BxKx2[..., 0]) - (logps_BxKx2[..., 1] - reference_BxKx2[..., 1])
-  if loss == "sigmoid":
-    return -jax.nn.log_sigmoid(beta * h_BxK), h_BxK
   n_BxKx2 = jnp.maximum(counts_BxKx2, 1.0)
+  nll_BxK = -logps_BxKx2[..., 0] / n_BxKx2[..., 0]
+  if loss == "sigmoid":
+    return -jax.nn.log_sigmoid(beta * h_BxK) + rpo_alpha * nll_BxK, h_BxK
   mean_h_BxK = ((logps_BxKx2[..., 0] - reference_BxKx2[..., 0]) / n_BxKx2[..., 0]
                 - (logps_BxKx2[..., 1] - reference_BxKx2[..., 1]) / n_BxKx2[..., 1])
-  return (mean_h_BxK - 1.0 / (2.0 * beta)) ** 2, h_BxK
+  return (mean_h_BxK - 1.0 / (2.0 * beta)) ** 2 + rpo_alpha * nll_BxK, h_BxK
 
 
 class DPO(SFT):
   metrics = ("loss", "reward_accuracy", "reward_margin", "exact_match")
   best_metric = "loss"
   lower_is_better = ("loss",)
+  train_metrics = ("reward_accuracy", "reward_margin")
 
   def __init__(self, cfg, backbone, source, log=print):
     super().__init__(cfg, backbone, source, log)
@@ -188,7 +194,7 @@ class DPO(SFT):
   def _terms(self, logits_BxPxV, batch):
     t = self.cfg.task
     logps, counts = pair_logps(logits_BxPxV, batch)
-    losses_BxK, h_BxK = preference(logps, counts, batch["reference"], t.beta, t.loss)
+    losses_BxK, h_BxK = preference(logps, counts, batch["reference"], t.beta, t.loss, t.rpo_alpha)
     w_BxK = batch["weights"]
     return {"loss_sum": jnp.sum(losses_BxK * w_BxK), "count": jnp.sum(w_BxK),
             "correct": jnp.sum((h_BxK > 0) * w_BxK), "margin_sum": jnp.sum(t.beta * h_BxK * w_BxK)}

@@ -14,7 +14,9 @@ by the loop before the step):
   3. normalises rewards within each group: A = (r - mean) / (std + 1e-4), or (task.normalise: dr_grpo, Liu
      et al. 2025) A = r - mean;
   4. computes the reference's per-token log-probabilities (the model as loaded: with LoRA, the base with the
-     adapters off; no second copy of the weights, these are the loaded ones).
+     adapters off; else one kept copy of the loaded weights).
+Each prompt's pass runs once and its KV cache is copied to its group's completions (`grouped`), in sampling, in
+the reference's pass and in the step; every rollout has one shape, so each compiles once.
 The loss per completion token is the clipped policy gradient -min(rho A, clip(rho, 1 - eps, 1 + eps) A) plus
 task.kl times the KL estimate exp(ref - logp) - (ref - logp) - 1; a completion's loss is its tokens' mean
 (grpo) or their sum over task.max_new_tokens (dr_grpo, no length bias), and the step's the mean over
@@ -135,6 +137,7 @@ def policy_loss(logits_BxGxSxV, batch, kl: float, clip: float, normalise: str, m
 class GRPO(SFT):
   metrics = ("loss", "perplexity", "token_accuracy", "exact_match", "reward")
   best_metric = "reward"
+  train_metrics = ("reward", "reward_std", "kl", "completion_length")
   on_policy = True
 
   def __init__(self, cfg, backbone, source, log=print):

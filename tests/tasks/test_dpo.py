@@ -41,7 +41,7 @@ def dpo_cfg(tiny_llama, pairs, tmp_path):
 
 def test_loss_equals_a_hand_computed_case():
   """Two pairs in one row's two slots (slot 1 of row 0 empty in the second row): log-probabilities summed per
-  side, h against the reference, -log sigmoid(beta h) and IPO's per-token version."""
+  side, h against the reference, -log sigmoid(beta h), IPO's per-token version and RPO's NLL term."""
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(2, 6, 5)).astype(np.float32)
   labels = rng.integers(0, 5, (2, 6)).astype(np.int32)
@@ -70,6 +70,9 @@ def test_loss_equals_a_hand_computed_case():
   mean_h = (want[..., 0] - reference[..., 0]) / c[..., 0] - (want[..., 1] - reference[..., 1]) / c[..., 1]
   np.testing.assert_allclose(dpo.preference(logps, n, reference, beta, "ipo")[0], (mean_h - 1 / (2 * beta)) ** 2,
                              rtol=1e-5, atol=1e-6)
+  # RPO: plus alpha times the chosen answer's mean token NLL
+  np.testing.assert_allclose(dpo.preference(logps, n, reference, beta, "sigmoid", 0.5)[0],
+                             np.log1p(np.exp(-beta * h)) - 0.5 * want[..., 0] / c[..., 0], rtol=1e-5, atol=1e-6)
 
 
 def test_pairs_share_a_row_and_the_reference_is_the_model_loaded(dpo_cfg):

@@ -115,6 +115,9 @@ def test_grpo_run_raises_the_reward(grpo_cfg, tmp_path):
   assert train_rows[-1]["reward"] > 2 * train_rows[0]["reward"] > 0, train_rows
   assert train_rows[-1]["kl"] > train_rows[0]["kl"]
   assert {"reward", "exact_match", "loss"} <= set(rows(tmp_path / "run", "test")[0])
+  from jaxft import plots  # jaxft plot draws grpo's own metrics beside the loss
+  assert plots.read_run(tmp_path / "run")[1:] == ("reward", grpo.GRPO.train_metrics)
+  assert plots.runs([tmp_path / "run"], tmp_path / "plot.png").stat().st_size > 20_000
 
 
 @pytest.mark.parametrize("reward,says", [("raises", "raised ValueError: no score for this one"),
