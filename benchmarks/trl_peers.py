@@ -68,8 +68,10 @@ def run_trl(config: str, data: Path, steps: int, threads: int | None) -> None:
                 lr_scheduler_type=optim.get("schedule", "linear"), weight_decay=float(optim.get("weight_decay", 0.0)),
                 logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False, seed=0)
   if task["name"] == "dpo":
+    rpo = float(task.get("rpo_alpha", 0.0))  # RPO: TRL's sigmoid + sft losses, the sft one weighed by alpha
+    losses = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, rpo]) if rpo else {}
     args = trl.DPOConfig(**common, per_device_train_batch_size=train["batch_size"], beta=task.get("beta", 0.1),
-                         max_length=cfg["data"]["max_length"] // 2, precompute_ref_log_probs=True)
+                         max_length=cfg["data"]["max_length"] // 2, precompute_ref_log_probs=True, **losses)
     trainer = trl.DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
   else:
     G = task.get("group_size", 8)
