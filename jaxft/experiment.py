@@ -267,7 +267,7 @@ def build(cfg, log=print, platform: str | None = None, length_key: str = "data.m
   reps = replicas.of(cfg, phases, platform)
   for k, phase in enumerate(phases):
     phases_lib.check_cacheable(phase, task, phases[:k] if reps else ())
-  buckets = cfg.data.buckets or batching.derived_buckets(cfg.data.max_length)
+  buckets = batching.length_buckets(cfg.data)
   exp = Experiment(cfg=cfg, backbone=backbone, task=task, splits=splits, phases=phases, apply=apply,
                    features=features, head_apply=head_apply, buckets=buckets, best_metric=best,
                    lower_is_better=best in task.lower_is_better, pack=_packing(cfg.data.pack, task, backbone),

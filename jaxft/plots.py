@@ -1,6 +1,7 @@
 """PNG plots (matplotlib, the `plot` extra): `jaxft plot RUN_DIR...` draws runs' metrics.jsonl against
-steps, overlaid (with the first run's task's own train metrics: grpo's reward, KL, ...); `jaxft interpolate` draws its WiSE-FT curve. A seed-vectorised run's curves are the
-replicas' mean, with their 95% confidence band."""
+steps, overlaid (with the first run's task's own train metrics: grpo's reward, KL, ...); `jaxft interpolate`
+draws its WiSE-FT curve. A seed-vectorised run's curves are the replicas' mean, with their 95% confidence
+band."""
 import json
 from pathlib import Path
 

@@ -32,6 +32,11 @@ def derived_buckets(max_length: int) -> list[int]:
   return [b for b in sorted(series) if b < max_length] + [max_length]
 
 
+def length_buckets(data_cfg) -> list[int]:
+  """The bucket lengths batches pad to: data.buckets, else derived from data.max_length."""
+  return data_cfg.buckets or derived_buckets(data_cfg.max_length)
+
+
 def collate(ex, idx, buckets, task_collate, batch_size: int | None = None, epoch: int | None = None,
             seed: int | None = None) -> dict:
   """Examples `idx`, padded by the task to one bucket length; rows past len(idx) (up to batch_size)

@@ -146,7 +146,7 @@ class DPO(SFT):
     size, start = self.cfg.train.eval_batch_size, time.time()
     out = np.zeros((len(ex), 2), np.float32)
     order = np.argsort(ex.lengths, kind="stable")  # similar lengths together: few padded tokens, few shapes
-    buckets = self.cfg.data.buckets or batching.derived_buckets(self.cfg.data.max_length)
+    buckets = batching.length_buckets(self.cfg.data)
     for s in range(0, len(ex), size):
       idx = order[s:s + size]
       length = batching.bucket(int(ex.lengths[idx].max()), buckets)

@@ -145,8 +145,10 @@ class GRPO(SFT):
     self.reward = reward_function(cfg.task)
     if cfg.train.seeds or jax.process_count() > 1:
       raise JaxftError("task.name grpo runs in one process and without train.seeds (not yet supported)")
-    logits_of = lambda params, batch, train, rng, state: (  # noqa: E731 (the backbone's outputs -> logits)
-        lambda out, state: (out["logits"], state))(*backbone.apply(params, batch, train, rng, state))
+    def logits_of(params, batch, train, rng, state):  # the backbone's apply, giving logits as the task's does
+      out, state = backbone.apply(params, batch, train, rng, state)
+      return out["logits"], state
+
     ref = grouped(logits_of, backbone.new_cache)
     self._reference = jax.jit(lambda params, batch: -nll(ref(params, batch, False, None, backbone.state)[0],
                                                          batch["labels"]))
