@@ -4,8 +4,6 @@ working fails here. The lines whose models or data take minutes are in ELSEWHERE
 import json
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +17,8 @@ ELSEWHERE = {  # a README line's first words -> the test that runs its model and
     "jaxft train configs/vision_fashion_mnist.yaml": "tests/tasks/test_image_classification.py",
     "python benchmarks/make_qa_data.py": "tests/tasks/test_question_answering.py",
     "jaxft train configs/lm_austen.yaml": "tests/tasks/test_causal_lm.py (SmolLM2, slow)",
-    "python benchmarks/make_sft_data.py": "test_readme_lm_lines_run below (SmolLM2 SFT and DPO, slow)",
-    "jaxft train configs/grpo_sentiment.yaml": "test_readme_lm_lines_run below (SmolLM2 GRPO, slow)",
+    "python benchmarks/make_sft_data.py": "tests/test_readme_lm_runs.py (SmolLM2 SFT and DPO, slow)",
+    "jaxft train configs/grpo_sentiment.yaml": "tests/test_readme_lm_runs.py (SmolLM2 GRPO, slow)",
     "jaxft generate": "tests/tasks/test_causal_lm.py (SmolLM2 generation, slow)",
     "jaxft eval configs/ner_wnut16.yaml": "tests/tasks/test_token_classification.py (WNUT-16, slow)",
     "jaxft train data.name=tfds:imdb_reviews": "tests/data/test_tfds.py (a TFDS dataset prepared offline)",
@@ -58,27 +56,3 @@ def test_readme_usage_lines_run(tmp_path):
   out = {" ".join(args[:3]): r.stdout for args, r in zip(calls, results)}
   assert re.search(r"^test loss .* accuracy [\d.]+ ± [\d.]+ .*\(5 seeds\)$", out["train train.seeds=5 run_dir=runs/5seeds"], re.M)
   assert (tmp_path / "lora_merged" / "config.json").is_file() and (tmp_path / "runs" / "default" / "plot.png").is_file()
-
-
-@pytest.mark.slow
-@pytest.mark.registry
-def test_readme_lm_lines_run(tmp_path):
-  """README's SFT, DPO and GRPO lines on the real SmolLM2-135M-Instruct GGUF and the movie reviews, as typed, with
-  a few examples each: the data made, each trained, its test metrics printed."""
-  (tmp_path / "configs").symlink_to(ROOT / "configs")
-  lines = [line for line in usage_lines() if " ".join(line[0]).startswith(
-      ("python benchmarks/make_sft_data.py", "jaxft train configs/grpo_sentiment.yaml"))]
-  assert len(lines) == 3
-  calls = []
-  for args in (args for line in lines for args in line):
-    if args[0] == "python":
-      made = subprocess.run([sys.executable, str(ROOT / args[1]), *args[2:]], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=600)
-      assert made.returncode == 0, made.stderr[-2000:]
-    else:
-      calls.append(args[1:] + ["data.limit={train: 16, validation: 8, test: 8}", "task.eval_examples=8"])
-  results = jaxft_calls(calls, timeout=1800, cwd=tmp_path)
-  for args, r in zip(calls, results):
-    assert r.returncode == 0, f"jaxft {' '.join(args)}: exit {r.returncode}\n{r.stderr[-2000:]}"
-    assert re.search(r"^test loss .*exact_match [\d.]+", r.stdout, re.M), (args, r.stdout)
-  assert "reward_accuracy" in results[1].stdout and "reward" in results[2].stdout

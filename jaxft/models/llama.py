@@ -376,16 +376,21 @@ def visibility(batch: dict, segments: bool = False):
   """What attends to what in a training / evaluation batch: packed rows (segment_ids) a [B, 1, L, L] mask,
   causal and inside each segment; padded rows (attention_mask): their lengths [B] (causal attention).
   segments: segment ids [B, L] for the splash kernel instead (packed rows' own, 0 for padding; padded rows: 1
-  for tokens, 0 for padding)."""
-  if segments:
+  for tokens, 0 for padding). `branch_ids` [B, L] (with segment_ids) make each segment a tree: a token of
+  branch b > 0 sees its segment's shared tokens (branch 0) and its own branch's, never a sibling's (DPO's
+  chosen and rejected answers after one prompt); the splash kernel has no such mask, so XLA attends."""
+  if segments and "branch_ids" not in batch:
     ids_BxL = batch["input_ids"]
     segments_BxL = batch.get("segment_ids", batch.get("attention_mask"))
     return (jnp.ones_like(ids_BxL) if segments_BxL is None else segments_BxL).astype(jnp.int32)
   if "segment_ids" in batch:
     seg_BxL = batch["segment_ids"]
     L = seg_BxL.shape[1]
-    causal_LxL = jnp.tril(jnp.ones((L, L), bool))
-    return ((seg_BxL[:, :, None] == seg_BxL[:, None, :]) & causal_LxL)[:, None]
+    visible_BxLxL = (seg_BxL[:, :, None] == seg_BxL[:, None, :]) & jnp.tril(jnp.ones((L, L), bool))
+    if "branch_ids" in batch:
+      branch_BxL = batch["branch_ids"]
+      visible_BxLxL &= (branch_BxL[:, None, :] == 0) | (branch_BxL[:, :, None] == branch_BxL[:, None, :])
+    return visible_BxLxL[:, None]
   mask_BxL = batch.get("attention_mask")
   lengths_B = (jnp.full(batch["input_ids"].shape[:1], batch["input_ids"].shape[1], jnp.int32) if mask_BxL is None
                else mask_BxL.sum(-1).astype(jnp.int32))
@@ -576,7 +581,7 @@ def load(path: Path, mcfg, compute_dtype: str = "float32", seed: int = 0, platfo
       name=str(path), key=config.model_type, params=params, apply=make_apply(module, kernel), processor=tokenizer,
       config=config, conventions=CONVENTIONS, save=save, hidden_size=config.hidden_size,
       num_layers=config.num_hidden_layers, init_scale=config.initializer_range, head_dropout=0.0, packs=True,
-      inputs=("input_ids", "attention_mask", "position_ids", "segment_ids"),
+      inputs=("input_ids", "attention_mask", "position_ids", "segment_ids", "branch_ids"),
       new_cache=lambda batch, length: new_cache(config, batch, length, jnp.dtype(compute_dtype)),
       train_flops=functools.partial(token_flops, config, tied_output=config.tie_word_embeddings),
       kept_blocks=(lambda: {name.replace(".", "/"): leaves for name, leaves in llama_gguf.kept_blocks(path).items()})

@@ -6,10 +6,14 @@ the assistant's answer; or messages: the turns that follow the prompt, or, with 
 ending with an assistant turn). Each side is rendered as SFT renders a conversation (the tokenizer's chat
 template) and its last assistant turn is what is scored: log pi(y | x), summed over its tokens.
 
-One row holds a pair: prompt + chosen and prompt + rejected as two segments (positions restarting, attention
-never crossing), so both sides of an example are always in the same batch, micro-batch and device; packed
-(data.pack), several pairs share a row (slot k's sides are segments 2k + 1 and 2k + 2). data.max_length is a
-row: each side is cut at half of it. Logits are computed at the scored tokens only (`logit_positions`).
+A pair is one segment of a row, a tree: the tokens both sides share (the prompt, up to where the two renderings
+first differ) once, then the chosen side's remaining tokens, then the rejected side's (`branch_ids` 1 and 2:
+each sees the shared tokens and its own, positions of both continuing from the shared end). The prompt's
+forward pass runs once for both sides (a movie review and a one-word answer: half the tokens of two rows),
+and both sides are always in the same batch, micro-batch and device. Logits are computed at the scored
+positions only (`logit_positions`): the shared last token's predicts the first answer token of either side, so
+it is listed for each. Packed (data.pack), several pairs share a row (slot k's sides score codes 2k + 1 and
+2k + 2). Each side is cut at half of data.max_length, so a pair always fits a row.
 
 The reference model costs no second copy of the weights: its log-probabilities of every pair are computed
 once, when the data is encoded, with the model as loaded (one forward pass over every split, logged with its
@@ -33,7 +37,7 @@ from jaxft.config import TaskConfig
 from jaxft.data import batching, packing
 from jaxft.errors import JaxftError
 from jaxft.tasks.base import Examples, nll, where
-from jaxft.tasks.causal_lm import Generation, logit_slots, require_targets, shifted
+from jaxft.tasks.causal_lm import Generation, require_targets
 from jaxft.tasks.sft import SFT, is_conversation
 
 LOSSES = ("sigmoid", "ipo")
@@ -82,6 +86,24 @@ def preference(logps_BxKx2, counts_BxKx2, reference_BxKx2, beta: float, loss: st
   return (mean_h_BxK - 1.0 / (2.0 * beta)) ** 2 + rpo_alpha * nll_BxK, h_BxK
 
 
+def tree(c_ids, c_targets, r_ids, r_targets):
+  """One pair as a tree (ids, branch, positions, scored [M, 3]): the shared tokens, then the chosen side's
+  rest (branch 1), then the rejected side's (branch 2); scored lists (the position whose logits predict the
+  token, the token, side 1 or 2) for every trained token of either side."""
+  n = min(len(c_ids), len(r_ids))
+  shared = int(np.argmin(c_ids[:n] == r_ids[:n])) if np.any(c_ids[:n] != r_ids[:n]) else n
+  ids = np.concatenate([c_ids, r_ids[shared:]])
+  branch = np.r_[np.zeros(shared, np.int32), np.full(len(c_ids) - shared, 1, np.int32),
+                 np.full(len(r_ids) - shared, 2, np.int32)]
+  positions = np.r_[np.arange(len(c_ids)), np.arange(shared, len(r_ids))].astype(np.int32)
+  c_at = np.flatnonzero(c_targets[1:])  # token j + 1 is predicted at position j
+  r_at = np.flatnonzero(r_targets[1:])
+  r_row = np.where(r_at < shared, r_at, r_at - shared + len(c_ids))  # where the rejected side's positions are
+  scored = np.concatenate([np.stack([c_at, c_ids[c_at + 1], np.full_like(c_at, 1)], 1),
+                           np.stack([r_row, r_ids[r_at + 1], np.full_like(r_at, 2)], 1)]).astype(np.int32)
+  return ids.astype(np.int32), branch, positions, scored
+
+
 class DPO(SFT):
   metrics = ("loss", "reward_accuracy", "reward_margin", "exact_match")
   best_metric = "loss"
@@ -122,17 +144,18 @@ class DPO(SFT):
     half = d.max_length // 2
     (c_ids, c_t, prompts, c_cut), (r_ids, r_t, _, r_cut) = (self.tokenized(convs, origins, half, last_turn=True)
                                                             for convs in (chosen, rejected))
-    ids = [np.concatenate(x) for x in zip(c_ids, r_ids, strict=True)]
-    targets = [np.concatenate(x) for x in zip(c_t, r_t, strict=True)]
-    ex = Examples(np.array([len(x) for x in ids]),
-                  {"ids": ids, "targets": targets, "split": np.array([len(x) for x in c_ids], np.int32)},
-                  meta={"prompts": prompts, "answers": [c[-1]["content"] for c in chosen]})
     for side_targets in (c_t, r_t):
-      require_targets(Examples(ex.lengths, {"targets": side_targets}), records, split,
+      require_targets(Examples(np.zeros(len(records)), {"targets": side_targets}), records, split,
                       f"its chosen or rejected answer starts past half of data.max_length={d.max_length}")
+    trees = [tree(*sides) for sides in zip(c_ids, c_t, r_ids, r_t, strict=True)]
+    ex = Examples(np.array([len(ids) for ids, *_ in trees]),
+                  {name: [t[n] for t in trees] for n, name in enumerate(("ids", "branch", "positions", "scored"))},
+                  meta={"prompts": prompts, "answers": [c[-1]["content"] for c in chosen]})
     ex.fields["reference"] = self.reference(ex, split)
-    self.log(f"{split}: {len(ids):,} preference pairs, {sum(len(x) for x in ids):,} tokens"
-             + (f"; {c_cut + r_cut} sides cut at half of data.max_length={d.max_length}" if c_cut + r_cut else ""))
+    shared = sum(len(c) + len(r) for c, r in zip(c_ids, r_ids, strict=True)) - int(ex.lengths.sum())
+    self.log(f"{split}: {len(ex):,} preference pairs, {int(ex.lengths.sum()):,} tokens ({shared:,} shared by both "
+             f"sides, run once)" + (f"; {c_cut + r_cut} sides cut at half of data.max_length={d.max_length}"
+                                    if c_cut + r_cut else ""))
     return ex
 
   def reference(self, ex: Examples, split: str) -> np.ndarray:
@@ -160,24 +183,28 @@ class DPO(SFT):
     return self.collate_packed(ex, packing.Plan(rows, length, 1))
 
   def collate_packed(self, ex, p):
-    """Rows of pairs: slot k's chosen and rejected are segments 2k + 1 and 2k + 2, positions from 0 in each."""
+    """Rows of pairs, slot k's tree its segment k + 1; the logits at each scored position (padded with code 0
+    to a bound on any row of the split, rounded to 8: one shape per row length)."""
+    if "scored_desc" not in ex.meta:
+      ex.meta["scored_desc"] = np.sort([len(s) for s in ex.fields["scored"]])[::-1]
+    slots = -(-int(ex.meta["scored_desc"][:p.slots].sum()) // 8) * 8
     ids_RxL = np.full((p.num_rows, p.length), self.pad_id, np.int32)
-    segments_RxL, positions_RxL, codes_RxL = (np.zeros((p.num_rows, p.length), np.int32) for _ in range(3))
+    segments_RxL, branches_RxL, positions_RxL = (np.zeros((p.num_rows, p.length), np.int32) for _ in range(3))
+    at_RxP, labels_RxP, codes_RxP = (np.zeros((p.num_rows, slots), np.int32) for _ in range(3))
     for r, row in enumerate(p.rows):
+      n = 0
       for i, k, offset in row:
-        x, t, cut = ex.fields["ids"][i], ex.fields["targets"][i], int(ex.fields["split"][i])
-        end = offset + len(x)
-        ids_RxL[r, offset:end] = x
-        side_L = np.where(np.arange(len(x)) < cut, 2 * k + 1, 2 * k + 2)
-        segments_RxL[r, offset:end] = side_L
-        positions_RxL[r, offset:end] = np.r_[np.arange(cut), np.arange(len(x) - cut)]
-        codes_RxL[r, offset:end] = side_L * t
-    fields = shifted(ids_RxL, codes_RxL, logit_slots(ex, p.length, p.slots))
+        f = {name: ex.fields[name][i] for name in ("ids", "branch", "positions", "scored")}
+        end, m = offset + len(f["ids"]), len(f["scored"])
+        ids_RxL[r, offset:end], branches_RxL[r, offset:end] = f["ids"], f["branch"]
+        segments_RxL[r, offset:end], positions_RxL[r, offset:end] = k + 1, f["positions"]
+        at_RxP[r, n:n + m] = offset + f["scored"][:, 0]
+        labels_RxP[r, n:n + m], codes_RxP[r, n:n + m] = f["scored"][:, 1], 2 * k + f["scored"][:, 2]
+        n += m
     index_RxK = p.index
     return {"input_ids": ids_RxL, "attention_mask": (segments_RxL > 0).astype(np.int32), "position_ids": positions_RxL,
-            "segment_ids": segments_RxL, "labels": fields["labels"], "codes": fields.pop("weights").astype(np.int32),
-            **({"logit_positions": fields["logit_positions"]} if "logit_positions" in fields else {}),
-            "weights": (index_RxK >= 0).astype(np.float32),
+            "segment_ids": segments_RxL, "branch_ids": branches_RxL, "logit_positions": at_RxP, "labels": labels_RxP,
+            "codes": codes_RxP, "weights": (index_RxK >= 0).astype(np.float32),
             "reference": packing.per_example(ex.fields.get("reference", np.zeros((len(ex), 2), np.float32)),
                                              index_RxK)}
 

@@ -76,20 +76,46 @@ def test_loss_equals_a_hand_computed_case():
 
 
 def test_pairs_share_a_row_and_the_reference_is_the_model_loaded(dpo_cfg):
-  """Each pair is one row's two segments (positions restart; only the answers are scored); the reference's
+  """Each pair is one segment of a row: the shared prompt once, then the chosen and the rejected answer as
+  branches whose positions both continue the prompt's (only the answers are scored); the reference's
   log-probabilities are the loaded model's, so a LoRA policy (adapters at zero) starts at h = 0: loss log 2."""
   exp = build(dpo_cfg("lora.preset=all", "lora.rank=4"), **QUIET)
   ex, tok = exp.splits["train"], exp.backbone.processor
   batch = batching.collate(ex, np.arange(4), [64], exp.task.collate)
-  row = batch["segment_ids"][0]
-  assert set(row[row > 0]) == {1, 2} and batch["position_ids"][0][row == 2][0] == 0
-  codes = np.zeros_like(batch["input_ids"])
-  np.put_along_axis(codes, batch["logit_positions"] + 1, batch["codes"], axis=1)  # the token each position predicts
-  text = {s: tok.decode(batch["input_ids"][0][codes[0] == s]) for s in (1, 2)}
+  seg, branch, pos = batch["segment_ids"][0], batch["branch_ids"][0], batch["position_ids"][0]
+  assert set(seg[seg > 0]) == {1} and set(branch[seg > 0]) == {0, 1, 2}
+  shared = int((branch[seg > 0] == 0).sum())
+  assert pos[branch == 1][0] == pos[branch == 2][0] == shared  # both answers continue the prompt
+  text = {s: tok.decode(batch["labels"][0][batch["codes"][0] == s]) for s in (1, 2)}
   assert {text[1].split("<")[0].strip(), text[2].split("<")[0].strip()} == {"positive", "negative"}, text
   assert np.all(ex.fields["reference"] < 0)
   loss, _ = grads_and_loss(exp, batch)
   np.testing.assert_allclose(loss, math.log(2), rtol=1e-5)
+
+
+def test_shared_prompt_tree_equals_two_separate_sequences(dpo_cfg):
+  """A pair's log-probabilities from its tree (one pass over the prompt, packed or not) equal those of
+  prompt + chosen and prompt + rejected run as two ordinary sequences."""
+  exp = build(dpo_cfg(), **QUIET)
+  task, bb = exp.task, exp.backbone
+  records = [json.loads(line) for line in open(exp.cfg.data.train).read().splitlines()[:6]]
+  origins = [f"r{i}" for i in range(len(records))]
+  want = np.zeros((len(records), 2))
+  for s, convs in enumerate(task._sides(records, "train")):
+    ids, targets, _, _ = task.tokenized(convs, origins, exp.cfg.data.max_length // 2, last_turn=True)
+    for i, (x, t) in enumerate(zip(ids, targets, strict=True)):
+      logits = bb.apply(bb.params, {"input_ids": jnp.asarray(x)[None]}, False, None, bb.state)[0]["logits"][0]
+      logp = jax.nn.log_softmax(logits[:-1], -1)[np.arange(len(x) - 1), x[1:]]
+      want[i, s] = float(jnp.sum(logp * t[1:]))
+  ex = task.encode(records, "train")
+  assert ex.lengths.sum() < sum(len(x) for x in ids) * 1.2  # the prompt once: about half of two sequences
+  logps = jax.jit(lambda b: dpo.pair_logps(bb.apply(bb.params, b, False, None, bb.state)[0]["logits"], b)[0])
+  one = logps(batching.collate(ex, np.arange(6), [128], task.collate))
+  np.testing.assert_allclose(np.asarray(one)[:, 0], want, rtol=1e-5)
+  packed = batching.collate_packed(ex, np.arange(6), task.collate_packed, 256, PACK_SLOTS, 2)
+  index = packed["index"]
+  np.testing.assert_allclose(np.asarray(logps(packed))[index >= 0], want[index[index >= 0]], rtol=1e-5)
+  np.testing.assert_allclose(ex.fields["reference"], want, rtol=1e-5)
 
 
 def test_packed_pairs_equal_one_pair_a_row(dpo_cfg):
