@@ -112,6 +112,7 @@ class TrainConfig:
   #                             stop (the run, naming the step) | skip_step (go on, counting them)
   seeds: int | list[int] | None = None  # N: replicas of seeds seed .. seed + N - 1 (or a list of seeds)
   replica_chunk: int | None = None  # replicas per vmapped call (null: all on accelerators, 1 on CPU)
+  sweep: dict | None = None  # {optim key: [values]}: every combination a replica (each x train.seeds), one step
   #                                          trained side by side in one compiled step (replicas.py)
 
 
@@ -406,6 +407,29 @@ def override(cfg: Config, overrides, copy_: bool = True) -> Config:
   return cfg
 
 
+def check_sweep(cfg: Config, check) -> None:
+  """train.sweep: optim keys that a replica can hold its own value of (optim.SWEEPABLE), each a list of
+  distinct numbers; whatever changes shapes or the program (batch, lengths, freezing, the optimizer's kind)
+  is one value per run."""
+  from jaxft import optim
+  sweep = cfg.train.sweep
+  if sweep is None:
+    return
+  check(isinstance(sweep, dict) and sweep, f"config key 'train.sweep' must map config keys to lists of values, "
+        f"got {sweep!r}")
+  sweepable = [f"optim.{k}" for k in optim.SWEEPABLE]
+  for key, values in sweep.items():
+    check(key in sweepable, f"config key 'train.sweep': {key} cannot differ between the replicas of one compiled "
+          f"step (it changes shapes or the program, or is not sweepable yet); sweepable: {', '.join(sweepable)}")
+    check(isinstance(values, list) and values and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                      for v in values) and len(set(values)) == len(values),
+          f"config key 'train.sweep.{key}' must be a list of distinct numbers, got {values!r}")
+  check(not (cfg.phases or cfg.phases_preset), "config key 'train.sweep' with phases: not supported yet (a swept "
+        "value's phase is ambiguous); sweep a single-phase run")
+  check("optim.weight_decay" not in sweep or cfg.optim.name != "adafactor",
+        "config key 'train.sweep': optim.weight_decay with optim.name adafactor (its decay is not a traced value)")
+
+
 def validate(cfg: Config) -> None:
   """Value checks that types alone do not catch."""
   def check(ok, msg):
@@ -479,12 +503,14 @@ def validate(cfg: Config) -> None:
   seeds = cfg.train.seeds
   check(seeds is None or (seeds >= 1 if isinstance(seeds, int) else len(seeds) >= 1 and len(set(seeds)) == len(seeds)),
         f"config key 'train.seeds' must be a count >= 1 or a list of distinct seeds, got {seeds!r}")
+  check_sweep(cfg, check)
   check(cfg.train.replica_chunk is None or cfg.train.replica_chunk >= 1,
         f"config key 'train.replica_chunk' must be >= 1 (or null), got {cfg.train.replica_chunk!r}")
-  check(seeds is None or cfg.parallel.backend == "jit",
-        "config key 'train.seeds' needs parallel.backend=jit (the replica axis is vmapped, not pmapped)")
-  check(seeds is None or cfg.model.weights != "random",
-        "config key 'train.seeds' needs pretrained weights: replicas share the backbone's initial values "
+  vectorised = "train.seeds" if seeds is not None else "train.sweep" if cfg.train.sweep else None
+  check(vectorised is None or cfg.parallel.backend == "jit",
+        f"config key '{vectorised}' needs parallel.backend=jit (the replica axis is vmapped, not pmapped)")
+  check(vectorised is None or cfg.model.weights != "random",
+        f"config key '{vectorised}' needs pretrained weights: replicas share the backbone's initial values "
         "(model.weights=random would initialise it per seed)")
   check(cfg.freeze_bottom_layers >= 0, "config key 'freeze_bottom_layers' must be >= 0")
   check(cfg.parallel.backend in ("jit", "pmap"),

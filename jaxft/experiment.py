@@ -89,9 +89,14 @@ class Experiment:
     make = functools.partial(self.replicas.initial_state, self.seed_state)
     return jax.eval_shape(make) if self.cfg.model.weights == "shapes" else make()
 
-  def seed_state(self, seed: int) -> TrainState:
-    """Phase 0's initial train state of one run with `seed` (its head, adapters and dropout key)."""
-    return init_state(self.init_params(seed), self.phases[0].tx, seed, self.backbone.state, self.hooks)
+  def seed_state(self, seed: int, setting: dict) -> TrainState:
+    """Phase 0's initial train state of one run with `seed` (its head, adapters and dropout key) and the values
+    of train.sweep's keys in `setting` (held in its optimizer state)."""
+    state = init_state(self.init_params(seed), self.phases[0].tx, seed, self.backbone.state, self.hooks)
+    if not setting:
+      return state
+    hparams = {key.split(".", 1)[1]: value for key, value in setting.items()}
+    return state.replace(opt_state=optim.with_hparams(state.opt_state, hparams))
 
   def train_batches(self, shards: int = 1, rows_of=lambda n: slice(None), seed: int | None = None
                     ) -> batching.TrainBatches:
@@ -274,8 +279,9 @@ def build(cfg, log=print, platform: str | None = None, length_key: str = "data.m
                    init_params=init_params, replicas=reps, platform=platform)
   if reps:
     shared = sum(x.size for p, x in rules.flat(exp.state_shapes().params).items() if p not in reps.own)
-    log(f"train.seeds: {len(reps.seeds)} replicas (seeds {', '.join(map(str, reps.seeds))}) in one step; {shared:,} "
-        "never-trained params held once for all")
+    what = (f"train.sweep: {len(set(map(str, reps.settings)))} settings x {len(set(reps.seeds))} seeds"
+            if cfg.train.sweep else f"train.seeds: {len(reps.seeds)} replicas (seeds {', '.join(map(str, reps.seeds))})")
+    log(f"{what} in one step; {shared:,} never-trained params held once for all")
   return exp
 
 

@@ -5,8 +5,10 @@ layer-wise decay) and a weight decay (optim.groups' weight_decay, else none on b
 scales, else optim.weight_decay). Leaves with equal (lr multiplier, weight decay) share one optax
 optimizer; frozen leaves get optax.set_to_zero() and hold no state.
 """
+import dataclasses
+import math
 import re
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,18 +17,25 @@ import optax
 from jaxft import rules
 
 
-def schedule(ocfg, total_steps: int, peak: float) -> optax.Schedule:
-  """Linear warmup to `peak` over warmup_ratio of the steps, then linear / cosine decay or constant."""
-  warmup = int(round(ocfg.warmup_ratio * total_steps))
-  decay_steps = max(1, total_steps - warmup)
-  after = {
-      "linear": optax.linear_schedule(peak, 0.0, decay_steps),
-      "cosine": optax.cosine_decay_schedule(peak, decay_steps),
-      "constant": optax.constant_schedule(peak),
-  }[ocfg.schedule]
-  if warmup == 0:
-    return after
-  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+def schedule(ocfg, total_steps: int, peak) -> optax.Schedule:
+  """Linear warmup to `peak` over warmup_ratio of the steps, then linear / cosine decay or constant: optax's
+  linear_schedule, cosine_decay_schedule and join_schedules, written out in jnp so that `peak` and warmup_ratio
+  may be a replica's traced values (train.sweep)."""
+  warmup = jnp.round(ocfg.warmup_ratio * total_steps)
+  decay_steps = jnp.maximum(1.0, total_steps - warmup)
+
+  def after(count):
+    if ocfg.schedule == "constant":
+      return jnp.asarray(peak, jnp.float32) * jnp.ones_like(count, jnp.float32)
+    count = jnp.minimum(count, decay_steps) if ocfg.schedule == "cosine" else jnp.clip(count, 0, decay_steps)
+    if ocfg.schedule == "cosine":
+      return peak * (0.5 * (1 + jnp.cos(jnp.pi * count / decay_steps)))
+    return peak * (1 - count / decay_steps)
+
+  def lr(count):
+    warm = (0.0 - peak) * (1 - jnp.clip(count, 0, warmup) / jnp.maximum(warmup, 1.0)) + peak
+    return jnp.where(count < warmup, warm, after(count - warmup))
+  return lr
 
 
 def scaled_lr(ocfg, batch_size: int) -> float:
@@ -56,11 +65,13 @@ def lr_multipliers(ocfg, params, conv):
   return rules.merge({p: m * ocfg.layer_decay ** (n + 1 - layer_depth(p, n, conv)) for p, m in group.items()})
 
 
-def weight_decays(ocfg, params, conv):
-  """Per-leaf weight decay: groups that set weight_decay first, then none on biases / norm scales."""
+def weight_decays(ocfg, params, conv, default=None):
+  """Per-leaf weight decay: groups that set weight_decay first, then none on biases / norm scales, else
+  `default` (optim.weight_decay unless given: None marks the leaves that take a swept one)."""
   user = [(g["match"], g["weight_decay"]) for g in ocfg.groups if "weight_decay" in g]
   no_decay = [(r, 0.0) for r in conv.no_decay]
-  return rules.apply_rules(params, user + no_decay, default=ocfg.weight_decay, strict=False)
+  return rules.apply_rules(params, user + no_decay, default=ocfg.weight_decay if default is None else default,
+                           strict=False)
 
 
 class TrustRatioState(NamedTuple):
@@ -123,28 +134,72 @@ def base_optimizer(ocfg, lr, wd: float, trust_mask) -> optax.GradientTransformat
   }[ocfg.name]()
 
 
-def group_labels(ocfg, params, freeze_labels, conv):
+SWEEPABLE = ("lr", "weight_decay", "warmup_ratio", "b1", "b2")  # optim keys a replica may hold its own of
+
+
+class SweptState(NamedTuple):
+  hparams: dict  # {optim key: f32 scalar}: this replica's values of the swept keys (train.sweep)
+  inner: Any  # the optimizer's own state
+
+
+def swept(build, values: dict) -> optax.GradientTransformation:
+  """An optimizer whose hyperparameters live in its state (`hparams`): build(hparams) -> the optimizer, rebuilt
+  at each update from the state's values, so that replicas of one step each train with their own (init: these
+  `values`; a replica's go in with `with_hparams`)."""
+  def init(params):
+    return SweptState(as_hparams(values), build(values).init(params))
+
+  def update(updates, state, params=None):
+    updates, inner = build(state.hparams).update(updates, state.inner, params)
+    return updates, SweptState(state.hparams, inner)
+
+  return optax.GradientTransformation(init, update)
+
+
+def as_hparams(values: dict) -> dict:
+  return {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
+
+
+def with_hparams(opt_state, values: dict):
+  """An initial optimizer state holding these values of its swept keys."""
+  return opt_state._replace(hparams=as_hparams(values))
+
+
+def group_labels(ocfg, params, freeze_labels, conv, swept_keys=()):
   """(the optimizer's label tree: 'frozen', or 'lr{mult}_wd{decay}' per trainable leaf,
-  {label: (lr multiplier, weight decay)} of the trainable labels)."""
-  mult, wd = rules.flat(lr_multipliers(ocfg, params, conv)), rules.flat(weight_decays(ocfg, params, conv))
+  {label: (lr multiplier, weight decay)} of the trainable labels). Where weight_decay is swept, the leaves
+  that take it are 'lr{mult}_wd(swept)' with decay None."""
+  sweeps_wd = "weight_decay" in swept_keys
+  mult = rules.flat(lr_multipliers(ocfg, params, conv))
+  wd = rules.flat(weight_decays(ocfg, params, conv, default=math.nan if sweeps_wd else None))
   labels, groups = {}, {}
   for p, status in rules.flat(freeze_labels).items():
     if status == "frozen":
       labels[p] = "frozen"
     else:
-      labels[p] = f"lr{mult[p]:.6g}_wd{wd[p]:.6g}"
-      groups[labels[p]] = (mult[p], wd[p])
+      decay = None if math.isnan(wd[p]) else wd[p]
+      labels[p] = f"lr{mult[p]:.6g}_wd" + ("(swept)" if decay is None else f"{decay:.6g}")
+      groups[labels[p]] = (mult[p], decay)
   return rules.merge(labels), groups
 
 
-def make_optimizer(ocfg, params, freeze_labels, total_steps: int, batch_size: int, conv):
+def make_optimizer(ocfg, params, freeze_labels, total_steps: int, batch_size: int, conv, swept_keys=()):
   """Returns (tx, lr_schedule), lr_schedule being the peak schedule that multipliers scale.
-  `conv`: the model family's Conventions (embeddings, layers, no-decay params)."""
-  lr = schedule(ocfg, total_steps, scaled_lr(ocfg, batch_size))
-  labels, groups = group_labels(ocfg, params, freeze_labels, conv)
+  `conv`: the model family's Conventions (embeddings, layers, no-decay params). swept_keys: optim keys whose
+  values each replica holds in its optimizer state (`swept`; train.sweep)."""
+  labels, groups = group_labels(ocfg, params, freeze_labels, conv, swept_keys)
   trust_mask = rules.weight_decay_mask(params, conv)  # LARS: no trust ratio on biases / norm scales
-  txs = {"frozen": optax.set_to_zero()}
-  for label, (mult, wd) in groups.items():
-    txs[label] = base_optimizer(ocfg, lambda s, m=mult: m * lr(s), wd, trust_mask)
-  clip = [optax.clip_by_global_norm(ocfg.clip_norm)] if ocfg.clip_norm > 0 else []
-  return optax.chain(*clip, optax.multi_transform(txs, labels)), lr
+
+  def build(hparams: dict):
+    o = dataclasses.replace(ocfg, **hparams) if hparams else ocfg
+    lr = schedule(o, total_steps, scaled_lr(o, batch_size))
+    txs = {"frozen": optax.set_to_zero()}
+    for label, (mult, wd) in groups.items():
+      txs[label] = base_optimizer(o, lambda s, m=mult: m * lr(s), o.weight_decay if wd is None else wd, trust_mask)
+    clip = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
+    return optax.chain(*clip, optax.multi_transform(txs, labels)), lr
+
+  tx, lr = build({})
+  if swept_keys:
+    tx = swept(lambda hparams: build(hparams)[0], {k: getattr(ocfg, k) for k in swept_keys})
+  return tx, lr

@@ -16,6 +16,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxft import replicas
 from jaxft import rules as rules_lib
 from jaxft.errors import JaxftError
 
@@ -154,7 +155,7 @@ class Parallel:
     self.axis_name = "batch" if self.pmap else None  # what the steps' collectives reduce over (jit: none, XLA's)
     self.batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
     # train.seeds: training batches [R, B, ...] hold every replica's; evaluation batches are everyone's
-    self.train_batch_sharding = NamedSharding(mesh, P(None, BATCH_AXES)) if cfg.train.seeds else self.batch_sharding
+    self.train_batch_sharding = NamedSharding(mesh, P(None, BATCH_AXES)) if replicas.vectorised(cfg) else self.batch_sharding
     self.batch_shards = n_shards = mesh.shape["data"] * mesh.shape["fsdp"]  # pieces of a batch's rows
     for key in ("batch_size", "eval_batch_size", "micro_batch_size"):
       if getattr(cfg.train, key) is None:

@@ -73,7 +73,8 @@ def build(cfg, params, n_train: int, task, conv) -> list[Phase]:
       where = f"phase '{spec.get('name', f'phase_{i}')}'" if len(specs) > 1 else "the run"
       raise JaxftError(f"{where} trains nothing: the freeze rules (freeze, train_only, freeze_embeddings, "
                        f"freeze_bottom_layers) freeze every parameter")
-    tx, lr = optim.make_optimizer(pcfg.optim, params, labels, n_steps, cfg.train.batch_size, conv)
+    swept = tuple(key.split(".", 1)[1] for key in cfg.train.sweep or {})  # optim keys: config.check_sweep
+    tx, lr = optim.make_optimizer(pcfg.optim, params, labels, n_steps, cfg.train.batch_size, conv, swept)
     phases.append(Phase(spec.get("name", f"phase_{i}"), pcfg, labels, tx, lr, int(n_steps),
                         {"patience": 1, **until} if until else None))
   return phases

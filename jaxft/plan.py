@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from jaxft import chips as chips_lib
-from jaxft import rules, runtime
+from jaxft import replicas, rules, runtime
 from jaxft.data import batching
 from jaxft.errors import JaxftError
 
@@ -319,7 +319,7 @@ class _Loops:
     """The run's batch cut to `micro` of its micro-batches (rows; a replicated run's second axis)."""
     if not micro:
       return batch
-    axis = 1 if self.cfg.train.seeds else 0  # [R, B, ...]
+    axis = 1 if replicas.vectorised(self.cfg) else 0  # [R, B, ...]
 
     def cut(x):
       shape = list(x.shape)

@@ -10,6 +10,7 @@ every replica its own batch; their shapes (packed rows, length buckets) are padd
 weight-0 rows and positions, which change no loss.
 """
 import dataclasses
+import itertools
 import math
 
 import jax
@@ -29,6 +30,7 @@ class Replicas:
   method passes its input through, so the loop, evaluation and restore are written once for both."""
   seed: int  # cfg.seed: a plain run's
   seeds: tuple = ()  # the replicas' seeds; () for a plain run
+  settings: tuple = ()  # train.sweep: each replica's values of the swept keys ({} where nothing is swept)
   own: frozenset = frozenset()  # param paths some phase trains: one copy per replica (the rest are shared)
   chunk: int | None = None  # replicas per vmapped call of the train step (`chunk`)
 
@@ -55,8 +57,10 @@ class Replicas:
     return jax.vmap(fn, in_axes=(in_axes,), out_axes=out_axes) if self else fn
 
   def initial_state(self, seed_state) -> TrainState:
-    """Phase 0's initial state: seed_state(seed) of the run, or every replica's, stacked."""
-    return stack([seed_state(s) for s in self.seeds], self.own) if self else seed_state(self.seed)
+    """Phase 0's initial state: seed_state(seed, setting) of the run, or every replica's, stacked."""
+    if not self:
+      return seed_state(self.seed, {})
+    return stack([seed_state(s, setting) for s, setting in zip(self.seeds, self.settings, strict=True)], self.own)
 
   def abstract_state(self, par, single: TrainState) -> TrainState:
     """The state's ShapeDtypeStructs on the mesh, from one replica's."""
@@ -97,8 +101,34 @@ class Replicas:
     return self.merge(self.unstack(m))
 
   def describe(self, task, metrics: dict) -> str:
-    """One log line: the task's, or each metric's mean ± 95% CI over the replicas."""
-    return describe(task.metrics, metrics) if self else task.describe(metrics)
+    """One log line: the task's, or each metric's mean ± 95% CI over the replicas (a sweep's: all its settings)."""
+    return describe(task.metrics, metrics, "replicas of the sweep" if self.swept else "seeds") if self else \
+        task.describe(metrics)
+
+  @property
+  def swept(self) -> bool:
+    return any(self.settings)
+
+  def sweep_table(self, metric: str, lower_is_better: bool, val_best: list, test: dict) -> list[str]:
+    """train.sweep's result, one line per setting (its seeds' mean ± 95% CI of the best validation `metric`, and
+    of the test's from each replica's best checkpoint), best first, then the winner as overrides to paste."""
+    groups = {}
+    for r, setting in enumerate(self.settings):
+      groups.setdefault(tuple(setting.items()), []).append(r)
+    rows = []
+    for setting, members in groups.items():
+      val = summary([val_best[r] for r in members])
+      rows.append((val, summary([test[f"{metric}_seeds"][r] for r in members]), setting, len(members)))
+    rows.sort(key=lambda row: row[0][0], reverse=not lower_is_better)
+    overrides = lambda setting: " ".join(f"{k}={v:g}" for k, v in setting)  # noqa: E731
+    width = max(len(overrides(row[2])) for row in rows)
+    cols = max(15, len(f"validation {metric}"))
+    lines = [f"{'setting':{width}}  {'validation ' + metric:>{cols}}  {'test ' + metric:>{cols}}  (best checkpoints; "
+             f"mean ± 95% CI over seeds)"]
+    for (v, v_ci), (t, t_ci), setting, n in rows:
+      lines.append(f"{overrides(setting):{width}}  {f'{v:.4f} ± {v_ci:.4f}':>{cols}}  {f'{t:.4f} ± {t_ci:.4f}':>{cols}}"
+                   f"  ({n} seeds)")
+    return lines + [f"winner by validation {metric}: {overrides(rows[0][2])}"]
 
   def note_best(self, record, values: list, step: int, better) -> None:
     """Each replica's best step: where its own value of train.best_metric improved (better(new, old))."""
@@ -140,9 +170,26 @@ class Replicas:
 
 
 def of(cfg, phases, platform: str) -> Replicas:
-  """The run's replicas (train.seeds), each owning the params some phase trains."""
-  seeds = tuple(seeds_of(cfg))
-  return Replicas(cfg.seed, seeds, owned(phases) if seeds else frozenset(), chunk(cfg, platform) if seeds else None)
+  """The run's replicas (train.seeds, train.sweep), each owning the params some phase trains."""
+  replicas = grid(cfg)
+  if not replicas:
+    return Replicas(cfg.seed)
+  settings, seeds = zip(*replicas)
+  return Replicas(cfg.seed, tuple(seeds), tuple(settings), owned(phases), chunk(cfg, platform))
+
+
+def vectorised(cfg) -> bool:
+  """Whether the run has replicas (train.seeds, train.sweep): its state and training batches a replica axis."""
+  return cfg.train.seeds is not None or bool(cfg.train.sweep)
+
+
+def grid(cfg) -> list[tuple[dict, int]]:
+  """(setting, seed) of every replica: each combination of train.sweep's values (the first key varying
+  slowest), crossed with train.seeds (or the run's seed); [] for a plain run."""
+  seeds = seeds_of(cfg) or ([cfg.seed] if cfg.train.sweep else [])
+  keys = list(cfg.train.sweep or {})
+  settings = [dict(zip(keys, values)) for values in itertools.product(*(cfg.train.sweep[k] for k in keys))]
+  return [(setting, seed) for setting in settings for seed in seeds]
 
 
 def seeds_of(cfg) -> list[int]:
@@ -160,7 +207,7 @@ def chunk(cfg, platform: str) -> int | None:
   n = cfg.train.replica_chunk
   if n is None:
     return 1 if platform == "cpu" else None
-  return None if n >= len(seeds_of(cfg)) else n
+  return None if n >= len(grid(cfg)) else n
 
 
 def owned(phases) -> frozenset:
@@ -293,10 +340,10 @@ def line(metrics: dict) -> str:
   return describe([k for k in metrics if f"{k}_seeds" in metrics], metrics)
 
 
-def describe(names, metrics: dict) -> str:
+def describe(names, metrics: dict, noun: str = "seeds") -> str:
   """`accuracy 0.8512 ± 0.0043 (5 seeds)` for an aggregated metrics dict."""
   n = len(metrics[f"{names[0]}_seeds"])
-  return "  ".join(f"{k} {metrics[k]:.4f} ± {metrics[k + '_ci']:.4f}" for k in names) + f" ({n} seeds)"
+  return "  ".join(f"{k} {metrics[k]:.4f} ± {metrics[k + '_ci']:.4f}" for k in names) + f" ({n} {noun})"
 
 
 def assemble(trees: dict, steps: list, own: frozenset | None = None):

@@ -173,6 +173,9 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
   log(f"test metrics from {where}")
   if is_main:
     print("test " + exp.describe(test), flush=True)
+    if exp.replicas.swept:
+      print("\n".join(exp.replicas.sweep_table(exp.best_metric, exp.lower_is_better, record.best_values, test)),
+            flush=True)
   return test
 
 

@@ -1,5 +1,8 @@
 """Optimizers by name, LR scaling, and gradient accumulation equivalence."""
+import types
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -151,3 +154,18 @@ def test_lamb_and_lars_are_optax_s_and_log_trust_ratios_per_layer(tiny_cfg, name
   n = rules.num_layers(exp.initial_state().params, exp.conventions)
   assert set(ratios) == {f"trust_ratio/layer_{i}" for i in range(n)} | {"trust_ratio/other", "trust_ratio/embeddings"}
   assert all(np.isfinite(r) and r > 0 for r in ratios.values()) and len(set(ratios.values())) > 1, ratios
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
+def test_schedule_equals_optax_bit_for_bit(kind):
+  """optim.schedule is written in jnp (a swept replica's peak and warmup are traced values): it gives what optax's
+  warmup + linear / cosine / constant schedules give, exactly."""
+  import optax
+  for warmup_ratio, total in ((0.0, 7), (0.06, 100), (0.3, 1234)):
+    ocfg = types.SimpleNamespace(warmup_ratio=warmup_ratio, schedule=kind)
+    warmup = int(round(warmup_ratio * total))
+    after = {"linear": optax.linear_schedule(3e-5, 0.0, total - warmup), "constant": optax.constant_schedule(3e-5),
+             "cosine": optax.cosine_decay_schedule(3e-5, total - warmup)}[kind]
+    want = after if not warmup else optax.join_schedules([optax.linear_schedule(0.0, 3e-5, warmup), after], [warmup])
+    counts = jnp.arange(total + 3)
+    np.testing.assert_array_equal(jax.vmap(optim.schedule(ocfg, total, 3e-5))(counts), jax.vmap(want)(counts))
