@@ -111,6 +111,9 @@ def main(argv=None) -> int:
 
       from jaxft import plots
       print(plots.runs(args.run_dirs, args.out or Path(args.run_dirs[0]) / "plot.png"), flush=True)
+      for run_dir in args.run_dirs:  # a sweep's metric against each swept key
+        if (drawn := plots.sweep(run_dir, Path(run_dir) / "sweep.png")) is not None:
+          print(drawn, flush=True)
       return 0
     from jaxft.config import load_config
     overrides = tuple(args.args) + (("resume=false",) if getattr(args, "no_resume", False) else ())

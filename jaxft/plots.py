@@ -1,7 +1,7 @@
 """PNG plots (matplotlib, the `plot` extra): `jaxft plot RUN_DIR...` draws runs' metrics.jsonl against
 steps, overlaid (with the first run's task's own train metrics: grpo's reward, KL, ...); `jaxft interpolate`
 draws its WiSE-FT curve. A seed-vectorised run's curves are the replicas' mean, with their 95% confidence
-band."""
+band; a sweep's best validation metric is drawn against each swept key too (`sweep`: RUN_DIR/sweep.png)."""
 import json
 from pathlib import Path
 
@@ -68,6 +68,38 @@ def runs(run_dirs: list, out) -> Path:
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
   axes[0][0].legend(fontsize=8)
+  return _save(fig, plt, out)
+
+
+def sweep(run_dir, out) -> Path | None:
+  """A train.sweep run's best validation metric of each replica against each swept key (a point per replica,
+  the line through each value's mean over the rest); None for a run that is no sweep."""
+  from jaxft import replicas, tasks
+  from jaxft.config import load_config
+  path = Path(run_dir) / "config.yaml"
+  cfg = load_config(str(path), ()) if path.is_file() else None
+  if cfg is None or not cfg.train.sweep:
+    return None
+  rows, metric, _ = read_run(run_dir)
+  lower = metric in tasks.get(cfg.task.name).lower_is_better
+  per_step = [r[f"{metric}_seeds"] for r in rows if r.get("split") == "validation" and f"{metric}_seeds" in r]
+  if not per_step:
+    return None
+  best = [(min if lower else max)(values) for values in zip(*per_step)]
+  grid = replicas.grid(cfg)
+  plt = _pyplot()
+  keys = list(cfg.train.sweep)
+  fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+  for ax, key in zip(axes.flat, keys):
+    xs = [setting[key] for setting, _ in grid]
+    ax.scatter(xs, best, s=14, alpha=0.6)
+    values = sorted(set(xs))
+    ax.plot(values, [sum(b for x, b in zip(xs, best) if x == v) / xs.count(v) for v in values], marker="o")
+    if key.endswith(".lr") and min(values) > 0:
+      ax.set_xscale("log")
+    ax.set_xlabel(key)
+    ax.set_title(f"best validation {metric}")
+    ax.grid(alpha=0.3)
   return _save(fig, plt, out)
 
 

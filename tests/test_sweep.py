@@ -68,7 +68,7 @@ def test_a_bad_sweep_is_a_one_line_error(bad, msg):
 
 def test_a_sweep_run_prints_each_setting_and_the_winner(tiny_bert, tiny_data, tmp_path):
   """jaxft train with train.sweep: one line per setting (mean ± CI over its seeds), best first, and the winner as
-  overrides; the validation metrics of every replica are in metrics.jsonl."""
+  overrides; the validation metrics of every replica are in metrics.jsonl; jaxft plot draws sweep.png."""
   import json
   import re
 
@@ -81,3 +81,5 @@ def test_a_sweep_run_prints_each_setting_and_the_winner(tiny_bert, tiny_data, tm
   assert re.search(r"\(2 seeds\)$", table[1]) and table[3] == "winner by validation accuracy: optim.lr=0.003"
   rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   assert len(next(row for row in rows if row["split"] == "validation")["accuracy_seeds"]) == 4
+  drawn = jaxft("plot", str(tmp_path / "run"))  # the metric against each swept key
+  assert drawn.returncode == 0 and (tmp_path / "run" / "sweep.png").stat().st_size > 0, drawn.stderr[-2000:]
