@@ -2,6 +2,7 @@
 load (a key that moved or a misspelt option fails here, not in a reader's terminal). Usage summaries stand in
 for real values: CONFIG, DIR, RUN_DIR, FILE, NAME and N become examples, and [optional] parts are kept."""
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -29,11 +30,14 @@ def commands(text: str) -> list[str]:
 
 
 def argv(command: str) -> list[str]:
-  command = re.sub(r"\[(overrides|\.\.\.)\]|\[RUN_DIR\.\.\.\]", "", command)
-  command = re.sub(r"\[([^\]]*)\]", r"\1", command)  # an optional part, taken
-  command = re.sub(r"(--\w[\w-]*) (\w+)\|\w+", r"\1 \2", command)  # a choice: the first
-  words = [EXAMPLES.get(w, w) for w in re.findall(r'"[^"]*"|\S+', command)]
-  return [w.strip('"') for w in words[1:]]
+  """The command's words as the shell gives them; the usage notation is read outside quotes only (a quoted
+  override may hold a YAML list: 'train.sweep={optim.lr: [1e-4, 3e-5]}')."""
+  parts = re.split(r"""('[^']*'|"[^"]*")""", command)
+  for i in range(0, len(parts), 2):
+    part = re.sub(r"\[(overrides|\.\.\.)\]|\[RUN_DIR\.\.\.\]", "", parts[i])
+    part = re.sub(r"\[([^\]]*)\]", r"\1", part)  # an optional part, taken
+    parts[i] = re.sub(r"(--\w[\w-]*) (\w+)\|\w+", r"\1 \2", part)  # a choice: the first
+  return [EXAMPLES.get(w, w) for w in shlex.split("".join(parts))[1:]]
 
 
 DOC_COMMANDS = sorted({(p.name, c) for p in PAGES for c in commands(p.read_text())})
