@@ -95,8 +95,7 @@ class Experiment:
     state = init_state(self.init_params(seed), self.phases[0].tx, seed, self.backbone.state, self.hooks)
     if not setting:
       return state
-    hparams = {key.split(".", 1)[1]: value for key, value in setting.items()}
-    return state.replace(opt_state=optim.with_hparams(state.opt_state, hparams))
+    return state.replace(opt_state=optim.with_hparams(state.opt_state, optim.hparams_of(setting)))
 
   def train_batches(self, shards: int = 1, rows_of=lambda n: slice(None), seed: int | None = None
                     ) -> batching.TrainBatches:

@@ -156,6 +156,11 @@ def swept(build, values: dict) -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
+def hparams_of(setting: dict) -> dict:
+  """{optim key: value} of train.sweep's {config key: value} (its keys are optim.*: config.check_sweep)."""
+  return {key.removeprefix("optim."): value for key, value in setting.items()}
+
+
 def as_hparams(values: dict) -> dict:
   return {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
 

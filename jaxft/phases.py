@@ -65,7 +65,7 @@ def build(cfg, params, n_train: int, task, conv) -> list[Phase]:
   counted = sum(s for s, (_, end) in zip(steps, ends) if "epochs" in end)
   if 0 < counted < cfg.train.min_steps:
     steps = [math.ceil(s * cfg.train.min_steps / counted) if "epochs" in end else s for s, (_, end) in zip(steps, ends)]
-  phases = []
+  phases, swept = [], tuple(optim.hparams_of(cfg.train.sweep or {}))  # the optim keys train.sweep varies
   for i, (spec, (pcfg, end), n_steps) in enumerate(zip(specs, ends, steps)):
     until = end.get("until")
     labels = rules.freeze_labels(pcfg, params, conv, task.head_regex)
@@ -73,7 +73,6 @@ def build(cfg, params, n_train: int, task, conv) -> list[Phase]:
       where = f"phase '{spec.get('name', f'phase_{i}')}'" if len(specs) > 1 else "the run"
       raise JaxftError(f"{where} trains nothing: the freeze rules (freeze, train_only, freeze_embeddings, "
                        f"freeze_bottom_layers) freeze every parameter")
-    swept = tuple(key.split(".", 1)[1] for key in cfg.train.sweep or {})  # optim keys: config.check_sweep
     tx, lr = optim.make_optimizer(pcfg.optim, params, labels, n_steps, cfg.train.batch_size, conv, swept)
     phases.append(Phase(spec.get("name", f"phase_{i}"), pcfg, labels, tx, lr, int(n_steps),
                         {"patience": 1, **until} if until else None))

@@ -40,15 +40,19 @@ def shifted(ids_BxL, targets_BxL, slots: int | None = None) -> dict:
   return {"labels": take(labels_BxL), "weights": take(weights_BxL), "logit_positions": positions_BxP}
 
 
+def scored_bound(ex: Examples, examples_per_row: int, count=lambda ex, i: int(ex.fields["targets"][i].sum())) -> int:
+  """A bound on the scored positions of any row holding up to `examples_per_row` of the split's examples
+  (count(ex, i): example i's), rounded up to 8: one shape for every row of a length."""
+  if "scored_desc" not in ex.meta:
+    ex.meta["scored_desc"] = np.sort([count(ex, i) for i in range(len(ex))])[::-1]
+  return -(-int(ex.meta["scored_desc"][:examples_per_row].sum()) // 8) * 8
+
+
 def logit_slots(ex: Examples, length: int, examples_per_row: int = 1) -> int | None:
-  """How many positions of a row need logits: a bound on the trained tokens of any row of `length` holding
-  up to `examples_per_row` of the split's examples, rounded up to 8; None (all of them) where that would
-  be more than half the row. SFT trains a few response tokens per example, and logits over a vocabulary
-  of 50k at every prompt position cost a fifth of a small model's step."""
-  if "trained_desc" not in ex.meta:
-    ex.meta["trained_desc"] = np.sort([int(t.sum()) for t in ex.fields["targets"]])[::-1]
-  bound = int(ex.meta["trained_desc"][:examples_per_row].sum())
-  slots = -(-bound // 8) * 8
+  """How many positions of a row need logits: `scored_bound` of its trained tokens; None (all of them) where
+  that would be more than half the row. SFT trains a few response tokens per example, and logits over a
+  vocabulary of 50k at every prompt position cost a fifth of a small model's step."""
+  slots = scored_bound(ex, examples_per_row)
   return slots if 2 * slots <= length else None
 
 

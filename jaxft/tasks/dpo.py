@@ -37,7 +37,7 @@ from jaxft.config import TaskConfig
 from jaxft.data import batching, packing
 from jaxft.errors import JaxftError
 from jaxft.tasks.base import Examples, nll, where
-from jaxft.tasks.causal_lm import Generation, require_targets
+from jaxft.tasks.causal_lm import Generation, require_targets, scored_bound
 from jaxft.tasks.sft import SFT, is_conversation
 
 LOSSES = ("sigmoid", "ipo")
@@ -185,9 +185,7 @@ class DPO(SFT):
   def collate_packed(self, ex, p):
     """Rows of pairs, slot k's tree its segment k + 1; the logits at each scored position (padded with code 0
     to a bound on any row of the split, rounded to 8: one shape per row length)."""
-    if "scored_desc" not in ex.meta:
-      ex.meta["scored_desc"] = np.sort([len(s) for s in ex.fields["scored"]])[::-1]
-    slots = -(-int(ex.meta["scored_desc"][:p.slots].sum()) // 8) * 8
+    slots = scored_bound(ex, p.slots, lambda ex, i: len(ex.fields["scored"][i]))
     ids_RxL = np.full((p.num_rows, p.length), self.pad_id, np.int32)
     segments_RxL, branches_RxL, positions_RxL = (np.zeros((p.num_rows, p.length), np.int32) for _ in range(3))
     at_RxP, labels_RxP, codes_RxP = (np.zeros((p.num_rows, slots), np.int32) for _ in range(3))
