@@ -25,7 +25,7 @@ def test_readme_lm_lines_run(tmp_path):
                             text=True, timeout=600)
       assert made.returncode == 0, made.stderr[-2000:]
     else:
-      calls.append(args[1:] + ["data.limit={train: 16, validation: 8, test: 8}", "task.eval_examples=8"])
+      calls.append(args[1:] + ["data.limit={train: 16, validation: 8, test: 8}", "task.eval_examples=8", "train.keep=1"])
   results = jaxft_calls(calls, timeout=1800, cwd=tmp_path)
   for args, r in zip(calls, results):
     assert r.returncode == 0, f"jaxft {' '.join(args)}: exit {r.returncode}\n{r.stderr[-2000:]}"

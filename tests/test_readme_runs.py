@@ -10,7 +10,7 @@ import pytest
 from conftest import jaxft_calls
 
 ROOT = Path(__file__).resolve().parent.parent
-BUDGET = ("data.limit={train: 128, validation: 32, test: 32}", "train.epochs=1")
+BUDGET = ("data.limit={train: 128, validation: 32, test: 32}", "train.epochs=1", "train.keep=1")  # keep: disk
 SMALLER = {"configs/large_batch_lamb.yaml": ("train.batch_size=128",)}  # 1024 > the budget's 64 examples
 ELSEWHERE = {  # a README line's first words -> the test that runs its model and data
     "jaxft train configs/ner_wnut16.yaml": "tests/tasks/test_token_classification.py (WNUT-16, slow)",
