@@ -51,6 +51,7 @@ class RunRecord:
   plateau_bad: int = 0
   best_steps: list | None = None  # train.seeds: each replica's best step and value (best_step: the mean's)
   best_values: list | None = None
+  pruned: list | None = None  # train.sweep_prune: per replica, the step its setting was dropped at (None: training)
   probe_step: int | None = None  # where a head-only first phase (a linear probe) ended: WiSE-FT's start
   labels: list | None = None  # what the head's outputs stand for, in order (jaxft/labels.py; None: no head)
 

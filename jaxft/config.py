@@ -113,6 +113,7 @@ class TrainConfig:
   seeds: int | list[int] | None = None  # N: replicas of seeds seed .. seed + N - 1 (or a list of seeds)
   replica_chunk: int | None = None  # replicas per vmapped call (null: all on accelerators, 1 on CPU)
   sweep: dict | None = None  # {optim key: [values]}: every combination a replica (each x train.seeds), one step
+  sweep_prune: dict | None = None  # {at: [fractions of training], keep: fraction}: successive halving of train.sweep
   #                                          trained side by side in one compiled step (replicas.py)
 
 
@@ -414,6 +415,7 @@ def check_sweep(cfg: Config, check) -> None:
   from jaxft import optim
   sweep = cfg.train.sweep
   if sweep is None:
+    check(cfg.train.sweep_prune is None, "config key 'train.sweep_prune' needs train.sweep (it drops settings)")
     return
   check(isinstance(sweep, dict) and sweep, f"config key 'train.sweep' must map config keys to lists of values, "
         f"got {sweep!r}")
@@ -428,6 +430,15 @@ def check_sweep(cfg: Config, check) -> None:
         "value's phase is ambiguous); sweep a single-phase run")
   check("optim.weight_decay" not in sweep or cfg.optim.name != "adafactor",
         "config key 'train.sweep': optim.weight_decay with optim.name adafactor (its decay is not a traced value)")
+  prune = cfg.train.sweep_prune
+  if prune is None:
+    return
+  at, keep = (prune.get("at"), prune.get("keep")) if isinstance(prune, dict) else (None, None)
+  fraction = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < 1  # noqa: E731
+  check(isinstance(prune, dict) and set(prune) == {"at", "keep"} and isinstance(at, list) and at
+        and all(map(fraction, at)) and at == sorted(set(at)) and fraction(keep),
+        f"config key 'train.sweep_prune' must be {{at: [increasing fractions of training in (0, 1)], keep: a "
+        f"fraction in (0, 1)}}, e.g. {{at: [0.25, 0.5], keep: 0.5}}; got {prune!r}")
 
 
 def validate(cfg: Config) -> None:

@@ -1,5 +1,6 @@
 """The run's metric sinks: metrics.jsonl and TensorBoard events."""
 import json
+import math
 import time
 from pathlib import Path
 
@@ -36,7 +37,8 @@ class MetricWriter:
     self.jsonl.flush()
     for k, v in metrics.items():  # a list: one value per replica (train.seeds), curve r of `k`
       for tag, x in ([(f"{k}/{r}", x) for r, x in enumerate(v)] if isinstance(v, list) else [(k, v)]):
-        self.tb.add_scalar(f"{split}/{tag}", float(x), int(step))
+        if not (isinstance(v, list) and math.isnan(x)):  # nan: a replica train.sweep_prune dropped
+          self.tb.add_scalar(f"{split}/{tag}", float(x), int(step))
 
   def close(self):
     if self.enabled:

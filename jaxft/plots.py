@@ -5,6 +5,7 @@ band; a sweep's best validation metric is drawn against each swept key too (`swe
 import json
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from jaxft.errors import JaxftError
@@ -85,7 +86,7 @@ def sweep(run_dir, out) -> Path | None:
   per_step = [r[f"{metric}_seeds"] for r in rows if r.get("split") == "validation" and f"{metric}_seeds" in r]
   if not per_step:
     return None
-  best = [(min if lower else max)(values) for values in zip(*per_step)]
+  best = [(np.nanmin if lower else np.nanmax)(values) for values in zip(*per_step)]  # nan: dropped (sweep_prune)
   grid = replicas.grid(cfg)
   plt = _pyplot()
   keys = list(cfg.train.sweep)

@@ -33,6 +33,20 @@ class Replicas:
   settings: tuple = ()  # train.sweep: each replica's values of the swept keys ({} where nothing is swept)
   own: frozenset = frozenset()  # param paths some phase trains: one copy per replica (the rest are shared)
   chunk: int | None = None  # replicas per vmapped call of the train step (`chunk`)
+  ids: tuple | None = None  # train.sweep_prune: these replicas' indices among the run's (`subset`); None: all
+  size: int | None = None  # ... and the run's replica count
+
+  @property
+  def index(self) -> tuple:
+    """Each replica's index among the run's."""
+    return self.ids if self.ids is not None else tuple(range(len(self.seeds)))
+
+  def subset(self, alive) -> "Replicas":
+    """The replicas of the run's `alive` indices (train.sweep_prune drops the rest): their metrics lists keep the
+    run's length, nan for the dropped ones (`merge`)."""
+    alive = tuple(alive)
+    return dataclasses.replace(self, seeds=tuple(self.seeds[i] for i in alive),
+                               settings=tuple(self.settings[i] for i in alive), ids=alive, size=len(self.seeds))
 
   def __bool__(self):
     return bool(self.seeds)
@@ -93,8 +107,16 @@ class Replicas:
     return (take(params, 0, self.own), take(model_state, 0)) if self else (params, model_state)
 
   def merge(self, per_replica: list[dict]) -> dict:
-    """One metrics dict of every replica's (`aggregate`); a plain run's own."""
-    return aggregate(per_replica) if self else per_replica[0]
+    """One metrics dict of every replica's (`aggregate`); a plain run's own. Of a subset: each `<metric>_seeds`
+    list is the run's, nan where a replica was dropped."""
+    if not self:
+      return per_replica[0]
+    out = aggregate(per_replica)
+    if self.ids is not None:
+      for key in [k for k in out if k.endswith("_seeds")]:
+        values = dict(zip(self.ids, out[key]))
+        out[key] = [values.get(r, math.nan) for r in range(self.size)]
+    return out
 
   def metrics(self, m: dict) -> dict:
     """Train metrics with the replica axis -> aggregated."""
@@ -109,35 +131,41 @@ class Replicas:
   def swept(self) -> bool:
     return any(self.settings)
 
-  def sweep_table(self, metric: str, lower_is_better: bool, val_best: list, test: dict) -> list[str]:
+  def sweep_table(self, metric: str, lower_is_better: bool, val_best: list, test: dict, pruned: list | None = None
+                  ) -> list[str]:
     """train.sweep's result, one line per setting (its seeds' mean ± 95% CI of the best validation `metric`, and
-    of the test's from each replica's best checkpoint), best first, then the winner as overrides to paste."""
+    of the test's from each replica's best checkpoint), best first, then the winner as overrides to paste.
+    pruned: per replica, the step train.sweep_prune dropped it at (its setting is then not tested)."""
     groups = {}
     for r, setting in enumerate(self.settings):
       groups.setdefault(tuple(setting.items()), []).append(r)
     rows = []
     for setting, members in groups.items():
+      dropped = pruned[members[0]] if pruned else None
       val = summary([val_best[r] for r in members])
-      rows.append((val, summary([test[f"{metric}_seeds"][r] for r in members]), setting, len(members)))
-    rows.sort(key=lambda row: row[0][0], reverse=not lower_is_better)
+      test_of = None if dropped is not None else summary([test[f"{metric}_seeds"][r] for r in members])
+      rows.append((dropped is not None, -(dropped or 0), val, test_of, setting, len(members)))
+    sign = 1 if lower_is_better else -1
+    rows.sort(key=lambda row: (row[0], row[1], sign * row[2][0]))  # tested ones first, then the last dropped
     overrides = lambda setting: " ".join(f"{k}={v:g}" for k, v in setting)  # noqa: E731
-    width = max(len(overrides(row[2])) for row in rows)
+    width = max(len(overrides(row[4])) for row in rows)
     cols = max(15, len(f"validation {metric}"))
     lines = [f"{'setting':{width}}  {'validation ' + metric:>{cols}}  {'test ' + metric:>{cols}}  (best checkpoints; "
              f"mean ± 95% CI over seeds)"]
-    for (v, v_ci), (t, t_ci), setting, n in rows:
-      lines.append(f"{overrides(setting):{width}}  {f'{v:.4f} ± {v_ci:.4f}':>{cols}}  {f'{t:.4f} ± {t_ci:.4f}':>{cols}}"
-                   f"  ({n} seeds)")
-    return lines + [f"winner by validation {metric}: {overrides(rows[0][2])}"]
+    for is_dropped, at, (v, v_ci), t, setting, n in rows:
+      test_col = f"dropped at step {-at}" if is_dropped else f"{t[0]:.4f} ± {t[1]:.4f}"
+      lines.append(f"{overrides(setting):{width}}  {f'{v:.4f} ± {v_ci:.4f}':>{cols}}  {test_col:>{cols}}  ({n} seeds)")
+    return lines + [f"winner by validation {metric}: {overrides(rows[0][4])}"]
 
   def note_best(self, record, values: list, step: int, better) -> None:
     """Each replica's best step: where its own value of train.best_metric improved (better(new, old))."""
     if not self:
       return
-    record.best_steps = record.best_steps or [None] * len(self.seeds)
-    record.best_values = record.best_values or [None] * len(self.seeds)
+    n = self.size or len(self.seeds)
+    record.best_steps = record.best_steps or [None] * n
+    record.best_values = record.best_values or [None] * n
     for r, value in enumerate(values):
-      if better(value, record.best_values[r]):
+      if not math.isnan(value) and better(value, record.best_values[r]):
         record.best_steps[r], record.best_values[r] = step, value
 
   def at_best(self, record, states: dict, step: int):
@@ -249,6 +277,20 @@ def take(tree, r: int, own: frozenset | None = None):
   return rules.merge({p: (x[r] if p in own else x) for p, x in rules.flat(tree).items()})
 
 
+def gather(state: TrainState, alive, own: frozenset) -> TrainState:
+  """Replicas `alive` (indices) of a replicated state; the shared params as they are."""
+  idx = jnp.asarray(alive)
+  return jax.tree.map(lambda x, ax: x if ax is None else x[idx], state, axes(state, own), is_leaf=lambda x: x is None)
+
+
+def scatter(full: TrainState, alive, sub: TrainState, own: frozenset) -> TrainState:
+  """`full` with replicas `alive` (indices) replaced by those of `sub` (gather's inverse); the shared params are
+`sub`'s (the train step donates them: `full`'s may be gone)."""
+  idx = jnp.asarray(alive)
+  return jax.tree.map(lambda f, x, ax: x if ax is None else f.at[idx].set(x), full, sub, axes(full, own),
+                      is_leaf=lambda x: x is None)
+
+
 def vectorize_train(train_step, state_axes: TrainState, chunk: int | None = None):
   """(replicated state, batches [R, ...]) -> (state, metrics [R]) of the per-replica step: all replicas
   vmapped at once (chunk None), or `chunk` at a time, vmapped, in a jax.lax.map loop inside the one step."""
@@ -341,8 +383,8 @@ def line(metrics: dict) -> str:
 
 
 def describe(names, metrics: dict, noun: str = "seeds") -> str:
-  """`accuracy 0.8512 ± 0.0043 (5 seeds)` for an aggregated metrics dict."""
-  n = len(metrics[f"{names[0]}_seeds"])
+  """`accuracy 0.8512 ± 0.0043 (5 seeds)` for an aggregated metrics dict (the replicas still training)."""
+  n = sum(not math.isnan(x) for x in metrics[f"{names[0]}_seeds"])
   return "  ".join(f"{k} {metrics[k]:.4f} ± {metrics[k + '_ci']:.4f}" for k in names) + f" ({n} {noun})"
 
 

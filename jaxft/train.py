@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from jaxft import config as config_lib
-from jaxft import faults, noise_scale, parallel, preemption, rules, runs
+from jaxft import faults, noise_scale, parallel, preemption, pruning, replicas, rules, runs
 from jaxft import metrics as metrics_lib
 from jaxft import phases as phases_lib
 from jaxft.data import batching
@@ -54,12 +54,23 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
     (run_dir / "config.yaml").write_text(config_lib.dump(cfg))
 
   axis = par.axis_name
-  eval_step = par.compile_eval(exp.eval_step(axis), targets[0])
+  # train.sweep_prune: the replicas still training (`live`) are a subset of the run's (`run_reps`); checkpoints
+  # hold every replica (`whole`), a dropped one as it was when dropped.
+  run_reps, prune_at = exp.replicas, pruning.steps(cfg, exp.total_steps)
+  live = pruning.alive(record, len(run_reps.seeds)) if record.pruned else None
+  full_state = state if live is not None else None
+  state, live_targets = _narrow(exp, par, run_reps, state, live, record.phase) if live is not None else (state, targets)
+  whole = lambda state: state if live is None else replicas.scatter(full_state, live, state, run_reps.own)  # noqa: E731
+  eval_step = par.compile_eval(exp.eval_step(axis), live_targets[0])
   source = exp.replicas.batches(lambda seed: exp.train_batches(par.batch_shards, parallel.process_rows, seed))
-  dataset = batching.train_dataset(source, batching.workers(cfg.data.workers))
-  batches = iter(dataset)
-  if data_state is not None:
-    batches.set_state(data_state)
+
+  def feed(source, data_state):
+    batches = iter(batching.train_dataset(source, batching.workers(cfg.data.workers)))
+    if data_state is not None:
+      batches.set_state(data_state)
+    return batches
+
+  batches = feed(source, data_state)
   writer = metrics_lib.MetricWriter(run_dir, enabled=is_main, resume_step=latest)
   log(f"{len(exp.phases)} phase(s), at most {exp.total_steps} steps of {tcfg.batch_size} "
       f"({len(exp.splits['train'])} train examples, {exp.task.batch_layout(exp.pack, exp.buckets)})")
@@ -69,10 +80,30 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
                       TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
                       disable=not is_main)
 
+  def prune(step, state, k):
+    """train.sweep_prune at `step`: the worst settings dropped; (the state of the replicas left, their steps)."""
+    nonlocal live, full_state, live_targets, eval_step, source, batches
+    was = live if live is not None else list(range(len(run_reps.seeds)))
+    keep = pruning.survivors(run_reps.settings, was, record.best_values, cfg.train.sweep_prune["keep"],
+                             exp.lower_is_better)
+    full_state = whole(state)
+    record.pruned = record.pruned or [None] * len(run_reps.seeds)
+    for r in set(was) - set(keep):
+      record.pruned[r] = step
+    live = keep
+    state, live_targets = _narrow(exp, par, run_reps, full_state, live, k)
+    by_replica = dict(zip(was, source.sources))
+    source = replicas.Batches([by_replica[r] for r in live])
+    batches = feed(source, batches.get_state())
+    eval_step = par.compile_eval(exp.eval_step(axis), live_targets[0])
+    settings = lambda rs: len({str(run_reps.settings[r]) for r in rs})  # noqa: E731
+    log(f"step {step}: train.sweep_prune keeps {settings(live)} of {settings(was)} settings ({len(live)} replicas)")
+    return state, _phase_steps(exp, k, par, state, live_targets[k], eval_step, axis, log)
+
   def run_phase(k, state, step):
     """Steps through phase k until its end; returns (state, step)."""
     phase, ptcfg = exp.phases[k], exp.phases[k].cfg.train
-    train_step, eval_step_k, transform = _phase_steps(exp, k, par, state, targets[k], eval_step, axis, log)
+    train_step, eval_step_k, transform = _phase_steps(exp, k, par, state, live_targets[k], eval_step, axis, log)
     single = exp.state_shapes(k).params  # one replica's
     n_train = rules.count(rules.split(single, phase.labels, "train")[0])
     end = (f"until validation {phase.until['metric'][4:]} stops improving for {phase.until['patience']} "
@@ -93,7 +124,7 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
         jax.block_until_ready(state)
       in_phase = step - record.phase_start
       last = in_phase == phase.max_steps
-      is_eval = in_phase % eval_every == 0 or last
+      is_eval = in_phase % eval_every == 0 or last or step in prune_at
       if step % ptcfg.log_every == 0 or is_eval or step % tcfg.checkpoint_every == 0:
         skipped = _check_finite(state, par, tcfg, ckpt, log, skipped)
       if step % ptcfg.log_every == 0 or last:
@@ -121,11 +152,13 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
           _note_best(exp, record, val, step)
           phases_lib.update_plateau(phase, record, val, task.lower_is_better)  # replicas: on their mean
           log(f"step {step} ({phase.name}): validation {exp.describe(val)}")
-        ckpt.save(step, par.host_view(state), batches.get_state(), record)
+          if step in prune_at and len({str(run_reps.settings[r]) for r in exp.replicas.index}) > 1:
+            state, (train_step, eval_step_k, transform) = prune(step, state, k)
+        ckpt.save(step, par.host_view(whole(state)), batches.get_state(), record)
         t_window, window_start = time.perf_counter(), step
       faults.inject("step", step)
       if watcher.reached(step):  # SIGTERM / SIGINT: this step's checkpoint, committed, then exit
-        ckpt.save(step, par.host_view(state), batches.get_state(), record)
+        ckpt.save(step, par.host_view(whole(state)), batches.get_state(), record)
         ckpt.wait()
         writer.close()
         raise Preempted(watcher.signum, step, f"{ckpt.directory}/{step}")
@@ -153,11 +186,15 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
     log(noise_scale.report(exp.phases[k].name, exp.cfg.train.batch_size, at, m))
   if record.kept() != {step}:  # else the last checkpoint commits while the test pass runs
     ckpt.wait()
+  if live is not None:  # each replica's best, of the run's replicas; tested: those still training
+    exp.replicas, state = run_reps, par.put_state(whole(state), targets[record.phase])
   state = runs.restore_best(exp, ckpt, par, targets, record, state, step, lambda msg: _warn(log, msg))
+  if live is not None:
+    state = _narrow(exp, par, run_reps, state, live, record.phase)[0]
   if record.best_step is None:  # no validation recorded (a resumed finished run), or the best is damaged
     val = evaluate(exp, par, eval_step, state.params, state.model_state, "validation")
     record.best_step, record.best_value = step, val[exp.best_metric]
-    ckpt.save(step, par.host_view(state), batches.get_state(), record)
+    ckpt.save(step, par.host_view(whole(state)), batches.get_state(), record)
     ckpt.wait()
   try:
     test = evaluate(exp, par, eval_step, state.params, state.model_state, "test", stop=stop_test)
@@ -174,10 +211,18 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
   if is_main:
     print("test " + exp.describe(test), flush=True)
     if exp.replicas.swept:
-      print("\n".join(exp.replicas.sweep_table(exp.best_metric, exp.lower_is_better, record.best_values, test)),
-            flush=True)
+      print("\n".join(run_reps.sweep_table(exp.best_metric, exp.lower_is_better, record.best_values, test,
+                                            record.pruned)), flush=True)
   return test
 
+
+
+def _narrow(exp, par, run_reps, full_state, live: list, k: int):
+  """exp narrowed to the run's replicas `live` (train.sweep_prune): (their part of the run's state on the
+  devices, the restore targets of that many replicas per phase)."""
+  exp.replicas = run_reps.subset(live)
+  targets = [exp.replicas.abstract_state(par, exp.state_shapes(j)) for j in range(len(exp.phases))]
+  return par.put_state(replicas.gather(full_state, live, run_reps.own), targets[k]), targets
 
 
 def _note_best(exp, record, val: dict, step: int) -> None:

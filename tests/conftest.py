@@ -35,7 +35,8 @@ runtime.quiet_absent_tpu()  # libtpu installed (the test extra has it) on a mach
 # The longest test files (each over ~3 minutes of one core: many multi-device or multi-process runs), scheduled
 # first so that the README's two workers (-n 2 --dist loadfile: a file to a worker) finish together.
 LONGEST_FIRST = ("test_readme_lm_runs.py", "test_readme_runs.py", "test_faults.py", "test_parallel.py", "test_plan.py", "test_image_classification.py",
-                 "test_causal_lm.py", "test_bad_inputs.py", "test_bench.py", "test_replicas.py")
+                 "test_causal_lm.py", "test_bad_inputs.py", "test_bench.py", "test_replicas.py",
+                 "test_pruning.py")
 
 
 def pytest_runtest_makereport(item, call):
