@@ -348,6 +348,12 @@ def _set(cfg, dotted: str, value: Any) -> None:
     if part not in fields:
       raise _unknown_key(dotted, cfg)
     f = fields[part]
+    if i == len(parts) - 3 and isinstance(getattr(obj, part), list) and parts[i + 1].isdigit():
+      items, n = getattr(obj, part), int(parts[i + 1])  # an entry's key: optim.groups.0.lr_mult (train.sweep's)
+      if n >= len(items) or not isinstance(items[n], dict):
+        raise JaxftError(f"config key '{dotted}': {'.'.join(parts[:i + 1])} has no entry {n} (it has {len(items)})")
+      items[n] = {**items[n], parts[i + 2]: value}
+      return
     if i == len(parts) - 1:
       if dataclasses.is_dataclass(f.type):
         if not isinstance(value, dict):
@@ -409,23 +415,26 @@ def override(cfg: Config, overrides, copy_: bool = True) -> Config:
 
 
 def check_sweep(cfg: Config, check) -> None:
-  """train.sweep: optim keys that a replica can hold its own value of (optim.SWEEPABLE), each a list of
-  distinct numbers; whatever changes shapes or the program (batch, lengths, freezing, the optimizer's kind)
-  is one value per run."""
-  from jaxft import optim
+  """train.sweep: keys that a replica can hold its own value of (`sweepable`), each a list of distinct numbers;
+  whatever changes shapes or the program (batch, lengths, freezing, the optimizer's kind, a model's dropout) is
+  one value per run."""
   sweep = cfg.train.sweep
   if sweep is None:
     check(cfg.train.sweep_prune is None, "config key 'train.sweep_prune' needs train.sweep (it drops settings)")
     return
   check(isinstance(sweep, dict) and sweep, f"config key 'train.sweep' must map config keys to lists of values, "
         f"got {sweep!r}")
-  sweepable = [f"optim.{k}" for k in optim.SWEEPABLE]
+  sweepable, ranges = sweepable_keys(cfg)
   for key, values in sweep.items():
     check(key in sweepable, f"config key 'train.sweep': {key} cannot differ between the replicas of one compiled "
-          f"step (it changes shapes or the program, or is not sweepable yet); sweepable: {', '.join(sweepable)}")
+          f"step (it changes shapes or the program, or is not sweepable yet); sweepable here: {', '.join(sweepable)}")
     check(isinstance(values, list) and values and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                       for v in values) and len(set(values)) == len(values),
           f"config key 'train.sweep.{key}' must be a list of distinct numbers, got {values!r}")
+    lo, hi = ranges.get(key, (None, None))
+    check(all((lo is None or v >= lo) and (hi is None or v < hi) for v in values),
+          f"config key 'train.sweep.{key}': every value must be in [{lo}, {hi if hi is not None else 'inf'}), "
+          f"got {values!r}")
   check(not (cfg.phases or cfg.phases_preset), "config key 'train.sweep' with phases: not supported yet (a swept "
         "value's phase is ambiguous); sweep a single-phase run")
   check("optim.weight_decay" not in sweep or cfg.optim.name != "adafactor",
@@ -439,6 +448,22 @@ def check_sweep(cfg: Config, check) -> None:
         and all(map(fraction, at)) and at == sorted(set(at)) and fraction(keep),
         f"config key 'train.sweep_prune' must be {{at: [increasing fractions of training in (0, 1)], keep: a "
         f"fraction in (0, 1)}}, e.g. {{at: [0.25, 0.5], keep: 0.5}}; got {prune!r}")
+
+
+def sweepable_keys(cfg: Config) -> tuple[list[str], dict]:
+  """(the keys train.sweep may vary in this config, {key: [low, high) of its values} where bounded): the
+  optimizer's (optim.SWEEPABLE, each optim.groups entry's lr_mult), and those that act outside it
+  (hparams.SWEEPABLE) where the config has them: the task's label smoothing, LoRA's scale and dropout."""
+  from jaxft import hparams, optim, rules
+  keys = [f"optim.{k}" for k in optim.SWEEPABLE] + [f"optim.groups.{i}.lr_mult" for i in range(len(cfg.optim.groups))]
+  present = {"task.label_smoothing": hasattr(cfg.task, "label_smoothing"),
+             "lora.alpha": rules.lora_enabled(cfg.lora), "lora.dropout": rules.lora_enabled(cfg.lora)}
+  keys += [k for k in hparams.SWEEPABLE if present[k]]
+  ranges = {"task.label_smoothing": (0, 1), "lora.dropout": (0, 1), "lora.alpha": (1e-12, None),
+            "optim.lr": (0, None), "optim.weight_decay": (0, None), "optim.warmup_ratio": (0, None),
+            "optim.b1": (0, 1), "optim.b2": (0, 1)}
+  ranges.update({k: (0, None) for k in keys if k.startswith("optim.groups.")})
+  return keys, ranges
 
 
 def validate(cfg: Config) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxft import lora, replicas, rules, runs
+from jaxft import hparams, lora, replicas, rules, runs
 from jaxft.errors import JaxftError
 from jaxft.evaluate import evaluate
 from jaxft.experiment import save_model
@@ -44,9 +44,10 @@ def theta_zero(exp, params, model_state, probe_params=None):
     return jax.device_put(jnp.broadcast_to(jnp.asarray(base[p], x.dtype), x.shape), x.sharding)
 
   params0 = rules.merge({p: start(p, x) for p, x in rules.flat(params).items()})
+  model_state, swept = hparams.split(model_state)  # (a sweep's values stay the run's)
   state0 = jax.tree.map(lambda b, x: jax.device_put(jnp.broadcast_to(jnp.asarray(b, x.dtype), x.shape), x.sharding),
                         exp.backbone.state, model_state) if model_state else model_state
-  return params0, state0
+  return params0, ({**state0, hparams.KEY: swept} if swept else state0)
 
 
 def interpolate(cfg, alphas: list[float], log=print) -> list[dict]:
@@ -125,7 +126,8 @@ def soup(cfg, out_dir=None, log=print) -> list[dict]:
   if out_dir is not None:
     params, model_state = jax.device_get(mean_of(greedy))
     if rules.lora_enabled(cfg.lora):
-      params = lora.merge(params, cfg.lora)
+      with hparams.scope(model_state):  # the soup's LoRA scale, where train.sweep varies it
+        params = lora.merge(params, cfg.lora)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     save_model(single, params, out_dir, model_state)
     log(f"wrote the greedy soup (replicas {', '.join(map(str, sorted(greedy)))}) to {out_dir}")

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft import labels, lora, models, noise_scale, optim, parallel, quantize, replicas, rules, tasks
+from jaxft import hparams, labels, lora, models, noise_scale, optim, parallel, quantize, replicas, rules, tasks
 from jaxft import phases as phases_lib
 from jaxft.data import batching, packing, sources
 from jaxft.errors import JaxftError
@@ -65,7 +65,7 @@ class Experiment:
   def state_shapes(self, k: int = 0) -> TrainState:
     """ShapeDtypeStructs of one run's (one replica's) train state in phase k."""
     return jax.eval_shape(lambda: init_state(self.init_params(self.cfg.seed), self.phases[k].tx, self.cfg.seed,
-                                             self.backbone.state, self.hooks))
+                                             self.model_state({}), self.hooks))
 
   def axes(self, k: int = 0) -> TrainState:
     """The replica axis of each leaf of phase k's state (0, or None for shared params)."""
@@ -92,10 +92,16 @@ class Experiment:
   def seed_state(self, seed: int, setting: dict) -> TrainState:
     """Phase 0's initial train state of one run with `seed` (its head, adapters and dropout key) and the values
     of train.sweep's keys in `setting` (held in its optimizer state)."""
-    state = init_state(self.init_params(seed), self.phases[0].tx, seed, self.backbone.state, self.hooks)
-    if not setting:
+    state = init_state(self.init_params(seed), self.phases[0].tx, seed, self.model_state(setting), self.hooks)
+    if not optim.hparams_of(setting):
       return state
     return state.replace(opt_state=optim.with_hparams(state.opt_state, optim.hparams_of(setting)))
+
+  def model_state(self, setting: dict) -> dict:
+    """A replica's initial model state: the backbone's (BatchNorm statistics) and its values of the swept keys
+    that act outside the optimizer (hparams.py)."""
+    held = hparams.held(self.cfg, setting)
+    return {**(self.backbone.state or {}), **held} if held else self.backbone.state
 
   def train_batches(self, shards: int = 1, rows_of=lambda n: slice(None), seed: int | None = None
                     ) -> batching.TrainBatches:
@@ -252,10 +258,13 @@ def build(cfg, log=print, platform: str | None = None, length_key: str = "data.m
   def apply(params, batch, train=False, rng=None, model_state=None, frozen_bn=frozenset()):
     rng_backbone, rng_head = jax.random.split(rng) if rng is not None else (None, None)
     bn = {"frozen_bn": frozen_bn} if frozen_bn else {}  # only families with BatchNorm have frozen layers
+    model_state, swept = hparams.split(model_state)  # (train.sweep's values pass by: the caller's hparams.scope)
     out, model_state = backbone.apply(params[backbone.key], batch, train, rng_backbone, model_state, **bn)
+    model_state = {**model_state, hparams.KEY: swept} if swept else model_state
     return task.head(params.get(task.head_key), task.features(out, batch), batch, train, rng_head), model_state
 
   def features(params, model_state, batch):
+    model_state = hparams.split(model_state)[0]
     return task.features(backbone.apply(params[backbone.key], batch, False, None, model_state)[0], batch)
 
   def head_apply(params, batch, train=False, rng=None, model_state=None):
@@ -296,6 +305,6 @@ def setup(exp, log, devices=None, slices: int = 1):
 def save_model(exp: Experiment, params, out_dir, model_state=None) -> None:
   """A model directory `model.name` loads back: the backbone in its family's format (with its BatchNorm
   statistics), and the head."""
-  exp.backbone.save(params[exp.backbone.key], out_dir, model_state)
+  exp.backbone.save(params[exp.backbone.key], out_dir, hparams.split(model_state)[0])
   if exp.task.head_key is not None:
     exp.task.save(jax.device_get(params[exp.task.head_key]), Path(out_dir))

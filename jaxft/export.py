@@ -7,7 +7,7 @@ from pathlib import Path
 
 import jax
 
-from jaxft import lora, quantize, rules, runs
+from jaxft import hparams, lora, quantize, rules, runs
 from jaxft.errors import JaxftError
 from jaxft.experiment import save_model
 
@@ -22,7 +22,8 @@ def export(cfg, out_dir, step: int | None = None, log=print, replica: int | None
   if cfg.model.quantize:  # the base back in float32, for the adapters to merge into
     params = quantize.dequantized(params, cfg.model.quantize)
   if rules.lora_enabled(cfg.lora):
-    params = lora.merge(params, cfg.lora)
+    with hparams.scope(model_state):  # the replica's LoRA scale, where train.sweep varies it
+      params = lora.merge(params, cfg.lora)
   out.mkdir(parents=True, exist_ok=True)
   save_model(exp, params, out, model_state)
   log(f"exported to {out}" + (" (LoRA adapters merged)" if rules.lora_enabled(cfg.lora) else ""))

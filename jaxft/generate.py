@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft import runs
+from jaxft import hparams, runs
 from jaxft.data import batching
 from jaxft.errors import JaxftError
 
@@ -49,6 +49,12 @@ def prefill(apply, params, model_state, ids_BxP, mask_BxP, new_cache, room: int,
 
 def _loop(params, model_state, ids_BxP, mask_BxP, rng, *, apply, new_cache, max_new, temperature, top_p, eos_id,
           repeat=1):
+  with hparams.scope(model_state):  # a sweep replica's own LoRA scale (hparams.py)
+    return _tokens(params, model_state, ids_BxP, mask_BxP, rng, apply, new_cache, max_new, temperature, top_p, eos_id,
+                   repeat)
+
+
+def _tokens(params, model_state, ids_BxP, mask_BxP, rng, apply, new_cache, max_new, temperature, top_p, eos_id, repeat):
   last_BxV, state, lengths_B = prefill(apply, params, model_state, ids_BxP, mask_BxP, new_cache, max_new, repeat)
   B = last_BxV.shape[0]
   out_BxN = jnp.full((B, max_new), eos_id, jnp.int32)

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxft import rules
+from jaxft import hparams, rules
 from jaxft.errors import JaxftError
 
 
@@ -51,9 +51,10 @@ def add_adapters(params, target_rules: list[str], lcfg, seed: int):
 
 def wrap(apply, lcfg):
   """apply(params, batch, train, rng) of the adapted model, for params holding adapters."""
-  scale = lcfg.alpha / lcfg.rank
 
   def lora_apply(params, batch, train=False, rng=None, *rest, **kw):
+    scale = hparams.value("lora.alpha", lcfg.alpha) / lcfg.rank  # (a sweep replica's own: hparams.py)
+    dropout = hparams.value("lora.dropout", lcfg.dropout)
     if not train and not any(p.endswith("/kernel_q") for p in rules.flat(params)):
       # evaluation and generation: the adapters folded into the kernels once, as export does (not into a
       # quantized base: model.quantize keeps it quantized, and the adapters beside it)
@@ -71,10 +72,10 @@ def wrap(apply, lcfg):
         return y
       used.add(m)
       x = args[0]
-      if train and rng is not None and lcfg.dropout > 0:
+      if train and rng is not None and (hparams.swept("lora.dropout") or lcfg.dropout > 0):
         key = jax.random.fold_in(jax.random.fold_in(rng, 0x10A), modules.index(m))
-        keep = jax.random.bernoulli(key, 1 - lcfg.dropout, x.shape)
-        x = jnp.where(keep, x / (1 - lcfg.dropout), 0)
+        keep = jax.random.bernoulli(key, 1 - dropout, x.shape)
+        x = jnp.where(keep, x / (1 - dropout), 0)
       a, b = flat[f"{m}/lora_a"].astype(x.dtype), flat[f"{m}/lora_b"].astype(x.dtype)
       return y + ((x @ a) @ b * scale).astype(y.dtype)
 
@@ -88,7 +89,9 @@ def wrap(apply, lcfg):
 
 
 def merge(params, lcfg):
-  """The base params with every adapter folded in: kernel + lora_a @ lora_b * alpha / rank."""
+  """The base params with every adapter folded in: kernel + lora_a @ lora_b * alpha / rank (alpha: a sweep
+  replica's own in its hparams.scope)."""
+  alpha = hparams.value("lora.alpha", lcfg.alpha)
   flat = rules.flat(params)
   out = {p: x for p, x in flat.items() if not is_adapter(p)}
   for p in flat:
@@ -96,5 +99,5 @@ def merge(params, lcfg):
       module = p[: -len("/lora_a")]
       kernel = out[f"{module}/kernel"]
       delta = flat[p].astype(jnp.float32) @ flat[f"{module}/lora_b"].astype(jnp.float32)
-      out[f"{module}/kernel"] = (kernel.astype(jnp.float32) + delta * lcfg.alpha / lcfg.rank).astype(kernel.dtype)
+      out[f"{module}/kernel"] = (kernel.astype(jnp.float32) + delta * alpha / lcfg.rank).astype(kernel.dtype)
   return rules.merge(out)

@@ -135,6 +135,7 @@ def base_optimizer(ocfg, lr, wd: float, trust_mask) -> optax.GradientTransformat
 
 
 SWEEPABLE = ("lr", "weight_decay", "warmup_ratio", "b1", "b2")  # optim keys a replica may hold its own of
+GROUP_LR_MULT = re.compile(r"groups\.(\d+)\.lr_mult")  # ... and optim.groups.N.lr_mult: group N's LR multiplier
 
 
 class SweptState(NamedTuple):
@@ -157,8 +158,15 @@ def swept(build, values: dict) -> optax.GradientTransformation:
 
 
 def hparams_of(setting: dict) -> dict:
-  """{optim key: value} of train.sweep's {config key: value} (its keys are optim.*: config.check_sweep)."""
-  return {key.removeprefix("optim."): value for key, value in setting.items()}
+  """{optim key: value} of train.sweep's optim.* keys in a {config key: value} setting."""
+  return {key.removeprefix("optim."): value for key, value in setting.items() if key.startswith("optim.")}
+
+
+def current(ocfg, key: str) -> float:
+  """The config's value of a sweepable optim key (`groups.N.lr_mult` included)."""
+  if m := GROUP_LR_MULT.fullmatch(key):
+    return ocfg.groups[int(m.group(1))].get("lr_mult", 1.0)
+  return getattr(ocfg, key)
 
 
 def as_hparams(values: dict) -> dict:
@@ -173,9 +181,14 @@ def with_hparams(opt_state, values: dict):
 def group_labels(ocfg, params, freeze_labels, conv, swept_keys=()):
   """(the optimizer's label tree: 'frozen', or 'lr{mult}_wd{decay}' per trainable leaf,
   {label: (lr multiplier, weight decay)} of the trainable labels). Where weight_decay is swept, the leaves
-  that take it are 'lr{mult}_wd(swept)' with decay None."""
+  that take it are 'lr{mult}_wd(swept)' with decay None; where a group's lr_mult is, its leaves' multiplier is
+  (its key, their layer-decay factor): 'lr(groups.N.lr_mult)x{factor}_wd...'."""
   sweeps_wd = "weight_decay" in swept_keys
   mult = rules.flat(lr_multipliers(ocfg, params, conv))
+  index = rules.flat(rules.apply_rules(params, [(g["match"], i) for i, g in enumerate(ocfg.groups)], default=-1,
+                                       what="optim.groups match"))
+  factor = rules.flat(lr_multipliers(dataclasses.replace(ocfg, groups=[{**g, "lr_mult": 1.0} for g in ocfg.groups]),
+                                     params, conv)) if any(map(GROUP_LR_MULT.fullmatch, swept_keys)) else {}
   wd = rules.flat(weight_decays(ocfg, params, conv, default=math.nan if sweeps_wd else None))
   labels, groups = {}, {}
   for p, status in rules.flat(freeze_labels).items():
@@ -183,8 +196,11 @@ def group_labels(ocfg, params, freeze_labels, conv, swept_keys=()):
       labels[p] = "frozen"
     else:
       decay = None if math.isnan(wd[p]) else wd[p]
-      labels[p] = f"lr{mult[p]:.6g}_wd" + ("(swept)" if decay is None else f"{decay:.6g}")
-      groups[labels[p]] = (mult[p], decay)
+      key = f"groups.{index[p]}.lr_mult"
+      m = (key, factor[p]) if key in swept_keys else mult[p]
+      lr_label = f"lr({key})x{factor[p]:.6g}" if key in swept_keys else f"lr{mult[p]:.6g}"
+      labels[p] = f"{lr_label}_wd" + ("(swept)" if decay is None else f"{decay:.6g}")
+      groups[labels[p]] = (m, decay)
   return rules.merge(labels), groups
 
 
@@ -196,15 +212,18 @@ def make_optimizer(ocfg, params, freeze_labels, total_steps: int, batch_size: in
   trust_mask = rules.weight_decay_mask(params, conv)  # LARS: no trust ratio on biases / norm scales
 
   def build(hparams: dict):
-    o = dataclasses.replace(ocfg, **hparams) if hparams else ocfg
+    plain = {k: v for k, v in hparams.items() if not GROUP_LR_MULT.fullmatch(k)}
+    o = dataclasses.replace(ocfg, **plain) if plain else ocfg
     lr = schedule(o, total_steps, scaled_lr(o, batch_size))
     txs = {"frozen": optax.set_to_zero()}
     for label, (mult, wd) in groups.items():
+      if isinstance(mult, tuple):  # a swept group's: its own (the config's outside the step) x the layer decay
+        mult = hparams.get(mult[0], current(ocfg, mult[0])) * mult[1]
       txs[label] = base_optimizer(o, lambda s, m=mult: m * lr(s), o.weight_decay if wd is None else wd, trust_mask)
     clip = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
     return optax.chain(*clip, optax.multi_transform(txs, labels)), lr
 
   tx, lr = build({})
   if swept_keys:
-    tx = swept(lambda hparams: build(hparams)[0], {k: getattr(ocfg, k) for k in swept_keys})
+    tx = swept(lambda hparams: build(hparams)[0], {k: current(ocfg, k) for k in swept_keys})
   return tx, lr

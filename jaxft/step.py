@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxft import rules
+from jaxft import hparams, rules
 
 
 @flax.struct.dataclass
@@ -61,9 +61,10 @@ def make_train_step(apply: Callable, loss: Callable, tx: optax.GradientTransform
 
   def grads_of(trainable, frozen, model_state, batch, rng):
     def loss_fn(trainable):
-      outputs, new_model_state = apply(rules.merge(trainable, frozen), batch, True, rng if dropout else None,
-                                       model_state)
-      value, aux = loss(outputs, batch)
+      with hparams.scope(model_state):  # a sweep replica's own label smoothing, LoRA scale, ...
+        outputs, new_model_state = apply(rules.merge(trainable, frozen), batch, True, rng if dropout else None,
+                                         model_state)
+        value, aux = loss(outputs, batch)
       return value, (aux, new_model_state)
     (value, (aux, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     return grads, value, aux, model_state
@@ -133,8 +134,9 @@ def make_eval_step(apply: Callable, task, axis_name: str | None = None):
   the sums are psum-ed and the rows all-gathered over devices."""
 
   def eval_step(params, model_state, batch):
-    outputs, _ = apply(params, batch, False, None, model_state)
-    sums, rows = task.eval_sums(outputs, batch), task.eval_rows(outputs, batch)
+    with hparams.scope(model_state):
+      outputs, _ = apply(params, batch, False, None, model_state)
+      sums, rows = task.eval_sums(outputs, batch), task.eval_rows(outputs, batch)
     if axis_name:
       sums = jax.lax.psum(sums, axis_name)
       rows = jax.lax.all_gather(rows, axis_name, tiled=True)

@@ -39,6 +39,47 @@ def test_replica_k_equals_the_single_run_with_its_values_and_seed(tiny_cfg):
   assert np.abs(losses[:, 0] - losses[:, 2]).max() > 1e-4  # so do the warmups
 
 
+@pytest.mark.parametrize("sweep, extra", [
+    # outside the optimizer (hparams.py): the task's label smoothing; the optimizer's: a group's LR multiplier
+    ("{task.label_smoothing: [0.0, 0.2], optim.groups.0.lr_mult: [1, 5]}",
+     ('optim.groups=[{match: "classifier/.*", lr_mult: 2}]',)),
+    # LoRA's scale (train, and the merged eval) and its dropout
+    ("{lora.alpha: [4, 32], lora.dropout: [0.0, 0.2]}", ("lora.preset=qv", "lora.rank=4", "optim.lr=1e-2")),
+])
+def test_keys_outside_the_optimizer_and_a_groups_lr_mult_sweep_as_single_runs(tiny_cfg, sweep, extra):
+  """Each replica's train losses, and its validation metrics (LoRA's scale acts in the merged eval too), are its
+  single run's with those values."""
+  from jaxft.evaluate import evaluate
+  from jaxft.experiment import setup
+  extra = ("train.epochs=2", "freeze_embeddings=true") + extra
+  exp = build(tiny_cfg(*extra, f"train.sweep={sweep}"), **QUIET)
+  grid = replicas.grid(exp.cfg)
+  assert len(grid) == 4
+  step, state, steps = jax.jit(exp.train_step(0)), exp.initial_state(), 10
+  feed = replicas.Batches([exp.train_batches(seed=s) for _, s in grid])
+  losses = []
+  for i in range(steps):
+    state, m = step(state, feed[i])
+    losses.append(np.asarray(m["loss"]))
+  losses = np.stack(losses)
+  par, targets = setup(exp, **QUIET)
+  val = evaluate(exp, par, par.compile_eval(exp.eval_step(), targets[0]), state.params, state.model_state,
+                 "validation")["loss_seeds"]
+  for k, (setting, _) in enumerate(grid):
+    values = [f"{key}={value}" for key, value in setting.items()]
+    single_cfg = tiny_cfg(*extra, *values)
+    np.testing.assert_allclose(losses[:, k], single_losses(single_cfg, steps), atol=2e-5, err_msg=str(setting))
+    one = build(single_cfg, **QUIET)
+    one_step, one_state, batches = jax.jit(one.train_step(0)), one.initial_state(), one.train_batches()
+    for i in range(steps):
+      one_state = one_step(one_state, batches[i])[0]
+    one_par, one_targets = setup(one, **QUIET)
+    single_val = evaluate(one, one_par, one_par.compile_eval(one.eval_step(), one_targets[0]), one_state.params,
+                          one_state.model_state, "validation")["loss"]
+    np.testing.assert_allclose(val[k], single_val, atol=2e-5, err_msg=str(setting))
+  assert np.abs(losses[:, 0] - losses[:, 2]).max() > 1e-4 and np.abs(losses[:, 0] - losses[:, 1]).max() > 1e-4
+
+
 def test_weight_decay_swept_reaches_only_the_leaves_that_take_it():
   """Biases and norm scales keep no decay when optim.weight_decay is swept (their groups are their own)."""
   import jax.numpy as jnp
@@ -61,6 +102,10 @@ def test_weight_decay_swept_reaches_only_the_leaves_that_take_it():
     ("train.sweep={optim.lr: [1e-3, 1e-3]}", r"'train.sweep.optim.lr' must be a list of distinct numbers"),
     ("train.sweep={optim.lr: 1e-3}", r"'train.sweep.optim.lr' must be a list"),
     ("train.sweep=[1, 2]", r"'train.sweep' expects dict"),
+    ("train.sweep={lora.alpha: [8, 16]}", r"lora.alpha cannot differ .* sweepable here: optim.lr, "),  # no LoRA
+    ("train.sweep={optim.groups.0.lr_mult: [1, 2]}", r"optim.groups.0.lr_mult cannot differ"),  # no such group
+    ("train.sweep={task.label_smoothing: [0.0, 1.0]}", r"'train.sweep.task.label_smoothing': every value must be "
+                                                        r"in \[0, 1\)"),
 ])
 def test_a_bad_sweep_is_a_one_line_error(bad, msg):
   with pytest.raises(JaxftError, match=msg):

@@ -143,8 +143,9 @@ class GRPO(SFT):
   def __init__(self, cfg, backbone, source, log=print):
     super().__init__(cfg, backbone, source, log)
     self.reward = reward_function(cfg.task)
-    if cfg.train.seeds or jax.process_count() > 1:
-      raise JaxftError("task.name grpo runs in one process and without train.seeds (not yet supported)")
+    if cfg.train.seeds or cfg.train.sweep or jax.process_count() > 1:
+      raise JaxftError("task.name grpo runs in one process and without train.seeds or train.sweep (not yet "
+                       "supported)")
     def logits_of(params, batch, train, rng, state):  # the backbone's apply, giving logits as the task's does
       out, state = backbone.apply(params, batch, train, rng, state)
       return out["logits"], state

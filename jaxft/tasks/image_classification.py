@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxft import hparams
 from jaxft.config import TaskConfig
 from jaxft.data import images
 from jaxft.errors import JaxftError
@@ -99,7 +100,8 @@ class ImageClassification(Task):
 
   def loss(self, logits_BxC, batch):
     w_B, labels_B = batch["weights"], batch["labels"]
-    targets_BxC = optax.smooth_labels(jax.nn.one_hot(labels_B, logits_BxC.shape[-1]), self.cfg.task.label_smoothing)
+    smoothing = hparams.value("task.label_smoothing", self.cfg.task.label_smoothing)  # (a sweep replica's own)
+    targets_BxC = optax.smooth_labels(jax.nn.one_hot(labels_B, logits_BxC.shape[-1]), smoothing)
     loss_B = optax.softmax_cross_entropy(logits_BxC.astype(jnp.float32), targets_BxC)
     loss = jnp.sum(loss_B * w_B) / jnp.maximum(jnp.sum(w_B), 1.0)
     return loss, {"accuracy": accuracy(logits_BxC, labels_B, w_B)}

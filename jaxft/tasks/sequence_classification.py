@@ -13,7 +13,9 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+from jaxft import hparams
 from jaxft.config import TaskConfig
 from jaxft.data import packing
 from jaxft.tasks.base import (
@@ -36,10 +38,13 @@ class Config(TaskConfig):
   label_column: str = "label"
   label_names: list[str] | None = None  # None: the source's class names, else sorted distinct train labels
   pooling: str = "auto"  # mean | cls (pooler or first token) | auto (the checkpoint's)
+  label_smoothing: float = 0.0  # training's cross-entropy against (1 - e) one-hot + e / classes
 
   def check(self):
     self.require(self.pooling in ("auto", "cls", "mean"),
                  f"config key 'task.pooling' must be auto, cls or mean, got {self.pooling!r}")
+    self.require(0 <= self.label_smoothing < 1,
+                 f"config key 'task.label_smoothing' must be in [0, 1), got {self.label_smoothing}")
 
 
 def tokenize(backbone, texts: list[str], max_length: int) -> list[np.ndarray]:
@@ -55,6 +60,17 @@ def cross_entropy(logits_BxC, labels_B, weights_B):
   nll_B = nll(logits_BxC, labels_B)
   loss = jnp.sum(nll_B * weights_B) / jnp.maximum(jnp.sum(weights_B), 1.0)
   return loss, nll_B
+
+
+def smoothed_cross_entropy(logits_BxC, labels_B, weights_B, smoothing):
+  """Weighted mean cross-entropy against (1 - smoothing) one-hot + smoothing / classes (task.label_smoothing,
+  a sweep replica's own in its hparams.scope); plain `cross_entropy`'s where it is a 0 of the config."""
+  smoothing = hparams.value("task.label_smoothing", smoothing)
+  if not hparams.swept("task.label_smoothing") and smoothing == 0:
+    return cross_entropy(logits_BxC, labels_B, weights_B)[0]
+  targets_BxC = optax.smooth_labels(jax.nn.one_hot(labels_B, logits_BxC.shape[-1]), smoothing)
+  loss_B = optax.softmax_cross_entropy(logits_BxC.astype(jnp.float32), targets_BxC)
+  return jnp.sum(loss_B * weights_B) / jnp.maximum(jnp.sum(weights_B), 1.0)
 
 
 def accuracy(logits_BxC, labels_B, weights_B):
@@ -153,7 +169,7 @@ class SequenceClassification(Task):
     return dense_head(w, pooled_BxD, self.backbone.head_dropout, train, rng)
 
   def loss(self, logits_BxC, batch):
-    loss, _ = cross_entropy(logits_BxC, batch["labels"], batch["weights"])
+    loss = smoothed_cross_entropy(logits_BxC, batch["labels"], batch["weights"], self.cfg.task.label_smoothing)
     return loss, {"accuracy": accuracy(logits_BxC, batch["labels"], batch["weights"])}
 
   def eval_sums(self, logits_BxC, batch):
