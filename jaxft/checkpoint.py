@@ -52,6 +52,8 @@ class RunRecord:
   best_steps: list | None = None  # train.seeds: each replica's best step and value (best_step: the mean's)
   best_values: list | None = None
   pruned: list | None = None  # train.sweep_prune: per replica, the step its setting was dropped at (None: training)
+  batch_units: int = 1  # train.batch_schedule: the batch now, in units of train.batch_size, and since which step
+  batch_changed: int = 0
   probe_step: int | None = None  # where a head-only first phase (a linear probe) ended: WiSE-FT's start
   labels: list | None = None  # what the head's outputs stand for, in order (jaxft/labels.py; None: no head)
 

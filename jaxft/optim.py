@@ -143,16 +143,18 @@ class SweptState(NamedTuple):
   inner: Any  # the optimizer's own state
 
 
-def swept(build, values: dict) -> optax.GradientTransformation:
+def swept(build, values: dict, advance: int = 0) -> optax.GradientTransformation:
   """An optimizer whose hyperparameters live in its state (`hparams`): build(hparams) -> the optimizer, rebuilt
   at each update from the state's values, so that replicas of one step each train with their own (init: these
-  `values`; a replica's go in with `with_hparams`)."""
+  `values`; a replica's go in with `with_hparams`). advance: what each update adds to hparams["units"] (the
+  schedule's clock under train.batch_schedule: units of train.batch_size, not updates)."""
   def init(params):
     return SweptState(as_hparams(values), build(values).init(params))
 
   def update(updates, state, params=None):
     updates, inner = build(state.hparams).update(updates, state.inner, params)
-    return updates, SweptState(state.hparams, inner)
+    hparams = {**state.hparams, "units": state.hparams["units"] + advance} if advance else state.hparams
+    return updates, SweptState(hparams, inner)
 
   return optax.GradientTransformation(init, update)
 
@@ -204,17 +206,21 @@ def group_labels(ocfg, params, freeze_labels, conv, swept_keys=()):
   return rules.merge(labels), groups
 
 
-def make_optimizer(ocfg, params, freeze_labels, total_steps: int, batch_size: int, conv, swept_keys=()):
+def make_optimizer(ocfg, params, freeze_labels, total_steps: int, batch_size: int, conv, swept_keys=(),
+                   units: int | None = None):
   """Returns (tx, lr_schedule), lr_schedule being the peak schedule that multipliers scale.
   `conv`: the model family's Conventions (embeddings, layers, no-decay params). swept_keys: optim keys whose
-  values each replica holds in its optimizer state (`swept`; train.sweep)."""
+  values each replica holds in its optimizer state (`swept`; train.sweep). units: train.batch_schedule's
+  batches of `units` x batch_size: the schedule runs over units (total_steps of them; its clock in the state,
+  hparams["units"]) with its peak scaled to the larger batch; every `units` gives the same state."""
   labels, groups = group_labels(ocfg, params, freeze_labels, conv, swept_keys)
   trust_mask = rules.weight_decay_mask(params, conv)  # LARS: no trust ratio on biases / norm scales
 
   def build(hparams: dict):
-    plain = {k: v for k, v in hparams.items() if not GROUP_LR_MULT.fullmatch(k)}
+    plain = {k: v for k, v in hparams.items() if not GROUP_LR_MULT.fullmatch(k) and k != "units"}
     o = dataclasses.replace(ocfg, **plain) if plain else ocfg
-    lr = schedule(o, total_steps, scaled_lr(o, batch_size))
+    peak = schedule(o, total_steps, scaled_lr(o, batch_size * (units or 1)))
+    lr = (lambda _: peak(hparams["units"])) if units else peak  # noqa: E731 (batch_schedule: over units)
     txs = {"frozen": optax.set_to_zero()}
     for label, (mult, wd) in groups.items():
       if isinstance(mult, tuple):  # a swept group's: its own (the config's outside the step) x the layer decay
@@ -223,7 +229,8 @@ def make_optimizer(ocfg, params, freeze_labels, total_steps: int, batch_size: in
     clip = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
     return optax.chain(*clip, optax.multi_transform(txs, labels)), lr
 
-  tx, lr = build({})
-  if swept_keys:
-    tx = swept(lambda hparams: build(hparams)[0], {k: current(ocfg, k) for k in swept_keys})
-  return tx, lr
+  start = {k: current(ocfg, k) for k in swept_keys} | ({"units": 0.0} if units else {})
+  tx, lr = build(start)
+  if start:
+    tx = swept(lambda hparams: build(hparams)[0], start, advance=units or 0)
+  return tx, (schedule(ocfg, total_steps, scaled_lr(ocfg, batch_size * units)) if units else lr)

@@ -6,6 +6,7 @@ leaf (e.g. Adam's mu / nu) of a param trainable in both phases carries over; ste
 with the new schedule. Checkpoints record the phase, its start step and the plateau counter (RunRecord).
 """
 import dataclasses
+import functools
 import math
 import re
 from typing import Any
@@ -28,6 +29,7 @@ class Phase:
   lr: Any  # the peak LR schedule over the phase's own steps
   max_steps: int
   until: dict | None  # {metric, patience}: end early when validation stops improving
+  grown: Any = None  # train.batch_schedule: k -> (tx, lr) of batches of k x train.batch_size (k = 1: tx, lr)
 
 
 PRESETS = ("lp_ft", "gradual_unfreeze")  # phases_preset
@@ -73,9 +75,12 @@ def build(cfg, params, n_train: int, task, conv) -> list[Phase]:
       where = f"phase '{spec.get('name', f'phase_{i}')}'" if len(specs) > 1 else "the run"
       raise JaxftError(f"{where} trains nothing: the freeze rules (freeze, train_only, freeze_embeddings, "
                        f"freeze_bottom_layers) freeze every parameter")
-    tx, lr = optim.make_optimizer(pcfg.optim, params, labels, n_steps, cfg.train.batch_size, conv, swept)
+    make = functools.partial(optim.make_optimizer, pcfg.optim, params, labels, n_steps, cfg.train.batch_size, conv,
+                             swept)
+    grown = (lambda k, make=make: make(units=k)) if cfg.train.batch_schedule else None
+    tx, lr = grown(1) if grown else make()
     phases.append(Phase(spec.get("name", f"phase_{i}"), pcfg, labels, tx, lr, int(n_steps),
-                        {"patience": 1, **until} if until else None))
+                        {"patience": 1, **until} if until else None, grown))
   return phases
 
 

@@ -41,7 +41,7 @@ def init_state(params, tx, seed: int, model_state=None, hooks=()) -> TrainState:
 
 def make_train_step(apply: Callable, loss: Callable, tx: optax.GradientTransformation, labels,
                     dropout: bool = True, axis_name: str | None = None, micro_steps: int = 1,
-                    opt_metrics: Callable | None = None, hooks: tuple = ()):
+                    opt_metrics: Callable | None = None, hooks: tuple = (), units: int = 1):
   """(state, batch) -> (state, metrics). `labels` is the 'train' / 'frozen' tree.
 
   apply(params, batch, train, rng, model_state) -> (outputs, model_state): called with train=True (BatchNorm
@@ -57,6 +57,7 @@ def make_train_step(apply: Callable, loss: Callable, tx: optax.GradientTransform
   opt_metrics: optimizer state -> metrics of the step (LARS / LAMB trust ratios).
   hooks: with micro-batches, what else reads their gradients (noise_scale.NoiseScale: the gradient noise
     scale), each with its state in state.hooks[name] and metrics of its own.
+  units: what a step adds to state.step (train.batch_schedule counts batches of train.batch_size).
   """
 
   def grads_of(trainable, frozen, model_state, batch, rng):
@@ -119,7 +120,7 @@ def make_train_step(apply: Callable, loss: Callable, tx: optax.GradientTransform
     metrics = {"loss": value, **aux, "grad_norm": grad_norm, **hook_metrics,
                **(opt_metrics(opt_state) if opt_metrics else {})}
     new_state = state.replace(
-        step=state.step + 1, params=rules.merge(keep(new_trainable, trainable), frozen),
+        step=state.step + units, params=rules.merge(keep(new_trainable, trainable), frozen),
         opt_state=keep(opt_state, state.opt_state), model_state=keep(model_state, state.model_state),
         hooks=keep(new_hooks, state.hooks) if hooked else state.hooks,
         skipped=state.skipped + (~finite).astype(jnp.int32),

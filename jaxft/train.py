@@ -1,6 +1,7 @@
 """The training loop: data -> jitted step -> metrics / eval -> orbax checkpoints -> test, phase by phase
 (see phases.py; a run without `phases` is one phase). What runs is built by experiment.build.
 """
+import math
 import time
 from pathlib import Path
 
@@ -10,8 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from jaxft import batch_schedule, faults, noise_scale, parallel, preemption, pruning, replicas, rules, runs
 from jaxft import config as config_lib
-from jaxft import faults, noise_scale, parallel, preemption, pruning, replicas, rules, runs
 from jaxft import metrics as metrics_lib
 from jaxft import phases as phases_lib
 from jaxft.data import batching
@@ -113,29 +114,50 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
     t_window, window_start, shapes = time.perf_counter(), step, set()
     eval_every = ptcfg.eval_every or batching.steps_for(len(exp.splits["train"]), tcfg.batch_size, 1)  # per epoch
     skipped = int(np.sum(jax.device_get(par.host_view(state).skipped)))
+    grown = {1: train_step}  # train.batch_schedule: the step of batches of u units, compiled as u first comes
+
+    def step_of(u):
+      if u not in grown:
+        grown[u] = par.compile_train(exp.train_step(k, axis, units=u), live_targets[k])
+      return grown[u]
+
     while not phases_lib.ended(phase, record, step):
-      step += 1
+      u = min(record.batch_units, phase.max_steps - (step - record.phase_start))  # units of tcfg.batch_size
+      step += u
       batch = transform("train")(next(batches))
+      if u > 1:  # the next u training batches, one batch
+        rows = math.lcm(exp.row_multiple(par.batch_shards), exp.micro_steps * u)
+        batch = batch_schedule.join([batch] + [transform("train")(next(batches)) for _ in range(u - 1)], rows)
       if task.on_policy:  # the step's batch: completions sampled from the current policy, scored (grpo)
         batch = task.rollout(exp, par, state, batch, step)
       shapes.add(tuple(sorted((key, x.shape) for key, x in batch.items())))
-      state, m = train_step(state, par.put_batch(batch, train=True))
+      state, m = step_of(u)(state, par.put_batch(batch, train=True))
       if par.block_each_step:
         jax.block_until_ready(state)
       in_phase = step - record.phase_start
-      last = in_phase == phase.max_steps
-      is_eval = in_phase % eval_every == 0 or last or step in prune_at
-      if step % ptcfg.log_every == 0 or is_eval or step % tcfg.checkpoint_every == 0:
+      every = lambda period, at=step: batch_schedule.crossed(at, u, period)  # noqa: E731 (u = 1: at % period == 0)
+      last = in_phase >= phase.max_steps
+      is_eval = every(eval_every, in_phase) or last or step in prune_at
+      is_log, is_save = every(ptcfg.log_every), every(tcfg.checkpoint_every)
+      if is_log or is_eval or is_save:
         skipped = _check_finite(state, par, tcfg, ckpt, log, skipped)
-      if step % ptcfg.log_every == 0 or last:
+      if phase.grown and every(batch_schedule.every(cfg)):  # the batch doubles while the noise scale exceeds it
+        doubled = batch_schedule.grown(cfg, record.batch_units, step, record.batch_changed, par.metrics(m))
+        if doubled != record.batch_units:
+          record.batch_units, record.batch_changed = doubled, step
+          log(f"step {step}: train.batch_schedule doubles the batch to {doubled * tcfg.batch_size} (gradient noise "
+              f"scale {float(par.metrics(m)['noise_scale']):.0f} in loss weights)")
+      if is_log or last:
         m = par.metrics(m)
         m = exp.replicas.metrics(m)
         m["skipped_steps"] = skipped
         dt = time.perf_counter() - t_window
         m["examples_per_s"] = (step - window_start) * tcfg.batch_size * exp.replicas.lanes / dt  # all replicas
-        m["step_ms"] = 1000 * dt / (step - window_start)
-        m["lr"] = float(phase.lr(in_phase - 1))
-        m["phase"], m["compiles"] = k, _compiles(train_step)
+        m["step_ms"] = 1000 * dt / (step - window_start)  # (train.batch_schedule: per batch of train.batch_size)
+        m["lr"] = float((phase.grown(u)[1] if phase.grown else phase.lr)(in_phase - u))
+        m["phase"], m["compiles"] = k, sum(map(_compiles, grown.values()))
+        if phase.grown:
+          m["batch_size"] = u * tcfg.batch_size
         writer.write(step, "train", m)
         noise = f"  noise scale {m['noise_scale']:.0f}" if "noise_scale" in m else ""
         own = "".join(f"  {key} {float(np.mean(m[key])):.3f}" for key in task.train_metrics if key in m)
@@ -144,7 +166,7 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
         if "noise_scale" in m:
           last_noise[k] = (step, m)
         t_window, window_start = time.perf_counter(), step
-      if is_eval or step % tcfg.checkpoint_every == 0:
+      if is_eval or is_save:
         if is_eval:
           val = evaluate(exp, par, eval_step_k, state.params, state.model_state, "validation",
                          transform("validation"))
@@ -154,6 +176,8 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
           log(f"step {step} ({phase.name}): validation {exp.describe(val)}")
           if step in prune_at and len({str(run_reps.settings[r]) for r in exp.replicas.index}) > 1:
             state, (train_step, eval_step_k, transform) = prune(step, state, k)
+            grown.clear()
+            grown[1] = train_step
         ckpt.save(step, par.host_view(whole(state)), batches.get_state(), record)
         t_window, window_start = time.perf_counter(), step
       faults.inject("step", step)
@@ -163,7 +187,7 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
         writer.close()
         raise Preempted(watcher.signum, step, f"{ckpt.directory}/{step}")
     # Recompile guard: one compile per batch shape (bucket) and phase, never more.
-    if (compiles := _compiles(train_step)) > len(shapes):
+    if (compiles := sum(map(_compiles, grown.values()))) > len(shapes):
       _warn(log, f"phase {phase.name} compiled its step {compiles} times for {len(shapes)} batch shapes: "
             "something in the step's inputs changes between steps")
     return state, step
