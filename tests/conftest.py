@@ -36,7 +36,7 @@ runtime.quiet_absent_tpu()  # libtpu installed (the test extra has it) on a mach
 # first so that the README's two workers (-n 2 --dist loadfile: a file to a worker) finish together.
 LONGEST_FIRST = ("test_readme_lm_runs.py", "test_readme_runs.py", "test_faults.py", "test_parallel.py", "test_plan.py", "test_image_classification.py",
                  "test_causal_lm.py", "test_bad_inputs.py", "test_bench.py", "test_replicas.py",
-                 "test_pruning.py")
+                 "test_pruning.py", "test_batch_schedule.py")
 
 
 def pytest_runtest_makereport(item, call):
