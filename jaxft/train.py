@@ -207,7 +207,7 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
   stop_test = watcher.testing()  # from here a signal cuts the test pass (the rerun tests again)
   faults.inject("test", step)
   for k, (at, m) in last_noise.items():
-    log(noise_scale.report(exp.phases[k].name, exp.cfg.train.batch_size, at, m))
+    log(noise_scale.report(exp.phases[k].name, m.get("batch_size", exp.cfg.train.batch_size), at, m))
   if record.kept() != {step}:  # else the last checkpoint commits while the test pass runs
     ckpt.wait()
   if live is not None:  # each replica's best, of the run's replicas; tested: those still training
