@@ -6,6 +6,7 @@ or a roofline where that is invalid), never a measurement. hf-bert and seeds pla
 
   python benchmarks/plan_peers.py hf-bert        # BERT-base, batch 256 x 128: the HF Flax GLUE recipe's step vs jaxft, v5e:2x4
   python benchmarks/plan_peers.py seeds          # the default (MiniLM) with train.seeds=8 vs 1 seed, one v5e chip
+  python benchmarks/plan_peers.py sweep          # the default's 12 x 3 sweep as one step vs 36 single steps
   python benchmarks/plan_peers.py llama-memory   # Llama-3.1-8B per chip: full, LoRA, bottom half frozen, +/- remat
   python benchmarks/plan_peers.py maxtext [--lora] [--maxtext-topology v6e:16x16]  # Llama-3.1-8B: MaxText's AOT step vs jaxft
   python benchmarks/plan_peers.py depthwise      # EfficientNet-Lite0's train step on one v5e chip, depthwise both ways
@@ -147,6 +148,20 @@ def seeds(args):
                _jaxft_plan([f"train.seeds={n}"] if n > 1 else [], "v5e:1x1", quick=True)) for n in (1, 8)]
   print(HEADER)
   print("\n".join(rows))
+
+
+def sweep(args):
+  """issue 35: the default's 12 settings x 3 seeds (benchmarks/sweep_vs_sequential.py's sweep) as one step on one
+  v5e chip, against 36 single steps."""
+  from sweep_vs_sequential import SWEEP
+  single = _jaxft_plan([], "v5e:1x1", quick=True)
+  swept = _jaxft_plan([f"train.sweep={SWEEP}", "train.seeds=3"], "v5e:1x1", quick=True)
+  print(HEADER)
+  print(_row("default (MiniLM), one run", single))
+  print(_row("default, 12 settings x 3 seeds in one step (examples/s: every replica's)", swept))
+  if "error" not in single and "error" not in swept:
+    print(f"\n36 single steps {36 * 1000 * single['step_s']:,.1f} ms against one swept step "
+          f"{1000 * swept['step_s']:,.1f} ms: {36 * single['step_s'] / swept['step_s']:.2f}x (compiler estimates)")
 
 
 def llama_memory(args):
@@ -383,14 +398,14 @@ def published(args):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("which", choices=("hf-bert", "seeds", "llama-memory", "maxtext", "depthwise", "published",
+  parser.add_argument("which", choices=("hf-bert", "seeds", "sweep", "llama-memory", "maxtext", "depthwise", "published",
                                         "generation"))
   parser.add_argument("--topology", default="v5p:2x2x1", help="llama-memory's and generation's")
   parser.add_argument("--length", type=int, default=2048, help="maxtext: tokens per sequence")
   parser.add_argument("--maxtext-topology", default="v5p:4x4x4", choices=sorted(MAXTEXT_TOPOLOGY), help="maxtext's")
   parser.add_argument("--lora", action="store_true", help="maxtext: LoRA (rank 8 on every projection) on both sides")
   args = parser.parse_args()
-  {"hf-bert": hf_bert, "seeds": seeds, "llama-memory": llama_memory, "maxtext": maxtext,
+  {"hf-bert": hf_bert, "seeds": seeds, "sweep": sweep, "llama-memory": llama_memory, "maxtext": maxtext,
    "depthwise": depthwise, "published": published, "generation": generation}[args.which](args)
 
 

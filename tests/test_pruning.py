@@ -56,7 +56,8 @@ def runs(tiny_bert, tiny_data, tmp_path_factory):
   finally:
     del os.environ["JAXFT_FAULT"]
   train(cfg("resumed", PRUNE))
-  return {"at": at, "printed": printed.getvalue(), **{n: root / n for n in ("whole", "pruned", "resumed")}}
+  return {"at": at, "printed": printed.getvalue(), "cfg": cfg("pruned", PRUNE),
+          **{n: root / n for n in ("whole", "pruned", "resumed")}}
 
 
 def record_of(run_dir):
@@ -107,3 +108,16 @@ def test_a_pruned_run_stopped_after_the_prune_resumes_exactly(runs):
 def test_a_bad_sweep_prune_is_a_one_line_error(bad, msg):
   with pytest.raises(JaxftError, match=msg):
     load_config(None, tuple(bad.split(" train.")[:1]) + tuple("train." + x for x in bad.split(" train.")[1:]))
+
+
+def test_soup_and_interpolate_read_a_pruned_sweep(runs, tmp_path):
+  """jaxft soup and jaxft interpolate on a pruned sweep: every replica at its best (a dropped one's from before
+  its drop); the soup's written model loads."""
+  from jaxft.ensembles import interpolate, soup
+  quiet = lambda *a, **k: None  # noqa: E731
+  rows = soup(runs["cfg"], tmp_path / "soup", quiet)
+  members = [r for r in rows if r["soup"].startswith("replica ")]
+  assert len(members) == 8 and all(0 <= r["test/accuracy"] <= 1 for r in members)
+  assert (tmp_path / "soup" / "config.json").is_file()
+  curve = interpolate(runs["cfg"], [0.0, 1.0], quiet)
+  assert {r["alpha"] for r in curve} == {0.0, 1.0}
