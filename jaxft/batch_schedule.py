@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from jaxft.data import batching
+
 
 def check(cfg, check) -> None:
   sched = cfg.train.batch_schedule
@@ -51,16 +53,10 @@ def join(batches: list[dict], multiple: int) -> dict:
   if len(batches) == 1 and len(batches[0]["index"]) % multiple == 0:
     return batches[0]
   out = {}
-  for key in batches[0]:
-    arrays = [np.asarray(b[key]) for b in batches]
-    shape = np.max([a.shape for a in arrays], axis=0)
-    fill = -1 if key == "index" else 0
-    parts = [np.pad(a, [(0, 0)] + [(0, n - m) for n, m in zip(shape[1:], a.shape[1:])], constant_values=fill)
-             for a in arrays]
-    rows = sum(len(p) for p in parts)
-    pad = -rows % multiple
+  for key, parts, fill in batching.padded_fields(batches, rows=False):
+    pad = -sum(len(p) for p in parts) % multiple
     if pad:
-      parts.append(np.full((pad,) + tuple(shape[1:]), fill, arrays[0].dtype))
+      parts.append(np.full((pad,) + parts[0].shape[1:], fill, parts[0].dtype))
     out[key] = np.concatenate(parts)
   return out
 

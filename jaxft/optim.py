@@ -187,10 +187,14 @@ def group_labels(ocfg, params, freeze_labels, conv, swept_keys=()):
   (its key, their layer-decay factor): 'lr(groups.N.lr_mult)x{factor}_wd...'."""
   sweeps_wd = "weight_decay" in swept_keys
   mult = rules.flat(lr_multipliers(ocfg, params, conv))
-  index = rules.flat(rules.apply_rules(params, [(g["match"], i) for i, g in enumerate(ocfg.groups)], default=-1,
-                                       what="optim.groups match"))
-  factor = rules.flat(lr_multipliers(dataclasses.replace(ocfg, groups=[{**g, "lr_mult": 1.0} for g in ocfg.groups]),
-                                     params, conv)) if any(map(GROUP_LR_MULT.fullmatch, swept_keys)) else {}
+  swept_group = {}  # leaf -> (its group's swept key, its layer-decay factor), where a group's lr_mult is swept
+  if any(map(GROUP_LR_MULT.fullmatch, swept_keys)):
+    index = rules.flat(rules.apply_rules(params, [(g["match"], i) for i, g in enumerate(ocfg.groups)], default=-1,
+                                         what="optim.groups match"))
+    ones = dataclasses.replace(ocfg, groups=[{**g, "lr_mult": 1.0} for g in ocfg.groups])
+    factor = rules.flat(lr_multipliers(ones, params, conv))
+    swept_group = {p: (f"groups.{i}.lr_mult", factor[p]) for p, i in index.items()
+                   if f"groups.{i}.lr_mult" in swept_keys}
   wd = rules.flat(weight_decays(ocfg, params, conv, default=math.nan if sweeps_wd else None))
   labels, groups = {}, {}
   for p, status in rules.flat(freeze_labels).items():
@@ -198,9 +202,8 @@ def group_labels(ocfg, params, freeze_labels, conv, swept_keys=()):
       labels[p] = "frozen"
     else:
       decay = None if math.isnan(wd[p]) else wd[p]
-      key = f"groups.{index[p]}.lr_mult"
-      m = (key, factor[p]) if key in swept_keys else mult[p]
-      lr_label = f"lr({key})x{factor[p]:.6g}" if key in swept_keys else f"lr{mult[p]:.6g}"
+      m = swept_group.get(p, mult[p])
+      lr_label = f"lr({m[0]})x{m[1]:.6g}" if p in swept_group else f"lr{mult[p]:.6g}"
       labels[p] = f"{lr_label}_wd" + ("(swept)" if decay is None else f"{decay:.6g}")
       groups[labels[p]] = (m, decay)
   return rules.merge(labels), groups
@@ -227,10 +230,10 @@ def make_optimizer(ocfg, params, freeze_labels, total_steps: int, batch_size: in
         mult = hparams.get(mult[0], current(ocfg, mult[0])) * mult[1]
       txs[label] = base_optimizer(o, lambda s, m=mult: m * lr(s), o.weight_decay if wd is None else wd, trust_mask)
     clip = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
-    return optax.chain(*clip, optax.multi_transform(txs, labels)), lr
+    return optax.chain(*clip, optax.multi_transform(txs, labels)), peak
 
   start = {k: current(ocfg, k) for k in swept_keys} | ({"units": 0.0} if units else {})
-  tx, lr = build(start)
+  tx, peak = build(start)
   if start:
     tx = swept(lambda hparams: build(hparams)[0], start, advance=units or 0)
-  return tx, (schedule(ocfg, total_steps, scaled_lr(ocfg, batch_size * units)) if units else lr)
+  return tx, peak

@@ -19,13 +19,22 @@ def alive(record, n: int) -> list[int]:
   return [r for r in range(n) if record.pruned is None or record.pruned[r] is None]
 
 
+def _key(setting: dict) -> tuple:
+  return tuple(sorted(setting.items()))
+
+
+def distinct(settings: tuple, replicas) -> int:
+  """How many settings the `replicas` (indices) train."""
+  return len({_key(settings[r]) for r in replicas})
+
+
 def survivors(settings: tuple, alive: list[int], best_values: list, keep: float, lower_is_better: bool) -> list[int]:
   """The replicas (indices) left after dropping the worst of the `alive` replicas' settings: ceil(keep x their
   count) settings stay, ranked by the mean of their seeds' best validation values (a replica with none ranks
   last; ties keep the setting listed first)."""
   groups = {}
   for r in alive:
-    groups.setdefault(tuple(sorted(settings[r].items())), []).append(r)
+    groups.setdefault(_key(settings[r]), []).append(r)
 
   def score(members):
     values = [best_values[r] for r in members]

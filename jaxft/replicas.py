@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxft import rules
+from jaxft.data import batching
 from jaxft.errors import JaxftError
 from jaxft.step import TrainState
 
@@ -319,20 +320,10 @@ def vectorize_eval(eval_step, state_axes: TrainState):
   return jax.vmap(eval_step, in_axes=(state_axes.params, state_axes.model_state, None))
 
 
-_INDEX_FILL = -1  # `index` marks empty rows / slots with -1; every other field pads with 0 (weight 0)
-
-
 def stack_batches(batches: list[dict]) -> dict:
-  """[R, ...] fields of R replicas' batches, each padded at the end of every axis to the largest shape.
-  Padding is what collate pads with: no weight, no attention (mask, segment 0), index -1."""
-  out = {}
-  for key in batches[0]:
-    arrays = [np.asarray(b[key]) for b in batches]
-    shape = np.max([a.shape for a in arrays], axis=0)
-    fill = _INDEX_FILL if key == "index" else 0
-    out[key] = np.stack([np.pad(a, [(0, n - m) for n, m in zip(shape, a.shape)], constant_values=fill)
-                         for a in arrays])
-  return out
+  """[R, ...] fields of R replicas' batches, each padded at the end of every axis to the largest shape
+  (batching.padded_fields: with what collate pads with)."""
+  return {key: np.stack(arrays) for key, arrays, _ in batching.padded_fields(batches)}
 
 
 class Batches:

@@ -97,7 +97,7 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
     source = replicas.Batches([by_replica[r] for r in live])
     batches = feed(source, batches.get_state())
     eval_step = par.compile_eval(exp.eval_step(axis), live_targets[0])
-    settings = lambda rs: len({str(run_reps.settings[r]) for r in rs})  # noqa: E731
+    settings = lambda rs: pruning.distinct(run_reps.settings, rs)  # noqa: E731
     log(f"step {step}: train.sweep_prune keeps {settings(live)} of {settings(was)} settings ({len(live)} replicas)")
     return state, _phase_steps(exp, k, par, state, live_targets[k], eval_step, axis, log)
 
@@ -142,11 +142,12 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
       if is_log or is_eval or is_save:
         skipped = _check_finite(state, par, tcfg, ckpt, log, skipped)
       if phase.grown and every(batch_schedule.every(cfg)):  # the batch doubles while the noise scale exceeds it
-        doubled = batch_schedule.grown(cfg, record.batch_units, step, record.batch_changed, par.metrics(m))
+        now = par.metrics(m)
+        doubled = batch_schedule.grown(cfg, record.batch_units, step, record.batch_changed, now)
         if doubled != record.batch_units:
           record.batch_units, record.batch_changed = doubled, step
           log(f"step {step}: train.batch_schedule doubles the batch to {doubled * tcfg.batch_size} (gradient noise "
-              f"scale {float(par.metrics(m)['noise_scale']):.0f} in loss weights)")
+              f"scale {float(now['noise_scale']):.0f} in loss weights)")
       if is_log or last:
         m = par.metrics(m)
         m = exp.replicas.metrics(m)
@@ -174,7 +175,7 @@ def _run(exp, par, targets, ckpt, watcher, console, log) -> dict:
           _note_best(exp, record, val, step)
           phases_lib.update_plateau(phase, record, val, task.lower_is_better)  # replicas: on their mean
           log(f"step {step} ({phase.name}): validation {exp.describe(val)}")
-          if step in prune_at and len({str(run_reps.settings[r]) for r in exp.replicas.index}) > 1:
+          if step in prune_at and pruning.distinct(run_reps.settings, exp.replicas.index) > 1:
             state, (train_step, eval_step_k, transform) = prune(step, state, k)
             grown.clear()
             grown[1] = train_step

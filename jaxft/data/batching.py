@@ -114,6 +114,17 @@ def workers(n: int | None) -> int:
   return n or min(16, os.cpu_count() or 1)
 
 
+def padded_fields(batches: list[dict], rows: bool = True):
+  """(key, that field of each batch padded at the end of each axis to the largest's, the fill) for every field of
+  several batches; the rows (axis 0) too where `rows`. The fill is what collate pads with: no weight, no
+  attention (mask, segment 0), index -1."""
+  for key in batches[0]:
+    arrays = [np.asarray(b[key]) for b in batches]
+    shape, fill = np.max([a.shape for a in arrays], axis=0), (-1 if key == "index" else 0)
+    yield key, [np.pad(a, [(0, n - m) if rows or axis else (0, 0) for axis, (n, m) in enumerate(zip(shape, a.shape))],
+                       constant_values=fill) for a in arrays], fill
+
+
 def train_dataset(source: TrainBatches, workers: int = 1):
   """A grain dataset of training batches, made ahead (tokens collated, images decoded and augmented) by
   `workers` background threads."""
