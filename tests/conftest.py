@@ -156,6 +156,24 @@ def jaxft_calls(calls: list, timeout: float = 600, cwd=None) -> list[subprocess.
   return [subprocess.CompletedProcess(args, **res) for args, res in zip(calls, results)]
 
 
+def metric_rows(run_dir, split: str) -> list[dict]:
+  """A run's metrics.jsonl rows of one split."""
+  return [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl") if f'"{split}"' in line]
+
+
+def stopped_then_resumed(cfg, step: int) -> None:
+  """Trains `cfg` in this process, stopped by SIGTERM right after `step` (JAXFT_FAULT), then resumed to its end."""
+  from jaxft.errors import Preempted
+  from jaxft.train import train
+  os.environ["JAXFT_FAULT"] = f"step:{step}:TERM"
+  try:
+    with pytest.raises(Preempted):
+      train(cfg)
+  finally:
+    del os.environ["JAXFT_FAULT"]
+  train(cfg)
+
+
 def tiny_overrides(tiny_bert, tiny_data, run_dir, fmt="pt", *extra):
   """Overrides for a fast run on the tiny checkpoint and data, then `extra` (with another task.name, the
   sentiment task's task.pooling is left out: a key the task lacks is an error)."""

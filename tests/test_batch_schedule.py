@@ -1,16 +1,15 @@
 """train.batch_schedule: the batch doubles (more micro-batches) while the gradient noise scale exceeds it; the
 step counter, schedules and logs count batches of train.batch_size, and a stopped run resumes exactly."""
-import json
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import metric_rows as rows
+from conftest import stopped_then_resumed
 
 from jaxft import batch_schedule
 from jaxft.config import load_config
-from jaxft.errors import JaxftError, Preempted
+from jaxft.errors import JaxftError
 
 RUN = ("train.epochs=3", "train.micro_batch_size=8", "train.eval_every=16", "train.checkpoint_every=8",
        "train.keep=1", "train.log_every=1", "freeze_embeddings=true", "optim.warmup_ratio=0.25")
@@ -39,10 +38,6 @@ def test_join_pads_to_one_shape_and_a_row_multiple():
   assert batch_schedule.crossed(16, 4, 8) and not batch_schedule.crossed(15, 4, 8) and batch_schedule.crossed(9, 2, 8)
 
 
-def rows(run_dir, split):
-  return [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl") if f'"{split}"' in line]
-
-
 @pytest.fixture(scope="module")
 def runs(tiny_bert, tiny_data, tmp_path_factory):
   """A fixed-batch run; the batch-scheduled run with its doubling forced at units 8 and 16 (the rule is the
@@ -57,13 +52,7 @@ def runs(tiny_bert, tiny_data, tmp_path_factory):
   original, batch_schedule.grown = batch_schedule.grown, forced
   try:
     train(cfg("grown", GROW))
-    os.environ["JAXFT_FAULT"] = "step:20:TERM"
-    try:
-      with pytest.raises(Preempted):
-        train(cfg("resumed", GROW))
-    finally:
-      del os.environ["JAXFT_FAULT"]
-    train(cfg("resumed", GROW))
+    stopped_then_resumed(cfg("resumed", GROW), 20)
   finally:
     batch_schedule.grown = original
   return {n: root / n for n in ("fixed", "grown", "resumed")}

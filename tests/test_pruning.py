@@ -2,18 +2,18 @@
 on with the replicas left exactly as it would have, and a run stopped after a prune resumes exactly."""
 import contextlib
 import io
-import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import metric_rows as rows
+from conftest import stopped_then_resumed
 
 from jaxft import pruning
 from jaxft.checkpoint import Checkpointer
 from jaxft.config import load_config
-from jaxft.errors import JaxftError, Preempted
+from jaxft.errors import JaxftError
 
 LRS = [1e-5, 3e-3, 2e-5, 1e-3]  # two that learn within the run, two that barely move
 RUN = ("train.epochs=2", "train.eval_every=4", "train.checkpoint_every=4", "train.keep=1", "train.log_every=1",
@@ -31,10 +31,6 @@ def test_survivors_keep_the_best_settings_with_all_their_seeds():
   assert pruning.survivors(settings, [0, 1, 4, 5], [None, 0.9, 0, 0, 0.1, 0.2], 0.5, False) == [4, 5]  # none: last
 
 
-def rows(run_dir, split):
-  return [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl") if f'"{split}"' in line]
-
-
 @pytest.fixture(scope="module")
 def runs(tiny_bert, tiny_data, tmp_path_factory):
   """Run dirs of a 4-setting x 2-seed sweep: whole, pruned at half its steps, and pruned but stopped by SIGTERM
@@ -49,13 +45,7 @@ def runs(tiny_bert, tiny_data, tmp_path_factory):
   with contextlib.redirect_stdout(printed):
     train(cfg("pruned", PRUNE))
   at = min(pruning.steps(cfg("x", PRUNE), max(r["step"] for r in rows(root / "whole", "train"))))
-  os.environ["JAXFT_FAULT"] = f"step:{at + 2}:TERM"
-  try:
-    with pytest.raises(Preempted):
-      train(cfg("resumed", PRUNE))
-  finally:
-    del os.environ["JAXFT_FAULT"]
-  train(cfg("resumed", PRUNE))
+  stopped_then_resumed(cfg("resumed", PRUNE), at + 2)
   return {"at": at, "printed": printed.getvalue(), "cfg": cfg("pruned", PRUNE),
           **{n: root / n for n in ("whole", "pruned", "resumed")}}
 

@@ -1,16 +1,16 @@
 """Seed-vectorised runs (replicas.py): replica k of an N-seed step equals the single run with seed k; shared
 (never trained) params are held once; batches of unequal shapes stack with weight-0 padding."""
-import json
-import os
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from conftest import metric_rows as rows
+from conftest import stopped_then_resumed
 
 from jaxft import replicas, rules
 from jaxft.checkpoint import Checkpointer
-from jaxft.errors import JaxftError, Preempted
+from jaxft.errors import JaxftError
 from jaxft.experiment import build
 
 QUIET = dict(log=lambda *_: None)
@@ -78,10 +78,6 @@ RUN = ("train.epochs=3", "train.eval_every=3", "train.checkpoint_every=3", "trai
        "freeze_embeddings=true")
 
 
-def rows(run_dir, split):
-  return [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl") if f'"{split}"' in line]
-
-
 @pytest.fixture(scope="module")
 def runs(tiny_bert, tiny_data, tmp_path_factory):
   """Run dirs of: a 2-seed run; the single runs of its seeds; the 2-seed run stopped by SIGTERM after step 7
@@ -101,13 +97,7 @@ def runs(tiny_bert, tiny_data, tmp_path_factory):
   out["line"] = printed.getvalue().strip().splitlines()[-1]
   for s in (0, 3):
     train(cfg(f"seed{s}", f"seed={s}"))
-  os.environ["JAXFT_FAULT"] = "step:7:TERM"
-  try:
-    with pytest.raises(Preempted):
-      train(cfg("resumed", "train.seeds=[0, 3]"))
-  finally:
-    del os.environ["JAXFT_FAULT"]
-  train(cfg("resumed", "train.seeds=[0, 3]"))
+  stopped_then_resumed(cfg("resumed", "train.seeds=[0, 3]"), 7)
   return {**out, **{name: root / name for name in ("seeds", "seed0", "seed3", "resumed")}}
 
 
